@@ -1,0 +1,16 @@
+"""flux_lightning: train Flux.1 LoRA adapters with PyTorch Lightning and Hydra."""
+
+from .adapters import AdapterConfig
+from .components import ModelConfig
+from .data import DatasetConfig, FluxDataModule
+from .flow import TimestepConfig
+from .module import FluxLoRAModule
+
+__all__ = [
+    "AdapterConfig",
+    "DatasetConfig",
+    "FluxDataModule",
+    "FluxLoRAModule",
+    "ModelConfig",
+    "TimestepConfig",
+]

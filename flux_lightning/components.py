@@ -1,0 +1,202 @@
+"""Load Flux components (transformer, VAE, text encoders, tokenizers, scheduler) from one source.
+
+Every flavour, the tiny one included, goes through :func:`resolve_source` and the ``load_*``
+functions below; the only difference between flavours is where the diffusers-format folder is.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .flavours import FlavourSpec, get_flavour
+from .tiny import TINY_VERSION, ensure_tiny_folder
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelSourceError(RuntimeError):
+    """A model source (hub id or folder) cannot be used; the message says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Where the Flux weights come from and how the frozen base is held.
+
+    Attributes:
+        flavour: one of :data:`flux_lightning.flavours.FLAVOURS` (``model=<flavour>``).
+        pretrained_model_name_or_path: hub id or local diffusers folder; null = the flavour's source.
+        pretrained_vae_model_name_or_path: VAE from elsewhere (its ``vae`` subfolder is used if present).
+        pretrained_transformer_model_name_or_path: transformer from elsewhere (e.g. a Dev2Pro fine-tune).
+        pretrained_transformer_subfolder: subfolder of that transformer source; ``none`` = the root.
+        revision: hub revision for the main source.
+        dtype: dtype of the frozen base: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp32``, ``fp16``.
+        guidance_value: embedded guidance during training; null = the flavour's default (1.0).
+        gradient_checkpointing: recompute transformer blocks in the backward pass.
+        cache_dir: where the tiny flavour's folder is built.
+        tiny_seed: seed of the tiny flavour's random weights.
+    """
+
+    flavour: str = "tiny"
+    pretrained_model_name_or_path: str | None = None
+    pretrained_vae_model_name_or_path: str | None = None
+    pretrained_transformer_model_name_or_path: str | None = None
+    pretrained_transformer_subfolder: str | None = "transformer"
+    revision: str | None = None
+    dtype: str = "auto"
+    guidance_value: float | None = None
+    gradient_checkpointing: bool = True
+    cache_dir: str = "~/.cache/flux_lightning/models"
+    tiny_seed: int = 0
+
+    @property
+    def spec(self) -> FlavourSpec:
+        return get_flavour(self.flavour)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        try:
+            return DTYPES[self.dtype]
+        except KeyError:
+            raise ValueError(
+                f"model.dtype={self.dtype!r} is unknown; use auto, {', '.join(DTYPES)}"
+            ) from None
+
+    @property
+    def training_guidance(self) -> float:
+        return self.spec.guidance_value if self.guidance_value is None else self.guidance_value
+
+
+def resolve_source(cfg: ModelConfig) -> str:
+    """The main source (local folder or hub id) for ``cfg``; builds the tiny folder on demand."""
+    source = cfg.pretrained_model_name_or_path or cfg.spec.source
+    if source.startswith("tiny://"):
+        root = os.path.expanduser(cfg.cache_dir)
+        return str(ensure_tiny_folder(root, cfg.tiny_seed, guidance_embeds=cfg.spec.guidance_embeds))
+    return source
+
+
+def _hub_help(repo_id: str, gated: bool, reason: str) -> str:
+    licence = (
+        f" The repo is gated: accept its license at https://huggingface.co/{repo_id} and log in "
+        "with `hf auth login` (or set the HF_TOKEN environment variable)."
+        if gated
+        else " If the repo is private, log in with `hf auth login` (or set HF_TOKEN)."
+    )
+    return (
+        f"Cannot load model '{repo_id}' from the Hugging Face Hub: {reason}.{licence} "
+        f"To use a local copy in diffusers format instead, pass "
+        f"model.pretrained_model_name_or_path=<folder>."
+    )
+
+
+def check_source(source: str, *, revision: str | None = None, gated: bool = True) -> None:
+    """Fail fast, before any weights load, if ``source`` is neither a usable folder nor reachable.
+
+    A hub id is probed by fetching only its small ``model_index.json``.
+    """
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"model folder '{source}' has neither model_index.json nor config.json; "
+                "point model.pretrained_model_name_or_path at a diffusers-format folder "
+                "(one saved with FluxPipeline.save_pretrained)"
+            )
+        return
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ModelSourceError(
+            f"model folder '{source}' does not exist; fix model.pretrained_model_name_or_path "
+            "(a local diffusers folder or a hub id like black-forest-labs/FLUX.1-dev)"
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        hf_hub_download(source, "model_index.json", revision=revision, etag_timeout=10)
+    except GatedRepoError:
+        raise ModelSourceError(_hub_help(source, True, "access to the gated repo was refused")) from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(_hub_help(source, gated, "the repo was not found or is private")) from None
+    except Exception as err:  # offline, DNS failure, timeout, ...
+        reason = f"the hub is unreachable or the files are not cached ({type(err).__name__})"
+        raise ModelSourceError(_hub_help(source, gated, reason)) from None
+
+
+def _subfolder(value: str | None) -> str | None:
+    return None if value in (None, "", "none", "None") else value
+
+
+def load_transformer(cfg: ModelConfig, dtype: torch.dtype | None = None):
+    """The frozen ``FluxTransformer2DModel`` (from the transformer override when one is given)."""
+    from diffusers import FluxTransformer2DModel
+
+    dtype = dtype or cfg.torch_dtype()
+    if cfg.pretrained_transformer_model_name_or_path:
+        source, subfolder = cfg.pretrained_transformer_model_name_or_path, _subfolder(
+            cfg.pretrained_transformer_subfolder
+        )
+        revision = None
+    else:
+        source, subfolder, revision = resolve_source(cfg), "transformer", cfg.revision
+    model = FluxTransformer2DModel.from_pretrained(
+        source, subfolder=subfolder, torch_dtype=dtype, revision=revision
+    )
+    model.requires_grad_(False)
+    return model
+
+
+def load_vae(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    """The 16-channel ``AutoencoderKL``; its config carries ``shift_factor``/``scaling_factor``."""
+    from diffusers import AutoencoderKL
+
+    if cfg.pretrained_vae_model_name_or_path:
+        source = cfg.pretrained_vae_model_name_or_path
+        subfolder = "vae" if (Path(source) / "vae").is_dir() else None
+    else:
+        source, subfolder = resolve_source(cfg), "vae"
+    vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
+    vae.requires_grad_(False).eval()
+    return vae
+
+
+def load_scheduler(cfg: ModelConfig):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(
+        resolve_source(cfg), subfolder="scheduler", revision=cfg.revision
+    )
+
+
+def load_text_encoders(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """CLIP-L and T5 encoders with their tokenizers, as ``FluxPipeline`` component kwargs."""
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    source, rev = resolve_source(cfg), cfg.revision
+    parts = dict(
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=rev),
+        text_encoder=CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", dtype=dtype, revision=rev
+        ),
+        tokenizer_2=T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_2", revision=rev),
+        text_encoder_2=T5EncoderModel.from_pretrained(
+            source, subfolder="text_encoder_2", dtype=dtype, revision=rev
+        ),
+    )
+    for name in ("text_encoder", "text_encoder_2"):
+        parts[name].requires_grad_(False).eval()
+    return parts
+
+
+def model_identity(cfg: ModelConfig, part: str) -> str:
+    """A string naming the weights behind ``part`` (``vae`` or ``text``), used in cache keys."""
+    if part == "vae" and cfg.pretrained_vae_model_name_or_path:
+        return f"vae:{cfg.pretrained_vae_model_name_or_path}"
+    source = cfg.pretrained_model_name_or_path or cfg.spec.source
+    if source.startswith("tiny://"):
+        source = f"tiny://v{TINY_VERSION}-seed{cfg.tiny_seed}-guided{cfg.spec.guidance_embeds}"
+    return f"{part}:{source}@{cfg.revision or 'main'}"

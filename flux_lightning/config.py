@@ -1,0 +1,108 @@
+"""Typed validation of the composed Hydra config: every problem reported at once, before any load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .adapters import INIT_TYPES, AdapterConfig, resolve_targets
+from .components import DTYPES, ModelConfig, ModelSourceError, check_source, resolve_source
+from .data.config import DatasetConfig
+from .flavours import FLAVOURS
+from .flow import TimestepConfig
+
+
+class ConfigError(ValueError):
+    """The config cannot run; the message lists every problem, one per line, with its fix."""
+
+
+@dataclass
+class RunConfig:
+    """The typed parts of a run that the library's classes take."""
+
+    model: ModelConfig
+    adapter: AdapterConfig
+    dataset: DatasetConfig
+    timesteps: TimestepConfig
+
+
+def _typed(schema, node, group: str, problems: list[str]):
+    try:
+        values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        msg = str(err).splitlines()[0]
+        problems.append(f"{group}: {msg} (check the spelling against {schema.__name__})")
+        return schema()
+
+
+def model_problems(model: ModelConfig) -> list[str]:
+    out = []
+    if model.flavour not in FLAVOURS:
+        out.append(f"model.flavour={model.flavour!r} is unknown; use one of {sorted(FLAVOURS)}")
+    if model.dtype != "auto" and model.dtype not in DTYPES:
+        out.append(f"model.dtype={model.dtype!r} is unknown; use auto, {', '.join(DTYPES)}")
+    return out
+
+
+def adapter_problems(adapter: AdapterConfig) -> list[str]:
+    out = []
+    try:
+        resolve_targets(adapter.target)
+    except ValueError as err:
+        out.append(str(err))
+    if adapter.rank < 1:
+        out.append(f"adapter.rank={adapter.rank} must be >= 1")
+    if adapter.init not in INIT_TYPES:
+        out.append(f"adapter.init={adapter.init!r} is unknown; use one of {sorted(INIT_TYPES)}")
+    if not 0.0 <= adapter.dropout < 1.0:
+        out.append(f"adapter.dropout={adapter.dropout} must be within [0, 1)")
+    return out
+
+
+def data_folder_problems(dataset: DatasetConfig) -> list[str]:
+    return [
+        f"dataset.instance_data_dir: folder '{d}' does not exist; point it at a folder of images"
+        for d in dataset.folders()
+        if not Path(d).expanduser().is_dir()
+    ]
+
+
+def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
+    """Turn ``cfg`` into typed parts, or raise one :class:`ConfigError` listing every problem.
+
+    With ``check_sources`` the model source is probed (local folder or hub ``model_index.json``)
+    and data folders are checked, all before any weights load.
+    """
+    problems: list[str] = []
+    run = RunConfig(
+        model=_typed(ModelConfig, cfg.model, "model", problems),
+        adapter=_typed(AdapterConfig, cfg.adapter, "adapter", problems),
+        dataset=_typed(DatasetConfig, cfg.dataset, "dataset", problems),
+        timesteps=_typed(TimestepConfig, cfg.timesteps, "timesteps", problems),
+    )
+    problems += model_problems(run.model) + adapter_problems(run.adapter) + run.dataset.problems()
+    if run.timesteps.weighting not in ("sigmoid", "uniform", "schnell_fast"):
+        problems.append(
+            f"timesteps.weighting={run.timesteps.weighting!r} is unknown; use sigmoid, uniform or schnell_fast"
+        )
+    if check_sources and not problems:
+        problems += data_folder_problems(run.dataset)
+        try:
+            source = resolve_source(run.model)
+            check_source(source, revision=run.model.revision, gated=run.model.spec.gated)
+            for extra in (
+                run.model.pretrained_vae_model_name_or_path,
+                run.model.pretrained_transformer_model_name_or_path,
+            ):
+                if extra:
+                    check_source(extra, gated=False)
+        except ModelSourceError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return run

@@ -1,0 +1,151 @@
+"""Flow-matching math for Flux, as pure tensor functions.
+
+Conventions (see DESIGN.md, "Flux facts"):
+    x0      clean VAE latents, ``(B, C, H, W)`` with C = 16 and H, W even
+    noise   standard normal, same shape as ``x0``
+    sigma   noise level in (0, 1), ``(B,)``; 1 means pure noise
+    x_t     ``(1 - sigma) * x0 + sigma * noise``
+    target  ``noise - x0`` (the velocity the transformer predicts)
+
+Packing turns each 2x2 latent patch into one token: ``(B, C, H, W) -> (B, H/2 * W/2, 4C)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import torch
+
+# diffusers' FLUX scheduler config: base_image_seq_len 256, max_image_seq_len 4096,
+# base_shift 0.5, max_shift 1.15.
+BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
+BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
+
+SCHNELL_FAST_SIGMAS = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W) -> (B, (H/2)(W/2), 4C)``; each token is a 2x2 patch, channel-major."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"latent height and width must be even to pack 2x2 patches, got {h}x{w}")
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Exact inverse of :func:`pack_latents`; ``height``/``width`` are the latent (not pixel) sides."""
+    b, seq, dim = tokens.shape
+    if seq != (height // 2) * (width // 2):
+        raise ValueError(f"{seq} tokens do not tile a {height}x{width} latent")
+    c = dim // 4
+    x = tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def image_ids(
+    height: int, width: int, *, device=None, dtype=torch.float32, index: int = 0
+) -> torch.Tensor:
+    """Position ids of the packed image tokens, ``(H/2 * W/2, 3)`` for a latent of ``height x width``.
+
+    Channel 0 holds ``index`` (0 for the generated image; reference images use other values),
+    channel 1 the token row, channel 2 the token column.
+    """
+    h, w = height // 2, width // 2
+    ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def text_ids(length: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Text tokens carry no position in Flux's RoPE: zeros of shape ``(T, 3)``."""
+    return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+def auto_shift(seq_len: int) -> float:
+    """Resolution-dependent shift ``s = exp(mu)``, ``mu = m * seq_len + b`` (diffusers' calculate_shift)."""
+    m = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
+    b = BASE_SHIFT - m * BASE_SEQ_LEN
+    return math.exp(m * seq_len + b)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Static shift ``sigma' = s * sigma / (1 + (s - 1) * sigma)``; s > 1 moves mass toward noise."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+@dataclass
+class TimestepConfig:
+    """How training draws sigma.
+
+    Attributes:
+        weighting: ``sigmoid`` draws ``sigmoid(scale * N(0, 1))``; ``uniform`` draws U(0, 1);
+            ``schnell_fast`` draws from ``{1.0 x7, 0.75, 0.5, 0.25}`` without shift.
+        sigmoid_scale: the ``scale`` of the sigmoid draw (quickstart: ``flow_sigmoid_scale``).
+        flow_schedule_shift: static shift ``s``; 1.0 (or null) means no shift.
+        flow_schedule_auto_shift: use the resolution-dependent shift instead of the static one.
+    """
+
+    weighting: str = "sigmoid"
+    sigmoid_scale: float = 1.0
+    flow_schedule_shift: float | None = None
+    flow_schedule_auto_shift: bool = False
+
+
+def sample_sigmas(
+    batch_size: int,
+    config: TimestepConfig,
+    *,
+    seq_len: int,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Draw ``(batch_size,)`` sigmas in (0, 1] following ``config``; ``seq_len`` feeds the auto shift."""
+    if config.weighting == "schnell_fast":
+        choices = torch.tensor(SCHNELL_FAST_SIGMAS)
+        idx = torch.randint(len(choices), (batch_size,), generator=generator)
+        return choices[idx].to(device)
+    if config.weighting == "sigmoid":
+        sigmas = torch.sigmoid(config.sigmoid_scale * torch.randn(batch_size, generator=generator))
+    elif config.weighting == "uniform":
+        sigmas = torch.rand(batch_size, generator=generator)
+    else:
+        raise ValueError(
+            f"timesteps.weighting={config.weighting!r} is unknown; use sigmoid, uniform or schnell_fast"
+        )
+    if config.flow_schedule_auto_shift:
+        sigmas = shift_sigmas(sigmas, auto_shift(seq_len))
+    elif config.flow_schedule_shift not in (None, 1.0):
+        sigmas = shift_sigmas(sigmas, float(config.flow_schedule_shift))
+    return sigmas.to(device)
+
+
+def _per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigmas.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - sigma) * x0 + sigma * noise`` with one sigma per sample."""
+    s = _per_sample(sigmas, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity ``noise - x0`` that the transformer learns to predict."""
+    return noise - x0
+
+
+def flow_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MSE in fp32, averaged per sample and then over the batch.
+
+    ``mask`` (broadcastable to ``pred``, values in [0, 1]) multiplies the per-element loss.
+    Returns the per-sample losses ``(B,)``; call ``.mean()`` for the batch loss.
+    """
+    err = (pred.float() - target.float()) ** 2
+    if mask is not None:
+        err = err * mask.float()
+    return err.flatten(1).mean(dim=1)

@@ -1,0 +1,167 @@
+"""``FluxLoRAModule``: a frozen Flux transformer with a trainable LoRA, trained by flow matching."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from .adapters import AdapterConfig, add_lora, export_lora
+from .components import ModelConfig, load_transformer
+from .flow import (
+    TimestepConfig,
+    flow_loss,
+    flow_target,
+    image_ids,
+    noisy_latents,
+    pack_latents,
+    sample_sigmas,
+    text_ids,
+    unpack_latents,
+)
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+class FluxLoRAModule(L.LightningModule):
+    """Flow-matching LoRA training of a Flux transformer.
+
+    One step, for cached latents ``x0`` ``(B, 16, H, W)`` and text embeddings:
+    ``sigma ~ timesteps``, ``noise ~ N(0, I)``, ``x_t = (1 - sigma) x0 + sigma noise``,
+    ``v = transformer(pack(x_t), sigma, text)``, ``loss = mean_b mean(|unpack(v) - (noise - x0)|^2)``.
+
+    Only LoRA parameters train; :meth:`state_dict` (and so every checkpoint) holds only them.
+    The transformer is built in :meth:`configure_model`, so construction is cheap.
+
+    Args:
+        model: where the base weights come from (see :class:`~flux_lightning.components.ModelConfig`).
+        adapter: LoRA rank, alpha, dropout, targets, init.
+        timesteps: sigma sampling.
+        optimizer: ``params -> Optimizer`` (e.g. a Hydra ``_partial_``); default AdamW(lr=1e-4).
+        lr_scheduler: ``(optimizer, num_training_steps) -> LRScheduler``; default none.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig | None = None,
+        adapter: AdapterConfig | None = None,
+        timesteps: TimestepConfig | None = None,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: Callable | None = None,
+    ):
+        super().__init__()
+        self.model_cfg = model or ModelConfig()
+        self.adapter_cfg = adapter or AdapterConfig()
+        self.timesteps = timesteps or TimestepConfig()
+        self.save_hyperparameters(
+            {
+                "model": asdict(self.model_cfg),
+                "adapter": asdict(self.adapter_cfg),
+                "timesteps": asdict(self.timesteps),
+            }
+        )
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
+        self.lr_scheduler_factory = lr_scheduler
+        self.transformer: torch.nn.Module | None = None
+        self._recent_losses: deque[torch.Tensor] = deque(maxlen=50)
+
+    # -- model -------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.transformer is not None:
+            return
+        transformer = load_transformer(self.model_cfg)
+        add_lora(transformer, self.adapter_cfg)
+        if self.model_cfg.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.transformer = transformer.train()  # base Flux has no dropout; LoRA dropout needs train()
+
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        sigmas: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity prediction ``(B, 16, H, W)`` for noisy latents ``(B, 16, H, W)`` at ``sigmas`` ``(B,)``."""
+        b, _, h, w = noisy.shape
+        dtype = next(self.transformer.parameters()).dtype
+        if self.transformer.config.guidance_embeds and guidance is None:
+            guidance = torch.full((b,), self.model_cfg.training_guidance, device=noisy.device)
+        elif not self.transformer.config.guidance_embeds:
+            guidance = None
+        pred = self.transformer(
+            hidden_states=pack_latents(noisy).to(dtype),
+            timestep=sigmas.to(dtype),
+            guidance=None if guidance is None else guidance.to(dtype),
+            pooled_projections=pooled_prompt_embeds.to(dtype),
+            encoder_hidden_states=prompt_embeds.to(dtype),
+            txt_ids=text_ids(prompt_embeds.shape[1], device=noisy.device, dtype=dtype),
+            img_ids=image_ids(h, w, device=noisy.device, dtype=dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(pred, h, w)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x0 = batch["latents"].float()
+        b, _, h, w = x0.shape
+        noise = torch.randn_like(x0)
+        sigmas = sample_sigmas(b, self.timesteps, seq_len=(h // 2) * (w // 2), device=x0.device)
+        pred = self(
+            noisy_latents(x0, noise, sigmas),
+            sigmas,
+            batch["prompt_embeds"],
+            batch["pooled_prompt_embeds"],
+        )
+        loss = flow_loss(pred, flow_target(x0, noise)).mean()
+        self.log("loss/train", loss, prog_bar=True, batch_size=b)
+        self._recent_losses.append(loss.detach())
+        return loss
+
+    def recent_train_loss(self) -> float:
+        """Mean training loss over the last (up to) 50 steps; NaN before the first step."""
+        if not self._recent_losses:
+            return float("nan")
+        return torch.stack(list(self._recent_losses)).mean().item()
+
+    # -- optimisation ------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 1
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- adapter-only state ------------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        """Only the LoRA tensors: the frozen base never enters a checkpoint."""
+        full = super().state_dict(*args, **kwargs)
+        return type(full)((k, v) for k, v in full.items() if ".lora_" in k)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if ".lora_" in k]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"adapter state does not match this model: missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]} (was it trained with another adapter.rank/target?)"
+            )
+        return result
+
+    def export_lora(self, directory: str | Path, **kwargs) -> Path:
+        """Write ``<directory>/pytorch_lora_weights.safetensors`` (diffusers keys)."""
+        metadata = {
+            "flux_lightning.flavour": self.model_cfg.flavour,
+            "flux_lightning.guidance_value": str(self.model_cfg.training_guidance),
+            "flux_lightning.step": str(self.global_step if self._trainer is not None else 0),
+        }
+        return export_lora(self.transformer, self.adapter_cfg, directory, extra_metadata=metadata, **kwargs)
