@@ -7,8 +7,10 @@ functions below; the only difference between flavours is where the diffusers-for
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -116,15 +118,40 @@ def check_source(source: str, *, revision: str | None = None, gated: bool = True
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    try:  # already in the local hub cache: nothing to probe
+        hf_hub_download(source, "model_index.json", revision=revision, local_files_only=True)
+        return
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise ModelSourceError(
+            _hub_help(source, gated, "the hub is unreachable (offline) and the model is not in the local cache")
+        )
     try:
         hf_hub_download(source, "model_index.json", revision=revision, etag_timeout=10)
     except GatedRepoError:
         raise ModelSourceError(_hub_help(source, True, "access to the gated repo was refused")) from None
     except RepositoryNotFoundError:
         raise ModelSourceError(_hub_help(source, gated, "the repo was not found or is private")) from None
-    except Exception as err:  # offline, DNS failure, timeout, ...
-        reason = f"the hub is unreachable or the files are not cached ({type(err).__name__})"
+    except Exception as err:  # timeout, server error, ...
+        reason = f"the download of model_index.json failed ({type(err).__name__})"
         raise ModelSourceError(_hub_help(source, gated, reason)) from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so an offline machine fails in seconds, not minutes."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy decides; let the real request report
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _subfolder(value: str | None) -> str | None:

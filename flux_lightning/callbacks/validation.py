@@ -103,7 +103,7 @@ class ValidationImages(L.Callback):
             vae.encoder = None  # decoding only
             self._vae, self._scheduler = vae, load_scheduler(pl_module.model_cfg)
         self._vae.to(pl_module.device)
-        return FluxPipeline(
+        pipe = FluxPipeline(
             scheduler=self._scheduler,
             vae=self._vae,
             text_encoder=None,
@@ -112,6 +112,8 @@ class ValidationImages(L.Callback):
             tokenizer_2=None,
             transformer=pl_module.transformer,
         )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     @torch.no_grad()
     def generate(self, trainer, pl_module) -> list[Path]:
@@ -174,7 +176,7 @@ class ValidationImages(L.Callback):
         from torchvision.utils import make_grid
 
         tensors = [
-            torch.from_numpy(np.asarray(im.resize(images[0].size))).permute(2, 0, 1) for im in images
+            torch.from_numpy(np.array(im.resize(images[0].size))).permute(2, 0, 1) for im in images
         ]
         grid = make_grid(torch.stack(tensors), nrow=min(4, len(tensors)))
         for logger in trainer.loggers:

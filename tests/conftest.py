@@ -1,0 +1,66 @@
+"""Shared fixtures: everything is built locally (tiny Flux, generated images); nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from flux_lightning import AdapterConfig, DatasetConfig, FluxDataModule, FluxLoRAModule, ModelConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    """One cache dir for the session: the tiny model folder and demo data are built once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg(cache_root) -> ModelConfig:
+    return ModelConfig(flavour="tiny", cache_dir=str(cache_root / "models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tiny_model_cfg) -> Path:
+    from flux_lightning.components import resolve_source
+
+    return Path(resolve_source(tiny_model_cfg))
+
+
+def make_datamodule(model_cfg: ModelConfig, cache_root: Path, **overrides) -> FluxDataModule:
+    cfg = dict(resolution=64, batch_size=2, cache_dir=str(cache_root), caption_dropout_probability=0.0)
+    cfg.update(overrides)
+    prompts = cfg.pop("prompts", ())
+    return FluxDataModule(DatasetConfig(**cfg), model_cfg, prompts=prompts)
+
+
+def fit_tiny(model_cfg, cache_root, *, steps=4, adapter=None, lr=1e-3, seed=0, callbacks=(), **data):
+    """Train the tiny flavour for ``steps`` steps on the demo data; returns (module, datamodule)."""
+    L.seed_everything(seed)
+    dm = make_datamodule(model_cfg, cache_root, **data)
+    module = FluxLoRAModule(
+        model_cfg,
+        adapter or AdapterConfig(rank=4, dropout=0.0),
+        optimizer=partial(torch.optim.AdamW, lr=lr),
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
+    trainer.fit(module, dm)
+    return module, dm

@@ -1,0 +1,74 @@
+"""End to end: the embedded default run, and `train()` driven by a composed config."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from safetensors import safe_open
+
+from flux_lightning.train import config_dir, train
+
+
+def _scalars(log_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_default_run_trains_the_tiny_demo_in_minutes(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "flux_lightning"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert elapsed < 180, f"default run took {elapsed:.0f}s"
+    out = proc.stdout
+    run_dir = Path(re.search(r"^run dir\s+(.+)$", out, re.M).group(1))
+    lora = Path(re.search(r"^LoRA\s+(.+)$", out, re.M).group(1))
+    assert lora == run_dir / "lora" / "pytorch_lora_weights.safetensors" and lora.is_file()
+    with safe_open(lora, "pt") as f:
+        assert len(list(f.keys())) > 0
+    validation = run_dir / "validation"
+    assert (validation / "step_0").is_dir() and (validation / "step_300").is_dir()
+    assert list((validation / "step_300").glob("*.png"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    losses = _scalars(run_dir / "tensorboard", "loss/train")
+    tenth = max(1, len(losses) // 10)
+    first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+    assert last < first, (first, last)
+    assert (tmp_path / "cache" / "vae").is_dir(), "caches belong outside the run dir"
+
+
+def test_train_returns_the_final_loss_and_caches_are_shared(tmp_path):
+    overrides = [
+        f"paths.output_dir={tmp_path}/run1",
+        f"paths.cache_dir={tmp_path}/cache",
+        "trainer.max_steps=3",
+        "callbacks.validation.every_n_steps=2",
+        "adapter.rank=4",
+        "logger=csv",
+    ]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+        cfg2 = compose("train", overrides=[o.replace("run1", "run2") for o in overrides])
+    loss = train(cfg)
+    assert math.isfinite(loss) and loss > 0
+    steps = sorted(p.name for p in (tmp_path / "run1" / "validation").iterdir())
+    assert steps == ["step_0", "step_2", "step_3"]
+    entries = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    mtimes = [p.stat().st_mtime_ns for p in entries]
+    train(cfg2)
+    assert sorted((tmp_path / "cache").rglob("*.safetensors")) == entries
+    assert [p.stat().st_mtime_ns for p in entries] == mtimes, "the second run re-encoded"
+    assert (tmp_path / "run2" / "lora" / "pytorch_lora_weights.safetensors").is_file()
