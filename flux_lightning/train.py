@@ -23,13 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def config_dir() -> str:
-    """Absolute path of the Hydra config tree: packaged (``flux_lightning.conf``) or the checkout's."""
-    try:
-        import flux_lightning.conf as packaged
+    """Absolute path of the Hydra config tree: the checkout's ``conf/`` beside the package when
+    running from a source tree, else the copy shipped in the wheel (``flux_lightning.conf``)."""
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    if (checkout / "train.yaml").is_file():
+        return str(checkout)
+    import flux_lightning.conf as packaged
 
-        return str(Path(packaged.__file__).parent)
-    except ImportError:
-        return str(Path(__file__).resolve().parents[1] / "conf")
+    return str(Path(packaged.__file__).parent)
 
 
 def _instantiate_all(node: DictConfig | None) -> list:
