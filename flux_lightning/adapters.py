@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,24 @@ def add_lora(transformer: torch.nn.Module, cfg: AdapterConfig) -> None:
             param.requires_grad_(False)
     # PiSSA/OLoRA subtract B0 A0 from the base weight; export needs A0, B0 to undo that.
     transformer._flux_lightning_initial_lora = initial
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run ``model`` as its frozen base: every PEFT adapter layer bypassed, flags restored after."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
 
 
 def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:

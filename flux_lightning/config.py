@@ -10,7 +10,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .adapters import INIT_TYPES, AdapterConfig, resolve_targets
 from .components import DTYPES, ModelConfig, ModelSourceError, check_source, resolve_source
+from .data.backend_file import resolve_dataset
 from .data.config import DatasetConfig
+from .data.discovery import DataError
 from .flavours import FLAVOURS
 from .flow import TimestepConfig
 
@@ -65,11 +67,15 @@ def adapter_problems(adapter: AdapterConfig) -> list[str]:
 
 
 def data_folder_problems(dataset: DatasetConfig) -> list[str]:
-    return [
-        f"dataset.instance_data_dir: folder '{d}' does not exist; point it at a folder of images"
-        for d in dataset.folders()
-        if not Path(d).expanduser().is_dir()
-    ]
+    out = []
+    for b in dataset.image_backends():
+        field = "dataset.instance_data_dir" if dataset.uses_shorthand() else f"dataset.backends[{b.id}].instance_data_dir"
+        out += [
+            f"{field}: folder '{d}' does not exist; point it at a folder of images"
+            for d in b.folders()
+            if not Path(d).expanduser().is_dir()
+        ]
+    return out
 
 
 def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
@@ -85,6 +91,10 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
         dataset=_typed(DatasetConfig, cfg.dataset, "dataset", problems),
         timesteps=_typed(TimestepConfig, cfg.timesteps, "timesteps", problems),
     )
+    try:
+        run.dataset = resolve_dataset(run.dataset)
+    except DataError as err:
+        problems.append(str(err))
     problems += model_problems(run.model) + adapter_problems(run.adapter) + run.dataset.problems()
     if run.timesteps.weighting not in ("sigmoid", "uniform", "schnell_fast"):
         problems.append(

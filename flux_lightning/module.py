@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from .adapters import AdapterConfig, add_lora, export_lora
+from .adapters import AdapterConfig, adapters_disabled, add_lora, export_lora
 from .components import ModelConfig, load_transformer
 from .flow import (
     TimestepConfig,
@@ -112,13 +112,16 @@ class FluxLoRAModule(L.LightningModule):
         b, _, h, w = x0.shape
         noise = torch.randn_like(x0)
         sigmas = sample_sigmas(b, self.timesteps, seq_len=(h // 2) * (w // 2), device=x0.device)
-        pred = self(
-            noisy_latents(x0, noise, sigmas),
-            sigmas,
-            batch["prompt_embeds"],
-            batch["pooled_prompt_embeds"],
-        )
-        loss = flow_loss(pred, flow_target(x0, noise)).mean()
+        noisy = noisy_latents(x0, noise, sigmas)
+        text = (batch["prompt_embeds"], batch["pooled_prompt_embeds"])
+        pred = self(noisy, sigmas, *text)
+        if "is_regularisation" in batch:  # prior preservation: match the base model's own prediction
+            with torch.no_grad(), adapters_disabled(self.transformer):
+                target = self(noisy, sigmas, *text).float()
+        else:
+            target = flow_target(x0, noise)
+        mask = batch.get("mask")  # (B, 1, H, W) at latent size: 1 = train, 0 = ignore
+        loss = flow_loss(pred, target, mask).mean()
         self.log("loss/train", loss, prog_bar=True, batch_size=b)
         self._recent_losses.append(loss.detach())
         return loss

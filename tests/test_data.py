@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from flux_lightning.data import DataError, DatasetConfig, FluxDataModule
+from flux_lightning.data.config import ImageBackendConfig
 from flux_lightning.data import datamodule as dm_mod
 from flux_lightning.data.cache import TensorCache
 from flux_lightning.data.demo import make_demo_dataset
@@ -31,7 +32,7 @@ def _prepared(model_cfg, cache, **kw):
 
 def test_demo_dataset_is_captioned_by_file_name(tmp_path):
     folder = make_demo_dataset(tmp_path, count=5, size=64)
-    records, skipped = discover(DatasetConfig(), [str(folder)])
+    records, skipped = discover(ImageBackendConfig(), [str(folder)])
     assert len(records) == 5 and skipped == 0
     assert all(r.caption == r.path.stem and r.caption.startswith("a ") for r in records)
     assert make_demo_dataset(tmp_path, count=5, size=64) == folder  # built once
@@ -41,13 +42,13 @@ def test_caption_strategies(tmp_path, caplog):
     _image(tmp_path / "d" / "a_red_square.png")
     _image(tmp_path / "d" / "sub" / "two.jpg")
     (tmp_path / "d" / "sub" / "two.txt").write_text("  a caption from a file \n")
-    by_name, _ = discover(DatasetConfig(caption_strategy="filename"), [str(tmp_path / "d")])
+    by_name, _ = discover(ImageBackendConfig(caption_strategy="filename"), [str(tmp_path / "d")])
     assert sorted(r.caption for r in by_name) == ["a red square", "two"]
     with caplog.at_level(logging.WARNING):
-        by_file, skipped = discover(DatasetConfig(caption_strategy="textfile"), [str(tmp_path / "d")])
+        by_file, skipped = discover(ImageBackendConfig(caption_strategy="textfile"), [str(tmp_path / "d")])
     assert [r.caption for r in by_file] == ["a caption from a file"] and skipped == 1
     assert "a_red_square.png" in caplog.text and "a_red_square.txt is missing" in caplog.text
-    fixed, _ = discover(DatasetConfig(caption_strategy="instanceprompt", instance_prompt="sks dog"), [str(tmp_path / "d")])
+    fixed, _ = discover(ImageBackendConfig(caption_strategy="instanceprompt", instance_prompt="sks dog"), [str(tmp_path / "d")])
     assert {r.caption for r in fixed} == {"sks dog"}
 
 
@@ -103,8 +104,8 @@ def test_batches_have_flux_shapes_and_the_right_pairs(tiny_model_cfg, cache_root
     # every sample pairs its own latent with its own caption (no loader-step indexing)
     for i, s in enumerate(dm.train_dataset.samples):
         item = dm.train_dataset[(0, i)]
-        assert torch.equal(item["latents"], dm.latent_cache.load(s.latent_key)["latents"])
-        assert torch.equal(item["prompt_embeds"], dm.prompt_embedding(s.record.caption)["prompt_embeds"])
+        assert torch.equal(item["latents"], dm.latent_caches[s.backend].load(s.latent_key)["latents"])
+        assert torch.equal(item["prompt_embeds"], dm.prompt_embedding(s.caption)["prompt_embeds"])
 
 
 def test_cached_latent_is_a_normalised_vae_sample(tiny_model_cfg, tmp_path):
@@ -114,10 +115,10 @@ def test_cached_latent_is_a_normalised_vae_sample(tiny_model_cfg, tmp_path):
     _image(tmp_path / "d" / "one.png", size=(64, 64), colour=(10, 200, 90))
     dm = _prepared(tiny_model_cfg, tmp_path / "c", instance_data_dir=str(tmp_path / "d"))
     s = dm.train_dataset.samples[0]
-    cached = dm.latent_cache.load(s.latent_key)["latents"]
+    cached = dm.latent_caches[s.backend].load(s.latent_key)["latents"]
     vae = load_vae(tiny_model_cfg)
     with torch.no_grad():
-        dist = vae.encode(to_pixels(load_rgb(s.record.path), 64, s.box)[None]).latent_dist
+        dist = vae.encode(to_pixels(load_rgb(s.path), s.placement)[None]).latent_dist
     noise = torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(dm_mod._seed_of(s.latent_key)))
     expected = (dist.mean[0] + dist.std[0] * noise - 0.1159) * 0.3611
     torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
@@ -158,9 +159,9 @@ def test_random_crop_is_fixed_per_file_and_keyed(tiny_model_cfg, tmp_path):
     a = make_datamodule(tiny_model_cfg, tmp_path, **kw).samples()[0]
     b = make_datamodule(tiny_model_cfg, tmp_path, **kw).samples()[0]
     c = make_datamodule(tiny_model_cfg, tmp_path, **{**kw, "crop_style": "center"}).samples()[0]
-    assert a.box == b.box and a.latent_key == b.latent_key
-    assert c.box == (96, 0, 160, 64)
-    assert (a.latent_key == c.latent_key) == (a.box == c.box)
+    assert a.placement == b.placement and a.latent_key == b.latent_key
+    assert c.placement.box == (96, 0, 160, 64)
+    assert (a.latent_key == c.latent_key) == (a.placement == c.placement)
 
 
 def test_caption_dropout_is_deterministic_per_epoch(tiny_model_cfg, cache_root):

@@ -1,51 +1,87 @@
-"""Typed dataset configuration (``dataset=`` group)."""
+"""Typed dataset configuration (``dataset=`` group): image backends plus one text-embeds backend.
+
+Two equivalent forms:
+    * the single-folder shorthand (``dataset.instance_data_dir``, ``dataset.resolution``, ...), a
+      square crop at ``resolution`` — what ``python -m flux_lightning`` and most runs use;
+    * ``dataset.backends`` (a list of :class:`ImageBackendConfig`), field names as in SimpleTuner's
+      ``multidatabackend.json``; or ``dataset.backend_file=path/to/multidatabackend.json`` to use
+      such a file unchanged.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt")
-CROP_STYLES = ("center", "random")
+CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt", "parquet", "csv")
+CROP_STYLES = ("center", "random", "corner")
+CROP_ASPECTS = ("square", "preserve", "closest", "random")
+RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
+DATASET_TYPES = ("image", "conditioning")
 
 
 @dataclass
-class DatasetConfig:
-    """One or more local image folders, captioned and cropped the same way.
+class ImageBackendConfig:
+    """One image folder and how to caption, size and crop it (SimpleTuner's field names).
 
     Attributes:
-        instance_data_dir: a folder or a list of folders (searched recursively); null = generate the
-            demo dataset (coloured shapes, captions in the file names) under ``cache_dir``.
-        caption_strategy: ``filename`` (the file name, ``_`` read as a space), ``textfile`` (a
-            ``.txt`` beside each image) or ``instanceprompt`` (``instance_prompt`` for every image).
-        instance_prompt: the trigger/instance prompt (required by ``instanceprompt``).
-        resolution: square training side in pixels (multiple of 16); images are resized so their
-            shorter side matches, then cropped.
-        crop_style: ``center`` or ``random`` (a random box drawn once per image and cached).
-        caption_dropout_probability: chance that a sample trains on the empty caption instead.
-        batch_size: images per training step.
-        num_workers: dataloader workers.
-        vae_batch_size: images per VAE encode call while caching.
-        write_batch_size: captions per text-encoder call while caching.
-        cache_dir: root of the shared caches (``vae/``, ``text/``, ``demo/``); keep it outside run
-            dirs so runs and sweep jobs share it.
-        demo_images: number of generated images when ``instance_data_dir`` is null.
-        seed: seed for random crops, sampling order and caption dropout.
+        id: unique name, used in errors, logs and ``conditioning_data`` links.
+        type: storage type; ``local`` only.
+        dataset_type: ``image`` (trained on) or ``conditioning`` (e.g. masks linked from another backend).
+        conditioning_type: for conditioning backends: ``mask`` (white = train, black = ignore).
+        instance_data_dir: the folder (or a list of folders), searched recursively.
+        disabled: leave the backend out.
+        caption_strategy: ``filename``, ``textfile``, ``instanceprompt``, ``parquet`` or ``csv``.
+        metadata_file: for ``parquet``/``csv``: the table (default ``<folder>/metadata.<ext>``).
+        metadata_filename_column / metadata_caption_column: the table's columns.
+        instance_prompt: caption for ``instanceprompt``; replaces ``<token>`` in validation prompts.
+        resolution: pixels (``pixel``, ``pixel_area``) or megapixels (``area``).
+        resolution_type: ``pixel`` = shorter side; ``pixel_area`` = area of a resolution^2 square;
+            ``area`` = resolution megapixels (1.0 = 1024^2).
+        minimum_image_size: smaller images are skipped (same unit as ``resolution``).
+        maximum_image_size / target_downsample_size: larger images are first downsampled to target.
+        crop: crop to the bucket aspect chosen by ``crop_aspect`` (else keep the image's aspect).
+        crop_aspect: ``square``, ``preserve``, ``closest`` or ``random`` (the latter two pick from
+            ``crop_aspect_buckets``, width/height ratios).
+        crop_style: ``center``, ``random`` (fixed per file) or ``corner`` (top-left).
+        repeats: extra passes over this backend per epoch (0 = each image once).
+        probability: relative chance of drawing this backend's batches.
+        is_regularisation_data: target = the base model's prediction with the adapter off.
+        cache_dir_vae: latent cache folder for this backend (default ``<dataset.cache_dir>/vae``).
+        skip_file_discovery: accepted for compatibility; ``vae`` = never encode, use what is cached.
+        caption_dropout_probability: null = ``dataset.caption_dropout_probability``.
+        conditioning_data: id of a ``conditioning`` backend (masks) matched by file name.
+        metadata_backend: accepted for compatibility (``discovery``).
     """
 
+    id: str = "default"
+    type: str = "local"
+    dataset_type: str = "image"
+    conditioning_type: str = "mask"
     instance_data_dir: Any = None
+    disabled: bool = False
     caption_strategy: str = "filename"
+    metadata_file: str | None = None
+    metadata_filename_column: str = "filename"
+    metadata_caption_column: str = "caption"
     instance_prompt: str | None = None
-    resolution: int = 1024
+    resolution: float = 1024
+    resolution_type: str = "pixel_area"
+    minimum_image_size: float | None = None
+    maximum_image_size: float | None = None
+    target_downsample_size: float | None = None
+    crop: bool = False
+    crop_aspect: str = "square"
+    crop_aspect_buckets: list[float] | None = None
     crop_style: str = "center"
-    caption_dropout_probability: float = 0.1
-    batch_size: int = 1
-    num_workers: int = 0
-    vae_batch_size: int = 4
-    write_batch_size: int = 16
-    cache_dir: str = "~/.cache/flux_lightning"
-    demo_images: int = 16
-    seed: int = 0
+    repeats: int = 0
+    probability: float = 1.0
+    is_regularisation_data: bool = False
+    cache_dir_vae: str | None = None
+    skip_file_discovery: str = ""
+    caption_dropout_probability: float | None = None
+    conditioning_data: str | None = None
+    metadata_backend: str = "discovery"
 
     def folders(self) -> list[str]:
         dirs = self.instance_data_dir
@@ -54,25 +90,188 @@ class DatasetConfig:
         return [str(dirs)] if isinstance(dirs, str) else [str(d) for d in dirs]
 
     def problems(self) -> list[str]:
-        """Every invalid field, each as one line naming the field and the fix."""
+        """Every invalid field, as ``dataset.backends[<id>].<field>: ...`` lines with the fix."""
+        name = f"dataset.backends[{self.id}]"
         out = []
+
+        def bad(fld, msg):
+            out.append(f"{name}.{fld}: {msg}")
+
+        if self.type != "local":
+            bad("type", f"{self.type!r} is not supported; use local")
+        if self.dataset_type not in DATASET_TYPES:
+            bad("dataset_type", f"{self.dataset_type!r} is unknown; use {', '.join(DATASET_TYPES)}")
+        if self.dataset_type == "conditioning" and self.conditioning_type != "mask":
+            bad("conditioning_type", f"{self.conditioning_type!r} is unknown; use mask")
+        if not self.folders():
+            bad("instance_data_dir", "is missing; point it at a folder of images")
         if self.caption_strategy not in CAPTION_STRATEGIES:
-            out.append(
-                f"dataset.caption_strategy={self.caption_strategy!r} is unknown; "
-                f"use one of {', '.join(CAPTION_STRATEGIES)}"
-            )
+            bad("caption_strategy", f"{self.caption_strategy!r} is unknown; use one of {', '.join(CAPTION_STRATEGIES)}")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
-            out.append("dataset.caption_strategy=instanceprompt needs dataset.instance_prompt=<text>")
-        if self.resolution <= 0 or self.resolution % 16:
-            out.append(
-                f"dataset.resolution={self.resolution} must be a positive multiple of 16 "
-                "(latents are 1/8 of the image and are packed in 2x2 patches)"
-            )
+            bad("instance_prompt", "is required by caption_strategy=instanceprompt")
+        if self.resolution_type not in RESOLUTION_TYPES:
+            bad("resolution_type", f"{self.resolution_type!r} is unknown; use one of {', '.join(RESOLUTION_TYPES)}")
+        elif self.resolution_type != "area" and (self.resolution <= 0 or self.resolution % 16):
+            bad("resolution", f"{self.resolution:g} must be a positive multiple of 16 (latents are packed 2x2)")
+        elif self.resolution <= 0:
+            bad("resolution", "must be positive (megapixels)")
+        if self.crop_aspect not in CROP_ASPECTS:
+            bad("crop_aspect", f"{self.crop_aspect!r} is unknown; use one of {', '.join(CROP_ASPECTS)}")
+        if self.crop and self.crop_aspect in ("closest", "random") and not self.crop_aspect_buckets:
+            bad("crop_aspect_buckets", f"crop_aspect={self.crop_aspect} needs a list of aspect ratios (w/h)")
         if self.crop_style not in CROP_STYLES:
-            out.append(f"dataset.crop_style={self.crop_style!r} is unknown; use center or random")
+            bad("crop_style", f"{self.crop_style!r} is unknown; use one of {', '.join(CROP_STYLES)}")
+        if self.repeats < 0:
+            bad("repeats", "must be >= 0")
+        if self.probability < 0:
+            bad("probability", "must be >= 0")
+        p = self.caption_dropout_probability
+        if p is not None and not 0.0 <= p <= 1.0:
+            bad("caption_dropout_probability", "must be within [0, 1]")
+        return out
+
+
+@dataclass
+class TextEmbedsConfig:
+    """The text-embeds backend: where caption embeddings are cached and how many per encoder call."""
+
+    id: str = "text-embeds"
+    type: str = "local"
+    dataset_type: str = "text_embeds"
+    cache_dir: str | None = None
+    write_batch_size: int = 128
+    default: bool = True
+    disabled: bool = False
+
+
+_SHORTHAND = ("instance_data_dir", "caption_strategy", "instance_prompt", "resolution", "crop_style")
+
+
+@dataclass
+class DatasetConfig:
+    """Image backends, the text-embeds backend and the loader settings shared by all backends.
+
+    Attributes:
+        backends: the image (and conditioning) backends; empty = use the single-folder shorthand.
+        text_embeds: the text-embeds backend.
+        backend_file: a SimpleTuner ``multidatabackend.json`` to read backends from, unchanged.
+        instance_data_dir, caption_strategy, instance_prompt, resolution, crop_style: the
+            single-folder shorthand (one backend, square crop at ``resolution`` pixels);
+            ``instance_data_dir`` null = generate the demo dataset (coloured shapes).
+        caption_dropout_probability: default chance a sample trains on the empty caption.
+        batch_size: images per step per device (every batch is one backend and one bucket).
+        num_workers: dataloader workers.
+        vae_batch_size: images per VAE call while caching.
+        cache_dir: root of the shared caches (``vae/``, ``text/``, ``demo/``), outside run dirs.
+        demo_images: images in the generated demo dataset.
+        max_image_pixels: larger images are refused (decompression-bomb guard).
+        seed: seed for random crops, sampling order and caption dropout.
+    """
+
+    backends: list[ImageBackendConfig] = field(default_factory=list)
+    text_embeds: TextEmbedsConfig = field(default_factory=TextEmbedsConfig)
+    backend_file: str | None = None
+    instance_data_dir: Any = None
+    caption_strategy: str | None = None
+    instance_prompt: str | None = None
+    resolution: int | None = None
+    crop_style: str | None = None
+    caption_dropout_probability: float = 0.1
+    batch_size: int = 1
+    num_workers: int = 0
+    vae_batch_size: int = 4
+    cache_dir: str = "~/.cache/flux_lightning"
+    demo_images: int = 16
+    max_image_pixels: int = 89_478_485
+    seed: int = 0
+
+    def uses_shorthand(self) -> bool:
+        return not self.backends and self.backend_file is None
+
+    def image_backends(self) -> list[ImageBackendConfig]:
+        """The enabled backends (the shorthand becomes one backend), not yet read from a file."""
+        if self.uses_shorthand():
+            return [
+                ImageBackendConfig(
+                    id="demo" if self.instance_data_dir is None else "default",
+                    instance_data_dir=self.instance_data_dir,
+                    caption_strategy=self.caption_strategy or "filename",
+                    instance_prompt=self.instance_prompt,
+                    resolution=self.resolution or 1024,
+                    resolution_type="pixel",
+                    crop=True,
+                    crop_aspect="square",
+                    crop_style=self.crop_style or "center",
+                )
+            ]
+        return [b for b in self.backends if not b.disabled]
+
+    def problems(self) -> list[str]:
+        """Every invalid field, each as one line naming the field and the fix."""
+        out = self._shorthand_problems() if self.uses_shorthand() else self._backend_problems()
         if not 0.0 <= self.caption_dropout_probability <= 1.0:
             out.append("dataset.caption_dropout_probability must be within [0, 1]")
-        for name in ("batch_size", "vae_batch_size", "write_batch_size"):
+        for name in ("batch_size", "vae_batch_size"):
             if getattr(self, name) < 1:
                 out.append(f"dataset.{name} must be >= 1")
+        if self.text_embeds.write_batch_size < 1:
+            out.append("dataset.text_embeds.write_batch_size must be >= 1")
         return out
+
+    def _shorthand_problems(self) -> list[str]:
+        out = []
+        strategy = self.caption_strategy or "filename"
+        if strategy not in ("filename", "textfile", "instanceprompt"):
+            out.append(
+                f"dataset.caption_strategy={strategy!r} is unknown; use filename, textfile or "
+                "instanceprompt (parquet/csv captions need dataset.backends)"
+            )
+        if strategy == "instanceprompt" and not self.instance_prompt:
+            out.append("dataset.caption_strategy=instanceprompt needs dataset.instance_prompt=<text>")
+        res = self.resolution or 1024
+        if res <= 0 or res % 16:
+            out.append(
+                f"dataset.resolution={res} must be a positive multiple of 16 "
+                "(latents are 1/8 of the image and are packed in 2x2 patches)"
+            )
+        if (self.crop_style or "center") not in CROP_STYLES:
+            out.append(f"dataset.crop_style={self.crop_style!r} is unknown; use one of {', '.join(CROP_STYLES)}")
+        return out
+
+    def _backend_problems(self) -> list[str]:
+        out = []
+        extra = [f for f in _SHORTHAND if getattr(self, f) is not None]
+        if extra:
+            out.append(
+                f"dataset.{extra[0]} is part of the single-folder shorthand, but dataset.backends "
+                "(or backend_file) is set: put it on each backend instead"
+            )
+        if self.backend_file is not None:
+            return out  # backends are read (and checked) when the file is loaded
+        backends = self.image_backends()
+        for b in backends:
+            out += b.problems()
+        ids = [b.id for b in backends]
+        for dup in sorted({i for i in ids if ids.count(i) > 1}):
+            out.append(f"dataset.backends: id {dup!r} is used twice; give each backend its own id")
+        by_id = {b.id: b for b in backends}
+        for b in backends:
+            link = b.conditioning_data
+            if link and (link not in by_id or by_id[link].dataset_type != "conditioning"):
+                out.append(
+                    f"dataset.backends[{b.id}].conditioning_data: {link!r} is not an enabled backend "
+                    "with dataset_type: conditioning"
+                )
+        trained = [b for b in backends if b.dataset_type == "image"]
+        if not trained:
+            out.append("dataset.backends: no enabled image backend; add one or set disabled: false")
+        elif not any(b.probability > 0 for b in trained):
+            out.append("dataset.backends: every backend has probability 0; give one a positive probability")
+        return out
+
+    def with_backends(self, backends: list[ImageBackendConfig], text_embeds: TextEmbedsConfig) -> DatasetConfig:
+        return replace(self, backends=backends, text_embeds=text_embeds, backend_file=None)
+
+
+IMAGE_FIELDS = {f.name for f in fields(ImageBackendConfig)}
+TEXT_FIELDS = {f.name for f in fields(TextEmbedsConfig)}

@@ -1,50 +1,48 @@
-"""``FluxDataModule``: discover images, fill the latent and text caches, serve cached batches."""
+"""``FluxDataModule``: discover images per backend, fill the latent and text caches, serve bucketed batches."""
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..components import ModelConfig, load_text_encoders, load_vae, model_identity
+from .backend_file import resolve_dataset
+from .buckets import Placement, place, size_metric
 from .cache import TensorCache, cache_key, file_digest
-from .config import DatasetConfig
+from .config import DatasetConfig, ImageBackendConfig
 from .demo import make_demo_dataset
-from .discovery import DataError, ImageRecord, discover
+from .discovery import DataError, discover, find_images
 from .encoding import encode_images, encode_prompts
-from .transforms import crop_box, load_rgb, to_pixels
+from .sampler import BucketBatchSampler, Group
+from .transforms import load_mask, load_rgb, to_pixels, upright_size
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-_EXIF_ORIENTATION = 0x0112
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Sample:
     """One training image resolved to its cache entries."""
 
-    record: ImageRecord
+    backend: str
+    path: Path
+    caption: str
+    size: tuple[int, int]
+    placement: Placement
     latent_key: str
     text_key: str
-    box: tuple[int, int, int, int]
-
-
-def _upright_size(path: Path) -> tuple[int, int]:
-    """Image size after EXIF rotation, read from the header only."""
-    with Image.open(path) as im:
-        w, h = im.size
-        if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
-            w, h = h, w
-    return w, h
+    mask_path: Path | None = None
+    mask_key: str | None = None
 
 
 def _seed_of(key: str) -> int:
@@ -52,89 +50,85 @@ def _seed_of(key: str) -> int:
 
 
 class CachedLatentDataset(Dataset):
-    """Items are ``{latents, prompt_embeds, pooled_prompt_embeds, attention_mask}`` read from caches.
+    """Items ``{latents, prompt_embeds, pooled_prompt_embeds, attention_mask[, mask][, is_regularisation]}``.
 
-    Indices are ``(epoch, i)`` pairs (see :class:`EpochSampler`) so that caption dropout is a
-    deterministic function of ``(seed, epoch, i)``: the same in every worker and after a resume.
+    Indices are ``(epoch, i)`` pairs (see :class:`~flux_lightning.data.sampler.BucketBatchSampler`)
+    so caption dropout is a deterministic function of ``(seed, epoch, i)``: the same in every
+    worker and after a resume. ``mask`` and ``is_regularisation`` appear only for backends that
+    have them, and a batch never mixes backends.
     """
 
     def __init__(
         self,
         samples: Sequence[Sample],
-        latents: TensorCache,
+        latent_caches: dict[str, TensorCache],
         texts: TensorCache,
         empty_text_key: str,
-        caption_dropout_probability: float = 0.0,
+        dropout: dict[str, float],
+        regularisation: set[str],
         seed: int = 0,
     ):
         self.samples = list(samples)
-        self.latents, self.texts = latents, texts
+        self.latent_caches, self.texts = latent_caches, texts
         self.empty_text_key = empty_text_key
-        self.p_drop, self.seed = caption_dropout_probability, seed
+        self.dropout, self.regularisation, self.seed = dropout, regularisation, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index) -> dict[str, torch.Tensor]:
         epoch, i = index if isinstance(index, tuple) else (0, index)
-        sample = self.samples[i]
-        drop = self.p_drop > 0 and random.Random(f"{self.seed}:{epoch}:{i}").random() < self.p_drop
-        item = dict(self.latents.load(sample.latent_key))
-        item.update(self.texts.load(self.empty_text_key if drop else sample.text_key))
+        s = self.samples[i]
+        p = self.dropout.get(s.backend, 0.0)
+        drop = p > 0 and random.Random(f"{self.seed}:{epoch}:{i}").random() < p
+        cache = self.latent_caches[s.backend]
+        item = dict(cache.load(s.latent_key))
+        item.update(self.texts.load(self.empty_text_key if drop else s.text_key))
+        if s.mask_key is not None:
+            item["mask"] = cache.load(s.mask_key)["mask"]
+        if s.backend in self.regularisation:
+            item["is_regularisation"] = torch.tensor(True)
         return item
 
 
-class EpochSampler(Sampler):
-    """A seeded shuffle per epoch that yields ``(epoch, index)`` pairs; Lightning calls ``set_epoch``."""
-
-    def __init__(self, length: int, seed: int = 0):
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        for i in torch.randperm(self.length, generator=g).tolist():
-            yield self.epoch, i
-
-
 class FluxDataModule(L.LightningDataModule):
-    """Images -> cached VAE latents and text embeddings -> training batches.
+    """Images -> cached VAE latents and text embeddings -> bucketed training batches.
 
     ``prepare_data`` (once per machine) discovers images, encodes whatever the caches lack and
     releases the encoders. ``setup`` builds the dataset over the caches. ``prompts`` (validation
     prompts) are encoded into the text cache too, so text encoders are never needed afterwards.
+    The sampler's position is saved in checkpoints (:meth:`state_dict`), so a resume continues
+    mid-epoch with the very next batch.
     """
 
     def __init__(self, dataset: DatasetConfig, model: ModelConfig, prompts: Sequence[str] = ()):
         super().__init__()
+        dataset = resolve_dataset(dataset)
         problems = dataset.problems()
         if problems:
             raise DataError("; ".join(problems))
         self.cfg, self.model_cfg = dataset, model
         self.prompts = list(dict.fromkeys(prompts))
-        root = Path(dataset.cache_dir).expanduser()
-        self.latent_cache = TensorCache(root / "vae")
-        self.text_cache = TensorCache(root / "text")
+        self.root = Path(dataset.cache_dir).expanduser()
+        self.backends = dataset.image_backends()
+        self.text_cache = TensorCache(dataset.text_embeds.cache_dir or self.root / "text")
+        self.latent_caches = {
+            b.id: TensorCache(b.cache_dir_vae or self.root / "vae") for b in self.backends
+        }
         self.skipped = 0
         self._samples: list[Sample] | None = None
         self.train_dataset: CachedLatentDataset | None = None
+        self._sampler: BucketBatchSampler | None = None
+        self._resume_state: dict | None = None
 
     # -- keys ---------------------------------------------------------------------------------
-    def folders(self) -> list[str]:
-        if self.cfg.instance_data_dir is None:
+    def _folders(self, backend: ImageBackendConfig) -> list[str]:
+        if backend.instance_data_dir is None:  # the shorthand without a folder: demo data
             demo = make_demo_dataset(
-                Path(self.cfg.cache_dir).expanduser() / "demo",
-                count=self.cfg.demo_images,
-                size=max(128, self.cfg.resolution),
-                seed=self.cfg.seed,
+                self.root / "demo", count=self.cfg.demo_images, size=max(128, int(backend.resolution)), seed=self.cfg.seed
             )
             return [str(demo)]
-        return self.cfg.folders()
+        return backend.folders()
 
     def text_key(self, caption: str) -> str:
         return cache_key(
@@ -145,30 +139,68 @@ class FluxDataModule(L.LightningDataModule):
             max_length=self.model_cfg.spec.t5_max_length,
         )
 
-    def _latent_key(self, path: Path, box) -> str:
-        return cache_key(
-            kind="latent",
-            v=CACHE_VERSION,
-            file=file_digest(path),
-            resolution=self.cfg.resolution,
-            box=box,
-            vae=model_identity(self.model_cfg, "vae"),
-        )
+    def _vae_identity(self) -> dict:
+        return {"vae": model_identity(self.model_cfg, "vae"), "vae_dtype": "float32"}
 
-    def samples(self) -> list[Sample]:
-        """Every usable image with its cache keys (computed once per process)."""
-        if self._samples is None:
-            records, skipped = discover(self.cfg, self.folders())
-            samples = []
-            for rec in records:
-                try:
-                    size = _upright_size(rec.path)
-                except Exception as err:  # not an image, truncated header, ...
-                    log.warning("skipping %s: cannot read image (%s)", rec.path, err)
+    def _mask_index(self, backend_id: str) -> dict[str, Path]:
+        mask_backend = next(b for b in self.backends if b.id == backend_id)
+        index = {}
+        for folder in mask_backend.folders():
+            root = Path(folder).expanduser()
+            for p in find_images(folder, f"dataset.backends[{backend_id}].instance_data_dir"):
+                index[p.relative_to(root).with_suffix("").as_posix()] = p
+        return index
+
+    def _resolve(self, backend: ImageBackendConfig) -> tuple[list[Sample], int]:
+        records, skipped = discover(backend, self._folders(backend))
+        masks = self._mask_index(backend.conditioning_data) if backend.conditioning_data else None
+        samples = []
+        for rec in records:
+            try:
+                size = upright_size(rec.path)
+            except Exception as err:  # not an image, truncated header, symlink loop, ...
+                log.warning("skipping %s: cannot read image (%s)", rec.path, err)
+                skipped += 1
+                continue
+            if size[0] * size[1] > self.cfg.max_image_pixels:
+                log.warning(
+                    "skipping %s: %dx%d exceeds dataset.max_image_pixels=%d (decompression-bomb guard)",
+                    rec.path, *size, self.cfg.max_image_pixels,
+                )
+                skipped += 1
+                continue
+            if backend.minimum_image_size and size_metric(size, backend.resolution_type) < backend.minimum_image_size:
+                log.warning(
+                    "skipping %s: %dx%d is below minimum_image_size=%g of backend %r",
+                    rec.path, *size, backend.minimum_image_size, backend.id,
+                )
+                skipped += 1
+                continue
+            placement = place(size, backend, key=rec.relative, seed=self.cfg.seed)
+            digest = file_digest(rec.path)
+            latent_key = cache_key(kind="latent", v=CACHE_VERSION, file=digest, placement=placement, **self._vae_identity())
+            mask_path = mask_key = None
+            if masks is not None:
+                mask_path = masks.get(Path(rec.relative).with_suffix("").as_posix())
+                if mask_path is None:
+                    log.warning("skipping %s: backend %r has no mask with this name", rec.path, backend.conditioning_data)
                     skipped += 1
                     continue
-                box = crop_box(size, self.cfg.resolution, self.cfg.crop_style, key=rec.path.name, seed=self.cfg.seed)
-                samples.append(Sample(rec, self._latent_key(rec.path, box), self.text_key(rec.caption), box))
+                mask_key = cache_key(kind="mask", v=CACHE_VERSION, file=file_digest(mask_path), size=size, placement=placement)
+            samples.append(
+                Sample(backend.id, rec.path, rec.caption, size, placement, latent_key, self.text_key(rec.caption), mask_path, mask_key)
+            )
+        return samples, skipped
+
+    def samples(self) -> list[Sample]:
+        """Every usable image of every trained backend with its cache keys (computed once per process)."""
+        if self._samples is None:
+            samples, skipped = [], 0
+            for backend in self.backends:
+                if backend.dataset_type == "image":
+                    found, n = self._resolve(backend)
+                    samples += found
+                    skipped += n
             self._samples, self.skipped = samples, skipped
         return self._samples
 
@@ -176,12 +208,20 @@ class FluxDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         samples = self.samples()
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        todo = [s for s in samples if s.latent_key not in self.latent_cache]
+        never_encode = {b.id for b in self.backends if "vae" in str(b.skip_file_discovery).split()}
+        todo = [
+            s for s in samples
+            if s.backend not in never_encode and s.latent_key not in self.latent_caches[s.backend]
+        ]
         if todo:
             vae = load_vae(self.model_cfg).to(device)
             self._cache_latents(vae, todo)
             del vae
-        captions = [""] + [s.record.caption for s in samples] + self.prompts
+        for s in samples:
+            if s.mask_key is not None and s.mask_key not in self.latent_caches[s.backend]:
+                mask = load_mask(s.mask_path, s.size, s.placement)
+                self.latent_caches[s.backend].save(s.mask_key, {"mask": mask}, {"file": s.mask_path.name})
+        captions = [""] + [s.caption for s in samples] + self.prompts
         missing = [c for c in dict.fromkeys(captions) if self.text_key(c) not in self.text_cache]
         if missing:
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -194,26 +234,30 @@ class FluxDataModule(L.LightningDataModule):
             torch.cuda.empty_cache()
 
     def _cache_latents(self, vae, todo: list[Sample]) -> None:
+        by_bucket: dict[tuple[int, int], list[Sample]] = defaultdict(list)
+        for s in todo:
+            by_bucket[s.placement.bucket].append(s)
         bs = self.cfg.vae_batch_size
         bar = tqdm(total=len(todo), desc="caching VAE latents", unit="img")
-        for start in range(0, len(todo), bs):
-            batch, pixels = [], []
-            for s in todo[start : start + bs]:
-                try:
-                    pixels.append(to_pixels(load_rgb(s.record.path), self.cfg.resolution, s.box))
-                    batch.append(s)
-                except Exception as err:
-                    log.warning("skipping %s: cannot decode image (%s)", s.record.path, err)
-            if batch:
-                seeds = [_seed_of(s.latent_key) for s in batch]
-                latents = encode_images(vae, torch.stack(pixels), seeds)
-                for s, z in zip(batch, latents):
-                    self.latent_cache.save(s.latent_key, {"latents": z}, {"file": s.record.path.name})
-            bar.update(len(todo[start : start + bs]))
+        for group in by_bucket.values():
+            for start in range(0, len(group), bs):
+                chunk = group[start : start + bs]
+                batch, pixels = [], []
+                for s in chunk:
+                    try:
+                        pixels.append(to_pixels(load_rgb(s.path), s.placement))
+                        batch.append(s)
+                    except Exception as err:
+                        log.warning("skipping %s: cannot decode image (%s)", s.path, err)
+                if batch:
+                    latents = encode_images(vae, torch.stack(pixels), [_seed_of(s.latent_key) for s in batch])
+                    for s, z in zip(batch, latents):
+                        self.latent_caches[s.backend].save(s.latent_key, {"latents": z}, {"file": s.path.name})
+                bar.update(len(chunk))
         bar.close()
 
     def _cache_texts(self, parts: dict, captions: list[str]) -> None:
-        bs = self.cfg.write_batch_size
+        bs = self.cfg.text_embeds.write_batch_size
         for start in tqdm(range(0, len(captions), bs), desc="caching text embeddings", unit="batch"):
             chunk = captions[start : start + bs]
             out = encode_prompts(parts, chunk, self.model_cfg.spec.t5_max_length)
@@ -226,36 +270,90 @@ class FluxDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         samples = self.samples()
-        ready = [s for s in samples if s.latent_key in self.latent_cache]
+        ready = [s for s in samples if s.latent_key in self.latent_caches[s.backend]]
         skipped = self.skipped + len(samples) - len(ready)
         if not ready:
             raise DataError(
-                f"no usable images in {self.folders()} ({skipped} skipped, see warnings above); "
-                "add readable images or call prepare_data() before setup()"
+                f"no usable images in backends {[b.id for b in self.backends]} ({skipped} skipped, see "
+                "warnings above); add readable images or call prepare_data() before setup()"
             )
         if skipped:
             log.warning("%d image(s) skipped; training on %d", skipped, len(ready))
         self.skipped = skipped
+        default_p = self.cfg.caption_dropout_probability
         self.train_dataset = CachedLatentDataset(
             ready,
-            self.latent_cache,
+            self.latent_caches,
             self.text_cache,
             self.text_key(""),
-            self.cfg.caption_dropout_probability,
-            self.cfg.seed,
+            dropout={
+                b.id: default_p if b.caption_dropout_probability is None else b.caption_dropout_probability
+                for b in self.backends
+            },
+            regularisation={b.id for b in self.backends if b.is_regularisation_data},
+            seed=self.cfg.seed,
         )
+
+    def groups(self, world_size: int = 1) -> list[Group]:
+        """One group per (backend, bucket), indices repeated ``repeats + 1`` times; checks sizes."""
+        assert self.train_dataset is not None, "call setup() first"
+        by_key: dict[tuple[str, tuple[int, int]], list[int]] = defaultdict(list)
+        for i, s in enumerate(self.train_dataset.samples):
+            by_key[(s.backend, s.placement.bucket)].append(i)
+        backends = {b.id: b for b in self.backends}
+        global_batch = self.cfg.batch_size * world_size
+        groups, usable = [], defaultdict(int)
+        for (bid, bucket), idx in sorted(by_key.items()):
+            b = backends[bid]
+            repeated = tuple(idx * (b.repeats + 1))
+            if len(repeated) < global_batch:
+                log.warning(
+                    "backend %r: bucket %dx%d has %d sample(s) with repeats, fewer than one batch of %d; "
+                    "they are not used (raise dataset.backends[%s].repeats)",
+                    bid, *bucket, len(repeated), global_batch, bid,
+                )
+            usable[bid] += len(repeated) // global_batch
+            groups.append(Group(bid, bucket, repeated, b.probability))
+        for bid in sorted({s.backend for s in self.train_dataset.samples}):
+            if usable[bid] == 0:
+                name = "dataset" if bid in ("default", "demo") else f"dataset.backends[{bid}]"
+                raise DataError(
+                    f"no images detected in backend {bid!r}: too few images to fill one batch of "
+                    f"{global_batch} (batch_size x devices) in any aspect bucket; raise {name}.repeats "
+                    "or lower dataset.batch_size"
+                )
+        return groups
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "call setup() first"
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self._sampler = BucketBatchSampler(
+            self.groups(world), self.cfg.batch_size, seed=self.cfg.seed, rank=rank, world_size=world
+        )
+        if self._resume_state is not None:
+            self._sampler.load_state_dict(self._resume_state)
+            self._resume_state = None
         return DataLoader(
             self.train_dataset,
-            batch_size=self.cfg.batch_size,
-            sampler=EpochSampler(len(self.train_dataset), self.cfg.seed),
+            batch_sampler=self._sampler,
             num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available(),
-            drop_last=len(self.train_dataset) >= self.cfg.batch_size,
             persistent_workers=False,
         )
+
+    # -- resumable position -----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The sampler's epoch and the number of batches of it already trained on."""
+        if self._sampler is None or self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"sampler": self._sampler.state_dict(position=done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "sampler" in state:
+            self._resume_state = state["sampler"]
+            if self._sampler is not None:
+                self._sampler.load_state_dict(self._resume_state)
 
     def prompt_embedding(self, prompt: str) -> dict[str, torch.Tensor]:
         """Cached text conditioning of one prompt (validation prompts are cached in prepare_data)."""
