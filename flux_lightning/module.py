@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
@@ -25,6 +26,36 @@ from .flow import (
     unpack_latents,
 )
 
+def rng_states() -> dict:
+    """Python, NumPy, torch CPU and CUDA RNG states, as types ``torch.load(weights_only=True)`` reads."""
+    import random
+
+    import numpy as np
+
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(states["python"])
+    name, key, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -44,6 +75,7 @@ class FluxLoRAModule(L.LightningModule):
         timesteps: sigma sampling.
         optimizer: ``params -> Optimizer`` (e.g. a Hydra ``_partial_``); default AdamW(lr=1e-4).
         lr_scheduler: ``(optimizer, num_training_steps) -> LRScheduler``; default none.
+        seed: seed of the training noise and sigmas (see :meth:`noise_and_sigmas`).
     """
 
     def __init__(
@@ -53,6 +85,7 @@ class FluxLoRAModule(L.LightningModule):
         timesteps: TimestepConfig | None = None,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: Callable | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.model_cfg = model or ModelConfig()
@@ -67,6 +100,7 @@ class FluxLoRAModule(L.LightningModule):
         )
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.lr_scheduler_factory = lr_scheduler
+        self.noise_seed = seed
         self.transformer: torch.nn.Module | None = None
         self._recent_losses: deque[torch.Tensor] = deque(maxlen=50)
 
@@ -107,11 +141,29 @@ class FluxLoRAModule(L.LightningModule):
         )[0]
         return unpack_latents(pred, h, w)
 
+    def noise_and_sigmas(self, x0: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample noise ``(B, C, H, W)`` and sigmas ``(B,)``, each drawn from its own generator
+        seeded by ``(seed, epoch, batch_idx, global sample index)``.
+
+        So a sample's noise does not depend on the batch it shares, the number of devices, or the
+        RNG state: a DDP run equals a single-process run of the same global batch, and a resume
+        draws exactly what the uninterrupted run drew.
+        """
+        b, _, h, w = x0.shape
+        epoch = self.current_epoch if self._trainer is not None else 0
+        first = (self.global_rank if self._trainer is not None else 0) * b
+        noise, sigmas = [], []
+        for j in range(b):
+            key = f"{self.noise_seed}:{epoch}:{batch_idx}:{first + j}"
+            g = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
+            noise.append(torch.randn(x0.shape[1:], generator=g))
+            sigmas.append(sample_sigmas(1, self.timesteps, seq_len=(h // 2) * (w // 2), generator=g))
+        return torch.stack(noise).to(x0.device, non_blocking=True), torch.cat(sigmas).to(x0.device)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x0 = batch["latents"].float()
-        b, _, h, w = x0.shape
-        noise = torch.randn_like(x0)
-        sigmas = sample_sigmas(b, self.timesteps, seq_len=(h // 2) * (w // 2), device=x0.device)
+        b = x0.shape[0]
+        noise, sigmas = self.noise_and_sigmas(x0, batch_idx)
         noisy = noisy_latents(x0, noise, sigmas)
         text = (batch["prompt_embeds"], batch["pooled_prompt_embeds"])
         pred = self(noisy, sigmas, *text)
@@ -143,6 +195,15 @@ class FluxLoRAModule(L.LightningModule):
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else 1
         scheduler = self.lr_scheduler_factory(optimizer=optimizer, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoint extras --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Adds the RNG states (LoRA dropout draws from them) so a resume continues exactly."""
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
 
     # -- adapter-only state ------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):

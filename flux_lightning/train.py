@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import LoRAExport, ValidationImages
+from .checkpointing import AtomicCheckpointIO
 from .components import ModelSourceError
 from .config import ConfigError, validate
 from .data import DataError, FluxDataModule
@@ -47,7 +48,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if kwargs.get("precision") is None:
         gpu = torch.cuda.is_available() and kwargs.get("accelerator") in ("auto", "gpu", "cuda")
         kwargs["precision"] = "bf16-mixed" if gpu else "32-true"
-    return L.Trainer(callbacks=callbacks, logger=loggers or False, **kwargs)
+    plugins = list(kwargs.pop("plugins", None) or []) + [AtomicCheckpointIO()]
+    return L.Trainer(callbacks=callbacks, logger=loggers or False, plugins=plugins, **kwargs)
 
 
 def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
@@ -75,6 +77,7 @@ def train(cfg: DictConfig) -> float:
         timesteps=run.timesteps,
         optimizer=instantiate(cfg.optimizer),
         lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        seed=cfg.seed,
     )
     trainer = build_trainer(cfg, callbacks, _instantiate_all(cfg.get("logger")))
     output_dir = cfg.paths.output_dir

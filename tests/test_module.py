@@ -1,5 +1,6 @@
 """The training step computes exactly the flow-matching loss of DESIGN.md, with diffusers' own packing."""
 
+import pytest
 import torch
 from diffusers import FluxPipeline
 
@@ -25,14 +26,11 @@ def _module(cfg, **adapter):
 def test_training_step_is_the_flow_matching_loss(tiny_model_cfg):
     m = _module(tiny_model_cfg)
     batch = _batch()
-    torch.manual_seed(123)
     loss = m.training_step(batch, 0)
 
     # the same step by hand, with diffusers' helpers and the formulas of DESIGN.md
-    torch.manual_seed(123)
     x0 = batch["latents"]
-    noise = torch.randn_like(x0)
-    sigma = torch.sigmoid(torch.randn(2))
+    noise, sigma = m.noise_and_sigmas(x0, 0)
     xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
     with torch.no_grad():
         pred = m.transformer(
@@ -73,3 +71,19 @@ def test_only_adapter_parameters_reach_the_optimizer(tiny_model_cfg):
     params = [p for group in opt.param_groups for p in group["params"]]
     names = {id(p): n for n, p in m.named_parameters()}
     assert params and all(".lora_" in names[id(p)] for p in params)
+
+
+def test_noise_is_per_sample_deterministic_and_sigmoid_distributed(tiny_model_cfg):
+    m = FluxLoRAModule(tiny_model_cfg, seed=3)
+    x0 = torch.zeros(64, 16, 4, 4)
+    n1, s1 = m.noise_and_sigmas(x0, 5)
+    n2, s2 = m.noise_and_sigmas(x0, 5)
+    assert torch.equal(n1, n2) and torch.equal(s1, s2)
+    n3, _ = m.noise_and_sigmas(x0, 6)
+    assert not torch.equal(n1, n3)
+    # a sample's noise does not depend on the rest of its batch
+    n_small, s_small = m.noise_and_sigmas(x0[:2], 5)
+    assert torch.equal(n_small, n1[:2]) and torch.equal(s_small, s1[:2])
+    assert n1.std().item() == pytest.approx(1.0, abs=0.05)
+    assert ((s1 > 0) & (s1 < 1)).all() and abs(s1.median().item() - 0.5) < 0.15
+    assert not torch.equal(FluxLoRAModule(tiny_model_cfg, seed=4).noise_and_sigmas(x0, 5)[0], n1)

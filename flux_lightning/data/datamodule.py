@@ -339,6 +339,8 @@ class FluxDataModule(L.LightningDataModule):
             num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
+            # its own generator: creating an iterator must not consume the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
     # -- resumable position -----------------------------------------------------------------
