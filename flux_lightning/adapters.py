@@ -148,15 +148,19 @@ def export_lora(
     directory: str | os.PathLike,
     *,
     dtype: torch.dtype = torch.bfloat16,
+    lora_format: str = "diffusers",
     extra_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``<directory>/pytorch_lora_weights.safetensors`` atomically and return its path.
 
-    For PiSSA/OLoRA the trained ``(A, B)`` and initial ``(A0, B0)`` become one rank-2r LoRA
-    ``A' = [A; A0]``, ``B' = [B, -B0]`` with alpha doubled, so that on the *original* base
-    ``W0 + s (B A - B0 A0)`` equals the training model's weight.
+    ``lora_format`` picks the key layout (see :mod:`flux_lightning.lora_formats`). For PiSSA/OLoRA
+    the trained ``(A, B)`` and initial ``(A0, B0)`` become one rank-2r LoRA ``A' = [A; A0]``,
+    ``B' = [B, -B0]`` with alpha doubled, so that on the *original* base ``W0 + s (B A - B0 A0)``
+    equals the training model's weight.
     """
     from safetensors.torch import save_file
+
+    from .lora_formats import convert
 
     state = lora_state_dict(transformer)
     rank, alpha = cfg.rank, cfg.lora_alpha
@@ -164,20 +168,26 @@ def export_lora(
     if initial:
         state = _convert_principal_init(state, initial)
         rank, alpha = 2 * rank, 2 * alpha
-    tensors = {f"transformer.{k}": v.to(dtype).contiguous() for k, v in state.items()}
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    out_features = {n: m.out_features for n, m in transformer.named_modules() if hasattr(m, "out_features")}
+    tensors = convert(state, lora_format, alpha=alpha, out_features=out_features)
     config = transformer._flux_lightning_lora_config.to_dict()
     config.update(r=rank, lora_alpha=alpha, init_lora_weights=True)
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     metadata = {
         "format": "pt",
-        "lora_adapter_metadata": json.dumps(
-            {f"transformer.{k}": v for k, v in config.items()}, sort_keys=True, default=str
-        ),
+        "lora_format": lora_format,
         "lora_rank": str(rank),
         "lora_alpha": str(alpha),
         "lora_target": json.dumps(sorted(config["target_modules"])),
         **(extra_metadata or {}),
     }
+    if lora_format == "kohya":
+        metadata.update(ss_network_module="networks.lora_flux", ss_network_dim=str(rank), ss_network_alpha=str(alpha))
+    elif lora_format == "diffusers":  # comfyui carries alpha as tensors; diffusers refuses both at once
+        metadata["lora_adapter_metadata"] = json.dumps(
+            {f"transformer.{k}": v for k, v in config.items()}, sort_keys=True, default=str
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".lora.", suffix=".tmp", dir=directory)
