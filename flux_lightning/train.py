@@ -19,6 +19,7 @@ from .components import ModelSourceError
 from .config import ConfigError, validate
 from .data import DataError, FluxDataModule
 from .module import FluxLoRAModule
+from .sweep import write_result
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,33 @@ def train(cfg: DictConfig) -> float:
     loss = module.recent_train_loss()
     if trainer.is_global_zero:
         _print_summary(trainer, output_dir, loss, datamodule.skipped)
+        write_result(
+            output_dir,
+            {
+                "job": _job_name(),
+                "overrides": _task_overrides(),
+                "metric_name": "loss/train (last 50 steps)",
+                "metric": loss,
+                "steps": trainer.global_step,
+                "lora": next((cb.path for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None),
+            },
+        )
     return loss
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _job_name() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "run"
+    job = HydraConfig.get().job
+    return str(job.get("num", job.name))
 
 
 def _print_summary(trainer: L.Trainer, output_dir: str, loss: float, skipped: int) -> None:
