@@ -46,6 +46,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """``lightning.Trainer`` from ``cfg.trainer``; ``precision: null`` = bf16-mixed on GPU, fp32 on CPU."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.pop("_target_", None)
+    if isinstance(kwargs.get("strategy"), dict):  # a strategy object (e.g. FSDPStrategy with options)
+        kwargs["strategy"] = instantiate(cfg.trainer.strategy)
     if kwargs.get("precision") is None:
         gpu = torch.cuda.is_available() and kwargs.get("accelerator") in ("auto", "gpu", "cuda")
         kwargs["precision"] = "bf16-mixed" if gpu else "32-true"
