@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import LoRAExport, ValidationImages
+from .callbacks import LoRAExport, ModelCard, ValidationImages
 from .checkpointing import AtomicCheckpointIO
 from .components import ModelSourceError
 from .config import ConfigError, validate
@@ -72,6 +72,9 @@ def train(cfg: DictConfig) -> float:
     run = validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    for cb in callbacks:
+        if isinstance(cb, ModelCard):
+            cb.config_yaml = _resolved_yaml(cfg)
     prompts = [p for cb in callbacks if isinstance(cb, ValidationImages) for p in cb.prompt_texts()]
     datamodule = FluxDataModule(run.dataset, run.model, prompts=prompts)
     module = FluxLoRAModule(
@@ -100,6 +103,13 @@ def train(cfg: DictConfig) -> float:
             },
         )
     return loss
+
+
+def _resolved_yaml(cfg: DictConfig) -> str:
+    try:
+        return OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra job
+        return OmegaConf.to_yaml(cfg)
 
 
 def _task_overrides() -> list[str]:

@@ -73,8 +73,10 @@ class ValidationImages(L.Callback):
         self.guidance_real = validation_guidance_real
         self.negative_prompt = validation_negative_prompt
         self.seed, self.before_training = validation_seed, before_training
+        self.instance_prompt = instance_prompt
         self._vae = self._scheduler = None
         self._last_step = -1
+        self.last_files: list[Path] = []
 
     def prompt_texts(self) -> list[str]:
         """Every text this callback needs embedded (so the datamodule caches them)."""
@@ -165,6 +167,7 @@ class ValidationImages(L.Callback):
         finally:
             transformer.train(was_training)
         self._log_grid(trainer, images, step)
+        self.last_files = files
         return files
 
     def _log_grid(self, trainer, images, step: int) -> None:
