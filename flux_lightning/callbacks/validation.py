@@ -182,6 +182,10 @@ class ValidationImages(L.Callback):
             torch.from_numpy(np.array(im.resize(images[0].size))).permute(2, 0, 1) for im in images
         ]
         grid = make_grid(torch.stack(tensors), nrow=min(4, len(tensors)))
+        from lightning.pytorch.loggers import WandbLogger
+
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("validation/images", grid, step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("validation/images", [grid.permute(1, 2, 0).numpy()], step=step)

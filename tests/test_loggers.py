@@ -1,0 +1,34 @@
+"""Loggers: CSV and W&B (offline) receive the training scalars and the validation grid."""
+
+import csv
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from flux_lightning.train import config_dir, train
+
+
+def _cfg(tmp_path, *extra):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache", "trainer.max_steps=4",
+                       "trainer.log_every_n_steps=1", "adapter.rank=2", *extra],
+        )
+
+
+def test_csv_logger_records_the_train_loss(tmp_path):
+    train(_cfg(tmp_path, "logger=csv", "callbacks.validation=null"))
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    assert sum(1 for r in rows if r.get("loss/train")) == 4
+
+
+def test_wandb_logger_works_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "run"))
+    train(_cfg(tmp_path, "logger=wandb", "callbacks.validation.before_training=false"))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    media = list(runs[0].rglob("validation/images*"))
+    assert media, "the validation grid was not logged"
