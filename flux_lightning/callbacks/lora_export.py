@@ -6,6 +6,9 @@ from pathlib import Path
 
 import lightning as L
 
+from ..components import DTYPES
+from ..config import ConfigError
+
 
 class LoRAExport(L.Callback):
     """Keeps ``<dirpath>/pytorch_lora_weights.safetensors`` current (rank 0 only).
@@ -13,16 +16,22 @@ class LoRAExport(L.Callback):
     Args:
         dirpath: output folder, usually ``<run dir>/lora``.
         with_checkpoints: also export whenever Lightning saves a checkpoint.
+        dtype: tensor dtype in the file: ``bf16`` (default: half the size, what trainers ship),
+            ``fp16`` or ``fp32`` (bit-exact with the training weights, so images from the file
+            equal the final validation images).
     """
 
-    def __init__(self, dirpath: str, with_checkpoints: bool = True):
+    def __init__(self, dirpath: str, with_checkpoints: bool = True, dtype: str = "bf16"):
+        if dtype not in DTYPES:
+            raise ConfigError(f"invalid config:\n  - callbacks.lora_export.dtype={dtype!r} is unknown; use {', '.join(DTYPES)}")
         self.dirpath = Path(dirpath)
         self.with_checkpoints = with_checkpoints
+        self.dtype = DTYPES[dtype]
         self.path: Path | None = None
 
     def _export(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            self.path = pl_module.export_lora(self.dirpath)
+            self.path = pl_module.export_lora(self.dirpath, dtype=self.dtype)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self.with_checkpoints:

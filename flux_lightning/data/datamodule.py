@@ -20,6 +20,7 @@ from .config import DatasetConfig
 from .demo import make_demo_dataset
 from .discovery import DataError, ImageRecord, discover
 from .encoding import encode_images, encode_prompts
+from .holdout import EvalDataset, select_holdout
 from .transforms import crop_box, load_rgb, to_pixels
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,21 @@ class FluxDataModule(L.LightningDataModule):
     ``prepare_data`` (once per machine) discovers images, encodes whatever the caches lack and
     releases the encoders. ``setup`` builds the dataset over the caches. ``prompts`` (validation
     prompts) are encoded into the text cache too, so text encoders are never needed afterwards.
+
+    Eval split (for :class:`~flux_lightning.callbacks.EvalLoss`): ``eval_fraction`` holds out a
+    deterministic fraction of the training images (backend ``holdout``, chosen by a hash of the
+    cache key, never trained on); ``eval_data_dir`` adds separate folders (backend ``eval``),
+    captioned like the training data. :meth:`eval_dataloader` serves them in a fixed order.
     """
 
-    def __init__(self, dataset: DatasetConfig, model: ModelConfig, prompts: Sequence[str] = ()):
+    def __init__(
+        self,
+        dataset: DatasetConfig,
+        model: ModelConfig,
+        prompts: Sequence[str] = (),
+        eval_fraction: float = 0.0,
+        eval_data_dir: str | Sequence[str] | None = None,
+    ):
         super().__init__()
         problems = dataset.problems()
         if problems:
@@ -123,6 +136,13 @@ class FluxDataModule(L.LightningDataModule):
         self.skipped = 0
         self._samples: list[Sample] | None = None
         self.train_dataset: CachedLatentDataset | None = None
+        if not 0.0 <= eval_fraction < 1.0:
+            raise DataError(f"callbacks.eval_loss.eval_fraction={eval_fraction} must be within [0, 1)")
+        self.eval_fraction = eval_fraction
+        dirs = [eval_data_dir] if isinstance(eval_data_dir, str) else list(eval_data_dir or [])
+        self.eval_data_dirs = [str(d) for d in dirs]
+        self._eval_samples: list[Sample] | None = None
+        self.eval_dataset: EvalDataset | None = None
 
     # -- keys ---------------------------------------------------------------------------------
     def folders(self) -> list[str]:
@@ -158,23 +178,37 @@ class FluxDataModule(L.LightningDataModule):
     def samples(self) -> list[Sample]:
         """Every usable image with its cache keys (computed once per process)."""
         if self._samples is None:
-            records, skipped = discover(self.cfg, self.folders())
-            samples = []
-            for rec in records:
-                try:
-                    size = _upright_size(rec.path)
-                except Exception as err:  # not an image, truncated header, ...
-                    log.warning("skipping %s: cannot read image (%s)", rec.path, err)
-                    skipped += 1
-                    continue
-                box = crop_box(size, self.cfg.resolution, self.cfg.crop_style, key=rec.path.name, seed=self.cfg.seed)
-                samples.append(Sample(rec, self._latent_key(rec.path, box), self.text_key(rec.caption), box))
-            self._samples, self.skipped = samples, skipped
+            self._samples, self.skipped = self._resolve(self.folders())
         return self._samples
+
+    def eval_folder_samples(self) -> list[Sample]:
+        """Images of ``eval_data_dir`` (captioned like the training data), computed once per process."""
+        if self._eval_samples is None:
+            for d in self.eval_data_dirs:
+                if not Path(d).expanduser().is_dir():
+                    raise DataError(
+                        f"callbacks.eval_loss.eval_data_dir: folder '{d}' does not exist; point it at a folder of images"
+                    )
+            self._eval_samples, _ = self._resolve(self.eval_data_dirs) if self.eval_data_dirs else ([], 0)
+        return self._eval_samples
+
+    def _resolve(self, folders: list[str]) -> tuple[list[Sample], int]:
+        records, skipped = discover(self.cfg, folders)
+        samples = []
+        for rec in records:
+            try:
+                size = _upright_size(rec.path)
+            except Exception as err:  # not an image, truncated header, ...
+                log.warning("skipping %s: cannot read image (%s)", rec.path, err)
+                skipped += 1
+                continue
+            box = crop_box(size, self.cfg.resolution, self.cfg.crop_style, key=rec.path.name, seed=self.cfg.seed)
+            samples.append(Sample(rec, self._latent_key(rec.path, box), self.text_key(rec.caption), box))
+        return samples, skipped
 
     # -- caching ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        samples = self.samples()
+        samples = self.samples() + self.eval_folder_samples()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         todo = [s for s in samples if s.latent_key not in self.latent_cache]
         if todo:
@@ -236,6 +270,11 @@ class FluxDataModule(L.LightningDataModule):
         if skipped:
             log.warning("%d image(s) skipped; training on %d", skipped, len(ready))
         self.skipped = skipped
+        held = select_holdout([s.latent_key for s in ready], self.eval_fraction)
+        if held:
+            ready = [s for s in ready if s.latent_key not in held]
+            log.info("eval split: %d image(s) held out of training", len(held))
+        self._setup_eval(held)
         self.train_dataset = CachedLatentDataset(
             ready,
             self.latent_cache,
@@ -255,6 +294,22 @@ class FluxDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             drop_last=len(self.train_dataset) >= self.cfg.batch_size,
             persistent_workers=False,
+        )
+
+    def _setup_eval(self, held: set[str]) -> None:
+        entries = [("holdout", s.latent_key, s.text_key) for s in self.samples() if s.latent_key in held]
+        entries = list(dict.fromkeys(entries))  # an image listed twice is evaluated once
+        entries += [
+            ("eval", s.latent_key, s.text_key) for s in self.eval_folder_samples() if s.latent_key in self.latent_cache
+        ]
+        self.eval_dataset = EvalDataset(entries, self.latent_cache, self.text_cache) if entries else None
+
+    def eval_dataloader(self, batch_size: int | None = None) -> DataLoader | None:
+        """The eval split in a fixed order (None when there is none); call ``setup()`` first."""
+        if self.eval_dataset is None:
+            return None
+        return DataLoader(
+            self.eval_dataset, batch_size=batch_size or self.cfg.batch_size, shuffle=False, num_workers=0
         )
 
     def prompt_embedding(self, prompt: str) -> dict[str, torch.Tensor]:
