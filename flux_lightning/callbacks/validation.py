@@ -221,7 +221,8 @@ class ValidationImages(L.Callback):
         model_cfg = pl_module.model_cfg
         if self._vae is None:
             vae = load_vae(model_cfg)
-            vae.encoder = None  # decoding only
+            if not self.reference_image:
+                vae.encoder = None  # decoding only (a reference image needs the encoder)
             self._vae, self._scheduler = vae, load_scheduler(model_cfg)
         self._vae.to(pl_module.device)
         if self.preview is not None:
