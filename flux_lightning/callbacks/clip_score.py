@@ -51,6 +51,7 @@ class _OpenClipModel(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.config = None  # torchmetrics reads the text length from a transformers config only
 
     def get_image_features(self, pixel_values):
         return self.model.encode_image(pixel_values)
