@@ -212,3 +212,40 @@ def test_final_images_equal_diffusers_with_the_exported_lora(tiny_model_cfg, tin
     a = np.asarray(Image.open(tmp_path / "plain/step_3/circle_64x64.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "cfg/step_3/circle_64x64.png"), dtype=np.int16)
     assert np.abs(a - b).max() > 1
+
+
+def test_grids_go_to_tensorboard_and_to_loggers_with_log_image(tiny_model_cfg, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    calls = []
+    wandb_like = SimpleNamespace(log_image=lambda **kw: calls.append(kw))
+    tensorboard = TensorBoardLogger(str(tmp_path), name="tb", version="")
+    module = _module(tiny_model_cfg)
+    cb = ValidationImages(str(tmp_path / "val"), validation_prompt="a red circle", validation_resolution="32x32,48x32",
+                          validation_num_inference_steps=2)
+    trainer = _fake_trainer(_random_embeddings(cb.prompt_texts()), step=4)
+    trainer.loggers = [tensorboard, wandb_like]
+    cb.generate(trainer, module)
+    (call,) = calls
+    assert call["key"] == "validation/images" and call["step"] == 4 and len(call["images"]) == 2
+    assert call["caption"] == ["validation 32x32", "validation 48x32"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    (image,) = events.Images("validation/images")
+    assert image.step == 4 and (image.width, image.height) == (2 + 2 * (32 + 2), 2 + 32 + 2)  # one row, two columns
+
+
+def test_bad_callback_settings_fail_at_start_with_one_line(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from flux_lightning.train import _instantiate_all, config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", "callbacks.validation.validation_resolution=100x64"])
+        with pytest.raises(ConfigError, match="callbacks.validation.validation_resolution: '100x64'"):
+            _instantiate_all(cfg.callbacks)
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", "callbacks.lora_export.dtype=int3"])
+        with pytest.raises(ConfigError, match="callbacks.lora_export.dtype='int3' is unknown"):
+            _instantiate_all(cfg.callbacks)
