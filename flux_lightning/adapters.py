@@ -172,7 +172,9 @@ def export_lora(
     out_features = {n: m.out_features for n, m in transformer.named_modules() if hasattr(m, "out_features")}
     tensors = convert(state, lora_format, alpha=alpha, out_features=out_features)
     config = transformer._flux_lightning_lora_config.to_dict()
-    config.update(r=rank, lora_alpha=alpha, init_lora_weights=True)
+    # Dropout is a training-time regulariser. diffusers' load_lora_weights leaves the injected LoRA
+    # layers in train mode, so a file carrying lora_dropout > 0 would drop activations at inference.
+    config.update(r=rank, lora_alpha=alpha, init_lora_weights=True, lora_dropout=0.0)
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     metadata = {
         "format": "pt",

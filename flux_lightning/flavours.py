@@ -24,6 +24,10 @@ class FlavourSpec:
         attention_masked: pass the T5 padding mask to attention (libreflux).
         fast_schedule: sigma schedule is schnell's fast one.
         gated: the hub repo needs an accepted license and a token.
+        validation_pipeline: the diffusers pipeline class that renders validation images.
+        clip_model: default CLIP model for the CLIP-score callback (``tiny://clip`` = built locally).
+        preview_autoencoder: default tiny autoencoder for validation previews (``tiny://taef1`` =
+            built locally).
     """
 
     name: str
@@ -37,6 +41,9 @@ class FlavourSpec:
     attention_masked: bool = False
     fast_schedule: bool = False
     gated: bool = True
+    validation_pipeline: str = "FluxPipeline"
+    clip_model: str = "openai/clip-vit-large-patch14"
+    preview_autoencoder: str = "madebyollin/taef1"
 
 
 FLAVOURS: dict[str, FlavourSpec] = {
@@ -54,7 +61,12 @@ FLAVOURS: dict[str, FlavourSpec] = {
             fast_schedule=True,
             gated=False,
         ),
-        FlavourSpec("kontext", "black-forest-labs/FLUX.1-Kontext-dev", validation_guidance=2.5),
+        FlavourSpec(
+            "kontext",
+            "black-forest-labs/FLUX.1-Kontext-dev",
+            validation_guidance=2.5,
+            validation_pipeline="FluxKontextPipeline",
+        ),
         FlavourSpec(
             "fluxbooru",
             "terminusresearch/fluxbooru-v0.3",
@@ -79,6 +91,8 @@ FLAVOURS: dict[str, FlavourSpec] = {
             validation_steps=8,
             validation_guidance=3.5,
             gated=False,
+            clip_model="tiny://clip",
+            preview_autoencoder="tiny://taef1",
         ),
     )
 }

@@ -115,11 +115,19 @@ def sample_sigmas(
         raise ValueError(
             f"timesteps.weighting={config.weighting!r} is unknown; use sigmoid, uniform or schnell_fast"
         )
+    return shift_like_training(sigmas, config, seq_len).to(device)
+
+
+def shift_like_training(sigmas: torch.Tensor, config: TimestepConfig, seq_len: int) -> torch.Tensor:
+    """Apply the shift training uses: the auto shift for ``seq_len`` tokens, else the static shift
+    (none for ``schnell_fast``, whose sigmas are used as drawn)."""
+    if config.weighting == "schnell_fast":
+        return sigmas
     if config.flow_schedule_auto_shift:
-        sigmas = shift_sigmas(sigmas, auto_shift(seq_len))
-    elif config.flow_schedule_shift not in (None, 1.0):
-        sigmas = shift_sigmas(sigmas, float(config.flow_schedule_shift))
-    return sigmas.to(device)
+        return shift_sigmas(sigmas, auto_shift(seq_len))
+    if config.flow_schedule_shift not in (None, 1.0):
+        return shift_sigmas(sigmas, float(config.flow_schedule_shift))
+    return sigmas
 
 
 def _per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

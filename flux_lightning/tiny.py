@@ -199,3 +199,124 @@ def ensure_tiny_folder(root: str | os.PathLike, seed: int = 0, *, guidance_embed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+# -- tiny helpers for the evaluation callbacks (CLIP score, validation previews) ----------------
+TINY_AUX_VERSION = 1
+
+
+def _reusable_clip_tokenizer(root: Path):
+    """The CLIP tokenizer of an already built tiny Flux under ``root`` (building one takes seconds)."""
+    from transformers import CLIPTokenizer
+
+    for folder in sorted(root.glob(f"tiny-flux-v{TINY_VERSION}-*/tokenizer")):
+        if (folder / "vocab.json").is_file():
+            return CLIPTokenizer.from_pretrained(folder)
+    return None
+
+
+def build_tiny_clip(folder: str | os.PathLike, seed: int = 0, tokenizer=None) -> Path:
+    """Save a tiny random ``CLIPModel`` with its ``CLIPProcessor`` to ``folder``.
+
+    Real architecture and the real CLIP BPE vocabulary (from open_clip), 32-px images, width 32:
+    what torchmetrics' ``CLIPScore`` loads for ``openai/clip-vit-large-patch14``, only narrow.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    folder = Path(folder)
+    tokenizer = tokenizer or _clip_tokenizer(folder)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    finally:
+        torch.random.set_rng_state(state)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    # Random towers share an offset direction, so image-text cosines all have one sign. CLIP score
+    # clamps negatives to 0; flip the text projection if needed so scores land in (0, 100) and differ.
+    with torch.no_grad():
+        image = processor(images=[torch.full((3, 32, 32), 128, dtype=torch.uint8)], return_tensors="pt")
+        text = processor(text=["a photo"], return_tensors="pt", padding=True)
+        img = model.get_image_features(image["pixel_values"])
+        txt = model.get_text_features(text["input_ids"], text["attention_mask"])
+        img, txt = (getattr(x, "pooler_output", x) for x in (img, txt))
+        if torch.nn.functional.cosine_similarity(img, txt).item() < 0:
+            model.text_projection.weight.neg_()
+    processor.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_autoencoder_tiny(folder: str | os.PathLike, seed: int = 0, latent_channels: int = 16, **_) -> Path:
+    """Save a tiny random diffusers ``AutoencoderTiny`` (TAEF1-shaped: 16 latent channels, 8x) to ``folder``."""
+    from diffusers import AutoencoderTiny
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoencoderTiny(
+            latent_channels=latent_channels,
+            encoder_block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+        )
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+_AUX_BUILDERS = {"clip": build_tiny_clip, "taef1": build_tiny_autoencoder_tiny}
+
+
+def ensure_tiny_aux_folder(root: str | os.PathLike, name: str, seed: int = 0) -> Path:
+    """Folder for ``tiny://<name>`` (``clip`` or ``taef1``) under ``root``, built once, atomically."""
+    if name not in _AUX_BUILDERS:
+        raise ValueError(f"tiny://{name} is unknown; use one of {['tiny://' + n for n in _AUX_BUILDERS]}")
+    folder = Path(root) / f"tiny-{name}-v{TINY_AUX_VERSION}-seed{seed}"
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        extra = {"tokenizer": _reusable_clip_tokenizer(Path(root))} if name == "clip" else {}
+        _AUX_BUILDERS[name](tmp, seed, **extra)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first; theirs is identical
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_tiny_source(source: str, root: str | os.PathLike) -> str:
+    """``tiny://<name>`` -> a locally built folder under ``root``; any other source is returned as is."""
+    if source.startswith("tiny://"):
+        return str(ensure_tiny_aux_folder(os.path.expanduser(root), source[len("tiny://") :]))
+    return source

@@ -10,10 +10,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import LoRAExport, ModelCard, ValidationImages
+from .callbacks import EvalLoss, LoRAExport, ModelCard, ValidationImages
 from .checkpointing import AtomicCheckpointIO
 from .components import ModelSourceError
 from .config import ConfigError, validate
@@ -39,7 +40,16 @@ def _instantiate_all(node: DictConfig | None) -> list:
     """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, loggers)."""
     if not node:
         return []
-    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+    out = []
+    for v in node.values():
+        if isinstance(v, DictConfig) and "_target_" in v:
+            try:
+                out.append(instantiate(v))
+            except InstantiationException as err:  # surface our one-line config errors unwrapped
+                if isinstance(err.__cause__, ConfigError):
+                    raise err.__cause__ from None
+                raise
+    return out
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
@@ -68,7 +78,8 @@ def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
 
 
 def train(cfg: DictConfig) -> float:
-    """Run one training job described by ``cfg``; returns the final training loss."""
+    """Run one training job described by ``cfg``; returns the metric a sweeper minimises: the final
+    stable eval loss when the ``eval_loss`` callback is on, else the final training loss."""
     run = validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     callbacks = _instantiate_all(cfg.get("callbacks"))
@@ -76,7 +87,8 @@ def train(cfg: DictConfig) -> float:
         if isinstance(cb, ModelCard):
             cb.config_yaml = _resolved_yaml(cfg)
     prompts = [p for cb in callbacks if isinstance(cb, ValidationImages) for p in cb.prompt_texts()]
-    datamodule = FluxDataModule(run.dataset, run.model, prompts=prompts)
+    evals = [cb for cb in callbacks if isinstance(cb, EvalLoss)]
+    datamodule = FluxDataModule(run.dataset, run.model, prompts=prompts, **(evals[0].data_kwargs() if evals else {}))
     module = FluxLoRAModule(
         model=run.model,
         adapter=run.adapter,
@@ -89,20 +101,22 @@ def train(cfg: DictConfig) -> float:
     output_dir = cfg.paths.output_dir
     trainer.fit(module, datamodule, ckpt_path=resolve_checkpoint(cfg.get("resume_from_checkpoint"), output_dir))
     loss = module.recent_train_loss()
+    eval_loss = evals[0].last_loss if evals else None
     if trainer.is_global_zero:
-        _print_summary(trainer, output_dir, loss, datamodule.skipped)
+        _print_summary(trainer, output_dir, loss, datamodule.skipped, eval_loss)
         write_result(
             output_dir,
             {
                 "job": _job_name(),
                 "overrides": _task_overrides(),
-                "metric_name": "loss/train (last 50 steps)",
-                "metric": loss,
+                "metric_name": "loss/train (last 50 steps)" if eval_loss is None else "loss/val",
+                "metric": loss if eval_loss is None else eval_loss,
+                "train_loss": loss,
                 "steps": trainer.global_step,
                 "lora": next((cb.path for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None),
             },
         )
-    return loss
+    return loss if eval_loss is None else eval_loss
 
 
 def _resolved_yaml(cfg: DictConfig) -> str:
@@ -127,13 +141,16 @@ def _job_name() -> str:
     return str(job.get("num", job.name))
 
 
-def _print_summary(trainer: L.Trainer, output_dir: str, loss: float, skipped: int) -> None:
+def _print_summary(
+    trainer: L.Trainer, output_dir: str, loss: float, skipped: int, eval_loss: float | None = None
+) -> None:
     lora = next((cb.path for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None)
     validation = next((cb.dirpath for cb in trainer.callbacks if isinstance(cb, ValidationImages)), None)
     rows = [
         ("run dir", output_dir),
         ("steps", trainer.global_step),
         ("final train loss (last 50 steps)", f"{loss:.4f}"),
+        ("final eval loss", "off" if eval_loss is None else f"{eval_loss:.4f}"),
         ("LoRA", lora or "not exported"),
         ("validation images", validation or "off"),
         ("logs", trainer.log_dir or "off"),

@@ -1,5 +1,6 @@
 """End to end: the embedded default run, and `train()` driven by a composed config."""
 
+import csv
 import math
 import os
 import re
@@ -15,12 +16,16 @@ from safetensors import safe_open
 from flux_lightning.train import config_dir, train
 
 
-def _scalars(log_dir: Path, tag: str) -> list[float]:
+def _events(log_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(log_dir))
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
-    return [e.value for e in acc.Scalars(tag)]
+    return acc
+
+
+def _scalars(log_dir: Path, tag: str) -> list[float]:
+    return [e.value for e in _events(log_dir).Scalars(tag)]
 
 
 @pytest.mark.slow
@@ -40,8 +45,17 @@ def test_default_run_trains_the_tiny_demo_in_minutes(tmp_path):
     with safe_open(lora, "pt") as f:
         assert len(list(f.keys())) > 0
     validation = run_dir / "validation"
-    assert (validation / "step_0").is_dir() and (validation / "step_300").is_dir()
-    assert list((validation / "step_300").glob("*.png"))
+    for step in (0, 100, 200, 300):  # baseline, intermediate, final
+        assert (validation / f"step_{step}" / "validation_64x64.png").is_file(), step
+    events = _events(run_dir / "tensorboard")
+    assert [e.step for e in events.Images("validation/images")] == [0, 100, 200, 300]
+    for tag in ("clip/mean", "clip/min", "clip/max", "clip/std", "clip/prompt/validation", "loss/val"):
+        assert [e.step for e in events.Scalars(tag)] == [0, 100, 200, 300], tag
+    assert len([t for t in events.Tags()["scalars"] if t.startswith("loss/val/sigma/")]) == 8
+    eval_losses = [e.value for e in events.Scalars("loss/val")]
+    assert eval_losses[-1] < eval_losses[0]
+    final_eval = float(re.search(r"^final eval loss\s+(\S+)$", out, re.M).group(1))
+    assert abs(final_eval - eval_losses[-1]) < 1e-4
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     losses = _scalars(run_dir / "tensorboard", "loss/train")
     tenth = max(1, len(losses) // 10)
@@ -64,6 +78,9 @@ def test_train_returns_the_final_loss_and_caches_are_shared(tmp_path):
         cfg2 = compose("train", overrides=[o.replace("run1", "run2") for o in overrides])
     loss = train(cfg)
     assert math.isfinite(loss) and loss > 0
+    with open(tmp_path / "run1" / "csv" / "metrics.csv") as f:
+        eval_losses = [float(row["loss/val"]) for row in csv.DictReader(f) if row.get("loss/val")]
+    assert len(eval_losses) == 2 and loss == pytest.approx(eval_losses[-1]), "train() returns the final eval loss"
     steps = sorted(p.name for p in (tmp_path / "run1" / "validation").iterdir())
     assert steps == ["step_0", "step_2", "step_3"]
     entries = sorted((tmp_path / "cache").rglob("*.safetensors"))

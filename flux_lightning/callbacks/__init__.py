@@ -1,7 +1,9 @@
-"""Lightning callbacks: validation images, LoRA export and the model card."""
+"""Lightning callbacks: validation images (with previews), CLIP score, stable eval loss, LoRA export, model card."""
 
+from .clip_score import CLIPScoreCallback
+from .eval_loss import EvalLoss
 from .lora_export import LoRAExport
 from .model_card import ModelCard
 from .validation import ValidationImages
 
-__all__ = ["LoRAExport", "ModelCard", "ValidationImages"]
+__all__ = ["CLIPScoreCallback", "EvalLoss", "LoRAExport", "ModelCard", "ValidationImages"]

@@ -86,11 +86,11 @@ class ModelCard(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         images = []
         validation = next((cb for cb in trainer.callbacks if isinstance(cb, ValidationImages)), None)
-        if validation is not None and validation.last_files:
+        if validation is not None and validation.last_records:
             (self.dirpath / "images").mkdir(exist_ok=True)
-            for f in validation.last_files:
-                shutil.copy2(f, self.dirpath / "images" / f.name)
-                images.append(f"images/{f.name}")
+            for record in validation.last_records:
+                shutil.copy2(record.path, self.dirpath / "images" / record.path.name)
+                images.append(f"images/{record.path.name}")
         (self.dirpath / "README.md").write_text(render_card(self.facts(trainer, pl_module), images), encoding="utf-8")
         if self.config_yaml:
             (self.dirpath / "config.yaml").write_text(self.config_yaml, encoding="utf-8")

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
+from ..config import ConfigError
+from ..tiny import resolve_tiny_source
+from .isolation import isolated
+from .preview import PreviewWebhook
+
 log = logging.getLogger(__name__)
+
+_FIELD = "callbacks.validation"
 
 
 def parse_resolutions(value: str | int) -> list[tuple[int, int]]:
@@ -17,9 +28,16 @@ def parse_resolutions(value: str | int) -> list[tuple[int, int]]:
     out = []
     for part in str(value).split(","):
         w, _, h = part.strip().lower().partition("x")
-        width, height = int(w), int(h or w)
-        if width % 16 or height % 16:
-            raise ValueError(f"validation_resolution {part!r}: sides must be multiples of 16")
+        try:
+            width, height = int(w), int(h or w)
+        except ValueError:
+            raise ConfigError(
+                f"{_FIELD}.validation_resolution: {part.strip()!r} is not WIDTHxHEIGHT; write e.g. 1024x1024,1280x768"
+            ) from None
+        if width <= 0 or height <= 0 or width % 16 or height % 16:
+            raise ConfigError(
+                f"{_FIELD}.validation_resolution: {part.strip()!r} must have positive sides that are multiples of 16"
+            )
         out.append((width, height))
     return out
 
@@ -27,27 +45,79 @@ def parse_resolutions(value: str | int) -> list[tuple[int, int]]:
 def prompt_library(
     validation_prompt: str | None, user_prompt_library: str | None, instance_prompt: str | None
 ) -> dict[str, str]:
-    """Nickname -> prompt, from ``validation_prompt`` and a JSON library; ``<token>`` = instance prompt."""
-    prompts = {}
+    """Nickname -> prompt, from ``validation_prompt`` (nickname ``validation``) and a JSON library file
+    (``{"nickname": "prompt", ...}``); ``<token>`` is replaced by the instance prompt in both."""
+    prompts: dict[str, str] = {}
     if validation_prompt:
         prompts["validation"] = validation_prompt
     if user_prompt_library:
         path = Path(user_prompt_library).expanduser()
         try:
-            prompts.update(json.loads(path.read_text(encoding="utf-8")))
+            library = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise ValueError(f"validation.user_prompt_library: cannot read {path} ({err})") from None
+            raise ConfigError(f"{_FIELD}.user_prompt_library: cannot read {path} ({err})") from None
+        if not isinstance(library, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in library.items()
+        ):
+            raise ConfigError(
+                f"{_FIELD}.user_prompt_library: {path} must be a JSON object of nickname -> prompt strings"
+            )
+        prompts.update(library)
     token = instance_prompt or ""
     return {nick.replace("<token>", token): p.replace("<token>", token) for nick, p in prompts.items()}
 
 
+def safe_name(nickname: str) -> str:
+    """A nickname usable as a file name: anything but letters, digits, ``.``, ``_`` and ``-`` -> ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", nickname).strip("._") or "prompt"
+
+
+@dataclass
+class ValidationRecord:
+    """One rendered validation image."""
+
+    nickname: str
+    prompt: str
+    width: int
+    height: int
+    image: Any  # PIL.Image.Image
+    path: Path
+
+
 class ValidationImages(L.Callback):
-    """Generate images with ``diffusers.FluxPipeline`` before training, every n steps and at the end.
+    """Generate images with the flavour's diffusers pipeline (``FluxPipeline``, or
+    ``FluxKontextPipeline`` for kontext) before training, every n steps and at the end.
 
     The pipeline gets the training transformer (LoRA active, dropout off), a VAE decoder and
-    prompt embeddings read from the datamodule's text cache; no text encoder is loaded. RNG state
-    and train mode are restored afterwards, so validation never changes the training trajectory.
-    Files: ``<dirpath>/step_<N>/<nickname>_<W>x<H>.png``; a grid per step goes to TensorBoard.
+    prompt embeddings read from the datamodule's text cache; no text encoder is loaded. Each image
+    starts from the same seeded noise, so steps are comparable. RNG state and train mode are
+    restored afterwards, so validation never changes the training trajectory.
+
+    Files: ``<dirpath>/step_<N>/<nickname>_<W>x<H>.png``. A grid (a row per prompt, a column per
+    resolution) goes to TensorBoard (``validation/images``) and to any logger with ``log_image``
+    (W&B). Callbacks that define ``on_validation_images(trainer, pl_module, step, records)`` (the
+    CLIP score) receive the images of each round.
+
+    Args:
+        dirpath: output folder, usually ``<run dir>/validation``.
+        validation_prompt: one prompt (nickname ``validation``).
+        user_prompt_library: JSON file of nickname -> prompt; ``<token>`` = ``instance_prompt``.
+        instance_prompt: the dataset's instance prompt.
+        every_n_steps: render every n optimizer steps (0 = only baseline and final).
+        validation_resolution: ``WxH`` list, e.g. ``1024x1024,1280x768`` (or one side).
+        validation_num_inference_steps: sampler steps; null = the flavour's (schnell 4, tiny 8, 20).
+        validation_guidance: embedded guidance; null = the flavour's.
+        validation_guidance_real: > 1 = true CFG against ``validation_negative_prompt``; null = the
+            flavour's (fluxbooru/libreflux 4.0).
+        validation_negative_prompt: negative prompt of true CFG (default empty).
+        validation_seed: seed of the starting noise of every image.
+        before_training: render a baseline at step 0.
+        validation_reference_image: conditioning image for pipelines that take one (kontext).
+        validation_preview: POST intermediate previews to ``webhook_url`` while sampling.
+        validation_preview_steps: preview every k sampler steps.
+        webhook_url: where previews go.
+        preview_autoencoder: ``AutoencoderTiny`` source; null = the flavour's (``madebyollin/taef1``).
+        webhook_max_attempts / webhook_timeout / webhook_backoff: retry policy of the webhook.
     """
 
     def __init__(
@@ -64,19 +134,58 @@ class ValidationImages(L.Callback):
         validation_negative_prompt: str = "",
         validation_seed: int = 0,
         before_training: bool = True,
+        validation_reference_image: str | None = None,
+        validation_preview: bool = False,
+        validation_preview_steps: int = 1,
+        webhook_url: str | None = None,
+        preview_autoencoder: str | None = None,
+        webhook_max_attempts: int = 3,
+        webhook_timeout: float = 5.0,
+        webhook_backoff: float = 0.5,
     ):
+        problems = []
+        if every_n_steps < 0:
+            problems.append(f"{_FIELD}.every_n_steps={every_n_steps} must be >= 0 (0 = baseline and final only)")
+        if validation_num_inference_steps is not None and validation_num_inference_steps < 1:
+            problems.append(f"{_FIELD}.validation_num_inference_steps must be >= 1 or null (the flavour's)")
+        if validation_preview:
+            if not webhook_url or not str(webhook_url).startswith(("http://", "https://")):
+                problems.append(
+                    f"{_FIELD}.validation_preview=true needs {_FIELD}.webhook_url=<http(s) URL> (got {webhook_url!r})"
+                )
+            if validation_preview_steps < 1:
+                problems.append(f"{_FIELD}.validation_preview_steps={validation_preview_steps} must be >= 1")
+            if webhook_max_attempts < 1:
+                problems.append(f"{_FIELD}.webhook_max_attempts={webhook_max_attempts} must be >= 1")
+        if validation_reference_image and not Path(validation_reference_image).expanduser().is_file():
+            problems.append(f"{_FIELD}.validation_reference_image: {validation_reference_image} is not a file")
+        if problems:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
         self.dirpath = Path(dirpath)
         self.prompts = prompt_library(validation_prompt, user_prompt_library, instance_prompt)
         self.every_n_steps = every_n_steps
         self.resolutions = parse_resolutions(validation_resolution)
         self.steps, self.guidance = validation_num_inference_steps, validation_guidance
         self.guidance_real = validation_guidance_real
-        self.negative_prompt = validation_negative_prompt
+        self.negative_prompt = validation_negative_prompt or ""
         self.seed, self.before_training = validation_seed, before_training
         self.instance_prompt = instance_prompt
+        self.reference_image = validation_reference_image
+        self.preview = (
+            PreviewWebhook(
+                webhook_url,
+                validation_preview_steps,
+                preview_autoencoder or "",  # resolved against the flavour in _pipeline()
+                webhook_max_attempts,
+                webhook_timeout,
+                webhook_backoff,
+            )
+            if validation_preview
+            else None
+        )
         self._vae = self._scheduler = None
         self._last_step = -1
-        self.last_files: list[Path] = []
+        self.last_records: list[ValidationRecord] = []
 
     def prompt_texts(self) -> list[str]:
         """Every text this callback needs embedded (so the datamodule caches them)."""
@@ -88,24 +197,41 @@ class ValidationImages(L.Callback):
             self.generate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
             self.generate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.generate(trainer, pl_module)
 
+    # -- settings ------------------------------------------------------------------------------
+    def sampling(self, spec) -> dict[str, float | int]:
+        """Sampler settings for flavour ``spec``: explicit settings win over the flavour's defaults."""
+        return {
+            "num_inference_steps": self.steps or spec.validation_steps,
+            "guidance_scale": spec.validation_guidance if self.guidance is None else self.guidance,
+            "true_cfg_scale": spec.validation_guidance_real if self.guidance_real is None else self.guidance_real,
+        }
+
     # -- generation ----------------------------------------------------------------------------
     def _pipeline(self, pl_module):
-        from diffusers import FluxPipeline
+        import diffusers
 
         from ..components import load_scheduler, load_vae
 
+        model_cfg = pl_module.model_cfg
         if self._vae is None:
-            vae = load_vae(pl_module.model_cfg)
-            vae.encoder = None  # decoding only
-            self._vae, self._scheduler = vae, load_scheduler(pl_module.model_cfg)
+            vae = load_vae(model_cfg)
+            if not self.reference_image:
+                vae.encoder = None  # decoding only (a reference image needs the encoder)
+            self._vae, self._scheduler = vae, load_scheduler(model_cfg)
         self._vae.to(pl_module.device)
-        pipe = FluxPipeline(
+        if self.preview is not None:
+            source = self.preview.autoencoder_source or model_cfg.spec.preview_autoencoder
+            self.preview.autoencoder_source = resolve_tiny_source(source, model_cfg.cache_dir)
+            self.preview.load(pl_module.device)
+        pipeline_class = getattr(diffusers, model_cfg.spec.validation_pipeline)
+        pipe = pipeline_class(
             scheduler=self._scheduler,
             vae=self._vae,
             text_encoder=None,
@@ -117,75 +243,100 @@ class ValidationImages(L.Callback):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    @torch.no_grad()
-    def generate(self, trainer, pl_module) -> list[Path]:
-        """Render every prompt at every resolution for the current step; returns the files."""
+    def _extra_kwargs(self, pipe, width: int, height: int) -> dict:
+        """Keyword arguments that only some pipelines take (the kontext pipeline's image, area)."""
+        params = inspect.signature(pipe.__call__).parameters
+        kwargs = {}
+        if "max_area" in params:  # keep the requested size instead of the pipeline's 1024^2 area
+            kwargs["max_area"] = width * height
+        if self.reference_image:
+            if "image" in params:
+                from PIL import Image
+
+                kwargs["image"] = Image.open(Path(self.reference_image).expanduser()).convert("RGB").resize((width, height))
+                if "_auto_resize" in params:
+                    kwargs["_auto_resize"] = False
+            else:
+                log.warning("%s.validation_reference_image is ignored: %s takes no image", _FIELD, type(pipe).__name__)
+        return kwargs
+
+    def generate(self, trainer, pl_module) -> list[ValidationRecord]:
+        """Render every prompt at every resolution for the current step; returns the records."""
         step = trainer.global_step
         if not self.prompts or step == self._last_step or not trainer.is_global_zero:
             return []
         self._last_step = step
-        spec = pl_module.model_cfg.spec
-        steps = self.steps or spec.validation_steps
-        guidance = spec.validation_guidance if self.guidance is None else self.guidance
-        real = spec.validation_guidance_real if self.guidance_real is None else self.guidance_real
-        embed = trainer.datamodule.prompt_embedding
-        negative = embed(self.negative_prompt)
+        with isolated(pl_module.transformer):
+            records = self._render(trainer.datamodule, pl_module, step)
+        self.last_records = records
+        self._log_grid(trainer, records, step)
+        for callback in trainer.callbacks:
+            hook = getattr(callback, "on_validation_images", None)
+            if callable(hook):
+                hook(trainer, pl_module, step, records)
+        return records
+
+    def _render(self, datamodule, pl_module, step: int) -> list[ValidationRecord]:
+        settings = self.sampling(pl_module.model_cfg.spec)
+        embed = datamodule.prompt_embedding
         pipe = self._pipeline(pl_module)
-        transformer = pl_module.transformer
-        was_training = transformer.training
-        device, dtype = pl_module.device, next(transformer.parameters()).dtype
+        device, dtype = pl_module.device, next(pl_module.transformer.parameters()).dtype
+
+        def tensors(text: str, prefix: str = "") -> dict[str, torch.Tensor]:
+            e = embed(text)
+            return {
+                f"{prefix}prompt_embeds": e["prompt_embeds"][None].to(device, dtype),
+                f"{prefix}pooled_prompt_embeds": e["pooled_prompt_embeds"][None].to(device, dtype),
+            }
+
+        cfg_kwargs = {}
+        if settings["true_cfg_scale"] > 1:
+            cfg_kwargs = {"true_cfg_scale": settings["true_cfg_scale"], **tensors(self.negative_prompt, "negative_")}
         out_dir = self.dirpath / f"step_{step}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        files, images = [], []
-        transformer.eval()
-        try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                for nick, prompt in self.prompts.items():
-                    text = embed(prompt)
-                    for width, height in self.resolutions:
-                        kwargs = {}
-                        if real > 1:
-                            kwargs = dict(
-                                true_cfg_scale=real,
-                                negative_prompt_embeds=negative["prompt_embeds"][None].to(device, dtype),
-                                negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"][None].to(device, dtype),
-                            )
-                        image = pipe(
-                            prompt_embeds=text["prompt_embeds"][None].to(device, dtype),
-                            pooled_prompt_embeds=text["pooled_prompt_embeds"][None].to(device, dtype),
-                            height=height,
-                            width=width,
-                            num_inference_steps=steps,
-                            guidance_scale=guidance,
-                            generator=torch.Generator(device="cpu").manual_seed(self.seed),
-                            **kwargs,
-                        ).images[0]
-                        path = out_dir / f"{nick}_{width}x{height}.png"
-                        image.save(path)
-                        files.append(path)
-                        images.append(image)
-        finally:
-            transformer.train(was_training)
-        self._log_grid(trainer, images, step)
-        self.last_files = files
-        return files
+        if self.preview is not None:
+            self.preview.begin_round()
+        records = []
+        for nick, prompt in self.prompts.items():
+            text = tensors(prompt)
+            for width, height in self.resolutions:
+                kwargs = {**text, **cfg_kwargs, **self._extra_kwargs(pipe, width, height)}
+                if self.preview is not None:
+                    kwargs["callback_on_step_end"] = self.preview.step_callback(
+                        step=step,
+                        nickname=nick,
+                        width=width,
+                        height=height,
+                        num_inference_steps=settings["num_inference_steps"],
+                        vae_config=self._vae.config,
+                    )
+                image = pipe(
+                    height=height,
+                    width=width,
+                    num_inference_steps=settings["num_inference_steps"],
+                    guidance_scale=settings["guidance_scale"],
+                    generator=torch.Generator(device="cpu").manual_seed(self.seed),
+                    **kwargs,
+                ).images[0]
+                path = out_dir / f"{safe_name(nick)}_{width}x{height}.png"
+                image.save(path)
+                records.append(ValidationRecord(nick, prompt, width, height, image, path))
+        return records
 
-    def _log_grid(self, trainer, images, step: int) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        if not images:
+    def _log_grid(self, trainer, records: list[ValidationRecord], step: int) -> None:
+        if not records:
             return
         import numpy as np
+        from lightning.pytorch.loggers import TensorBoardLogger
         from torchvision.utils import make_grid
 
-        tensors = [
-            torch.from_numpy(np.array(im.resize(images[0].size))).permute(2, 0, 1) for im in images
-        ]
-        grid = make_grid(torch.stack(tensors), nrow=min(4, len(tensors)))
-        from lightning.pytorch.loggers import WandbLogger
-
+        size = records[0].image.size
+        tensors = [torch.from_numpy(np.array(r.image.convert("RGB").resize(size))).permute(2, 0, 1) for r in records]
+        grid = make_grid(torch.stack(tensors), nrow=len(self.resolutions), padding=2)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("validation/images", grid, step)
-            elif isinstance(logger, WandbLogger):
-                logger.log_image("validation/images", [grid.permute(1, 2, 0).numpy()], step=step)
+                logger.experiment.flush()
+            elif callable(getattr(logger, "log_image", None)):  # W&B and friends
+                captions = [f"{r.nickname} {r.width}x{r.height}" for r in records]
+                logger.log_image(key="validation/images", images=[r.image for r in records], step=step, caption=captions)

@@ -6,7 +6,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +22,7 @@ from .config import DatasetConfig, ImageBackendConfig
 from .demo import make_demo_dataset
 from .discovery import DataError, discover, find_images
 from .encoding import encode_images, encode_prompts
+from .holdout import EvalDataset, select_holdout
 from .sampler import BucketBatchSampler, Group
 from .transforms import load_mask, load_rgb, to_pixels, upright_size
 
@@ -99,9 +100,22 @@ class FluxDataModule(L.LightningDataModule):
     prompts) are encoded into the text cache too, so text encoders are never needed afterwards.
     The sampler's position is saved in checkpoints (:meth:`state_dict`), so a resume continues
     mid-epoch with the very next batch.
+
+    Eval split (for :class:`~flux_lightning.callbacks.EvalLoss`): ``eval_fraction`` holds out a
+    deterministic fraction of the training images (chosen by a hash of the cache key, never
+    trained on, labelled by their backend id); ``eval_data_dir`` adds separate folders (label
+    ``eval``), captioned and sized like the first backend. :meth:`eval_dataloader` serves them in a
+    fixed order, one bucket per batch.
     """
 
-    def __init__(self, dataset: DatasetConfig, model: ModelConfig, prompts: Sequence[str] = ()):
+    def __init__(
+        self,
+        dataset: DatasetConfig,
+        model: ModelConfig,
+        prompts: Sequence[str] = (),
+        eval_fraction: float = 0.0,
+        eval_data_dir: str | Sequence[str] | None = None,
+    ):
         super().__init__()
         dataset = resolve_dataset(dataset)
         problems = dataset.problems()
@@ -120,6 +134,19 @@ class FluxDataModule(L.LightningDataModule):
         self.train_dataset: CachedLatentDataset | None = None
         self._sampler: BucketBatchSampler | None = None
         self._resume_state: dict | None = None
+        if not 0.0 <= eval_fraction < 1.0:
+            raise DataError(f"callbacks.eval_loss.eval_fraction={eval_fraction} must be within [0, 1)")
+        self.eval_fraction = eval_fraction
+        dirs = [eval_data_dir] if isinstance(eval_data_dir, str) else list(eval_data_dir or [])
+        self.eval_backend = (
+            replace(self.backends[0], id="eval", instance_data_dir=[str(d) for d in dirs], repeats=0, conditioning_data=None)
+            if dirs
+            else None
+        )
+        if self.eval_backend is not None:
+            self.latent_caches["eval"] = self.latent_caches[self.backends[0].id]
+        self._eval_samples: list[Sample] | None = None
+        self.eval_dataset: EvalDataset | None = None
 
     # -- keys ---------------------------------------------------------------------------------
     def _folders(self, backend: ImageBackendConfig) -> list[str]:
@@ -204,9 +231,23 @@ class FluxDataModule(L.LightningDataModule):
             self._samples, self.skipped = samples, skipped
         return self._samples
 
+    def eval_folder_samples(self) -> list[Sample]:
+        """Images of ``eval_data_dir`` (computed once per process)."""
+        if self._eval_samples is None:
+            if self.eval_backend is None:
+                self._eval_samples = []
+            else:
+                for d in self.eval_backend.folders():
+                    if not Path(d).expanduser().is_dir():
+                        raise DataError(
+                            f"callbacks.eval_loss.eval_data_dir: folder '{d}' does not exist; point it at a folder of images"
+                        )
+                self._eval_samples, _ = self._resolve(self.eval_backend)
+        return self._eval_samples
+
     # -- caching ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        samples = self.samples()
+        samples = self.samples() + self.eval_folder_samples()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         never_encode = {b.id for b in self.backends if "vae" in str(b.skip_file_discovery).split()}
         todo = [
@@ -280,6 +321,11 @@ class FluxDataModule(L.LightningDataModule):
         if skipped:
             log.warning("%d image(s) skipped; training on %d", skipped, len(ready))
         self.skipped = skipped
+        held = select_holdout([s.latent_key for s in ready], self.eval_fraction)
+        if held:
+            ready = [s for s in ready if s.latent_key not in held]
+            log.info("eval split: %d image(s) held out of training", len(held))
+        self._setup_eval(held)
         default_p = self.cfg.caption_dropout_probability
         self.train_dataset = CachedLatentDataset(
             ready,
@@ -293,6 +339,22 @@ class FluxDataModule(L.LightningDataModule):
             regularisation={b.id for b in self.backends if b.is_regularisation_data},
             seed=self.cfg.seed,
         )
+
+    def _setup_eval(self, held: set[str]) -> None:
+        chosen = list({s.latent_key: s for s in self.samples() if s.latent_key in held}.values())
+        chosen += [s for s in self.eval_folder_samples() if s.latent_key in self.latent_caches[s.backend]]
+        self.eval_dataset = EvalDataset(chosen, self.latent_caches, self.text_cache) if chosen else None
+
+    def eval_dataloader(self, batch_size: int | None = None) -> DataLoader | None:
+        """The eval split in a fixed order, one backend and bucket per batch (None when empty)."""
+        if self.eval_dataset is None:
+            return None
+        bs = batch_size or self.cfg.batch_size
+        groups: dict[tuple[str, tuple[int, int]], list[int]] = defaultdict(list)
+        for i, s in enumerate(self.eval_dataset.samples):
+            groups[(s.backend, s.placement.bucket)].append(i)
+        batches = [idx[j : j + bs] for _, idx in sorted(groups.items()) for j in range(0, len(idx), bs)]
+        return DataLoader(self.eval_dataset, batch_sampler=batches, num_workers=0)
 
     def groups(self, world_size: int = 1) -> list[Group]:
         """One group per (backend, bucket), indices repeated ``repeats + 1`` times; checks sizes."""

@@ -1,0 +1,185 @@
+"""Stable eval loss: the flow-matching loss on a held-out split with fixed noise and a fixed sigma grid.
+
+For every eval image ``x0`` and every grid point ``u_k = (k + 1/2) / K`` (k = 0..K-1, default K = 8),
+``sigma_k = shift(u_k)`` with the training shift (static, or auto for the image's token count),
+``noise ~ N(0, I)`` drawn once per image from a generator seeded with ``seed``, and
+``L_k = mean((v(x_t, sigma_k) - (noise - x0))^2)``. Logged: ``loss/val`` (mean over images and
+sigmas), ``loss/val/sigma/<u_k>`` and ``loss/val/backend/<name>`` (the backend id of held-out images, ``eval`` for eval_data_dir). The
+adapter runs in eval mode (no dropout), captions are never dropped, masks are off, and every RNG
+stream of training is restored, so the same weights give the same number and training is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+
+from ..config import ConfigError
+from ..flow import flow_loss, flow_target, noisy_latents, shift_like_training
+from .isolation import isolated
+
+log = logging.getLogger(__name__)
+
+_FIELD = "callbacks.eval_loss"
+
+
+def sigma_grid(num_sigmas: int) -> torch.Tensor:
+    """``(K,)`` unshifted grid points ``(k + 1/2) / K``: K equal-width buckets of (0, 1), midpoints."""
+    return (torch.arange(num_sigmas, dtype=torch.float64) + 0.5) / num_sigmas
+
+
+@dataclass
+class EvalResult:
+    """Mean loss overall, per grid point (keyed by the unshifted point) and per backend."""
+
+    loss: float
+    per_sigma: dict[float, float] = field(default_factory=dict)
+    per_backend: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        out = {"loss/val": self.loss}
+        out.update({f"loss/val/sigma/{u:.3f}": v for u, v in self.per_sigma.items()})
+        out.update({f"loss/val/backend/{b}": v for b, v in self.per_backend.items()})
+        return out
+
+
+@torch.no_grad()
+def stable_eval_loss(module, loader, *, num_sigmas: int = 8, seed: int = 0) -> EvalResult:
+    """Evaluate ``module`` (a :class:`~flux_lightning.FluxLoRAModule`) on ``loader`` (fixed order).
+
+    The caller is responsible for eval mode and RNG isolation (see :class:`EvalLoss`); this
+    function draws only from its own generator.
+    """
+    device = module.device
+    grid = sigma_grid(num_sigmas)
+    generator = torch.Generator().manual_seed(seed)
+    bucket_sum = torch.zeros(num_sigmas, dtype=torch.float64)
+    backend_sum: dict[str, float] = {}
+    backend_count: dict[str, int] = {}
+    images = 0
+    for batch in loader:
+        x0 = batch["latents"].float()
+        b, _, h, w = x0.shape
+        noise = torch.randn(x0.shape, generator=generator)
+        x0, noise = x0.to(device), noise.to(device)
+        sigmas = shift_like_training(grid.float(), module.timesteps, seq_len=(h // 2) * (w // 2))
+        backends = batch.get("backend") or ["default"] * b
+        per_image = torch.zeros(b, dtype=torch.float64)
+        for k, sigma in enumerate(sigmas.tolist()):
+            s = torch.full((b,), sigma, device=device)
+            pred = module(
+                noisy_latents(x0, noise, s),
+                s,
+                batch["prompt_embeds"].to(device),
+                batch["pooled_prompt_embeds"].to(device),
+            )
+            losses = flow_loss(pred, flow_target(x0, noise)).double().cpu()  # (B,)
+            bucket_sum[k] += losses.sum()
+            per_image += losses
+        for name, value in zip(backends, (per_image / num_sigmas).tolist()):
+            backend_sum[name] = backend_sum.get(name, 0.0) + value
+            backend_count[name] = backend_count.get(name, 0) + 1
+        images += b
+    if images == 0:
+        raise ValueError("the eval loader is empty")
+    per_sigma = {round(u, 6): (bucket_sum[k] / images).item() for k, u in enumerate(grid.tolist())}
+    return EvalResult(
+        loss=(bucket_sum.sum() / (images * num_sigmas)).item(),
+        per_sigma=per_sigma,
+        per_backend={n: backend_sum[n] / backend_count[n] for n in sorted(backend_sum)},
+        images=images,
+    )
+
+
+class EvalLoss(L.Callback):
+    """Log the stable eval loss before training, every n steps and at the end.
+
+    The eval split comes from the datamodule (``FluxDataModule(eval_fraction=..., eval_data_dir=...)``;
+    ``train.py`` passes :meth:`data_kwargs` to it). :attr:`last_loss` is the most recent value (what
+    ``train()`` returns for sweepers).
+
+    Args:
+        every_n_steps: evaluate every n optimizer steps (0 = baseline and final only).
+        eval_fraction: fraction of the training images held out (deterministic, never trained on).
+        eval_data_dir: a folder (or list) of separate eval images, captioned like the training data.
+        num_sigmas: points of the sigma grid.
+        seed: seed of the fixed noise.
+        batch_size: eval batch size; null = the training batch size.
+        before_training: evaluate at step 0 as a baseline.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        eval_fraction: float = 0.1,
+        eval_data_dir=None,
+        num_sigmas: int = 8,
+        seed: int = 0,
+        batch_size: int | None = None,
+        before_training: bool = True,
+    ):
+        problems = []
+        if every_n_steps < 0:
+            problems.append(f"{_FIELD}.every_n_steps={every_n_steps} must be >= 0 (0 = baseline and final only)")
+        if not 0.0 <= eval_fraction < 1.0:
+            problems.append(f"{_FIELD}.eval_fraction={eval_fraction} must be within [0, 1)")
+        if eval_fraction == 0 and not eval_data_dir:
+            problems.append(f"{_FIELD} needs eval_fraction > 0 or eval_data_dir=<folder> (or set {_FIELD}=null)")
+        if num_sigmas < 1:
+            problems.append(f"{_FIELD}.num_sigmas={num_sigmas} must be >= 1")
+        if batch_size is not None and batch_size < 1:
+            problems.append(f"{_FIELD}.batch_size={batch_size} must be >= 1 or null")
+        if problems:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        self.every_n_steps, self.eval_fraction = every_n_steps, eval_fraction
+        self.eval_data_dir = eval_data_dir
+        self.num_sigmas, self.seed, self.batch_size = num_sigmas, seed, batch_size
+        self.before_training = before_training
+        self.last_loss: float | None = None
+        self.history: dict[int, EvalResult] = {}
+        self._last_step = -1
+
+    def data_kwargs(self) -> dict:
+        """Keyword arguments for :class:`~flux_lightning.FluxDataModule` that create the eval split."""
+        dirs = self.eval_data_dir
+        if dirs is not None and not isinstance(dirs, str):
+            dirs = [str(d) for d in dirs]
+        return {"eval_fraction": self.eval_fraction, "eval_data_dir": dirs}
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.before_training and trainer.global_step == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer, pl_module) -> EvalResult | None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return self.history.get(step)
+        loader = trainer.datamodule.eval_dataloader(self.batch_size) if trainer.datamodule else None
+        if loader is None:
+            log.warning("%s: the datamodule has no eval split; nothing to evaluate", _FIELD)
+            return None
+        self._last_step = step
+        with isolated(pl_module.transformer):
+            result = stable_eval_loss(pl_module, loader, num_sigmas=self.num_sigmas, seed=self.seed)
+        self.history[step] = result
+        self.last_loss = result.loss
+        metrics = result.metrics()
+        trainer.callback_metrics["loss/val"] = torch.tensor(result.loss)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            logger.save()
+        log.info("step %d: eval loss %.6f over %d image(s)", step, result.loss, result.images)
+        return result

@@ -1,0 +1,51 @@
+"""The held-out eval split: a deterministic fraction of the training images, and the eval dataset."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .cache import TensorCache
+from .discovery import DataError
+
+
+def holdout_count(n: int, fraction: float) -> int:
+    """``round(fraction * n)``, at least 1 when ``fraction > 0``, and leaving at least one image to train."""
+    if fraction <= 0:
+        return 0
+    if n < 2:
+        raise DataError(
+            f"callbacks.eval_loss.eval_fraction={fraction} needs at least 2 images to hold one out (found {n}); "
+            "add images, use callbacks.eval_loss.eval_data_dir, or set eval_fraction=0"
+        )
+    return min(n - 1, max(1, round(fraction * n)))
+
+
+def select_holdout(keys: Sequence[str], fraction: float) -> set[str]:
+    """The cache keys held out for evaluation: the first ``holdout_count`` keys ordered by
+    ``sha256("holdout:" + key)``. Depends only on the keys (image content and settings), not on
+    file order, seed or the machine; keys that appear twice are held out together."""
+    unique = sorted(set(keys), key=lambda k: hashlib.sha256(f"holdout:{k}".encode()).hexdigest())
+    return set(unique[: holdout_count(len(unique), fraction)])
+
+
+class EvalDataset(Dataset):
+    """Items ``{latents, prompt_embeds, pooled_prompt_embeds, attention_mask, backend}`` with the
+    real captions (no caption dropout); ``samples`` are the datamodule's resolved samples."""
+
+    def __init__(self, samples: Sequence, latent_caches: dict[str, TensorCache], texts: TensorCache):
+        self.samples = list(samples)
+        self.latent_caches, self.texts = latent_caches, texts
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        s = self.samples[index]
+        item: dict[str, torch.Tensor | str] = dict(self.latent_caches[s.backend].load(s.latent_key))
+        item.update(self.texts.load(s.text_key))
+        item["backend"] = s.backend
+        return item

@@ -1,0 +1,140 @@
+"""Stable eval loss: the held-out split, the sigma grid, reproducibility and isolation from training."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flux_lightning import AdapterConfig, FluxLoRAModule
+from flux_lightning.callbacks import EvalLoss
+from flux_lightning.callbacks.eval_loss import sigma_grid, stable_eval_loss
+from flux_lightning.config import ConfigError
+from flux_lightning.data.discovery import DataError
+from flux_lightning.data.holdout import holdout_count, select_holdout
+from flux_lightning.flow import TimestepConfig, auto_shift, shift_sigmas, shift_like_training
+
+
+
+def test_holdout_is_deterministic_sized_and_order_free():
+    keys = [f"{i:064x}" for i in range(20)]
+    held = select_holdout(keys, 0.1)
+    assert len(held) == 2 and held == select_holdout(list(reversed(keys)), 0.1)
+    assert select_holdout(keys, 0.0) == set()
+    assert holdout_count(3, 0.01) == 1 and holdout_count(3, 0.9) == 2
+    with pytest.raises(DataError, match="eval_fraction=0.5 needs at least 2 images"):
+        holdout_count(1, 0.5)
+
+
+def test_eval_split_is_never_trained_on(tiny_model_cfg, cache_root):
+    dm = make_datamodule(tiny_model_cfg, cache_root, eval_fraction=0.25)
+    dm.prepare_data()
+    dm.setup("fit")
+    train = {s.latent_key for s in dm.train_dataset.samples}
+    held = [s.latent_key for s in dm.eval_dataset.samples]
+    assert len(held) == 4 and len(train) == 12 and not train & set(held)
+    again = make_datamodule(tiny_model_cfg, cache_root, eval_fraction=0.25)
+    again.setup("fit")
+    assert [s.latent_key for s in again.eval_dataset.samples] == held
+    batch = next(iter(dm.eval_dataloader()))
+    assert batch["latents"].shape == (2, 16, 8, 8) and batch["backend"] == ["demo", "demo"]
+
+
+def make_datamodule(model_cfg, cache_root, eval_fraction=0.0, eval_data_dir=None):
+    from flux_lightning import DatasetConfig, FluxDataModule
+
+    cfg = DatasetConfig(resolution=64, batch_size=2, cache_dir=str(cache_root), caption_dropout_probability=0.5)
+    return FluxDataModule(cfg, model_cfg, eval_fraction=eval_fraction, eval_data_dir=eval_data_dir)
+
+
+def test_sigma_grid_is_spread_over_the_unit_interval_and_shifted_like_training():
+    grid = sigma_grid(8)
+    assert torch.allclose(grid, torch.tensor([1, 3, 5, 7, 9, 11, 13, 15], dtype=torch.float64) / 16)
+    g = grid.float()
+    assert torch.equal(shift_like_training(g, TimestepConfig(), 256), g)
+    assert torch.allclose(shift_like_training(g, TimestepConfig(flow_schedule_shift=3.0), 256), shift_sigmas(g, 3.0))
+    auto = TimestepConfig(flow_schedule_auto_shift=True)
+    assert torch.allclose(shift_like_training(g, auto, 1024), shift_sigmas(g, auto_shift(1024)))
+    assert torch.equal(shift_like_training(g, TimestepConfig(weighting="schnell_fast"), 1024), g)
+
+
+@pytest.fixture(scope="module")
+def eval_data(tiny_model_cfg, cache_root):
+    dm = make_datamodule(tiny_model_cfg, cache_root, eval_fraction=0.25)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _module(model_cfg, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    m = FluxLoRAModule(model_cfg, AdapterConfig(rank=4, dropout=dropout, init="gaussian"))
+    m.configure_model()
+    with torch.no_grad():  # a non-zero B so the adapter matters
+        for name, p in m.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return m.train()
+
+
+def _trainer(datamodule, logged):
+    logger = SimpleNamespace(log_metrics=lambda m, step: logged.append((step, m)), save=lambda: None)
+    return SimpleNamespace(global_step=0, datamodule=datamodule, loggers=[logger], callback_metrics={})
+
+
+def test_same_weights_same_number_and_training_untouched(tiny_model_cfg, eval_data):
+    module = _module(tiny_model_cfg, dropout=0.5)
+    logged = []
+    trainer = _trainer(eval_data, logged)
+    cb = EvalLoss(num_sigmas=4, seed=3)
+    torch.manual_seed(11), random.seed(11)
+    states = torch.get_rng_state(), random.getstate()
+    first = cb.evaluate(trainer, module)
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert module.transformer.training  # back in train mode
+    assert trainer.callback_metrics["loss/val"].item() == pytest.approx(first.loss)
+    trainer.global_step = 1
+    second = cb.evaluate(trainer, module)
+    assert abs(first.loss - second.loss) < 1e-6 and first.per_sigma == second.per_sigma
+    # dropout is off: the same weights without dropout give the same number
+    plain = _module(tiny_model_cfg, dropout=0.0)
+    plain.load_state_dict(module.state_dict())
+    assert abs(cb.evaluate(SimpleNamespace(**{**vars(trainer), "global_step": 2}), plain).loss - first.loss) < 1e-6
+    # other weights give another number
+    assert abs(cb.evaluate(SimpleNamespace(**{**vars(trainer), "global_step": 3}), _module(tiny_model_cfg, seed=1)).loss - first.loss) > 1e-4
+    step, metrics = logged[0]
+    assert step == 0 and metrics["loss/val"] == first.loss and metrics["loss/val/backend/demo"] == pytest.approx(first.loss)
+    assert sorted(k for k in metrics if "/sigma/" in k) == [f"loss/val/sigma/{u:.3f}" for u in (0.125, 0.375, 0.625, 0.875)]
+
+
+def test_value_is_the_flow_matching_loss_on_the_grid(tiny_model_cfg, eval_data):
+    module = _module(tiny_model_cfg).eval()
+    timesteps = TimestepConfig(flow_schedule_shift=3.0)
+    module.timesteps = timesteps
+    loader = eval_data.eval_dataloader(batch_size=4)
+    result = stable_eval_loss(module, loader, num_sigmas=2, seed=5)
+    batch = next(iter(eval_data.eval_dataloader(batch_size=4)))
+    x0 = batch["latents"]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    losses = []
+    with torch.no_grad():
+        for u in (0.25, 0.75):
+            s = 3 * u / (1 + 2 * u)
+            sig = torch.full((x0.shape[0],), s)
+            pred = module(
+                (1 - s) * x0 + s * noise, sig, batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+            )
+            losses.append(((pred - (noise - x0)) ** 2).mean().item())
+    assert result.per_sigma[0.25] == pytest.approx(losses[0], rel=1e-5)
+    assert result.per_sigma[0.75] == pytest.approx(losses[1], rel=1e-5)
+    assert result.loss == pytest.approx(sum(losses) / 2, rel=1e-5)
+
+
+def test_settings_are_checked_early():
+    with pytest.raises(ConfigError, match="needs eval_fraction > 0 or eval_data_dir"):
+        EvalLoss(eval_fraction=0.0)
+    with pytest.raises(ConfigError, match="eval_fraction=1.5 must be within"):
+        EvalLoss(eval_fraction=1.5)
+    assert EvalLoss(eval_data_dir=["a", "b"]).data_kwargs() == {"eval_fraction": 0.1, "eval_data_dir": ["a", "b"]}
