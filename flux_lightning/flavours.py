@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .tiny import TINY_SIZES
+
 
 @dataclass(frozen=True)
 class FlavourSpec:
@@ -24,6 +26,8 @@ class FlavourSpec:
         attention_masked: pass the T5 padding mask to attention (libreflux).
         fast_schedule: sigma schedule is schnell's fast one.
         gated: the hub repo needs an accepted license and a token.
+        num_blocks: double-stream plus single-stream transformer blocks (FLUX.1: 19 + 38); lets
+            ``tread_config`` block indices be checked before any weights load.
     """
 
     name: str
@@ -37,6 +41,7 @@ class FlavourSpec:
     attention_masked: bool = False
     fast_schedule: bool = False
     gated: bool = True
+    num_blocks: int = 19 + 38
 
 
 FLAVOURS: dict[str, FlavourSpec] = {
@@ -79,6 +84,7 @@ FLAVOURS: dict[str, FlavourSpec] = {
             validation_steps=8,
             validation_guidance=3.5,
             gated=False,
+            num_blocks=TINY_SIZES["num_layers"] + TINY_SIZES["num_single_layers"],
         ),
     )
 }

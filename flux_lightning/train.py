@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import LoRAExport, ValidationImages
+from .callbacks import LoRAExport, LossProgressBar, ValidationImages
 from .components import ModelSourceError
 from .config import ConfigError, validate
 from .data import DataError, FluxDataModule
@@ -47,6 +47,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if kwargs.get("precision") is None:
         gpu = torch.cuda.is_available() and kwargs.get("accelerator") in ("auto", "gpu", "cuda")
         kwargs["precision"] = "bf16-mixed" if gpu else "32-true"
+    if kwargs.get("enable_progress_bar") is False:  # Lightning refuses a bar callback when the bar is off
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LossProgressBar)]
     return L.Trainer(callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
@@ -75,6 +77,8 @@ def train(cfg: DictConfig) -> float:
         timesteps=run.timesteps,
         optimizer=instantiate(cfg.optimizer),
         lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        tread=run.tread,
+        compile=run.compile,
     )
     trainer = build_trainer(cfg, callbacks, _instantiate_all(cfg.get("logger")))
     output_dir = cfg.paths.output_dir

@@ -24,7 +24,8 @@ class DatasetConfig:
         crop_style: ``center`` or ``random`` (a random box drawn once per image and cached).
         caption_dropout_probability: chance that a sample trains on the empty caption instead.
         batch_size: images per training step.
-        num_workers: dataloader workers.
+        num_workers: dataloader workers; null = sized automatically (see
+            :func:`flux_lightning.data.datamodule.default_num_workers`).
         vae_batch_size: images per VAE encode call while caching.
         write_batch_size: captions per text-encoder call while caching.
         cache_dir: root of the shared caches (``vae/``, ``text/``, ``demo/``); keep it outside run
@@ -40,7 +41,7 @@ class DatasetConfig:
     crop_style: str = "center"
     caption_dropout_probability: float = 0.1
     batch_size: int = 1
-    num_workers: int = 0
+    num_workers: int | None = None
     vae_batch_size: int = 4
     write_batch_size: int = 16
     cache_dir: str = "~/.cache/flux_lightning"
@@ -72,6 +73,8 @@ class DatasetConfig:
             out.append(f"dataset.crop_style={self.crop_style!r} is unknown; use center or random")
         if not 0.0 <= self.caption_dropout_probability <= 1.0:
             out.append("dataset.caption_dropout_probability must be within [0, 1]")
+        if self.num_workers is not None and self.num_workers < 0:
+            out.append(f"dataset.num_workers={self.num_workers} must be >= 0 (or null = automatic)")
         for name in ("batch_size", "vae_batch_size", "write_batch_size"):
             if getattr(self, name) < 1:
                 out.append(f"dataset.{name} must be >= 1")
