@@ -335,3 +335,26 @@ def test_a_tiny_run_with_tread_trains(tiny_model_cfg, cache_root):
     losses = torch.stack(losses)
     first, last = losses[:20].mean().item(), losses[-20:].mean().item()
     assert last < 0.9 * first, (first, last)  # measured: 1.51 -> 1.26 for seeds 0 and 1
+
+
+def test_an_attention_mask_follows_the_routed_tokens(transformer):
+    """Attention-masked training (libreflux) passes a mask over text + image tokens; routing cuts it
+    to the kept tokens, so masked text tokens still have no effect on the output."""
+    inputs = _inputs()
+    mask = torch.ones(B, 1, 1, T + N, dtype=torch.bool)
+    mask[:, ..., T - 3 : T] = False  # the last 3 text tokens are padding
+    kwargs = {"joint_attention_kwargs": {"attention_mask": mask}}
+    expected = transformer(**inputs, **kwargs, return_dict=False)[0]
+    assert torch.equal(routed_forward(transformer, [], **inputs, **kwargs), expected)
+
+    route = [TreadRoute(0.5, 1, 2)]
+    torch.manual_seed(0)
+    out = routed_forward(transformer, route, **inputs, **kwargs)
+    changed = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].clone())
+    changed["encoder_hidden_states"][:, T - 3 :] += 10.0
+    torch.manual_seed(0)
+    out_changed = routed_forward(transformer, route, **changed, **kwargs)
+    torch.testing.assert_close(out_changed, out, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    unmasked = routed_forward(transformer, route, **changed)
+    assert not torch.allclose(unmasked, out, atol=1e-3)
