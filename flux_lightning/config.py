@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +15,7 @@ from .data.config import DatasetConfig
 from .data.discovery import DataError
 from .flavours import FLAVOURS
 from .flow import TimestepConfig
+from .tread import TreadConfig, known_num_blocks, route_problems
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,8 @@ class RunConfig:
     adapter: AdapterConfig
     dataset: DatasetConfig
     timesteps: TimestepConfig
+    tread: TreadConfig = field(default_factory=TreadConfig)
+    compile: bool = False
 
 
 def _typed(schema, node, group: str, problems: list[str]):
@@ -90,12 +93,18 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
         adapter=_typed(AdapterConfig, cfg.adapter, "adapter", problems),
         dataset=_typed(DatasetConfig, cfg.dataset, "dataset", problems),
         timesteps=_typed(TimestepConfig, cfg.timesteps, "timesteps", problems),
+        tread=_typed(TreadConfig, cfg.get("tread_config"), "tread_config", problems),
+        compile=cfg.get("compile", False),
     )
     try:
         run.dataset = resolve_dataset(run.dataset)
     except DataError as err:
         problems.append(str(err))
     problems += model_problems(run.model) + adapter_problems(run.adapter) + run.dataset.problems()
+    blocks = known_num_blocks(run.model) if run.model.flavour in FLAVOURS else None
+    problems += route_problems(run.tread, blocks)
+    if not isinstance(run.compile, bool):
+        problems.append(f"compile={run.compile!r} must be true or false")
     if run.timesteps.weighting not in ("sigmoid", "uniform", "schnell_fast"):
         problems.append(
             f"timesteps.weighting={run.timesteps.weighting!r} is unknown; use sigmoid, uniform or schnell_fast"

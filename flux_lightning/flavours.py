@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .tiny import TINY_SIZES
+
 
 @dataclass(frozen=True)
 class FlavourSpec:
@@ -28,6 +30,8 @@ class FlavourSpec:
         clip_model: default CLIP model for the CLIP-score callback (``tiny://clip`` = built locally).
         preview_autoencoder: default tiny autoencoder for validation previews (``tiny://taef1`` =
             built locally).
+        num_blocks: double-stream plus single-stream transformer blocks (FLUX.1: 19 + 38); lets
+            ``tread_config`` block indices be checked before any weights load.
     """
 
     name: str
@@ -44,6 +48,7 @@ class FlavourSpec:
     validation_pipeline: str = "FluxPipeline"
     clip_model: str = "openai/clip-vit-large-patch14"
     preview_autoencoder: str = "madebyollin/taef1"
+    num_blocks: int = 19 + 38
 
 
 FLAVOURS: dict[str, FlavourSpec] = {
@@ -93,6 +98,7 @@ FLAVOURS: dict[str, FlavourSpec] = {
             gated=False,
             clip_model="tiny://clip",
             preview_autoencoder="tiny://taef1",
+            num_blocks=TINY_SIZES["num_layers"] + TINY_SIZES["num_single_layers"],
         ),
     )
 }

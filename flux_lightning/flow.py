@@ -102,15 +102,20 @@ def sample_sigmas(
     generator: torch.Generator | None = None,
     device=None,
 ) -> torch.Tensor:
-    """Draw ``(batch_size,)`` sigmas in (0, 1] following ``config``; ``seq_len`` feeds the auto shift."""
+    """Draw ``(batch_size,)`` sigmas in (0, 1] following ``config``; ``seq_len`` feeds the auto shift.
+
+    Without a ``generator`` the draw happens on ``device`` itself (no host-to-device copy, so no
+    sync in the training hot path); with one, on the generator's device, then moved.
+    """
+    draw = dict(generator=generator, device=generator.device if generator is not None else device)
     if config.weighting == "schnell_fast":
-        choices = torch.tensor(SCHNELL_FAST_SIGMAS)
-        idx = torch.randint(len(choices), (batch_size,), generator=generator)
-        return choices[idx].to(device)
+        idx = torch.randint(len(SCHNELL_FAST_SIGMAS), (batch_size,), **draw)
+        # SCHNELL_FAST_SIGMAS[idx] computed on idx's device: 1.0 for idx < 7, then 0.75, 0.5, 0.25
+        return torch.where(idx < 7, 1.0, 0.25 * (10 - idx).float()).to(device)
     if config.weighting == "sigmoid":
-        sigmas = torch.sigmoid(config.sigmoid_scale * torch.randn(batch_size, generator=generator))
+        sigmas = torch.sigmoid(config.sigmoid_scale * torch.randn(batch_size, **draw))
     elif config.weighting == "uniform":
-        sigmas = torch.rand(batch_size, generator=generator)
+        sigmas = torch.rand(batch_size, **draw)
     else:
         raise ValueError(
             f"timesteps.weighting={config.weighting!r} is unknown; use sigmoid, uniform or schnell_fast"

@@ -25,6 +25,7 @@ from .flow import (
     text_ids,
     unpack_latents,
 )
+from .tread import TreadConfig, num_blocks, resolve_routes, routed_forward, tokens_in_mask
 
 def rng_states() -> dict:
     """Python, NumPy, torch CPU and CUDA RNG states, as types ``torch.load(weights_only=True)`` reads."""
@@ -76,6 +77,9 @@ class FluxLoRAModule(L.LightningModule):
         optimizer: ``params -> Optimizer`` (e.g. a Hydra ``_partial_``); default AdamW(lr=1e-4).
         lr_scheduler: ``(optimizer, num_training_steps) -> LRScheduler``; default none.
         seed: seed of the training noise and sigmas (see :meth:`noise_and_sigmas`).
+        tread: TREAD token routing during training (see :mod:`flux_lightning.tread`); default off.
+        compile: regional ``torch.compile`` of the transformer blocks (see
+            :func:`flux_lightning.compilation.compile_blocks`); falls back to eager where unsupported.
     """
 
     def __init__(
@@ -86,16 +90,22 @@ class FluxLoRAModule(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: Callable | None = None,
         seed: int = 0,
+        tread: TreadConfig | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         self.model_cfg = model or ModelConfig()
         self.adapter_cfg = adapter or AdapterConfig()
         self.timesteps = timesteps or TimestepConfig()
+        self.tread = tread or TreadConfig()
+        self.compile_blocks = compile
         self.save_hyperparameters(
             {
                 "model": asdict(self.model_cfg),
                 "adapter": asdict(self.adapter_cfg),
                 "timesteps": asdict(self.timesteps),
+                "tread": asdict(self.tread),
+                "compile": compile,
             }
         )
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
@@ -112,6 +122,13 @@ class FluxLoRAModule(L.LightningModule):
         add_lora(transformer, self.adapter_cfg)
         if self.model_cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        if self.tread.routes:
+            resolve_routes(self.tread.routes, num_blocks(transformer))  # bad indices fail before step 0
+        if self.compile_blocks:
+            from .compilation import compile_blocks
+
+            device = self._trainer.strategy.root_device.type if self._trainer is not None else None
+            compile_blocks(transformer, device_type=device)
         self.transformer = transformer.train()  # base Flux has no dropout; LoRA dropout needs train()
 
     def forward(
@@ -121,15 +138,20 @@ class FluxLoRAModule(L.LightningModule):
         prompt_embeds: torch.Tensor,
         pooled_prompt_embeds: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        keep_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Velocity prediction ``(B, 16, H, W)`` for noisy latents ``(B, 16, H, W)`` at ``sigmas`` ``(B,)``."""
+        """Velocity prediction ``(B, 16, H, W)`` for noisy latents ``(B, 16, H, W)`` at ``sigmas`` ``(B,)``.
+
+        In train mode with gradients on and ``tread.routes`` set, the transformer runs with TREAD
+        routing; ``keep_tokens`` ``(B, H/2 * W/2)`` bool marks image tokens never dropped.
+        """
         b, _, h, w = noisy.shape
         dtype = next(self.transformer.parameters()).dtype
         if self.transformer.config.guidance_embeds and guidance is None:
             guidance = torch.full((b,), self.model_cfg.training_guidance, device=noisy.device)
         elif not self.transformer.config.guidance_embeds:
             guidance = None
-        pred = self.transformer(
+        inputs = dict(
             hidden_states=pack_latents(noisy).to(dtype),
             timestep=sigmas.to(dtype),
             guidance=None if guidance is None else guidance.to(dtype),
@@ -137,8 +159,11 @@ class FluxLoRAModule(L.LightningModule):
             encoder_hidden_states=prompt_embeds.to(dtype),
             txt_ids=text_ids(prompt_embeds.shape[1], device=noisy.device, dtype=dtype),
             img_ids=image_ids(h, w, device=noisy.device, dtype=dtype),
-            return_dict=False,
-        )[0]
+        )
+        if self.tread.routes and self.training and torch.is_grad_enabled():
+            pred = routed_forward(self.transformer, self.tread.routes, keep_tokens=keep_tokens, **inputs)
+        else:
+            pred = self.transformer(**inputs, return_dict=False)[0]
         return unpack_latents(pred, h, w)
 
     def noise_and_sigmas(self, x0: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,15 +191,17 @@ class FluxLoRAModule(L.LightningModule):
         noise, sigmas = self.noise_and_sigmas(x0, batch_idx)
         noisy = noisy_latents(x0, noise, sigmas)
         text = (batch["prompt_embeds"], batch["pooled_prompt_embeds"])
-        pred = self(noisy, sigmas, *text)
+        mask = batch.get("mask")  # (B, 1, H, W) at latent size: 1 = train, 0 = ignore
+        keep = None if mask is None else tokens_in_mask(mask)  # TREAD never drops masked-in tokens
+        pred = self(noisy, sigmas, *text, keep_tokens=keep)
         if "is_regularisation" in batch:  # prior preservation: match the base model's own prediction
             with torch.no_grad(), adapters_disabled(self.transformer):
                 target = self(noisy, sigmas, *text).float()
         else:
             target = flow_target(x0, noise)
-        mask = batch.get("mask")  # (B, 1, H, W) at latent size: 1 = train, 0 = ignore
         loss = flow_loss(pred, target, mask).mean()
-        self.log("loss/train", loss, prog_bar=True, batch_size=b)
+        # prog_bar=True would make Lightning call .item() every step; LossProgressBar shows it instead
+        self.log("loss/train", loss, batch_size=b)
         self._recent_losses.append(loss.detach())
         return loss
 

@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import EvalLoss, LoRAExport, ModelCard, ValidationImages
+from .callbacks import EvalLoss, LoRAExport, LossProgressBar, ModelCard, ValidationImages
 from .checkpointing import AtomicCheckpointIO
 from .components import ModelSourceError
 from .config import ConfigError, validate
@@ -61,6 +61,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if kwargs.get("precision") is None:
         gpu = torch.cuda.is_available() and kwargs.get("accelerator") in ("auto", "gpu", "cuda")
         kwargs["precision"] = "bf16-mixed" if gpu else "32-true"
+    if kwargs.get("enable_progress_bar") is False:  # Lightning refuses a bar callback when the bar is off
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LossProgressBar)]
     plugins = list(kwargs.pop("plugins", None) or []) + [AtomicCheckpointIO()]
     return L.Trainer(callbacks=callbacks, logger=loggers or False, plugins=plugins, **kwargs)
 
@@ -96,6 +98,8 @@ def train(cfg: DictConfig) -> float:
         optimizer=instantiate(cfg.optimizer),
         lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
         seed=cfg.seed,
+        tread=run.tread,
+        compile=run.compile,
     )
     trainer = build_trainer(cfg, callbacks, _instantiate_all(cfg.get("logger")))
     output_dir = cfg.paths.output_dir

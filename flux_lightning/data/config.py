@@ -160,7 +160,8 @@ class DatasetConfig:
             ``instance_data_dir`` null = generate the demo dataset (coloured shapes).
         caption_dropout_probability: default chance a sample trains on the empty caption.
         batch_size: images per step per device (every batch is one backend and one bucket).
-        num_workers: dataloader workers.
+        num_workers: dataloader workers; null = sized automatically (see
+            :func:`flux_lightning.data.datamodule.default_num_workers`).
         vae_batch_size: images per VAE call while caching.
         cache_dir: root of the shared caches (``vae/``, ``text/``, ``demo/``), outside run dirs.
         demo_images: images in the generated demo dataset.
@@ -178,7 +179,7 @@ class DatasetConfig:
     crop_style: str | None = None
     caption_dropout_probability: float = 0.1
     batch_size: int = 1
-    num_workers: int = 0
+    num_workers: int | None = None
     vae_batch_size: int = 4
     cache_dir: str = "~/.cache/flux_lightning"
     demo_images: int = 16
@@ -211,6 +212,8 @@ class DatasetConfig:
         out = self._shorthand_problems() if self.uses_shorthand() else self._backend_problems()
         if not 0.0 <= self.caption_dropout_probability <= 1.0:
             out.append("dataset.caption_dropout_probability must be within [0, 1]")
+        if self.num_workers is not None and self.num_workers < 0:
+            out.append(f"dataset.num_workers={self.num_workers} must be >= 0 (or null = automatic)")
         for name in ("batch_size", "vae_batch_size"):
             if getattr(self, name) < 1:
                 out.append(f"dataset.{name} must be >= 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -44,6 +45,19 @@ class Sample:
     text_key: str
     mask_path: Path | None = None
     mask_key: str | None = None
+
+
+def default_num_workers() -> int:
+    """Dataloader workers when ``dataset.num_workers`` is null.
+
+    With a GPU, up to 4 per device (bounded by the CPU cores): reading cached safetensors and
+    collating overlaps the step. On CPU-only machines 0: the training step itself needs every core,
+    and cached batches are cheap to read in the main process.
+    """
+    if not torch.cuda.is_available():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores // max(1, torch.cuda.device_count()) - 1))
 
 
 def _seed_of(key: str) -> int:
@@ -395,12 +409,14 @@ class FluxDataModule(L.LightningDataModule):
         if self._resume_state is not None:
             self._sampler.load_state_dict(self._resume_state)
             self._resume_state = None
+        workers = default_num_workers() if self.cfg.num_workers is None else self.cfg.num_workers
+        # pinned batches: Lightning then copies them to the GPU with non_blocking=True
         return DataLoader(
             self.train_dataset,
             batch_sampler=self._sampler,
-            num_workers=self.cfg.num_workers,
+            num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
+            persistent_workers=workers > 0,  # epochs are keyed in the sampler's indices, not the workers
             # its own generator: creating an iterator must not consume the global RNG (exact resume)
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
