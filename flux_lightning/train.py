@@ -17,6 +17,7 @@ from .callbacks import LoRAExport, ValidationImages
 from .components import ModelSourceError
 from .config import ConfigError, validate
 from .data import DataError, FluxDataModule
+from .data.paired import PairedDatasetConfig, PairedFluxDataModule
 from .module import FluxLoRAModule
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     prompts = [p for cb in callbacks if isinstance(cb, ValidationImages) for p in cb.prompt_texts()]
-    datamodule = FluxDataModule(run.dataset, run.model, prompts=prompts)
+    datamodule_cls = PairedFluxDataModule if isinstance(run.dataset, PairedDatasetConfig) else FluxDataModule
+    datamodule = datamodule_cls(run.dataset, run.model, prompts=prompts)
     module = FluxLoRAModule(
         model=run.model,
         adapter=run.adapter,
