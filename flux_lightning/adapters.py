@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -220,7 +221,9 @@ def add_lora(transformer: torch.nn.Module, cfg: AdapterConfig) -> None:
         init_lora_weights=INIT_TYPES[cfg.init],
         **extra,
     )
-    inject_adapter_in_model(config, transformer, adapter_name=TRAINED)
+    with warnings.catch_warnings():  # PEFT warns that a second adapter joins the assistant: intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, transformer, adapter_name=TRAINED)
     transformer._flux_lightning_lora_config = config
     if has_assistant(transformer):
         set_active_adapters(transformer, [ASSISTANT, TRAINED])
@@ -329,12 +332,8 @@ def add_assistant_lora(transformer: torch.nn.Module, source: str, weight_name: s
     """
     state, alphas, metadata = read_lora_file(source, weight_name)
     kwargs = {}
-    if "lora_adapter_metadata" in metadata:
-        kwargs["metadata"] = {
-            k.removeprefix("transformer."): v
-            for k, v in json.loads(metadata["lora_adapter_metadata"]).items()
-            if k.startswith("transformer.")
-        }
+    if "lora_adapter_metadata" in metadata:  # keys keep "transformer.": load_lora_adapter strips it
+        kwargs["metadata"] = json.loads(metadata["lora_adapter_metadata"])
     else:
         kwargs["network_alphas"] = alphas or None
     transformer.load_lora_adapter(state, adapter_name=ASSISTANT, prefix="transformer", **kwargs)

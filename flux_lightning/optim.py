@@ -93,13 +93,21 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, **kwargs) -
     module, _, cls = spec.target.partition(":")
     optimizer_cls = getattr(importlib.import_module(module), cls)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    params = list(params)
+    if module == "optimi" and kwargs.get("triton") is None and not any(_on_cuda(p) for p in params):
+        kwargs["triton"] = False  # optimi may pick its Triton kernels even for CPU tensors
     if name == "prodigy" and kwargs.get("lr", 1.0) < 0.1:
         log.warning(
             "optimizer=prodigy with optimizer.lr=%s: Prodigy estimates the step size itself and "
             "expects lr ~ 1.0; set optimizer.lr=1.0 unless you mean to damp it",
             kwargs["lr"],
         )
-    return optimizer_cls(list(params), **kwargs)
+    return optimizer_cls(params, **kwargs)
+
+
+def _on_cuda(param) -> bool:
+    tensors = param["params"] if isinstance(param, dict) else [param]
+    return any(t.device.type == "cuda" for t in tensors)
 
 
 def adapter_dtype(name: str | None) -> str:

@@ -67,14 +67,9 @@ def lokr(**kw) -> AdapterConfig:
 
 
 def trainer(steps: int = 2, **kw) -> L.Trainer:
+    kw = {"logger": False, "enable_checkpointing": False, **kw}
     return L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
+        max_steps=steps, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, **kw
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -140,6 +141,12 @@ class ValidationImages(L.Callback):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 for nick, prompt in self.prompts.items():
                     text = embed(prompt)
+                    # adapters as for inference (assistant LoRA off) and, for attention-masked
+                    # flavours, the T5 mask (joined with the negative prompt's under true CFG)
+                    mask = text.get("attention_mask")
+                    if mask is not None and real > 1 and "attention_mask" in negative:
+                        mask = mask.bool() | negative["attention_mask"].bool()
+                    inference = getattr(pl_module, "inference_adapters", None)
                     for width, height in self.resolutions:
                         kwargs = {}
                         if real > 1:
@@ -148,22 +155,25 @@ class ValidationImages(L.Callback):
                                 negative_prompt_embeds=negative["prompt_embeds"][None].to(device, dtype),
                                 negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"][None].to(device, dtype),
                             )
-                        image = pipe(
-                            prompt_embeds=text["prompt_embeds"][None].to(device, dtype),
-                            pooled_prompt_embeds=text["pooled_prompt_embeds"][None].to(device, dtype),
-                            height=height,
-                            width=width,
-                            num_inference_steps=steps,
-                            guidance_scale=guidance,
-                            generator=torch.Generator(device="cpu").manual_seed(self.seed),
-                            **kwargs,
-                        ).images[0]
+                        with inference(text_attention_mask=mask) if inference else nullcontext():
+                            image = pipe(
+                                prompt_embeds=text["prompt_embeds"][None].to(device, dtype),
+                                pooled_prompt_embeds=text["pooled_prompt_embeds"][None].to(device, dtype),
+                                height=height,
+                                width=width,
+                                num_inference_steps=steps,
+                                guidance_scale=guidance,
+                                generator=torch.Generator(device="cpu").manual_seed(self.seed),
+                                **kwargs,
+                            ).images[0]
                         path = out_dir / f"{nick}_{width}x{height}.png"
                         image.save(path)
                         files.append(path)
                         images.append(image)
         finally:
             transformer.train(was_training)
+            if getattr(pl_module.model_cfg, "enable_model_cpu_offload", False):
+                self._vae.to("cpu")  # on the accelerator only while decoding
         self._log_grid(trainer, images, step)
         return files
 
