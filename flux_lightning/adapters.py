@@ -62,9 +62,9 @@ class AdapterConfig:
             LyCORIS preset: every Linear in the attention and feed-forward modules).
         init: ``default`` (A Kaiming, B zero), ``gaussian``, ``pissa``, ``olora`` or ``loftq``.
             PiSSA/OLoRA move the principal part of W into the adapter; export converts back to a
-            plain LoRA (rank 2r). LoftQ replaces W by its 4-bit NF4 approximation Q and starts the
-            LoRA at the best rank-r fit of W - Q: its LoRA is meant for an NF4 base at inference.
-            None of these work on a quantized base.
+            plain LoRA (rank 2r). LoftQ (CUDA + bitsandbytes) replaces W by its 4-bit NF4
+            approximation Q and starts the LoRA at the best rank-r fit of W - Q: its LoRA is meant
+            for an NF4 base at inference. None of these work on a quantized base.
         init_lora: continue from an existing adapter file (a LoRA in diffusers/kohya keys, or a
             LoKr exported by this library); its rank and targets must match this config.
         weight_dtype: dtype of the adapter weights, ``fp32`` or ``bf16``; null = what the optimizer
@@ -144,6 +144,11 @@ def adapter_problems(cfg: AdapterConfig, *, quantized: bool = False) -> list[str
         out.append(f"adapter.dropout={cfg.dropout} must be within [0, 1)")
     if cfg.weight_dtype not in (None, "fp32", "bf16"):
         out.append(f"adapter.weight_dtype={cfg.weight_dtype!r} is unknown; use fp32, bf16 or null")
+    if cfg.init == "loftq" and not torch.cuda.is_available():
+        out.append(
+            "adapter.init=loftq needs a CUDA GPU and bitsandbytes (PEFT runs LoftQ's NF4 rounds on CUDA); "
+            "use adapter.init=default here"
+        )
     if quantized and cfg.init in BASE_MODIFYING_INITS:
         out.append(
             f"adapter.init={cfg.init} rewrites the base weights and cannot run on a quantized base; "

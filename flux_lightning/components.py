@@ -27,7 +27,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # model.attention_backend -> diffusers AttentionBackendName, and the package each one needs
 ATTENTION_BACKENDS = {"sdpa": "native", "sageattention": "sage", "flash": "flash", "flex": "flex", "xformers": "xformers"}
 ATTENTION_PACKAGES = {"sageattention": "sageattention", "flash": "flash_attn", "xformers": "xformers"}
-MASKED_ATTENTION_BACKENDS = ("sdpa", "flex", "xformers")  # the ones that take an attention mask
+MASKED_ATTENTION_BACKENDS = ("sdpa",)  # verified to apply a padding mask (see tests)
 GUIDANCE_MODES = ("constant", "random-range")
 GROUP_OFFLOAD_TYPES = ("block_level", "leaf_level")
 
@@ -275,12 +275,19 @@ def attention_backend_problem(name: str) -> str | None:
 
 
 def set_attention_backend(model, name: str) -> None:
-    """Route the transformer's attention through ``name`` (``sdpa`` = PyTorch's, the default)."""
+    """Route the transformer's attention through ``name`` (``sdpa`` = PyTorch's, the default).
+
+    Each attention module's processor is pinned explicitly; diffusers' model-level setter would
+    also change its process-wide default backend, which would leak into every other model.
+    """
+    from diffusers.models.attention import AttentionModuleMixin
+
     problem = attention_backend_problem(name)
     if problem:
         raise RuntimeError(problem)
-    if name != "sdpa":
-        model.set_attention_backend(ATTENTION_BACKENDS[name])
+    for module in model.modules():
+        if isinstance(module, AttentionModuleMixin) and hasattr(module.processor, "_attention_backend"):
+            module.set_attention_backend(ATTENTION_BACKENDS[name])
 
 
 def load_vae(cfg: ModelConfig, dtype: torch.dtype = torch.float32):

@@ -50,7 +50,10 @@ def memory_problems(cfg: ModelConfig, *, cuda: bool | None = None) -> list[str]:
     cuda = torch.cuda.is_available() if cuda is None else cuda
     out = []
     if cfg.gradient_checkpointing_interval < 1:
-        out.append(f"model.gradient_checkpointing_interval={cfg.gradient_checkpointing_interval} must be >= 1")
+        out.append(
+            f"model.gradient_checkpointing_interval={cfg.gradient_checkpointing_interval} must be >= 1; "
+            "use 1 to checkpoint every block"
+        )
     if cfg.enable_group_offload and cfg.enable_model_cpu_offload:
         out.append(
             "model.enable_group_offload and model.enable_model_cpu_offload are mutually exclusive; "

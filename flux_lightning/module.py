@@ -85,6 +85,11 @@ class FluxLoRAModule(L.LightningModule):
         """Dtype the trainable adapter weights are held in (``adapter.weight_dtype``, default fp32)."""
         return ADAPTER_DTYPES[self.adapter_cfg.weight_dtype or "fp32"]
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype the transformer computes in (its input embedder's, which is never quantized)."""
+        return self.transformer.x_embedder.weight.dtype
+
     def configure_model(self) -> None:
         if self.transformer is not None:
             return
@@ -122,7 +127,7 @@ class FluxLoRAModule(L.LightningModule):
                 ``H_r/2 * W_r/2`` tokens follow the image tokens with ids ``(1, row, col)``.
         """
         b, _, h, w = noisy.shape
-        dtype = self.transformer.x_embedder.weight.dtype  # the input embedder is never quantized
+        dtype = self.compute_dtype
         device = noisy.device
         if self.transformer.config.guidance_embeds and guidance is None:
             guidance = torch.full((b,), self.model_cfg.training_guidance, device=device)

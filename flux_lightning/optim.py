@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,7 +92,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, **kwargs) -
         raise ImportError(problems[0])
     module, _, cls = spec.target.partition(":")
     optimizer_cls = getattr(importlib.import_module(module), cls)
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    # Hydra passes ListConfig for betas & co.; plain tuples keep checkpoints loadable with weights_only
+    kwargs = {k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in kwargs.items()}
     params = list(params)
     if module == "optimi" and kwargs.get("triton") is None and not any(_on_cuda(p) for p in params):
         kwargs["triton"] = False  # optimi may pick its Triton kernels even for CPU tensors

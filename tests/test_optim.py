@@ -58,6 +58,8 @@ def test_optimizer_config_builds_and_steps_adapter_weights(tmp_path, name):
         optimizer.zero_grad()
     assert all(not torch.equal(p, b) for p, b in zip(params, before)), f"{name} did not move the weights"
     assert all(p.dtype == dtype and torch.isfinite(p).all() for p in params)
+    torch.save(optimizer.state_dict(), tmp_path / "opt.pt")  # resumable: plain types only
+    torch.load(tmp_path / "opt.pt", weights_only=True)
 
 
 def test_adamw_bf16_holds_the_adapter_in_bf16_with_kahan_compensation(tmp_path, cache_root):

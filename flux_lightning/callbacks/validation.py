@@ -132,7 +132,8 @@ class ValidationImages(L.Callback):
         pipe = self._pipeline(pl_module)
         transformer = pl_module.transformer
         was_training = transformer.training
-        device, dtype = pl_module.device, next(transformer.parameters()).dtype
+        device = pl_module.device
+        dtype = getattr(pl_module, "compute_dtype", None) or next(transformer.parameters()).dtype
         out_dir = self.dirpath / f"step_{step}"
         out_dir.mkdir(parents=True, exist_ok=True)
         files, images = [], []
