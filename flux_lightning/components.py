@@ -7,7 +7,6 @@ functions below; the only difference between flavours is where the diffusers-for
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -19,8 +18,6 @@ import torch
 from .flavours import FlavourSpec, get_flavour, tiny_like
 from .quantization import DEFAULT_DTYPES, QuantizationConfig, quantize_text_encoder, quantize_transformer
 from .tiny import TINY_VERSION, ensure_tiny_folder
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -14,6 +14,7 @@ stay in their own dtype and are the only thing that is checkpointed or exported.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -95,7 +96,26 @@ def dependency_problem(precision: str) -> str | None:
     if precision in BNB_PRECISIONS:
         if importlib.util.find_spec("bitsandbytes") is None:
             return "needs bitsandbytes; pip install 'flux-lightning[bnb]'"
+        if not torch.cuda.is_available() and not bnb_runs_on_cpu():
+            return (
+                "this bitsandbytes build cannot quantize on the CPU and no CUDA GPU is visible; "
+                "use a GPU, bitsandbytes>=0.48, or quantization=int4_quanto"
+            )
     return None
+
+
+@functools.cache
+def bnb_runs_on_cpu() -> bool:
+    """Whether bitsandbytes can NF4-quantize and run a Linear on the CPU here (a 64x64 probe)."""
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, quant_type="nf4", compute_dtype=torch.float32)
+        layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
+        layer = layer.to("cpu")
+        return bool(torch.isfinite(layer(torch.randn(2, 64))).all())
+    except Exception:
+        return False
 
 
 def quantizable_linears(model: torch.nn.Module) -> list[str]:

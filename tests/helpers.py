@@ -5,11 +5,22 @@ from __future__ import annotations
 from functools import partial
 
 import lightning as L
+import pytest
 import torch
 
 from flux_lightning import AdapterConfig, FluxLoRAModule, ModelConfig
 from flux_lightning.flow import TimestepConfig
 from flux_lightning.quantization import QuantizationConfig
+
+def _bnb_cpu() -> bool:
+    from flux_lightning.quantization import bnb_runs_on_cpu
+
+    return torch.cuda.is_available() or bnb_runs_on_cpu()
+
+
+needs_bnb = pytest.mark.skipif(
+    not _bnb_cpu(), reason="this bitsandbytes build cannot quantize/run on the CPU and there is no GPU"
+)
 
 REAL_FLAVOURS = ["krea", "dev", "schnell", "kontext", "fluxbooru", "libreflux"]
 T5_LEN = 32  # the tiny flavour's T5 length

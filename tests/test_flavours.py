@@ -9,7 +9,6 @@ from diffusers import FluxKontextPipeline, FluxPipeline
 from safetensors import safe_open
 
 from flux_lightning import FluxLoRAModule
-from flux_lightning.adapters import LORA_FILENAME
 from flux_lightning.data.paired import PairedDatasetConfig, PairedFluxDataModule
 from flux_lightning.flavours import FLAVOURS, tiny_like
 
@@ -96,7 +95,6 @@ def test_padding_tokens_cannot_change_the_image_prediction_when_masked(cache_roo
 
 def test_mask_is_the_t5_mask_extended_with_ones_for_image_tokens(cache_root):
     module = _module(tiny_cfg(cache_root, "libreflux"))
-    data = batch(pad_from=5)
     masks = []
     hook = module.transformer.register_forward_pre_hook(
         lambda mod, args, kwargs: masks.append(kwargs["joint_attention_kwargs"]["attention_mask"]), with_kwargs=True

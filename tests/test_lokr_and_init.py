@@ -1,7 +1,6 @@
 """LyCORIS LoKr (targets, factors, files diffusers/ComfyUI/LyCORIS read), continuing from a file
 (``init_lora``), and LoftQ initialisation."""
 
-from dataclasses import replace
 
 import pytest
 import torch

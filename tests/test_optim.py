@@ -1,7 +1,6 @@
 """Optimizers, LR schedulers, gradient clipping and accumulation, interval gradient checkpointing."""
 
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from flux_lightning.memory import checkpointed_blocks
 from flux_lightning.optim import OPTIMIZERS, adapter_dtype, build_optimizer
 from flux_lightning.train import config_dir
 
-from .helpers import BatchDataset, batch, lora, tiny_cfg, timesteps_for, trainer
+from .helpers import BatchDataset, batch, lora, needs_bnb, tiny_cfg, timesteps_for, trainer
 
 OPTIMIZER_FILES = sorted(p.stem for p in (Path(config_dir()) / "optimizer").glob("*.yaml"))
 SCHEDULER_FILES = sorted(p.stem for p in (Path(config_dir()) / "lr_scheduler").glob("*.yaml"))
@@ -41,7 +40,9 @@ def test_every_optimizer_has_a_config_and_the_quickstart_ones_exist():
     assert {"adamw", "adamw_bf16", "optimi_lion", "optimi_stableadamw", "adamw8bit", "lion8bit_paged", "prodigy"} <= set(OPTIMIZERS)
 
 
-@pytest.mark.parametrize("name", OPTIMIZER_FILES)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=needs_bnb) if "8bit" in n else n for n in OPTIMIZER_FILES]
+)
 def test_optimizer_config_builds_and_steps_adapter_weights(tmp_path, name):
     cfg = _compose(tmp_path, f"optimizer={name}")
     run = validate(cfg, check_sources=False)

@@ -14,7 +14,7 @@ from flux_lightning import FluxLoRAModule
 from flux_lightning.components import load_text_encoders, load_transformer, model_identity
 from flux_lightning.quantization import KEEP_HIGH_PRECISION, QuantizationConfig, quantizable_linears, weight_bytes
 
-from .helpers import BatchDataset, fit, lokr, lora, predict, tiny_cfg, timesteps_for, trainer
+from .helpers import BatchDataset, fit, lokr, lora, needs_bnb, predict, tiny_cfg, timesteps_for, trainer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,7 +36,9 @@ def bf16_bytes(cache_root):
 
 
 @pytest.mark.parametrize(
-    "precision,limit", [("int8_quanto", 0.55), ("fp8_quanto", 0.55), ("int4_quanto", 0.35), ("int2_quanto", 0.25), ("nf4_bnb", 0.55)]
+    "precision,limit",
+    [("int8_quanto", 0.55), ("fp8_quanto", 0.55), ("int4_quanto", 0.35), ("int2_quanto", 0.25),
+     pytest.param("nf4_bnb", 0.55, marks=needs_bnb)],
 )
 def test_quantized_weight_bytes_shrink(cache_root, bf16_bytes, precision, limit):
     ratio = weight_bytes(_bf16(cache_root, precision)) / bf16_bytes
@@ -92,6 +94,7 @@ def test_resume_on_a_quantized_base_restores_adapter_and_optimizer(cache_root, t
     assert any(not torch.equal(second.state_dict()[k], saved[k]) for k in saved), "no step after resume"
 
 
+@needs_bnb
 def test_lora_on_nf4_bitsandbytes_trains_and_exports(cache_root, tmp_path):
     import bitsandbytes as bnb
 

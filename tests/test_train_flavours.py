@@ -11,6 +11,8 @@ from safetensors import safe_open
 
 from flux_lightning.train import config_dir, train
 
+from .helpers import needs_bnb
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -51,6 +53,7 @@ def test_kontext_pairs_on_int8_with_lokr(tmp_path, cache_root):
     assert list((run / "validation" / "step_2").glob("*.png"))
 
 
+@needs_bnb
 def test_libreflux_on_nf4_with_paged_lion_validates_and_resumes(tmp_path, cache_root):
     run = tmp_path / "libre"
     common = ["model.tiny_like=libreflux", "quantization=nf4_bnb", "optimizer=lion8bit_paged", "optimizer.lr=1e-4"]
