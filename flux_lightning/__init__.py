@@ -5,6 +5,7 @@ from .components import ModelConfig
 from .data import DatasetConfig, FluxDataModule
 from .flow import TimestepConfig
 from .module import FluxLoRAModule
+from .quantization import QuantizationConfig
 
 __all__ = [
     "AdapterConfig",
@@ -12,5 +13,6 @@ __all__ = [
     "FluxDataModule",
     "FluxLoRAModule",
     "ModelConfig",
+    "QuantizationConfig",
     "TimestepConfig",
 ]

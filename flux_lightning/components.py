@@ -6,18 +6,27 @@ functions below; the only difference between flavours is where the diffusers-for
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
-from .flavours import FlavourSpec, get_flavour
+from .flavours import FlavourSpec, get_flavour, tiny_like
+from .quantization import DEFAULT_DTYPES, QuantizationConfig, quantize_text_encoder, quantize_transformer
 from .tiny import TINY_VERSION, ensure_tiny_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# model.attention_backend -> diffusers AttentionBackendName, and the package each one needs
+ATTENTION_BACKENDS = {"sdpa": "native", "sageattention": "sage", "flash": "flash", "flex": "flex", "xformers": "xformers"}
+ATTENTION_PACKAGES = {"sageattention": "sageattention", "flash": "flash_attn", "xformers": "xformers"}
+MASKED_ATTENTION_BACKENDS = ("sdpa",)  # verified to apply a padding mask (see tests)
+GUIDANCE_MODES = ("constant", "random-range")
+GROUP_OFFLOAD_TYPES = ("block_level", "leaf_level")
 
 
 class ModelSourceError(RuntimeError):
@@ -40,6 +49,32 @@ class ModelConfig:
         gradient_checkpointing: recompute transformer blocks in the backward pass.
         cache_dir: where the tiny flavour's folder is built.
         tiny_seed: seed of the tiny flavour's random weights.
+        tiny_like: with ``flavour=tiny``, behave like this real flavour (guidance embedding, attention
+            mask, fast schedule, kontext reference tokens, validation CFG), with tiny local weights.
+        flux_guidance_mode: ``constant`` (every sample gets ``guidance_value``) or ``random-range``
+            (each sample draws ``U(flux_guidance_min, flux_guidance_max)``).
+        flux_guidance_min / flux_guidance_max: the ``random-range`` bounds.
+        flux_attention_masked_training: pass the T5 padding mask to attention; null = the flavour's
+            default (forced on for libreflux).
+        assistant_lora_path: frozen LoRA stacked under the trained one (hub id, folder or file);
+            null = the flavour's default (schnell: ostris' training adapter), ``none`` = off.
+            Disabled while validation images render.
+        assistant_lora_weight_name: file inside ``assistant_lora_path`` when it is a repo or folder.
+        gradient_checkpointing_interval: with gradient checkpointing, checkpoint every n-th block
+            only (1 = all; 2 = half of them; faster, more memory).
+        attention_backend: ``sdpa`` (PyTorch), ``sageattention``, ``flash``, ``flex``, ``xformers``.
+        enable_group_offload: diffusers group offloading of the transformer to CPU (CUDA only).
+        group_offload_type: ``block_level`` or ``leaf_level``.
+        group_offload_blocks_per_group: blocks moved together with ``block_level``.
+        group_offload_use_stream: overlap transfers with compute on a CUDA stream.
+        group_offload_to_disk_path: spill offloaded weights to this folder instead of RAM.
+        enable_model_cpu_offload: keep the VAE on the CPU between validations, on the GPU only
+            while decoding (mutually exclusive with group offload).
+        offload_during_startup: load the caching encoders one at a time and free each before the
+            next (the VAE, then the text encoders) and only then the transformer; on by construction
+            in ``FluxDataModule``, kept as a named switch for quickstart configs.
+        vae_enable_tiling: decode/encode with the VAE in tiles (less memory for large images).
+        quantization: how the frozen transformer (and text encoders while caching) are quantized.
     """
 
     flavour: str = "tiny"
@@ -53,12 +88,56 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     cache_dir: str = "~/.cache/flux_lightning/models"
     tiny_seed: int = 0
+    # -- flavour behaviour (issue 4) -------------------------------------------------------------
+    tiny_like: str | None = None
+    flux_guidance_mode: str = "constant"
+    flux_guidance_min: float = 1.0
+    flux_guidance_max: float = 4.0
+    flux_attention_masked_training: bool | None = None
+    assistant_lora_path: str | None = None
+    assistant_lora_weight_name: str | None = None
+    # -- memory ----------------------------------------------------------------------------------
+    gradient_checkpointing_interval: int = 1
+    attention_backend: str = "sdpa"
+    enable_group_offload: bool = False
+    group_offload_type: str = "block_level"
+    group_offload_blocks_per_group: int = 1
+    group_offload_use_stream: bool = False
+    group_offload_to_disk_path: str | None = None
+    enable_model_cpu_offload: bool = False
+    offload_during_startup: bool = False
+    vae_enable_tiling: bool = False
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
     @property
     def spec(self) -> FlavourSpec:
+        if self.tiny_like:
+            return tiny_like(get_flavour(self.tiny_like))
         return get_flavour(self.flavour)
 
+    @property
+    def attention_masked(self) -> bool:
+        """Whether training passes the T5 padding mask to attention."""
+        if self.flux_attention_masked_training is None:
+            return self.spec.attention_masked
+        return self.flux_attention_masked_training or self.spec.attention_masked
+
+    @property
+    def assistant_lora(self) -> tuple[str, str | None] | None:
+        """``(source, weight_name)`` of the frozen assistant LoRA, or None when there is none."""
+        path = self.assistant_lora_path
+        if path is None:
+            path, name = self.spec.assistant_lora, self.spec.assistant_lora_weight_name
+        else:
+            name = self.assistant_lora_weight_name
+        if path in (None, "", "none", "None"):
+            return None
+        return path, name
+
     def torch_dtype(self) -> torch.dtype:
+        """Dtype of the frozen base: ``quantization.base_model_default_dtype`` when set, else ``dtype``."""
+        if self.quantization.base_model_default_dtype in DEFAULT_DTYPES:
+            return DEFAULT_DTYPES[self.quantization.base_model_default_dtype]
         if self.dtype == "auto":
             return torch.bfloat16 if torch.cuda.is_available() else torch.float32
         try:
@@ -174,7 +253,38 @@ def load_transformer(cfg: ModelConfig, dtype: torch.dtype | None = None):
         source, subfolder=subfolder, torch_dtype=dtype, revision=revision
     )
     model.requires_grad_(False)
+    quantize_transformer(model, cfg.quantization, compute_dtype=dtype)
+    set_attention_backend(model, cfg.attention_backend)
     return model
+
+
+def attention_backend_problem(name: str) -> str | None:
+    """Why ``model.attention_backend=name`` cannot run here, or None."""
+    if name not in ATTENTION_BACKENDS:
+        return f"model.attention_backend={name!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}"
+    package = ATTENTION_PACKAGES.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        return (
+            f"model.attention_backend={name} needs the {package} package and a CUDA GPU "
+            f"(pip install {package}); or use model.attention_backend=sdpa"
+        )
+    return None
+
+
+def set_attention_backend(model, name: str) -> None:
+    """Route the transformer's attention through ``name`` (``sdpa`` = PyTorch's, the default).
+
+    Each attention module's processor is pinned explicitly; diffusers' model-level setter would
+    also change its process-wide default backend, which would leak into every other model.
+    """
+    from diffusers.models.attention import AttentionModuleMixin
+
+    problem = attention_backend_problem(name)
+    if problem:
+        raise RuntimeError(problem)
+    for module in model.modules():
+        if isinstance(module, AttentionModuleMixin) and hasattr(module.processor, "_attention_backend"):
+            module.set_attention_backend(ATTENTION_BACKENDS[name])
 
 
 def load_vae(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
@@ -188,6 +298,8 @@ def load_vae(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
         source, subfolder = resolve_source(cfg), "vae"
     vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
     vae.requires_grad_(False).eval()
+    if cfg.vae_enable_tiling:
+        vae.enable_tiling()
     return vae
 
 
@@ -216,14 +328,22 @@ def load_text_encoders(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> 
     )
     for name in ("text_encoder", "text_encoder_2"):
         parts[name].requires_grad_(False).eval()
+        quantize_text_encoder(parts[name], cfg.quantization.text_encoder_precision)
     return parts
 
 
 def model_identity(cfg: ModelConfig, part: str) -> str:
     """A string naming the weights behind ``part`` (``vae`` or ``text``), used in cache keys."""
+    # settings that change what an encoder outputs are part of its identity (only when non-default,
+    # so existing cache entries keep their keys)
+    suffix = ""
+    if part == "vae" and cfg.vae_enable_tiling:
+        suffix = "+tiled"
+    if part == "text" and cfg.quantization.text_encoder_precision != "no_change":
+        suffix = f"+{cfg.quantization.text_encoder_precision}"
     if part == "vae" and cfg.pretrained_vae_model_name_or_path:
-        return f"vae:{cfg.pretrained_vae_model_name_or_path}"
+        return f"vae:{cfg.pretrained_vae_model_name_or_path}{suffix}"
     source = cfg.pretrained_model_name_or_path or cfg.spec.source
     if source.startswith("tiny://"):
         source = f"tiny://v{TINY_VERSION}-seed{cfg.tiny_seed}-guided{cfg.spec.guidance_embeds}"
-    return f"{part}:{source}@{cfg.revision or 'main'}"
+    return f"{part}:{source}@{cfg.revision or 'main'}{suffix}"

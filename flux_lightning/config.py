@@ -8,13 +8,25 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .adapters import INIT_TYPES, AdapterConfig, resolve_targets
-from .components import DTYPES, ModelConfig, ModelSourceError, check_source, resolve_source
+from .adapters import AdapterConfig, adapter_problems
+from .components import (
+    DTYPES,
+    GUIDANCE_MODES,
+    MASKED_ATTENTION_BACKENDS,
+    ModelConfig,
+    ModelSourceError,
+    attention_backend_problem,
+    check_source,
+    resolve_source,
+)
 from .data.backend_file import resolve_dataset
 from .data.config import DatasetConfig
 from .data.discovery import DataError
+from .data.paired import PairedDatasetConfig
 from .flavours import FLAVOURS
 from .flow import TimestepConfig
+from .memory import memory_problems
+from .optim import adapter_dtype, optimizer_problems
 from .tread import TreadConfig, known_num_blocks, route_problems
 
 
@@ -49,33 +61,99 @@ def model_problems(model: ModelConfig) -> list[str]:
     out = []
     if model.flavour not in FLAVOURS:
         out.append(f"model.flavour={model.flavour!r} is unknown; use one of {sorted(FLAVOURS)}")
+        return out
+    if model.tiny_like is not None:
+        if model.flavour != "tiny":
+            out.append(f"model.tiny_like={model.tiny_like} only applies to model.flavour=tiny; remove it")
+            return out
+        if model.tiny_like not in FLAVOURS or model.tiny_like == "tiny":
+            out.append(
+                f"model.tiny_like={model.tiny_like!r} is unknown; use one of "
+                f"{sorted(set(FLAVOURS) - {'tiny'})}"
+            )
+            return out
+    spec = model.spec
     if model.dtype != "auto" and model.dtype not in DTYPES:
         out.append(f"model.dtype={model.dtype!r} is unknown; use auto, {', '.join(DTYPES)}")
+    if model.flux_guidance_mode not in GUIDANCE_MODES:
+        out.append(f"model.flux_guidance_mode={model.flux_guidance_mode!r} is unknown; use constant or random-range")
+    elif model.flux_guidance_mode == "random-range":
+        if not spec.guidance_embeds:
+            out.append(
+                f"model.flux_guidance_mode=random-range: flavour {spec.mimics or spec.name} has no guidance "
+                "embedding; use flux_guidance_mode=constant"
+            )
+        if model.flux_guidance_min > model.flux_guidance_max:
+            out.append(
+                f"model.flux_guidance_min={model.flux_guidance_min} > flux_guidance_max={model.flux_guidance_max}; swap them"
+            )
+    if spec.attention_masked and model.flux_attention_masked_training is False:
+        out.append(
+            f"model.flux_attention_masked_training=false: flavour {spec.mimics or spec.name} was trained "
+            "with the T5 padding mask and needs it; remove the override"
+        )
+    backend = attention_backend_problem(model.attention_backend)
+    if backend:
+        out.append(backend)
+    elif model.attention_masked and model.attention_backend not in MASKED_ATTENTION_BACKENDS:
+        out.append(
+            f"model.attention_backend={model.attention_backend} takes no attention mask, which flavour "
+            f"{spec.mimics or spec.name} / flux_attention_masked_training needs; use "
+            f"{' or '.join(MASKED_ATTENTION_BACKENDS)}"
+        )
+    out += model.quantization.problems() + memory_problems(model)
     return out
 
 
-def adapter_problems(adapter: AdapterConfig) -> list[str]:
+def combination_problems(run: RunConfig, optimizer_name: str | None) -> list[str]:
+    """Settings that are each valid but cannot run together (all checked before any load)."""
     out = []
-    try:
-        resolve_targets(adapter.target)
-    except ValueError as err:
-        out.append(str(err))
-    if adapter.rank < 1:
-        out.append(f"adapter.rank={adapter.rank} must be >= 1")
-    if adapter.init not in INIT_TYPES:
-        out.append(f"adapter.init={adapter.init!r} is unknown; use one of {sorted(INIT_TYPES)}")
-    if not 0.0 <= adapter.dropout < 1.0:
-        out.append(f"adapter.dropout={adapter.dropout} must be within [0, 1)")
+    spec, model = run.model.spec, run.model
+    name = spec.mimics or spec.name
+    if spec.fast_schedule and run.timesteps.weighting != "schnell_fast" and not run.timesteps.force_schedule:
+        out.append(
+            f"flavour {name} trains with its fast schedule but timesteps.weighting={run.timesteps.weighting}; "
+            "use timesteps=schnell_fast (or timesteps.force_schedule=true to train with it anyway)"
+        )
+    if (
+        model.quantization.base_model_default_dtype == "fp32"
+        and (run.adapter.weight_dtype or adapter_dtype(optimizer_name)) == "bf16"
+    ):
+        out.append(
+            "optimizer=adamw_bf16 holds the adapter in bf16 but quantization.base_model_default_dtype=fp32; "
+            "use optimizer=adamw (or another fp32 optimizer) or base_model_default_dtype=bf16"
+        )
+    if spec.reference_conditioning and not isinstance(run.dataset, PairedDatasetConfig):
+        out.append(
+            f"flavour {name} trains on image pairs (reference + target); use dataset=kontext_pairs "
+            "(or set dataset.conditioning_data_dir)"
+        )
+    if isinstance(run.dataset, PairedDatasetConfig) and not spec.reference_conditioning:
+        out.append(
+            f"dataset.conditioning_data_dir gives reference images, which flavour {name} does not use; "
+            "use model=kontext or a dataset without conditioning_data_dir"
+        )
+    if model.assistant_lora and run.adapter.type != "lora":
+        out.append(
+            f"the assistant LoRA of flavour {name} stacks under a LoRA, not a {run.adapter.type}; "
+            "set model.assistant_lora_path=none or use adapter=lora"
+        )
     return out
 
 
 def data_folder_problems(dataset: DatasetConfig) -> list[str]:
     out = []
     for b in dataset.image_backends():
-        field = "dataset.instance_data_dir" if dataset.uses_shorthand() else f"dataset.backends[{b.id}].instance_data_dir"
+        field_name = "dataset.instance_data_dir" if dataset.uses_shorthand() else f"dataset.backends[{b.id}].instance_data_dir"
         out += [
-            f"{field}: folder '{d}' does not exist; point it at a folder of images"
+            f"{field_name}: folder '{d}' does not exist; point it at a folder of images"
             for d in b.folders()
+            if not Path(d).expanduser().is_dir()
+        ]
+    if isinstance(dataset, PairedDatasetConfig):
+        out += [
+            f"dataset.conditioning_data_dir: folder '{d}' does not exist; point it at the reference images"
+            for d in dataset.conditioning_folders()
             if not Path(d).expanduser().is_dir()
         ]
     return out
@@ -88,10 +166,11 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     and data folders are checked, all before any weights load.
     """
     problems: list[str] = []
+    paired = cfg.dataset is not None and "conditioning_data_dir" in cfg.dataset
     run = RunConfig(
         model=_typed(ModelConfig, cfg.model, "model", problems),
         adapter=_typed(AdapterConfig, cfg.adapter, "adapter", problems),
-        dataset=_typed(DatasetConfig, cfg.dataset, "dataset", problems),
+        dataset=_typed(PairedDatasetConfig if paired else DatasetConfig, cfg.dataset, "dataset", problems),
         timesteps=_typed(TimestepConfig, cfg.timesteps, "timesteps", problems),
         tread=_typed(TreadConfig, cfg.get("tread_config"), "tread_config", problems),
         compile=cfg.get("compile", False),
@@ -100,8 +179,16 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
         run.dataset = resolve_dataset(run.dataset)
     except DataError as err:
         problems.append(str(err))
-    problems += model_problems(run.model) + adapter_problems(run.adapter) + run.dataset.problems()
-    blocks = known_num_blocks(run.model) if run.model.flavour in FLAVOURS else None
+    optimizer_name = cfg.optimizer.get("name") if cfg.get("optimizer") is not None else None
+    problems += model_problems(run.model)
+    problems += adapter_problems(run.adapter, quantized=run.model.quantization.quantized)
+    problems += run.dataset.problems()
+    if optimizer_name is not None:
+        problems += optimizer_problems(optimizer_name)
+    try:
+        blocks = known_num_blocks(run.model)
+    except ValueError:  # unknown flavour / tiny_like: reported by model_problems
+        blocks = None
     problems += route_problems(run.tread, blocks)
     if not isinstance(run.compile, bool):
         problems.append(f"compile={run.compile!r} must be true or false")
@@ -109,6 +196,10 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
         problems.append(
             f"timesteps.weighting={run.timesteps.weighting!r} is unknown; use sigmoid, uniform or schnell_fast"
         )
+    if run.model.flavour in FLAVOURS and not any("model.tiny_like" in p for p in problems):
+        problems += combination_problems(run, optimizer_name)
+    if run.adapter.weight_dtype is None:
+        run.adapter.weight_dtype = adapter_dtype(optimizer_name)
     if check_sources and not problems:
         problems += data_folder_problems(run.dataset)
         try:
@@ -120,6 +211,12 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
             ):
                 if extra:
                     check_source(extra, gated=False)
+            assistant = run.model.assistant_lora
+            if assistant and not Path(assistant[0]).expanduser().exists() and assistant[0].startswith(("/", ".", "~")):
+                problems.append(
+                    f"model.assistant_lora_path: '{assistant[0]}' does not exist; point it at a LoRA file "
+                    "or folder, or set it to none"
+                )
         except ModelSourceError as err:
             problems.append(str(err))
     if problems:

@@ -86,12 +86,15 @@ class TimestepConfig:
         sigmoid_scale: the ``scale`` of the sigmoid draw (quickstart: ``flow_sigmoid_scale``).
         flow_schedule_shift: static shift ``s``; 1.0 (or null) means no shift.
         flow_schedule_auto_shift: use the resolution-dependent shift instead of the static one.
+        force_schedule: allow a schedule other than the flavour's own (schnell trains with
+            ``schnell_fast``; anything else is refused unless this is true).
     """
 
     weighting: str = "sigmoid"
     sigmoid_scale: float = 1.0
     flow_schedule_shift: float | None = None
     flow_schedule_auto_shift: bool = False
+    force_schedule: bool = False
 
 
 def sample_sigmas(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -12,8 +13,17 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from .adapters import AdapterConfig, adapters_disabled, add_lora, export_lora
+from .adapters import (
+    AdapterConfig,
+    adapters_disabled,
+    add_adapter,
+    add_assistant_lora,
+    assistant_disabled,
+    export_adapter,
+)
 from .components import ModelConfig, load_transformer
+from .memory import apply_group_offload, enable_gradient_checkpointing
+from .optim import ADAPTER_DTYPES
 from .flow import (
     TimestepConfig,
     flow_loss,
@@ -67,8 +77,14 @@ class FluxLoRAModule(L.LightningModule):
     ``sigma ~ timesteps``, ``noise ~ N(0, I)``, ``x_t = (1 - sigma) x0 + sigma noise``,
     ``v = transformer(pack(x_t), sigma, text)``, ``loss = mean_b mean(|unpack(v) - (noise - x0)|^2)``.
 
-    Only LoRA parameters train; :meth:`state_dict` (and so every checkpoint) holds only them.
-    The transformer is built in :meth:`configure_model`, so construction is cheap.
+    Only adapter parameters train; :meth:`state_dict` (and so every checkpoint) holds only them,
+    never the (possibly quantized) base or a frozen assistant LoRA. The transformer is built in
+    :meth:`configure_model`, so construction is cheap.
+
+    Flavour behaviour comes from ``model.spec``: the embedded guidance (constant or drawn per sample
+    from a range), the T5 padding mask passed to attention (``batch["attention_mask"]``, extended
+    with ones for the image tokens), and kontext's reference tokens (``batch["reference_latents"]``
+    packed after the image tokens, ids' channel 0 = 1, prediction cut back to the image tokens).
 
     Args:
         model: where the base weights come from (see :class:`~flux_lightning.components.ModelConfig`).
@@ -115,13 +131,26 @@ class FluxLoRAModule(L.LightningModule):
         self._recent_losses: deque[torch.Tensor] = deque(maxlen=50)
 
     # -- model -------------------------------------------------------------------------------
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """Dtype the trainable adapter weights are held in (``adapter.weight_dtype``, default fp32)."""
+        return ADAPTER_DTYPES[self.adapter_cfg.weight_dtype or "fp32"]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype the transformer computes in (its input embedder's, which is never quantized)."""
+        return self.transformer.x_embedder.weight.dtype
+
     def configure_model(self) -> None:
         if self.transformer is not None:
             return
-        transformer = load_transformer(self.model_cfg)
-        add_lora(transformer, self.adapter_cfg)
+        transformer = load_transformer(self.model_cfg)  # quantized and attention backend set
+        assistant = self.model_cfg.assistant_lora
+        if assistant:
+            add_assistant_lora(transformer, *assistant)
+        add_adapter(transformer, self.adapter_cfg, dtype=self.adapter_dtype)
         if self.model_cfg.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(transformer, self.model_cfg.gradient_checkpointing_interval)
         if self.tread.routes:
             resolve_routes(self.tread.routes, num_blocks(transformer))  # bad indices fail before step 0
         if self.compile_blocks:
@@ -131,6 +160,10 @@ class FluxLoRAModule(L.LightningModule):
             compile_blocks(transformer, device_type=device)
         self.transformer = transformer.train()  # base Flux has no dropout; LoRA dropout needs train()
 
+    def on_fit_start(self) -> None:
+        if self.model_cfg.enable_group_offload and self.device.type == "cuda":
+            apply_group_offload(self.transformer, self.model_cfg, self.device)
+
     def forward(
         self,
         noisy: torch.Tensor,
@@ -138,33 +171,88 @@ class FluxLoRAModule(L.LightningModule):
         prompt_embeds: torch.Tensor,
         pooled_prompt_embeds: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        reference_latents: torch.Tensor | None = None,
         keep_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity prediction ``(B, 16, H, W)`` for noisy latents ``(B, 16, H, W)`` at ``sigmas`` ``(B,)``.
 
-        In train mode with gradients on and ``tread.routes`` set, the transformer runs with TREAD
-        routing; ``keep_tokens`` ``(B, H/2 * W/2)`` bool marks image tokens never dropped.
+        Args:
+            guidance: ``(B,)`` embedded guidance; None = the training guidance (only for
+                transformers with a guidance embedding, ignored otherwise).
+            attention_mask: ``(B, T)`` T5 padding mask (1 = token); image (and reference) tokens
+                are always attended. Masked text tokens cannot influence any other token.
+            reference_latents: ``(B, 16, H_r, W_r)`` clean reference latents (kontext); their
+                ``H_r/2 * W_r/2`` tokens follow the image tokens with ids ``(1, row, col)``.
+            keep_tokens: ``(B, H/2 * W/2)`` bool, image tokens TREAD never drops (in train mode
+                with gradients on and ``tread.routes`` set the transformer runs routed).
         """
         b, _, h, w = noisy.shape
-        dtype = next(self.transformer.parameters()).dtype
+        dtype = self.compute_dtype
+        device = noisy.device
         if self.transformer.config.guidance_embeds and guidance is None:
-            guidance = torch.full((b,), self.model_cfg.training_guidance, device=noisy.device)
+            guidance = torch.full((b,), self.model_cfg.training_guidance, device=device)
         elif not self.transformer.config.guidance_embeds:
             guidance = None
+        tokens = pack_latents(noisy)
+        ids = image_ids(h, w, device=device, dtype=dtype)
+        n_image = tokens.shape[1]
+        if reference_latents is not None:
+            rh, rw = reference_latents.shape[-2:]
+            tokens = torch.cat([tokens, pack_latents(reference_latents.to(noisy.dtype))], dim=1)
+            ids = torch.cat([ids, image_ids(rh, rw, device=device, dtype=dtype, index=1)], dim=0)
+            if keep_tokens is not None:  # reference tokens are always kept
+                extra = torch.ones(b, tokens.shape[1] - n_image, dtype=torch.bool, device=device)
+                keep_tokens = torch.cat([keep_tokens, extra], dim=1)
+        joint = None
+        if attention_mask is not None:
+            image_ones = torch.ones(b, tokens.shape[1], dtype=torch.bool, device=device)
+            joint = {"attention_mask": torch.cat([attention_mask.to(device).bool(), image_ones], dim=1)}
         inputs = dict(
-            hidden_states=pack_latents(noisy).to(dtype),
+            hidden_states=tokens.to(dtype),
             timestep=sigmas.to(dtype),
             guidance=None if guidance is None else guidance.to(dtype),
             pooled_projections=pooled_prompt_embeds.to(dtype),
             encoder_hidden_states=prompt_embeds.to(dtype),
-            txt_ids=text_ids(prompt_embeds.shape[1], device=noisy.device, dtype=dtype),
-            img_ids=image_ids(h, w, device=noisy.device, dtype=dtype),
+            txt_ids=text_ids(prompt_embeds.shape[1], device=device, dtype=dtype),
+            img_ids=ids,
+            joint_attention_kwargs=joint,
         )
         if self.tread.routes and self.training and torch.is_grad_enabled():
             pred = routed_forward(self.transformer, self.tread.routes, keep_tokens=keep_tokens, **inputs)
         else:
             pred = self.transformer(**inputs, return_dict=False)[0]
-        return unpack_latents(pred, h, w)
+        return unpack_latents(pred[:, :n_image], h, w)
+
+    def sample_guidance(self, batch_size: int, device=None) -> torch.Tensor | None:
+        """Per-sample embedded guidance ``(B,)`` for a training step (None without a guidance embedding).
+
+        ``constant``: every sample gets the training guidance value; ``random-range``: each draws
+        ``U(flux_guidance_min, flux_guidance_max)``.
+        """
+        cfg = self.model_cfg
+        if not cfg.spec.guidance_embeds:
+            return None
+        if cfg.flux_guidance_mode == "random-range":
+            low, high = cfg.flux_guidance_min, cfg.flux_guidance_max
+            return low + (high - low) * torch.rand(batch_size, device=device)
+        return torch.full((batch_size,), cfg.training_guidance, device=device)
+
+    def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The optional inputs this flavour takes from a batch (attention mask, reference latents)."""
+        spec, out = self.model_cfg.spec, {}
+        if self.model_cfg.attention_masked:
+            if "attention_mask" not in batch:
+                raise KeyError("attention-masked training needs batch['attention_mask'] (the T5 padding mask)")
+            out["attention_mask"] = batch["attention_mask"]
+        if spec.reference_conditioning:
+            if "reference_latents" not in batch:
+                raise KeyError(
+                    f"flavour {spec.mimics or spec.name} trains on image pairs: the batch needs "
+                    "'reference_latents' (use a paired dataset, e.g. dataset=kontext_pairs)"
+                )
+            out["reference_latents"] = batch["reference_latents"].float()
+        return out
 
     def noise_and_sigmas(self, x0: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample noise ``(B, C, H, W)`` and sigmas ``(B,)``, each drawn from its own generator
@@ -191,12 +279,13 @@ class FluxLoRAModule(L.LightningModule):
         noise, sigmas = self.noise_and_sigmas(x0, batch_idx)
         noisy = noisy_latents(x0, noise, sigmas)
         text = (batch["prompt_embeds"], batch["pooled_prompt_embeds"])
+        extra = dict(guidance=self.sample_guidance(b, device=x0.device), **self.conditioning(batch))
         mask = batch.get("mask")  # (B, 1, H, W) at latent size: 1 = train, 0 = ignore
         keep = None if mask is None else tokens_in_mask(mask)  # TREAD never drops masked-in tokens
-        pred = self(noisy, sigmas, *text, keep_tokens=keep)
+        pred = self(noisy, sigmas, *text, keep_tokens=keep, **extra)
         if "is_regularisation" in batch:  # prior preservation: match the base model's own prediction
             with torch.no_grad(), adapters_disabled(self.transformer):
-                target = self(noisy, sigmas, *text).float()
+                target = self(noisy, sigmas, *text, **extra).float()
         else:
             target = flow_target(x0, noise)
         loss = flow_loss(pred, target, mask).mean()
@@ -214,6 +303,36 @@ class FluxLoRAModule(L.LightningModule):
     # -- optimisation ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    @contextmanager
+    def inference_adapters(self, text_attention_mask: torch.Tensor | None = None) -> Iterator[None]:
+        """Set the transformer up for rendering images (validation) inside the block.
+
+        The frozen assistant LoRA is switched off (images show what the trained adapter does), and
+        for attention-masked flavours every transformer call gets ``text_attention_mask`` ``(T,)``
+        or ``(1, T)``, extended with ones for the image tokens, whatever pipeline calls it.
+        """
+        handle = None
+        if text_attention_mask is not None and self.model_cfg.attention_masked:
+            text_mask = text_attention_mask.reshape(1, -1).bool()
+
+            def add_mask(module, args, kwargs):
+                hidden = kwargs["hidden_states"]
+                b, n = hidden.shape[0], hidden.shape[1]
+                mask = torch.cat(
+                    [text_mask.to(hidden.device).expand(b, -1), torch.ones(b, n, dtype=torch.bool, device=hidden.device)],
+                    dim=1,
+                )
+                kwargs["joint_attention_kwargs"] = {**(kwargs.get("joint_attention_kwargs") or {}), "attention_mask": mask}
+                return args, kwargs
+
+            handle = self.transformer.register_forward_pre_hook(add_mask, with_kwargs=True)
+        try:
+            with assistant_disabled(self.transformer):
+                yield
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.trainable_parameters())
@@ -233,26 +352,44 @@ class FluxLoRAModule(L.LightningModule):
             set_rng_states(checkpoint["rng_states"])
 
     # -- adapter-only state ------------------------------------------------------------------
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
     def state_dict(self, *args, **kwargs):
-        """Only the LoRA tensors: the frozen base never enters a checkpoint."""
+        """Only the trained adapter's tensors: the frozen (possibly quantized) base and the frozen
+        assistant LoRA never enter a checkpoint."""
+        trainable = self._trainable_names()
         full = super().state_dict(*args, **kwargs)
-        return type(full)((k, v) for k, v in full.items() if ".lora_" in k)
+        return type(full)((k, v) for k, v in full.items() if k in trainable)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in result.missing_keys if ".lora_" in k]
-        if strict and (missing or result.unexpected_keys):
+        """Copy adapter tensors into the trainable parameters (the base is never touched, so this
+        also works on quantized bases)."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(params) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(params))
+        wrong = [k for k in state_dict if k in params and tuple(state_dict[k].shape) != tuple(params[k].shape)]
+        if strict and (missing or unexpected or wrong):
             raise RuntimeError(
                 f"adapter state does not match this model: missing {missing[:5]}, unexpected "
-                f"{result.unexpected_keys[:5]} (was it trained with another adapter.rank/target?)"
+                f"{unexpected[:5]}, other shapes {wrong[:5]} (was it trained with another adapter.rank/target?)"
             )
-        return result
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                if key in params and key not in wrong:
+                    params[key].copy_(value.to(params[key].dtype))
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def export_lora(self, directory: str | Path, **kwargs) -> Path:
-        """Write ``<directory>/pytorch_lora_weights.safetensors`` (diffusers keys)."""
+        """Write ``<directory>/pytorch_lora_weights.safetensors``: diffusers keys for a LoRA, the
+        LyCORIS layout for a LoKr (see :mod:`flux_lightning.lokr`)."""
         metadata = {
             "flux_lightning.flavour": self.model_cfg.flavour,
             "flux_lightning.guidance_value": str(self.model_cfg.training_guidance),
+            "flux_lightning.guidance_mode": self.model_cfg.flux_guidance_mode,
+            "flux_lightning.quantization": self.model_cfg.quantization.base_model_precision,
             "flux_lightning.step": str(self.global_step if self._trainer is not None else 0),
         }
-        return export_lora(self.transformer, self.adapter_cfg, directory, extra_metadata=metadata, **kwargs)
+        if self.model_cfg.tiny_like:
+            metadata["flux_lightning.tiny_like"] = self.model_cfg.tiny_like
+        return export_adapter(self.transformer, self.adapter_cfg, directory, extra_metadata=metadata, **kwargs)

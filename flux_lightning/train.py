@@ -19,6 +19,7 @@ from .checkpointing import AtomicCheckpointIO
 from .components import ModelSourceError
 from .config import ConfigError, validate
 from .data import DataError, FluxDataModule
+from .data.paired import PairedDatasetConfig, PairedFluxDataModule
 from .module import FluxLoRAModule
 from .sweep import write_result
 
@@ -90,7 +91,8 @@ def train(cfg: DictConfig) -> float:
             cb.config_yaml = _resolved_yaml(cfg)
     prompts = [p for cb in callbacks if isinstance(cb, ValidationImages) for p in cb.prompt_texts()]
     evals = [cb for cb in callbacks if isinstance(cb, EvalLoss)]
-    datamodule = FluxDataModule(run.dataset, run.model, prompts=prompts, **(evals[0].data_kwargs() if evals else {}))
+    datamodule_cls = PairedFluxDataModule if isinstance(run.dataset, PairedDatasetConfig) else FluxDataModule
+    datamodule = datamodule_cls(run.dataset, run.model, prompts=prompts, **(evals[0].data_kwargs() if evals else {}))
     module = FluxLoRAModule(
         model=run.model,
         adapter=run.adapter,

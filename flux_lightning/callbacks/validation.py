@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +281,11 @@ class ValidationImages(L.Callback):
         settings = self.sampling(pl_module.model_cfg.spec)
         embed = datamodule.prompt_embedding
         pipe = self._pipeline(pl_module)
-        device, dtype = pl_module.device, next(pl_module.transformer.parameters()).dtype
+        device = pl_module.device
+        dtype = getattr(pl_module, "compute_dtype", None) or next(pl_module.transformer.parameters()).dtype
+        # adapters as for inference (assistant LoRA off) and, for attention-masked flavours, the T5 mask
+        inference = getattr(pl_module, "inference_adapters", None)
+        negative_mask = embed(self.negative_prompt).get("attention_mask")
 
         def tensors(text: str, prefix: str = "") -> dict[str, torch.Tensor]:
             e = embed(text)
@@ -310,17 +315,23 @@ class ValidationImages(L.Callback):
                         num_inference_steps=settings["num_inference_steps"],
                         vae_config=self._vae.config,
                     )
-                image = pipe(
-                    height=height,
-                    width=width,
-                    num_inference_steps=settings["num_inference_steps"],
-                    guidance_scale=settings["guidance_scale"],
-                    generator=torch.Generator(device="cpu").manual_seed(self.seed),
-                    **kwargs,
-                ).images[0]
+                mask = embed(prompt).get("attention_mask")
+                if mask is not None and "true_cfg_scale" in cfg_kwargs and negative_mask is not None:
+                    mask = mask.bool() | negative_mask.bool()  # one mask serves both CFG branches
+                with inference(text_attention_mask=mask) if inference else nullcontext():
+                    image = pipe(
+                        height=height,
+                        width=width,
+                        num_inference_steps=settings["num_inference_steps"],
+                        guidance_scale=settings["guidance_scale"],
+                        generator=torch.Generator(device="cpu").manual_seed(self.seed),
+                        **kwargs,
+                    ).images[0]
                 path = out_dir / f"{safe_name(nick)}_{width}x{height}.png"
                 image.save(path)
                 records.append(ValidationRecord(nick, prompt, width, height, image, path))
+        if getattr(pl_module.model_cfg, "enable_model_cpu_offload", False):
+            self._vae.to("cpu")  # on the accelerator only while decoding
         return records
 
     def _log_grid(self, trainer, records: list[ValidationRecord], step: int) -> None:

@@ -86,12 +86,26 @@ def place(size: tuple[int, int], cfg: ImageBackendConfig, *, key: str, seed: int
             factor = math.sqrt(factor)
         downsample = (max(1, round(w * factor)), max(1, round(h * factor)))
         w, h = downsample
-    bw, bh = bucket_size(bucket_aspect((w, h), cfg, key=key, seed=seed), cfg)
+    bucket = bucket_size(bucket_aspect((w, h), cfg, key=key, seed=seed), cfg)
+    return fit((w, h), bucket, cfg.crop_style, key=key, seed=seed, downsample=downsample)
+
+
+def fit(
+    size: tuple[int, int],
+    bucket: tuple[int, int],
+    crop_style: str = "center",
+    *,
+    key: str = "",
+    seed: int = 0,
+    downsample: tuple[int, int] | None = None,
+) -> Placement:
+    """Cover-resize an image of ``size`` to ``bucket`` and crop it there (``center``/``random``/``corner``)."""
+    (w, h), (bw, bh) = size, bucket
     scale = max(bw / w, bh / h)
     rw, rh = max(bw, math.ceil(w * scale - 1e-6)), max(bh, math.ceil(h * scale - 1e-6))
-    if cfg.crop_style == "corner":
+    if crop_style == "corner":
         left, top = 0, 0
-    elif cfg.crop_style == "random":
+    elif crop_style == "random":
         rng = _rng(key, seed, "crop")
         left, top = rng.randint(0, rw - bw), rng.randint(0, rh - bh)
     else:

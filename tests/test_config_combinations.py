@@ -1,0 +1,100 @@
+"""Settings that cannot run (together) fail in ``validate()`` with one line naming the fix, before any
+weights load or model folder is built."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import flux_lightning.config as config_module
+from flux_lightning.config import ConfigError, validate
+from flux_lightning.train import config_dir
+
+
+def _compose(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(
+            "train", overrides=[f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache", *overrides]
+        )
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fail the test if validation gets as far as resolving (building/probing) a model source."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("validate() reached the model source although the config is invalid")
+
+    monkeypatch.setattr(config_module, "resolve_source", forbidden)
+
+
+INCOMPATIBLE = [
+    (("quantization=int8_quanto", "adapter.init=loftq"), "adapter.init=loftq rewrites the base weights and cannot run on a quantized base"),
+    (("quantization=int4_quanto", "adapter.init=pissa"), "adapter.init=pissa rewrites the base weights"),
+    (("model.enable_group_offload=true", "model.enable_model_cpu_offload=true"),
+     "model.enable_group_offload and model.enable_model_cpu_offload are mutually exclusive"),
+    (("optimizer=adamw_bf16", "model.quantization.base_model_default_dtype=fp32"),
+     "optimizer=adamw_bf16 holds the adapter in bf16 but quantization.base_model_default_dtype=fp32"),
+    (("model.tiny_like=schnell",), "trains with its fast schedule but timesteps.weighting=sigmoid; use timesteps=schnell_fast"),
+    (("model=schnell",), "flavour schnell trains with its fast schedule"),
+    (("model.tiny_like=kontext",), "flavour kontext trains on image pairs"),
+    (("dataset=kontext_pairs",), "dataset.conditioning_data_dir gives reference images, which flavour tiny does not use"),
+    (("model=schnell", "timesteps=schnell_fast", "adapter=lokr"), "the assistant LoRA of flavour schnell stacks under a LoRA, not a lokr"),
+    (("model.tiny_like=libreflux", "model.flux_attention_masked_training=false"), "flavour libreflux was trained with the T5 padding mask"),
+    (("model.tiny_like=libreflux", "model.attention_backend=flex", "model.flux_guidance_mode=random-range"),
+     "flavour libreflux has no guidance embedding"),
+    (("model.flux_guidance_mode=random-range", "model.flux_guidance_min=5", "model.flux_guidance_max=2"), "flux_guidance_min=5.0 > flux_guidance_max=2.0"),
+    (("model.attention_backend=sageattention",), "model.attention_backend=sageattention needs the sageattention package"),
+    (("model.tiny_like=turbo",), "model.tiny_like='turbo' is unknown"),
+    (("model=krea", "model.tiny_like=dev"), "model.tiny_like=dev only applies to model.flavour=tiny"),
+    (("quantization=int8_quanto", "model.quantization.quantize_via=gpu"), "quantization.quantize_via='gpu' is unknown"),
+    (("optimizer.name=sgd",), "optimizer.name='sgd' is unknown"),
+    (("adapter=lokr", "adapter.init=gaussian"), "LoKr takes adapter.init=default"),
+    (("model.gradient_checkpointing_interval=0",), "model.gradient_checkpointing_interval=0 must be >= 1"),
+    (("adapter.init_lora=/no/such.safetensors",), "adapter.init_lora: file '/no/such.safetensors' does not exist"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", INCOMPATIBLE, ids=[" ".join(o) for o, _ in INCOMPATIBLE])
+def test_incompatible_settings_fail_at_start_up(tmp_path, nothing_loads, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        validate(_compose(tmp_path, *overrides))
+    assert message in str(info.value)
+    line = next(l for l in str(info.value).splitlines() if message in l)
+    assert ";" in line or "use" in line, "the line names no fix"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_group_offload_without_a_gpu_is_refused(tmp_path, nothing_loads):
+    with pytest.raises(ConfigError, match="model.enable_group_offload needs a CUDA GPU"):
+        validate(_compose(tmp_path, "model.enable_group_offload=true"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_loftq_without_a_gpu_is_refused(tmp_path, nothing_loads):
+    with pytest.raises(ConfigError, match="adapter.init=loftq needs a CUDA GPU"):
+        validate(_compose(tmp_path, "adapter.init=loftq"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.tiny_like=schnell", "timesteps=schnell_fast"),
+        ("model.tiny_like=schnell", "timesteps.force_schedule=true"),
+        ("model.tiny_like=kontext", "dataset=kontext_pairs"),
+        ("model.tiny_like=libreflux",),
+        ("quantization=nf4_bnb", "optimizer=lion8bit_paged"),
+        ("quantization=int4_quanto", "adapter=lokr", "optimizer=prodigy"),
+        ("model.tiny_like=dev", "model.flux_guidance_mode=random-range"),
+        ("model.vae_enable_tiling=true", "model.enable_model_cpu_offload=true", "model.gradient_checkpointing_interval=2"),
+    ],
+)
+def test_compatible_combinations_validate(tmp_path, overrides):
+    run = validate(_compose(tmp_path, *overrides), check_sources=False)
+    assert run.model.flavour == "tiny"
+
+
+def test_all_problems_of_a_combination_are_listed_together(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        validate(_compose(tmp_path, "quantization=int8_quanto", "adapter.init=loftq", "model.enable_group_offload=true",
+                          "model.enable_model_cpu_offload=true"))
+    text = str(info.value)
+    assert "loftq" in text and "mutually exclusive" in text
