@@ -21,10 +21,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..flow import unpack_latents
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ class PreviewWebhook:
         self._autoencoder.to(device)
 
     @torch.no_grad()
-    def decode(self, packed: torch.Tensor, height: int, width: int, vae_config) -> "PIL.Image.Image":  # noqa: F821
+    def decode(self, packed: torch.Tensor, height: int, width: int, vae_config) -> Image:
         """Packed latents ``(1, S, 64)`` of a ``height x width`` image -> a PIL preview image."""
         from PIL import Image
 
