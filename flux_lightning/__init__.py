@@ -5,6 +5,7 @@ from .components import ModelConfig
 from .data import DatasetConfig, FluxDataModule
 from .flow import TimestepConfig
 from .module import FluxLoRAModule
+from .tread import TreadConfig, TreadRoute
 
 __all__ = [
     "AdapterConfig",
@@ -13,4 +14,6 @@ __all__ = [
     "FluxLoRAModule",
     "ModelConfig",
     "TimestepConfig",
+    "TreadConfig",
+    "TreadRoute",
 ]
