@@ -6,6 +6,7 @@ from .data import DatasetConfig, FluxDataModule
 from .flow import TimestepConfig
 from .module import FluxLoRAModule
 from .quantization import QuantizationConfig
+from .tread import TreadConfig, TreadRoute
 
 __all__ = [
     "AdapterConfig",
@@ -15,4 +16,6 @@ __all__ = [
     "ModelConfig",
     "QuantizationConfig",
     "TimestepConfig",
+    "TreadConfig",
+    "TreadRoute",
 ]
