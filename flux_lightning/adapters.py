@@ -397,6 +397,13 @@ def export_adapter(transformer: torch.nn.Module, cfg: AdapterConfig, directory, 
     if cfg.type == "lokr":
         from .lokr import export_lokr
 
+        fmt = kwargs.pop("lora_format", "diffusers")
+        if fmt != "diffusers":
+            warnings.warn(
+                f"lora_format={fmt} applies to LoRA; adapter=lokr is always written in the LyCORIS "
+                "layout, which ComfyUI and kohya-style loaders read",
+                stacklevel=2,
+            )
         return export_lokr(transformer, cfg, directory, **kwargs)
     return export_lora(transformer, cfg, directory, **kwargs)
 

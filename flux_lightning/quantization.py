@@ -164,9 +164,10 @@ def _quantize_nf4(model: torch.nn.Module, device: torch.device, compute_dtype: t
             device="meta",
         )
         new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, quant_type="nf4")
-        if old.in_features % new.weight.blocksize and hasattr(new, "support_avx512bf16_for_cpu"):
-            # bitsandbytes' CPU inference repacking assumes in_features >= its block size (64);
-            # narrower layers (only the tiny test model has them) keep the generic kernel
+        if hasattr(new, "support_avx512bf16_for_cpu"):
+            # bitsandbytes repacks the weight for a CPU inference kernel on the first eval-mode call
+            # (validation, eval loss) and the packed layout then breaks training steps; it also
+            # assumes in_features >= its block size (64). A base we train on keeps the generic kernel.
             new.support_avx512bf16_for_cpu = False
         if old.bias is not None:
             new.bias = torch.nn.Parameter(old.bias.data, requires_grad=False)

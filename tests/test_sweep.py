@@ -8,7 +8,7 @@ import pytest
 
 from flux_lightning.sweep import collect, format_table
 
-COMMON = ["trainer.max_steps=2", "callbacks.validation=null", "logger=csv", "dataset.demo_images=4"]
+COMMON = ["trainer.max_steps=2", "callbacks.validation=null", "callbacks.eval_loss=null", "logger=csv", "dataset.demo_images=4"]
 
 
 def _run(args, cwd):
