@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .checkpointing import save_safetensors_atomic
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
 
 _MMDIT = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -424,8 +424,6 @@ def export_lora(
     ``B' = [B, -B0]`` with alpha doubled, so that on the *original* base ``W0 + s (B A - B0 A0)``
     equals the training model's weight.
     """
-    from safetensors.torch import save_file
-
     from .lora_formats import convert
 
     state = lora_state_dict(transformer)
@@ -456,17 +454,7 @@ def export_lora(
         metadata["lora_adapter_metadata"] = json.dumps(
             {f"transformer.{k}": v for k, v in config.items()}, sort_keys=True, default=str
         )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lora.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, directory / LORA_FILENAME)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return directory / LORA_FILENAME
+    return save_safetensors_atomic(tensors, Path(directory) / LORA_FILENAME, metadata)
 
 
 def _convert_principal_init(

@@ -1,4 +1,4 @@
-"""Checkpoint files written atomically: a kill during a save leaves the previous file intact."""
+"""Files written atomically (checkpoints, safetensors): a kill during a save leaves the previous file intact."""
 
 from __future__ import annotations
 
@@ -27,3 +27,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` to a temporary name in the same folder, then ``os.replace``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:16]}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

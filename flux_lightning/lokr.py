@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .adapters import LORA_FILENAME, AdapterConfig, resolve_targets
+from .checkpointing import save_safetensors_atomic
 
 NETWORK_ATTR = "lycoris"  # the LyCORIS network is registered on the transformer under this name
 
@@ -117,8 +117,6 @@ def export_lokr(
     The metadata says ``flux_lightning.adapter=lokr`` and carries the LoKr settings, so a reader
     knows the file is not a PEFT LoRA.
     """
-    from safetensors.torch import save_file
-
     tensors = {k: v.to(dtype).contiguous() for k, v in lokr_state_dict(transformer).items()}
     metadata = {
         "format": "pt",
@@ -127,17 +125,7 @@ def export_lokr(
         "lycoris_config": json.dumps(asdict(cfg), sort_keys=True, default=str),
         **(extra_metadata or {}),
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lokr.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, directory / LORA_FILENAME)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return directory / LORA_FILENAME
+    return save_safetensors_atomic(tensors, Path(directory) / LORA_FILENAME, metadata)
 
 
 def load_lokr_weights(transformer: torch.nn.Module, source: str | os.PathLike) -> None:

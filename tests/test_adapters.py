@@ -8,7 +8,7 @@ from diffusers import FluxPipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from flux_lightning import AdapterConfig, FluxLoRAModule, ModelConfig
+from flux_lightning import AdapterConfig, FluxLoRAModule
 from flux_lightning.adapters import LORA_FILENAME, TARGET_PRESETS, add_lora, resolve_targets
 from flux_lightning.components import load_transformer
 from flux_lightning.flow import image_ids, text_ids

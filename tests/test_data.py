@@ -176,14 +176,14 @@ def test_caption_dropout_is_deterministic_per_epoch(tiny_model_cfg, cache_root):
 
 def test_cache_writes_are_atomic(tmp_path, monkeypatch):
     cache = TensorCache(tmp_path)
-    from flux_lightning.data import cache as cache_mod
+    import safetensors.torch as st
 
     def crash(tensors, path, metadata=None):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_mod, "save_file", crash)
+    monkeypatch.setattr(st, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         cache.save("ab" * 32, {"x": torch.ones(2)})
     assert "ab" * 32 not in cache

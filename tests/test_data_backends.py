@@ -17,7 +17,7 @@ from flux_lightning import AdapterConfig, FluxLoRAModule
 from flux_lightning.config import validate
 from flux_lightning.data import DataError, DatasetConfig, FluxDataModule
 from flux_lightning.data import datamodule as dm_mod
-from flux_lightning.data.config import ImageBackendConfig, TextEmbedsConfig
+from flux_lightning.data.config import ImageBackendConfig
 from flux_lightning.train import config_dir
 
 from .conftest import REPO

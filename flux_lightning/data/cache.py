@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..checkpointing import save_safetensors_atomic
 
 
 def cache_key(**fields) -> str:
@@ -48,14 +49,5 @@ class TensorCache:
         return load_file(self.path(key))
 
     def save(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-            save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_safetensors_atomic(tensors, self.path(key), {k: str(v) for k, v in (metadata or {}).items()})
