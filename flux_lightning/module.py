@@ -19,9 +19,9 @@ from .adapters import (
     add_adapter,
     add_assistant_lora,
     assistant_disabled,
-    export_adapter,
 )
 from .components import ModelConfig, load_transformer
+from .export import export_adapter
 from .memory import apply_group_offload, enable_gradient_checkpointing
 from .optim import ADAPTER_DTYPES
 from .flow import (

@@ -1,0 +1,98 @@
+"""Write the trained adapter to disk: LoRA (diffusers / ComfyUI / kohya layouts) or LoKr (LyCORIS).
+
+The LoRA file is what ``FluxPipeline.load_lora_weights`` reads: ``transformer.<module>.lora_A.weight`` /
+``.lora_B.weight`` plus, in the safetensors metadata, diffusers' ``lora_adapter_metadata`` (the PEFT
+config, so alpha != rank keeps its effect) and plain ``lora_rank`` / ``lora_alpha`` entries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .adapters import LORA_FILENAME, AdapterConfig, lora_state_dict
+from .checkpointing import save_safetensors_atomic
+
+
+def export_adapter(transformer: torch.nn.Module, cfg: AdapterConfig, directory, **kwargs) -> Path:
+    """Write the trained adapter to ``directory`` in the format of its type (see :func:`export_lora`
+    and :func:`flux_lightning.lokr.export_lokr`)."""
+    if cfg.type == "lokr":
+        from .lokr import export_lokr
+
+        fmt = kwargs.pop("lora_format", "diffusers")
+        if fmt != "diffusers":
+            warnings.warn(
+                f"lora_format={fmt} applies to LoRA; adapter=lokr is always written in the LyCORIS "
+                "layout, which ComfyUI and kohya-style loaders read",
+                stacklevel=2,
+            )
+        return export_lokr(transformer, cfg, directory, **kwargs)
+    return export_lora(transformer, cfg, directory, **kwargs)
+
+
+def export_lora(
+    transformer: torch.nn.Module,
+    cfg: AdapterConfig,
+    directory: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    lora_format: str = "diffusers",
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write ``<directory>/pytorch_lora_weights.safetensors`` atomically and return its path.
+
+    ``lora_format`` picks the key layout (see :mod:`flux_lightning.lora_formats`). For PiSSA/OLoRA
+    the trained ``(A, B)`` and initial ``(A0, B0)`` become one rank-2r LoRA ``A' = [A; A0]``,
+    ``B' = [B, -B0]`` with alpha doubled, so that on the *original* base ``W0 + s (B A - B0 A0)``
+    equals the training model's weight.
+    """
+    from .lora_formats import convert
+
+    state = lora_state_dict(transformer)
+    rank, alpha = cfg.rank, cfg.lora_alpha
+    initial = getattr(transformer, "_flux_lightning_initial_lora", {})
+    if initial:
+        state = _convert_principal_init(state, initial)
+        rank, alpha = 2 * rank, 2 * alpha
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    out_features = {n: m.out_features for n, m in transformer.named_modules() if hasattr(m, "out_features")}
+    tensors = convert(state, lora_format, alpha=alpha, out_features=out_features)
+    config = transformer._flux_lightning_lora_config.to_dict()
+    # Dropout is a training-time regulariser. diffusers' load_lora_weights leaves the injected LoRA
+    # layers in train mode, so a file carrying lora_dropout > 0 would drop activations at inference.
+    config.update(r=rank, lora_alpha=alpha, init_lora_weights=True, lora_dropout=0.0)
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    metadata = {
+        "format": "pt",
+        "lora_format": lora_format,
+        "lora_rank": str(rank),
+        "lora_alpha": str(alpha),
+        "lora_target": json.dumps(sorted(config["target_modules"])),
+        **(extra_metadata or {}),
+    }
+    if lora_format == "kohya":
+        metadata.update(ss_network_module="networks.lora_flux", ss_network_dim=str(rank), ss_network_alpha=str(alpha))
+    elif lora_format == "diffusers":  # comfyui carries alpha as tensors; diffusers refuses both at once
+        metadata["lora_adapter_metadata"] = json.dumps(
+            {f"transformer.{k}": v for k, v in config.items()}, sort_keys=True, default=str
+        )
+    return save_safetensors_atomic(tensors, Path(directory) / LORA_FILENAME, metadata)
+
+
+def _convert_principal_init(
+    state: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        # state keys drop the adapter name: "x.lora_A.weight"; initial keys keep it: "x.lora_A.default.weight"
+        init = initial[key.replace(".weight", ".default.weight")]
+        if ".lora_A." in key:
+            out[key] = torch.cat([value, init.to(value.dtype)], dim=0)
+        else:
+            out[key] = torch.cat([value, -init.to(value.dtype)], dim=1)
+    return out
