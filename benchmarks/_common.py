@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -89,3 +90,10 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def save_json(path: str | None, result: dict) -> None:
+    """Write ``result`` to ``path`` (if given) as indented JSON."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)

@@ -14,7 +14,6 @@ steps (warm-up). Reports the median s/step of each and their ratio (target <= 1.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from functools import partial
@@ -22,7 +21,7 @@ from functools import partial
 import lightning as L
 import torch
 
-from _common import batches, machine, median, model_config, small_flux_folder, table
+from _common import batches, machine, median, model_config, save_json, small_flux_folder, table
 
 from flux_lightning import AdapterConfig, FluxLoRAModule
 from flux_lightning.callbacks import LossProgressBar
@@ -166,9 +165,7 @@ def main() -> dict:
         )
     )
     print(f"target: ratio <= 1.05 -> {'met' if result['ratio'] <= 1.05 else 'NOT met'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(args.json, result)
     return result
 
 

@@ -14,14 +14,13 @@ warm-up. Reports the median s/step and the speed-up (target >= 1.25x at 4096 tok
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 import warnings
 
 import torch
 
-from _common import batches, machine, median, model_config, small_flux_folder, table
+from _common import batches, machine, median, model_config, save_json, small_flux_folder, table
 
 from flux_lightning import AdapterConfig, FluxLoRAModule
 from flux_lightning.tread import TreadConfig, TreadRoute
@@ -94,9 +93,7 @@ def main() -> dict:
     at_4096 = [c["speedup"] for c in cases if c["image_tokens"] == 4096]
     if at_4096:
         print(f"target: >= 1.25x at 4096 tokens -> {'met' if at_4096[0] >= 1.25 else 'NOT met'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(args.json, result)
     return result
 
 

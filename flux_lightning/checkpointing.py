@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +46,28 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: di
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def build_folder_once(folder, build: Callable[[Path], None], marker: str | None = None) -> Path:
+    """Create ``folder`` once: ``build(tmp)`` fills a sibling temporary folder that is then renamed
+    into place, so a half-built folder is never seen. ``marker``: a file whose presence means the
+    folder is complete (default: the folder existing)."""
+    folder = Path(folder)
+
+    def ready() -> bool:
+        return (folder / marker).is_file() if marker else folder.is_dir()
+
+    if ready():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first; its folder is identical
+            if not ready():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

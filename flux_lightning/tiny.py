@@ -12,11 +12,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .checkpointing import build_folder_once
 
 TINY_VERSION = 1  # bump when the architecture or tokenizers below change
 
@@ -184,21 +185,11 @@ def ensure_tiny_folder(root: str | os.PathLike, seed: int = 0, *, guidance_embed
     The folder name encodes everything that determines its contents, so it doubles as a cache key.
     """
     name = f"tiny-flux-v{TINY_VERSION}-seed{seed}-{'guided' if guidance_embeds else 'unguided'}"
-    folder = Path(root) / name
-    if (folder / "model_index.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
-    try:
-        build_tiny_pipeline(seed, guidance_embeds=guidance_embeds).save_pretrained(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first; theirs is identical
-            if not (folder / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return build_folder_once(
+        Path(root) / name,
+        lambda tmp: build_tiny_pipeline(seed, guidance_embeds=guidance_embeds).save_pretrained(tmp),
+        marker="model_index.json",
+    )
 
 
 # -- tiny helpers for the evaluation callbacks (CLIP score, validation previews) ----------------
@@ -297,22 +288,12 @@ def ensure_tiny_aux_folder(root: str | os.PathLike, name: str, seed: int = 0) ->
     """Folder for ``tiny://<name>`` (``clip`` or ``taef1``) under ``root``, built once, atomically."""
     if name not in _AUX_BUILDERS:
         raise ValueError(f"tiny://{name} is unknown; use one of {['tiny://' + n for n in _AUX_BUILDERS]}")
-    folder = Path(root) / f"tiny-{name}-v{TINY_AUX_VERSION}-seed{seed}"
-    if (folder / "config.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         extra = {"tokenizer": _reusable_clip_tokenizer(Path(root))} if name == "clip" else {}
         _AUX_BUILDERS[name](tmp, seed, **extra)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first; theirs is identical
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return build_folder_once(Path(root) / f"tiny-{name}-v{TINY_AUX_VERSION}-seed{seed}", build, marker="config.json")
 
 
 def resolve_tiny_source(source: str, root: str | os.PathLike) -> str:

@@ -19,6 +19,16 @@ from flux_lightning import AdapterConfig, DatasetConfig, FluxDataModule, FluxLoR
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls are fastest single-threaded (and do not fight other processes for cores);
+    modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory) -> Path:
     """One cache dir for the session: the tiny model folder and demo data are built once."""

@@ -25,13 +25,7 @@ QUANTIZATIONS = ["none", "int8_quanto", "int4_quanto"]
 ADAPTERS = {"lora": lora, "lokr": lokr}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls are fastest single-threaded (and do not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("adapter", list(ADAPTERS))

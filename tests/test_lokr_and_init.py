@@ -15,12 +15,7 @@ from flux_lightning.lokr import lokr_network, to_diffusers_state_dict
 from .helpers import fit, lokr, lora, predict, tiny_cfg, timesteps_for
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module(cfg, adapter):

@@ -20,12 +20,7 @@ OPTIMIZER_FILES = sorted(p.stem for p in (Path(config_dir()) / "optimizer").glob
 SCHEDULER_FILES = sorted(p.stem for p in (Path(config_dir()) / "lr_scheduler").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _compose(tmp_path, *overrides):

@@ -17,12 +17,7 @@ from flux_lightning.quantization import KEEP_HIGH_PRECISION, QuantizationConfig,
 from .helpers import BatchDataset, fit, lokr, lora, needs_bnb, predict, tiny_cfg, timesteps_for, trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bf16(cache_root, precision):

@@ -14,12 +14,7 @@ from flux_lightning.train import config_dir, train
 from .helpers import needs_bnb
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(run_dir, cache_root, *overrides):

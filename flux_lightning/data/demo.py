@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from ..checkpointing import build_folder_once
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -40,26 +40,17 @@ def _draw(shape: str, colour, background, size: int, rng: random.Random) -> Imag
 def make_demo_dataset(root: str | os.PathLike, count: int = 16, size: int = 128, seed: int = 0) -> Path:
     """Write ``count`` PNGs named like ``a red circle on a white background.png`` (once; atomic)."""
     folder = Path(os.path.expanduser(root)) / f"shapes-v1-n{count}-s{size}-seed{seed}"
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".shapes.", dir=folder.parent))
-    rng = random.Random(seed)
-    combos = [
-        (s, c, b)
-        for s, c, b in itertools.product(SHAPES, COLOURS, BACKGROUNDS)
-        if not (c == "yellow" and b == "white")
-    ]
-    rng.shuffle(combos)
-    try:
+
+    def draw_all(tmp: Path) -> None:
+        rng = random.Random(seed)
+        combos = [
+            (s, c, b)
+            for s, c, b in itertools.product(SHAPES, COLOURS, BACKGROUNDS)
+            if not (c == "yellow" and b == "white")
+        ]
+        rng.shuffle(combos)
         for shape, colour, bg in combos[:count]:
             im = _draw(shape, COLOURS[colour], BACKGROUNDS[bg], size, rng)
             im.save(tmp / f"a {colour} {shape} on a {bg} background.png")
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return build_folder_once(folder, draw_all)

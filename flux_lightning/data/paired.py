@@ -10,9 +10,6 @@ teaches "colour this in".
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
+from ..checkpointing import build_folder_once
 from .buckets import fit
 from .cache import cache_key, file_digest
 from .config import DatasetConfig
@@ -67,23 +65,14 @@ class PairedDatasetConfig(DatasetConfig):
 
 def make_grayscale_references(folder: Path) -> Path:
     """A sibling folder with a grayscale copy of every image in ``folder`` (built once, atomically)."""
-    target = folder.parent / f"{folder.name}-reference-gray"
-    if target.is_dir():
-        return target
-    tmp = Path(tempfile.mkdtemp(prefix=".reference.", dir=folder.parent))
-    try:
+
+    def copy_gray(tmp: Path) -> None:
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 with Image.open(path) as im:
                     ImageOps.grayscale(im).convert("RGB").save(tmp / path.name)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_folder_once(folder.parent / f"{folder.name}-reference-gray", copy_gray)
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
