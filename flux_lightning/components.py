@@ -217,6 +217,17 @@ def check_source(source: str, *, revision: str | None = None, gated: bool = True
         raise ModelSourceError(_hub_help(source, gated, reason)) from None
 
 
+def may_load(source: str, filename: str = "config.json") -> bool:
+    """Whether loading ``source`` can work without waiting on an unreachable hub: a local path, a
+    hub id whose ``filename`` is in the local hub cache, or a hub that answers a quick probe."""
+    if Path(os.path.expanduser(source)).exists() or source.startswith((".", "/", "~")):
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, filename)
+    return isinstance(cached, str) or _hub_reachable()
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP probe of the hub endpoint, so an offline machine fails in seconds, not minutes."""
     from huggingface_hub import constants

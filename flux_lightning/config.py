@@ -110,10 +110,12 @@ def combination_problems(run: RunConfig, optimizer_name: str | None) -> list[str
     out = []
     spec, model = run.model.spec, run.model
     name = spec.mimics or spec.name
-    if spec.fast_schedule and run.timesteps.weighting != "schnell_fast" and not run.timesteps.force_schedule:
+    weighting = run.timesteps.weighting
+    if spec.fast_schedule and weighting not in (None, "schnell_fast") and not run.timesteps.force_schedule:
         out.append(
-            f"flavour {name} trains with its fast schedule but timesteps.weighting={run.timesteps.weighting}; "
-            "use timesteps=schnell_fast (or timesteps.force_schedule=true to train with it anyway)"
+            f"flavour {name} trains with its fast schedule but timesteps.weighting={weighting}; "
+            "drop the timesteps override (schnell picks schnell_fast itself) or add "
+            "timesteps.force_schedule=true to train with it anyway"
         )
     if (
         model.quantization.base_model_default_dtype == "fp32"
@@ -123,15 +125,10 @@ def combination_problems(run: RunConfig, optimizer_name: str | None) -> list[str
             "optimizer=adamw_bf16 holds the adapter in bf16 but quantization.base_model_default_dtype=fp32; "
             "use optimizer=adamw (or another fp32 optimizer) or base_model_default_dtype=bf16"
         )
-    if spec.reference_conditioning and not isinstance(run.dataset, PairedDatasetConfig):
-        out.append(
-            f"flavour {name} trains on image pairs (reference + target); use dataset=kontext_pairs "
-            "(or set dataset.conditioning_data_dir)"
-        )
-    if isinstance(run.dataset, PairedDatasetConfig) and not spec.reference_conditioning:
+    if run.dataset.conditioning_data_dir is not None and not spec.reference_conditioning:
         out.append(
             f"dataset.conditioning_data_dir gives reference images, which flavour {name} does not use; "
-            "use model=kontext or a dataset without conditioning_data_dir"
+            "use model=kontext or remove dataset.conditioning_data_dir"
         )
     if model.assistant_lora and run.adapter.type != "lora":
         out.append(
@@ -166,11 +163,10 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     and data folders are checked, all before any weights load.
     """
     problems: list[str] = []
-    paired = cfg.dataset is not None and "conditioning_data_dir" in cfg.dataset
     run = RunConfig(
         model=_typed(ModelConfig, cfg.model, "model", problems),
         adapter=_typed(AdapterConfig, cfg.adapter, "adapter", problems),
-        dataset=_typed(PairedDatasetConfig if paired else DatasetConfig, cfg.dataset, "dataset", problems),
+        dataset=_typed(DatasetConfig, cfg.dataset, "dataset", problems),
         timesteps=_typed(TimestepConfig, cfg.timesteps, "timesteps", problems),
         tread=_typed(TreadConfig, cfg.get("tread_config"), "tread_config", problems),
         compile=cfg.get("compile", False),
@@ -181,6 +177,9 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
         problems.append(str(err))
     optimizer_name = cfg.optimizer.get("name") if cfg.get("optimizer") is not None else None
     problems += model_problems(run.model)
+    flavour_known = run.model.flavour in FLAVOURS and not any("model.tiny_like" in p for p in problems)
+    if flavour_known and run.model.spec.reference_conditioning:  # trains on (target, reference) pairs
+        run.dataset = PairedDatasetConfig.from_dataset(run.dataset)
     problems += adapter_problems(run.adapter, quantized=run.model.quantization.quantized)
     problems += run.dataset.problems()
     if optimizer_name is not None:
@@ -192,12 +191,13 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     problems += route_problems(run.tread, blocks)
     if not isinstance(run.compile, bool):
         problems.append(f"compile={run.compile!r} must be true or false")
-    if run.timesteps.weighting not in ("sigmoid", "uniform", "schnell_fast"):
+    if run.timesteps.weighting not in (None, "sigmoid", "uniform", "schnell_fast"):
         problems.append(
             f"timesteps.weighting={run.timesteps.weighting!r} is unknown; use sigmoid, uniform or schnell_fast"
         )
-    if run.model.flavour in FLAVOURS and not any("model.tiny_like" in p for p in problems):
+    if flavour_known:
         problems += combination_problems(run, optimizer_name)
+        run.timesteps = run.timesteps.for_flavour(run.model.spec.fast_schedule)
     if run.adapter.weight_dtype is None:
         run.adapter.weight_dtype = adapter_dtype(optimizer_name)
     if check_sources and not problems:

@@ -13,7 +13,8 @@ Packing turns each 2x2 latent patch into one token: ``(B, C, H, W) -> (B, H/2 * 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
 import torch
 
 # diffusers' FLUX scheduler config: base_image_seq_len 256, max_image_seq_len 4096,
@@ -82,19 +83,27 @@ class TimestepConfig:
 
     Attributes:
         weighting: ``sigmoid`` draws ``sigmoid(scale * N(0, 1))``; ``uniform`` draws U(0, 1);
-            ``schnell_fast`` draws from ``{1.0 x7, 0.75, 0.5, 0.25}`` without shift.
+            ``schnell_fast`` draws from ``{1.0 x7, 0.75, 0.5, 0.25}`` without shift; null = the
+            flavour's own (``schnell_fast`` for schnell, else ``sigmoid``; see :meth:`for_flavour`).
         sigmoid_scale: the ``scale`` of the sigmoid draw (quickstart: ``flow_sigmoid_scale``).
         flow_schedule_shift: static shift ``s``; 1.0 (or null) means no shift.
         flow_schedule_auto_shift: use the resolution-dependent shift instead of the static one.
         force_schedule: allow a schedule other than the flavour's own (schnell trains with
-            ``schnell_fast``; anything else is refused unless this is true).
+            ``schnell_fast``; an explicit other ``weighting`` is refused unless this is true).
     """
 
-    weighting: str = "sigmoid"
+    weighting: str | None = None
     sigmoid_scale: float = 1.0
     flow_schedule_shift: float | None = None
     flow_schedule_auto_shift: bool = False
     force_schedule: bool = False
+
+    def for_flavour(self, fast_schedule: bool) -> TimestepConfig:
+        """This config with ``weighting`` resolved: null becomes the flavour's own schedule
+        (``schnell_fast`` when ``fast_schedule``, else ``sigmoid``)."""
+        if self.weighting is not None:
+            return self
+        return replace(self, weighting="schnell_fast" if fast_schedule else "sigmoid")
 
 
 def sample_sigmas(

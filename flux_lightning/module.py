@@ -112,7 +112,7 @@ class FluxLoRAModule(L.LightningModule):
         super().__init__()
         self.model_cfg = model or ModelConfig()
         self.adapter_cfg = adapter or AdapterConfig()
-        self.timesteps = timesteps or TimestepConfig()
+        self.timesteps = (timesteps or TimestepConfig()).for_flavour(self.model_cfg.spec.fast_schedule)
         self.tread = tread or TreadConfig()
         self.compile_blocks = compile
         self.save_hyperparameters(

@@ -1,9 +1,10 @@
 """Optimizers for the adapter parameters (``optimizer=`` group), as data plus one builder.
 
-Each ``conf/optimizer/<name>.yaml`` is ``_target_: flux_lightning.optim.build_optimizer`` with
-``_partial_: true``, ``name: <name>`` and the optimizer's keyword arguments; the module calls the
-partial with the adapter parameters only. LR schedulers are diffusers' ``get_scheduler`` (see
-``conf/lr_scheduler``).
+The ``optimizer`` config node is an :class:`OptimizerConfig` (its ``_target_`` is
+:func:`build_optimizer`, ``_partial_: true``); each ``conf/optimizer/<name>.yaml`` states only what
+differs from it (``name`` and the keyword arguments whose library default it changes). The module
+calls the partial with the adapter parameters only. LR schedulers are diffusers' ``get_scheduler``
+through :func:`build_lr_scheduler` (:class:`LRSchedulerConfig`, ``conf/lr_scheduler``).
 
 ``adamw_bf16`` holds the adapter weights in bf16 and lets torch-optimi apply Kahan-compensated
 updates: the rounding error of each ``p <- p + u`` in bf16 is kept in a bf16 buffer ``c`` and added
@@ -22,6 +23,49 @@ from dataclasses import dataclass
 import torch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizerConfig:
+    """The ``optimizer`` node: which optimizer and its keyword arguments (adapter parameters only).
+
+    A keyword left ``None`` is not passed, so the optimizer's own default applies.
+
+    Attributes:
+        name: a key of :data:`OPTIMIZERS` (``optimizer=<name>`` picks the option that sets it).
+        lr: learning rate (the quickstart's LoRA default 1e-4; Prodigy wants 1.0).
+        betas, weight_decay, eps: as in AdamW.
+        kahan_sum: torch-optimi's Kahan-compensated updates (null = on for bf16 weights).
+        min_8bit_size: bitsandbytes: tensors smaller than this keep 32-bit state.
+        d_coef, use_bias_correction, safeguard_warmup: Prodigy's.
+    """
+
+    _target_: str = "flux_lightning.optim.build_optimizer"
+    _partial_: bool = True
+    name: str = "adamw_bf16"
+    lr: float = 1e-4
+    betas: list[float] | None = None
+    weight_decay: float | None = None
+    eps: float | None = None
+    kahan_sum: bool | None = None
+    min_8bit_size: int | None = None
+    d_coef: float | None = None
+    use_bias_correction: bool | None = None
+    safeguard_warmup: bool | None = None
+
+
+@dataclass
+class LRSchedulerConfig:
+    """The ``lr_scheduler`` node: diffusers' ``get_scheduler(name, ...)``; ``num_training_steps``
+    comes from ``trainer.max_steps``. ``num_cycles`` (cosine_with_restarts) and ``power``
+    (polynomial) left ``None`` keep diffusers' defaults."""
+
+    _target_: str = "flux_lightning.optim.build_lr_scheduler"
+    _partial_: bool = True
+    name: str = "constant"
+    num_warmup_steps: int = 0
+    num_cycles: int | None = None
+    power: float | None = None
 
 @dataclass(frozen=True)
 class OptimizerSpec:
@@ -85,8 +129,10 @@ def optimizer_problems(name: str) -> list[str]:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, **kwargs) -> torch.optim.Optimizer:
-    """Instantiate optimizer ``name`` over ``params`` with ``kwargs`` (lists become tuples)."""
+    """Instantiate optimizer ``name`` over ``params`` with ``kwargs`` (lists become tuples; ``None``
+    values are left out so the optimizer's own defaults apply)."""
     spec = get_optimizer_spec(name)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     problems = optimizer_problems(name)
     if problems:
         raise ImportError(problems[0])
@@ -104,6 +150,14 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, **kwargs) -
             kwargs["lr"],
         )
     return optimizer_cls(params, **kwargs)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, num_training_steps: int, **kwargs):
+    """diffusers' ``get_scheduler(name, optimizer, ...)``; ``None`` keyword values are left out."""
+    from diffusers.optimization import get_scheduler
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return get_scheduler(name, optimizer, num_training_steps=num_training_steps, **kwargs)
 
 
 def _on_cuda(param) -> bool:

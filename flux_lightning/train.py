@@ -21,9 +21,11 @@ from .config import ConfigError, validate
 from .data import DataError, FluxDataModule
 from .data.paired import PairedDatasetConfig, PairedFluxDataModule
 from .module import FluxLoRAModule
+from .schema import register
 from .sweep import write_result
 
 log = logging.getLogger(__name__)
+register()  # the config schema (train_schema) and the run_name resolver, before Hydra composes
 
 
 def config_dir() -> str:
@@ -69,15 +71,27 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
 
 
 def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
-    """``latest`` -> the run dir's ``checkpoints/last.ckpt`` if there is one; a path stays a path."""
+    """``latest`` -> the newest checkpoint in the run dir's ``checkpoints/`` (normally ``last.ckpt``;
+    a ``step*.ckpt`` when the run died between writing it and ``last.ckpt``); a path stays a path."""
     if value in (None, "", "none"):
         return None
     if value == "latest":
-        last = Path(output_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        found = [p for p in (Path(output_dir) / "checkpoints").glob("*.ckpt") if p.is_file()]
+        return str(max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"))) if found else None
     if not Path(value).is_file():
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} does not exist")
+        raise ConfigError(f"resume_from_checkpoint: {value} does not exist; give a .ckpt file, latest or null")
     return value
+
+
+def announce_resume(ckpt: str | None) -> None:
+    """One line saying where training continues from (or nothing when it starts fresh)."""
+    if ckpt is None:
+        return
+    try:
+        step = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", "?")
+    except Exception:  # unreadable: Lightning will report it properly when it loads the file
+        step = "?"
+    print(f"resuming from {ckpt} (step {step}); resume_from_checkpoint=null starts afresh", flush=True)
 
 
 def train(cfg: DictConfig) -> float:
@@ -105,7 +119,10 @@ def train(cfg: DictConfig) -> float:
     )
     trainer = build_trainer(cfg, callbacks, _instantiate_all(cfg.get("logger")))
     output_dir = cfg.paths.output_dir
-    trainer.fit(module, datamodule, ckpt_path=resolve_checkpoint(cfg.get("resume_from_checkpoint"), output_dir))
+    ckpt = resolve_checkpoint(cfg.get("resume_from_checkpoint"), output_dir)
+    if trainer.is_global_zero:
+        announce_resume(ckpt)
+    trainer.fit(module, datamodule, ckpt_path=ckpt)
     loss = module.recent_train_loss()
     eval_loss = evals[0].last_loss if evals else None
     if trainer.is_global_zero:

@@ -119,3 +119,22 @@ def test_a_bad_model_path_is_a_config_error(tiny_model_cfg, tmp_path):
     cb = CLIPScoreCallback(model_name_or_path=str(tmp_path / "no-clip-here"))
     with pytest.raises(ConfigError, match="callbacks.clip_score.model_name_or_path: cannot load CLIP model"):
         cb.load(tiny_model_cfg)
+
+
+def test_the_flavours_default_clip_is_optional_offline(caplog):
+    """A real flavour's default CLIP cannot be fetched offline: warn once and train on, quickly."""
+    import time
+
+    from huggingface_hub import constants
+
+    from flux_lightning import ModelConfig
+
+    assert constants.HF_HUB_OFFLINE  # conftest: tests never reach the hub
+    cb = CLIPScoreCallback()
+    start = time.monotonic()
+    with caplog.at_level("WARNING"):
+        cb.load(ModelConfig(flavour="krea"))
+    assert time.monotonic() - start < 10
+    assert cb.metric is None
+    assert [r.message for r in caplog.records if "CLIP score is off" in r.message]
+    cb.on_validation_images(None, None, 0, ["a record"])  # no metric: nothing happens, nothing raises

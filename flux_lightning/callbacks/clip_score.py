@@ -102,7 +102,9 @@ class CLIPScoreCallback(L.Callback):
     Args:
         model_name_or_path: transformers CLIP folder or hub id, or ``open_clip:<architecture>``;
             null = the flavour's (``openai/clip-vit-large-patch14``; the tiny flavour builds a tiny
-            random CLIP locally).
+            random CLIP locally). A model given here must load (else the run stops at start-up);
+            the flavour's default is optional: when it cannot be loaded (offline, not in the hub
+            cache) the run warns once and trains without CLIP score.
         open_clip_pretrained: open_clip weights (tag or file) for an ``open_clip:`` model.
     """
 
@@ -122,16 +124,28 @@ class CLIPScoreCallback(L.Callback):
     def load(self, model_cfg) -> None:
         from torchmetrics.multimodal.clip_score import CLIPScore
 
+        from ..components import may_load
+
+        explicit = self.model_name_or_path is not None
         source = resolve_tiny_source(self.model_name_or_path or model_cfg.spec.clip_model, model_cfg.cache_dir)
         try:
+            if not explicit and not may_load(source):
+                raise OSError("the hub is unreachable (offline) and the model is not in the local hub cache")
             with preserved_rng():
                 model, processor = load_clip(source, self.open_clip_pretrained)
         except Exception as err:
-            raise ConfigError(
-                f"{_FIELD}.model_name_or_path: cannot load CLIP model {source!r} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); point it at a local CLIP folder or set "
-                f"{_FIELD}=null"
-            ) from None
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if explicit:
+                raise ConfigError(
+                    f"{_FIELD}.model_name_or_path: cannot load CLIP model {source!r} ({reason}); point it at "
+                    f"a local CLIP folder or set {_FIELD}=null"
+                ) from None
+            log.warning(
+                "CLIP score is off for this run: the flavour's CLIP model %r cannot be loaded (%s); set "
+                "%s.model_name_or_path=<local CLIP folder> to score, or %s=null to silence this",
+                source, reason, _FIELD, _FIELD,
+            )
+            return
         self.metric = CLIPScore(model_name_or_path=lambda: (model, processor))
 
     @torch.no_grad()

@@ -167,6 +167,9 @@ class DatasetConfig:
         demo_images: images in the generated demo dataset.
         max_image_pixels: larger images are refused (decompression-bomb guard).
         seed: seed for random crops, sampling order and caption dropout.
+        conditioning_data_dir: reference images for flavours that train on image pairs (kontext):
+            a folder (or a list, one per ``instance_data_dir`` folder) with the same relative file
+            names; see :class:`flux_lightning.data.paired.PairedDatasetConfig`.
     """
 
     backends: list[ImageBackendConfig] = field(default_factory=list)
@@ -185,6 +188,7 @@ class DatasetConfig:
     demo_images: int = 16
     max_image_pixels: int = 89_478_485
     seed: int = 0
+    conditioning_data_dir: Any = None
 
     def uses_shorthand(self) -> bool:
         return not self.backends and self.backend_file is None

@@ -10,9 +10,8 @@ teaches "colour this in".
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image, ImageOps
@@ -30,16 +29,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PairedDatasetConfig(DatasetConfig):
-    """A single-folder :class:`DatasetConfig` whose images each have a reference image
-    (``dataset=kontext_pairs``).
+    """A single-folder :class:`DatasetConfig` whose images each have a reference image under the
+    same relative path in ``conditioning_data_dir`` (null with demo data = generated grayscale
+    references). :func:`flux_lightning.config.validate` uses it for flavours that train on pairs."""
 
-    Attributes:
-        conditioning_data_dir: a folder (or a list, one per ``instance_data_dir`` folder) holding
-            the reference images under the same relative paths as the training images; null with
-            demo data = generated grayscale references.
-    """
-
-    conditioning_data_dir: Any = None
+    @classmethod
+    def from_dataset(cls, dataset: DatasetConfig) -> PairedDatasetConfig:
+        return cls(**{f.name: getattr(dataset, f.name) for f in fields(dataset)})
 
     def conditioning_folders(self) -> list[str]:
         dirs = self.conditioning_data_dir
@@ -55,7 +51,7 @@ class PairedDatasetConfig(DatasetConfig):
             folders = self.image_backends()[0].folders()
             if self.conditioning_data_dir is None:
                 out.append(
-                    "dataset.conditioning_data_dir is required with dataset.instance_data_dir: point it at "
+                    "dataset.conditioning_data_dir is required with dataset.instance_data_dir; point it at "
                     "the folder of reference images (same relative file names as the training images)"
                 )
             elif len(self.conditioning_folders()) != len(folders):

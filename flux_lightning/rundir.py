@@ -1,0 +1,104 @@
+"""The run dir: a stable name per run (so re-running a command resumes it), held by one process.
+
+``hydra.run.dir`` is ``outputs/runs/${run_name}``; ``run_name`` defaults to the experiment's name
+(:func:`default_run_name`). :class:`RunDirLock` (a Hydra callback) takes an exclusive ``flock`` on
+``<run dir>/.lock`` before Hydra writes anything there, so a second process on the same dir is
+refused with the holder's pid instead of interleaving checkpoints with it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+LOCK_NAME = ".lock"
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process holds the run dir."""
+
+
+def default_run_name() -> str:
+    """The experiment's name (``+experiment=krea_lora`` -> ``krea_lora``); ``demo`` for the embedded
+    default (tiny flavour on demo data); else ``<model>_<dataset>`` from the group choices."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "run"
+    choices = HydraConfig.get().runtime.choices
+    experiment = choices.get("experiment")
+    if experiment:
+        return str(experiment).replace("/", "_")
+    model, dataset = choices.get("model"), choices.get("dataset")
+    return "demo" if (model, dataset) == ("tiny", "demo") else f"{model}_{dataset}"
+
+
+def _is_launcher_child() -> bool:
+    """DDP ranks started by Lightning re-run the command in rank 0's run dir: they share its lock."""
+    return any(int(os.environ.get(v, "0") or 0) != 0 for v in ("LOCAL_RANK", "NODE_RANK"))
+
+
+def acquire(run_dir: str | Path) -> int | None:
+    """Lock ``run_dir`` for this process (released when it exits); returns the lock's fd.
+
+    Raises:
+        RunDirInUse: another live process holds it (the message names its pid and the fix).
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no protection, as before
+        return None
+    if _is_launcher_child():
+        return None
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirInUse(
+            f"run dir {run_dir} is in use by pid {holder}; wait for that run to end (or stop it), "
+            "or give this one its own dir with run_name=<name>"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class RunDirLock(Callback):
+    """Hydra callback: lock the run dir (single run) or the job dir (multirun) for this process."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def _lock(self, run_dir: str) -> None:
+        try:
+            fd = acquire(run_dir)
+        except RunDirInUse as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        if fd is not None:
+            self.fds.append(fd)
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)  # so ${hydra:...} and run_name resolve here
+        self._lock(str(config.hydra.run.dir))
+
+    def on_job_start(self, config, **kwargs) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode == RunMode.MULTIRUN:
+            self._lock(str(config.hydra.runtime.output_dir))
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode == RunMode.MULTIRUN and self.fds:
+            os.close(self.fds.pop())

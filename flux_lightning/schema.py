@@ -1,0 +1,80 @@
+"""The config schema: one typed node per config group, registered once with Hydra's ConfigStore.
+
+The library's dataclasses are the single source of truth for every field and its default:
+``conf/train.yaml`` starts its defaults list with ``train_schema`` (:class:`TrainConfig`), so each
+group option (``conf/model/krea.yaml``, ``conf/optimizer/prodigy.yaml``, ...) is merged into a typed
+node and states only what differs from the dataclass defaults. A misspelt key fails while Hydra
+composes (``Key 'rnk' not in 'AdapterConfig'``), and every field can be set on the command line.
+
+Only the Hydra entry point imports this module; the library itself has no Hydra dependency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .adapters import AdapterConfig
+from .components import ModelConfig
+from .data.config import DatasetConfig
+from .flow import TimestepConfig
+from .optim import LRSchedulerConfig, OptimizerConfig
+from .tread import TreadConfig
+
+# Wiring between nodes (not defaults of the dataclasses): caches live under paths.cache_dir, the
+# data order follows the run's seed.
+_MODEL_WIRING = {"cache_dir": "${paths.cache_dir}/models"}
+_DATASET_WIRING = {"cache_dir": "${paths.cache_dir}", "seed": "${seed}"}
+
+
+@dataclass
+class TrainConfig:
+    """The whole run (``python -m flux_lightning``): typed groups plus the ``_target_`` groups
+    (trainer kwargs, callbacks, loggers, paths) that stay plain dicts.
+
+    Attributes:
+        run_name: names the run dir ``outputs/runs/<run_name>``; default: the experiment's name
+            (``demo`` for the embedded default), so re-running a command resumes it.
+        resume_from_checkpoint: ``latest`` (the run dir's ``checkpoints/last.ckpt`` if any), a
+            path, or null to start fresh.
+        compile: regional ``torch.compile`` of the transformer blocks.
+    """
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**_MODEL_WIRING))
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    dataset: DatasetConfig = field(default_factory=lambda: DatasetConfig(**_DATASET_WIRING))
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    tread_config: TreadConfig = field(default_factory=TreadConfig)
+    seed: int = 42
+    compile: bool = False
+    resume_from_checkpoint: str | None = "latest"
+    run_name: str = "${flux_lightning.run_name:}"
+    paths: Any = None
+    trainer: Any = None
+    callbacks: Any = None
+    logger: Any = None
+
+
+# group -> the schema of its node (for tests and tools that walk the tree)
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "dataset": DatasetConfig,
+    "timesteps": TimestepConfig,
+    "optimizer": OptimizerConfig,
+    "lr_scheduler": LRSchedulerConfig,
+}
+
+
+def register() -> None:
+    """Register ``train_schema`` and the ``flux_lightning.run_name`` resolver (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from .rundir import default_run_name
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("flux_lightning.run_name"):
+        OmegaConf.register_new_resolver("flux_lightning.run_name", default_run_name)
