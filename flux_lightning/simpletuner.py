@@ -146,8 +146,9 @@ def value(path: str, conv: Callable[[Any], Any] = _str) -> Rule:
     return rule
 
 
-def choice(path: str, names: dict[str, Any], fix: str) -> Rule:
+def choice(path: str, names: dict[str, Any], fix: str | None = None) -> Rule:
     """The key picks ``names[value]`` for ``path`` (a config group or a value); other values fail."""
+    fix = fix or f"use one of {', '.join(names)}"
 
     def rule(key, v, out):
         if _name(v) not in names:
@@ -155,6 +156,11 @@ def choice(path: str, names: dict[str, Any], fix: str) -> Rule:
         out.set(path, names[_name(v)], key)
 
     return rule
+
+
+def one_of(path: str, *names: str) -> Rule:
+    """The key sets ``path`` to its value, one of ``names`` (same spelling here and in SimpleTuner)."""
+    return choice(path, {n: n for n in names})
 
 
 def no_effect(reason: str) -> Rule:
@@ -222,7 +228,8 @@ _flavour.reads = ("model_family", "pretrained_model_name_or_path")
 
 
 def _timesteps(key, v, out):
-    """``flux_fast_schedule`` (on by default for schnell, as in SimpleTuner) and the flow_* knobs."""
+    """``flux_fast_schedule`` and the ``flow_*`` knobs; schnell gets its fast schedule unless
+    ``flux_fast_schedule`` says otherwise (the quickstart: "no extra flags needed")."""
     fast = _bool(v) if v is not None else _name(out.settings.get("model_flavour")) == "schnell"
     flow = ("flow_schedule_shift", "flow_schedule_auto_shift", "flow_sigmoid_scale", "flow_use_uniform_schedule")
     if fast:
@@ -360,8 +367,10 @@ def _lycoris_config(key, v, out):
         raise _Line(f"lycoris_config: algo={v['algo']!r} has no equivalent here; use algo lokr")
     if _float(v.get("multiplier", 1.0)) != 1.0:
         raise _Line(f"lycoris_config: multiplier={v['multiplier']!r} is not supported; use 1.0 (scale at inference)")
-    out.unknown += [f"{key}.{k}" for k in v if k not in ("algo", "multiplier", "factor", "linear_dim", "linear_alpha", "full_matrix", "apply_preset")]  # fmt: skip
-    for field, path, conv in (("factor", "factor", _int), ("linear_dim", "rank", _int), ("linear_alpha", "alpha", _float), ("full_matrix", "full_matrix", _bool)):  # fmt: skip
+    fields = {"factor": ("factor", _int), "linear_dim": ("rank", _int), "linear_alpha": ("alpha", _float),
+              "full_matrix": ("full_matrix", _bool)}  # fmt: skip
+    out.unknown += [f"{key}.{k}" for k in v if k not in (*fields, "algo", "multiplier", "apply_preset")]
+    for field, (path, conv) in fields.items():
         if field in v:
             out.set(f"adapter.{path}", conv(v[field]), key)
     preset = v.get("apply_preset") or {}
@@ -441,8 +450,6 @@ def _only(expected: str, fix: str) -> Rule:
 
 _ATTENTION = {"diffusers": "sdpa", "native": "sdpa", "sageattention": "sageattention", "flash-attn": "flash",
               "flash-attn-2": "flash", "flex": "flex", "xformers": "xformers"}  # fmt: skip
-_LORA_TARGETS = ("mmdit", "all", "all+ffs", "context", "context+ffs", "tiny", "nano")
-_LORA_INITS = ("default", "gaussian", "loftq", "olora", "pissa")
 _M, _Q = "model.", "model.quantization."
 
 RULES: dict[str, Rule] = {
@@ -457,7 +464,7 @@ RULES: dict[str, Rule] = {
     "revision": value(_M + "revision", _optional(_str)),
     "mixed_precision": _mixed_precision,
     "flux_guidance_value": value(_M + "guidance_value", _float),
-    "flux_guidance_mode": choice(_M + "flux_guidance_mode", {"constant": "constant", "random-range": "random-range"}, "use constant or random-range"),  # fmt: skip
+    "flux_guidance_mode": one_of(_M + "flux_guidance_mode", "constant", "random-range"),
     "flux_guidance_min": value(_M + "flux_guidance_min", _float),
     "flux_guidance_max": value(_M + "flux_guidance_max", _float),
     "flux_attention_masked_training": value(_M + "flux_attention_masked_training", _bool),
@@ -465,17 +472,17 @@ RULES: dict[str, Rule] = {
     "assistant_lora_weight_name": value(_M + "assistant_lora_weight_name", _optional(_str)),
     "disable_assistant_lora": _true_sets(_M + "assistant_lora_path", "none"),
     # quantization
-    "base_model_precision": choice("quantization", QUANTIZATION, f"use one of {', '.join(QUANTIZATION)}"),
-    "base_model_default_dtype": choice(_Q + "base_model_default_dtype", {"bf16": "bf16", "fp32": "fp32"}, "use bf16 or fp32"),  # fmt: skip
+    "base_model_precision": choice("quantization", QUANTIZATION),
+    "base_model_default_dtype": one_of(_Q + "base_model_default_dtype", "bf16", "fp32"),
     "text_encoder_1_precision": _text_encoders,
     "text_encoder_2_precision": read_by("text_encoder_1_precision"),
-    "quantize_via": choice(_Q + "quantize_via", {"cpu": "cpu", "accelerator": "accelerator"}, "use cpu or accelerator"),
+    "quantize_via": one_of(_Q + "quantize_via", "cpu", "accelerator"),
     # memory and speed
-    "attention_mechanism": choice(_M + "attention_backend", _ATTENTION, f"use one of {', '.join(_ATTENTION)}"),
+    "attention_mechanism": choice(_M + "attention_backend", _ATTENTION),
     "gradient_checkpointing": value(_M + "gradient_checkpointing", _bool),
     "gradient_checkpointing_interval": value(_M + "gradient_checkpointing_interval", _int),
     "enable_group_offload": value(_M + "enable_group_offload", _bool),
-    "group_offload_type": choice(_M + "group_offload_type", {"block_level": "block_level", "leaf_level": "leaf_level"}, "use block_level or leaf_level"),  # fmt: skip
+    "group_offload_type": one_of(_M + "group_offload_type", "block_level", "leaf_level"),
     "group_offload_blocks_per_group": value(_M + "group_offload_blocks_per_group", _int),
     "group_offload_use_stream": value(_M + "group_offload_use_stream", _bool),
     "group_offload_to_disk_path": value(_M + "group_offload_to_disk_path", _optional(_str)),
@@ -489,8 +496,10 @@ RULES: dict[str, Rule] = {
     "lora_rank": standard_lora(value("adapter.rank", _int)),
     "lora_alpha": standard_lora(value("adapter.alpha", _optional(_float))),
     "lora_dropout": standard_lora(value("adapter.dropout", _float)),
-    "flux_lora_target": standard_lora(choice("adapter.target", {n: n for n in _LORA_TARGETS}, f"use one of {', '.join(_LORA_TARGETS)}")),  # fmt: skip
-    "lora_init_type": standard_lora(choice("adapter.init", {n: n for n in _LORA_INITS}, f"use one of {', '.join(_LORA_INITS)}")),  # fmt: skip
+    "flux_lora_target": standard_lora(
+        one_of("adapter.target", "mmdit", "all", "all+ffs", "context", "context+ffs", "tiny", "nano")
+    ),
+    "lora_init_type": standard_lora(one_of("adapter.init", "default", "gaussian", "loftq", "olora", "pissa")),
     "init_lora": value("adapter.init_lora", _optional(_str)),
     # timesteps
     "flux_fast_schedule": _timesteps,
@@ -499,7 +508,7 @@ RULES: dict[str, Rule] = {
     "flow_sigmoid_scale": read_by("flux_fast_schedule"),
     "flow_use_uniform_schedule": read_by("flux_fast_schedule"),
     # optimisation
-    "optimizer": choice("optimizer", OPTIMIZERS, f"use one of {', '.join(OPTIMIZERS)}"),
+    "optimizer": choice("optimizer", OPTIMIZERS),
     "learning_rate": value("optimizer.lr", _float),
     "optimizer_beta1": _betas,
     "optimizer_beta2": read_by("optimizer_beta1"),
@@ -509,7 +518,7 @@ RULES: dict[str, Rule] = {
     "lr_num_cycles": read_by("lr_scheduler"),
     "lr_power": read_by("lr_scheduler"),
     "max_grad_norm": _max_grad_norm,
-    "grad_clip_method": choice("trainer.gradient_clip_algorithm", {"norm": "norm", "value": "value"}, "use norm or value"),  # fmt: skip
+    "grad_clip_method": one_of("trainer.gradient_clip_algorithm", "norm", "value"),
     "max_train_steps": _max_steps,
     "num_train_epochs": read_by("max_train_steps"),
     "gradient_accumulation_steps": value("trainer.accumulate_grad_batches", _int),
@@ -592,8 +601,9 @@ def to_overrides(settings: dict[str, Any]) -> Translation:
                 out.errors.append(f"{key}={settings.get(key)!r} {err}")
     if out.errors:
         raise SettingError("\n".join(out.errors))
-    ordered = sorted(out.values.items(), key=lambda kv: (GROUPS.index(kv[0]) if kv[0] in GROUPS else len(GROUPS), kv[0].lstrip("+")))  # fmt: skip
-    overrides = [f"{k}={v if k in GROUPS else format_value(v)}" for k, (v, _) in ordered]
+    groups = [f"{k}={out.values[k][0]}" for k in GROUPS if k in out.values]
+    values = [f"{k}={format_value(v)}" for k, (v, _) in sorted(out.values.items(), key=lambda kv: kv[0].lstrip("+"))]
+    overrides = groups + [o for o in values if o.split("=", 1)[0] not in GROUPS]
     return Translation(overrides, out.unknown, out.no_effect)
 
 
