@@ -22,6 +22,7 @@ from .data import DataError, FluxDataModule
 from .data.paired import PairedDatasetConfig, PairedFluxDataModule
 from .module import FluxLoRAModule
 from .schema import register
+from .simpletuner_cli import with_simpletuner_config
 from .sweep import write_result
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ def _print_summary(
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
 
 
+@with_simpletuner_config  # `simpletuner_config=config.json` -> overrides (flux_lightning/simpletuner_cli.py)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -17,6 +17,7 @@ from flux_lightning import AdapterConfig, FluxLoRAModule
 from flux_lightning.config import validate
 from flux_lightning.data import DataError, DatasetConfig, FluxDataModule
 from flux_lightning.data import datamodule as dm_mod
+from flux_lightning.data.backend_file import load_backend_file
 from flux_lightning.data.config import ImageBackendConfig
 from flux_lightning.train import config_dir
 
@@ -345,3 +346,27 @@ def test_csv_metadata_captions(tiny_model_cfg, tmp_path):
     (d / "metadata.csv").write_text("filename,caption\nx.png,an x\nsub/y.png,a y\n")
     dm = _dm(tiny_model_cfg, tmp_path / "c", [_backend(d, caption_strategy="csv")], batch_size=1)
     assert sorted(s.caption for s in dm.train_dataset.samples) == ["a y", "an x"]
+
+
+def test_us_spelling_is_regularization_data_is_accepted_in_json_and_hydra(tmp_path, caplog):
+    """SimpleTuner reads ``is_regularization_data`` as well as ``is_regularisation_data``; so do we."""
+    (tmp_path / "reg").mkdir()
+    doc = [{"id": "reg", "instance_data_dir": str(tmp_path / "reg"), "resolution": 64, "is_regularization_data": True}]
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING):
+        (backend,), _ = load_backend_file(tmp_path / "m.json")
+    assert backend.is_regularisation_data and "is_regularization_data" not in caplog.text
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "dataset=multibackend",
+                f"paths.cache_dir={tmp_path}/cache",
+                "dataset.backends=[{id:reg,instance_data_dir:x,resolution:64,is_regularization_data:true},"
+                "{id:subject,instance_data_dir:y,resolution:64}]",
+            ],
+        )
+    run = validate(cfg, check_sources=False)
+    assert [b.is_regularisation_data for b in run.dataset.backends] == [True, False]
+    clash = ImageBackendConfig(id="r", instance_data_dir="x", is_regularisation_data=True, is_regularization_data=False)
+    assert any("is_regularization_data" in p and "disagree" in p for p in clash.problems())

@@ -47,6 +47,7 @@ class ImageBackendConfig:
         repeats: extra passes over this backend per epoch (0 = each image once).
         probability: relative chance of drawing this backend's batches.
         is_regularisation_data: target = the base model's prediction with the adapter off.
+        is_regularization_data: the US spelling, accepted like SimpleTuner does (null = not given).
         cache_dir_vae: latent cache folder for this backend (default ``<dataset.cache_dir>/vae``).
         skip_file_discovery: accepted for compatibility; ``vae`` = never encode, use what is cached.
         caption_dropout_probability: null = ``dataset.caption_dropout_probability``.
@@ -77,11 +78,16 @@ class ImageBackendConfig:
     repeats: int = 0
     probability: float = 1.0
     is_regularisation_data: bool = False
+    is_regularization_data: bool | None = None
     cache_dir_vae: str | None = None
     skip_file_discovery: str = ""
     caption_dropout_probability: float | None = None
     conditioning_data: str | None = None
     metadata_backend: str = "discovery"
+
+    def __post_init__(self):
+        if self.is_regularization_data and not self.is_regularisation_data:
+            self.is_regularisation_data = True  # the US spelling alone; a clash is reported by problems()
 
     def folders(self) -> list[str]:
         dirs = self.instance_data_dir
@@ -121,6 +127,8 @@ class ImageBackendConfig:
             bad("crop_aspect_buckets", f"crop_aspect={self.crop_aspect} needs a list of aspect ratios (w/h)")
         if self.crop_style not in CROP_STYLES:
             bad("crop_style", f"{self.crop_style!r} is unknown; use one of {', '.join(CROP_STYLES)}")
+        if self.is_regularization_data is not None and self.is_regularization_data != self.is_regularisation_data:
+            bad("is_regularization_data", "and is_regularisation_data disagree (one spelling, two values); keep one")
         if self.repeats < 0:
             bad("repeats", "must be >= 0")
         if self.probability < 0:

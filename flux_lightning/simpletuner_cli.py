@@ -1,0 +1,138 @@
+"""``python -m flux_lightning simpletuner_config=config/config.json [overrides]``.
+
+:func:`expand_argv` replaces the ``simpletuner_config=PATH`` argument with the Hydra overrides
+:func:`flux_lightning.simpletuner.to_overrides` makes of that file, placed before the user's own
+overrides. An override whose key or config group the user also gives (or whose parent value the
+user sets, e.g. ``callbacks.validation=null``) is left out, so the command line wins; Hydra would
+otherwise reject two choices for one group.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .simpletuner import SettingError, Translation, normalise, to_overrides
+
+ARG = "simpletuner_config"
+# Hydra's flags that take a value (the value is not an override)
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+
+
+def load_settings(path: str | Path) -> dict[str, Any]:
+    """A SimpleTuner ``config.json`` as a dict, its ``lycoris_config`` file read in too.
+
+    Paths inside stay as written (relative to the launch dir, as in SimpleTuner), except
+    ``lycoris_config``, which is also looked for next to ``config.json``.
+    """
+    path = Path(path).expanduser()
+    settings = _read_json(path)
+    if not isinstance(settings, dict):
+        raise SettingError(f"{path} must hold one JSON object of settings")
+    settings = normalise(settings)
+    lycoris = settings.get("lycoris_config")
+    if isinstance(lycoris, str) and lycoris.strip():
+        candidates = [Path(lycoris).expanduser(), path.parent / lycoris, path.parent / Path(lycoris).name]
+        settings["lycoris_config"] = _read_json(next((p for p in candidates if p.is_file()), candidates[0]), "lycoris_config")
+    return settings
+
+
+def _read_json(path: Path, key: str | None = None) -> Any:
+    where = f"{key}: " if key else ""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise SettingError(f"{where}cannot read {path} ({err.strerror}); check the path") from None
+    except ValueError as err:
+        raise SettingError(f"{where}{path} is not valid JSON ({err}); fix the file (no trailing commas)") from None
+
+
+def _key(override: str) -> str:
+    """The key or group an override sets (``+``/``++``/``~`` and ``@package`` stripped)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override).key_or_group
+    except Exception:  # malformed: Hydra reports it itself
+        return re.split(r"[=@]", override.lstrip("+~"), maxsplit=1)[0]
+
+
+def _config_groups() -> set[str]:
+    from .train import config_dir
+
+    return {p.name for p in Path(config_dir()).iterdir() if p.is_dir() and not p.name.startswith("_")}
+
+
+def expand_argv(argv: list[str]) -> list[str]:
+    """``argv`` with ``simpletuner_config=PATH`` replaced by the overrides of that file.
+
+    Prints the overrides used, those the command line replaces, the keys without effect and the
+    unrecognised keys (one line each) to stderr.
+
+    Raises:
+        SettingError: the file is unreadable or holds values without an equivalent here.
+    """
+    positions, skip = [], False  # indices of overrides (positional arguments)
+    for i, arg in enumerate(argv[1:], start=1):
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in _FLAGS_WITH_VALUE
+        else:
+            positions.append(i)
+    mine = [i for i in positions if argv[i].split("=", 1)[0] == ARG]
+    if not mine:
+        return list(argv)
+    if len(mine) > 1:
+        raise SettingError(f"{ARG} is given {len(mine)} times; give one config.json")
+    path = argv[mine[0]].split("=", 1)[1]
+    translation = to_overrides(load_settings(path))
+    users = {_key(argv[i]) for i in positions if i != mine[0]}
+    parents = {k for k in users if "." in k or k not in _config_groups()}  # values, not group choices
+    kept, replaced = [], []
+    for override in translation.overrides:
+        key = override.split("=", 1)[0].lstrip("+")
+        beaten = key in users or any(key.startswith(p + ".") for p in parents)
+        (replaced if beaten else kept).append(override)
+    _report(path, kept, replaced, translation)
+    rest = [a for i, a in enumerate(argv) if i != mine[0]]
+    first = positions[0]  # the user's first override, or where simpletuner_config was
+    return rest[:first] + kept + rest[first:]
+
+
+def _report(path: str, kept: list[str], replaced: list[str], t: Translation) -> None:
+    def say(line):
+        print(line, file=sys.stderr, flush=True)
+
+    say(f"{ARG}={path}: {' '.join(kept) or '(nothing to override)'}")
+    if replaced:
+        say(f"{ARG}: the command line replaces {' '.join(replaced)}")
+    if t.no_effect:
+        say(f"warning: {ARG}: recognised but without effect here: " + "; ".join(f"{k} ({why})" for k, why in t.no_effect.items()))
+    if t.unrecognised:
+        say(f"warning: {ARG}: ignoring keys this trainer does not know: {', '.join(t.unrecognised)}")
+
+
+def with_simpletuner_config(main: Callable) -> Callable:
+    """Let a ``@hydra.main`` function take ``simpletuner_config=PATH`` on its command line.
+
+    A bad config stops the program with exit code 2 and one ``error:`` line per problem.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        if not args and not kwargs:  # run as the program: Hydra reads sys.argv
+            try:
+                sys.argv = expand_argv(sys.argv)
+            except SettingError as err:
+                for line in str(err).splitlines():
+                    print(f"error: {ARG}: {line}", file=sys.stderr, flush=True)
+                sys.exit(2)
+        return main(*args, **kwargs)
+
+    return wrapper
