@@ -182,6 +182,11 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     optimizer_name = cfg.optimizer.get("name") if cfg.get("optimizer") is not None else None
     problems += model_problems(run.model)
     problems += adapter_problems(run.adapter, quantized=run.model.quantization.quantized)
+    export = (cfg.get("callbacks") or {}).get("lora_export")  # issue 10: export format vs targets
+    if export is not None:
+        from .export import lora_format_problems
+
+        problems += lora_format_problems(export.get("lora_format", "diffusers"), run.adapter)
     problems += run.dataset.problems()
     if optimizer_name is not None:
         problems += optimizer_problems(optimizer_name)

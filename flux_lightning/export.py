@@ -97,6 +97,29 @@ def export_lora(
     return save_safetensors_atomic(tensors, Path(directory) / LORA_FILENAME, metadata)
 
 
+def lora_format_problems(lora_format: str, adapter: AdapterConfig) -> list[str]:
+    """One line (with the fix) if the LoRA of ``adapter`` cannot be written as ``lora_format``;
+    checked before training so that the export at the end cannot fail on it."""
+    from .adapters import resolve_targets
+    from .lora_formats import LORA_FORMATS, unsupported_modules
+
+    if adapter.type != "lora" or lora_format not in LORA_FORMATS:  # LoKr ignores lora_format
+        return []
+    try:
+        targets = resolve_targets(adapter.target)
+    except ValueError:  # reported by adapter_problems
+        return []
+    bad = unsupported_modules(lora_format, targets)
+    if not bad:
+        return []
+    shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+    return [
+        f"callbacks.lora_export.lora_format={lora_format} has no key for module(s) {shown} selected by "
+        f"adapter.target={adapter.target!r}; use callbacks.lora_export.lora_format=diffusers or comfyui, "
+        "or leave these modules out of adapter.target"
+    ]
+
+
 def _convert_principal_init(
     state: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
