@@ -11,9 +11,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors import safe_open
 
 import flux_lightning.export
+import huggingface_hub
 from flux_lightning import AdapterConfig, FluxLoRAModule
 from flux_lightning.adapters import LORA_FILENAME
-from flux_lightning.callbacks import LoRAExport
+from flux_lightning.callbacks import LoRAExport, ModelCard
 from flux_lightning.callbacks.lora_export import LoRAExportError
 from flux_lightning.config import ConfigError, validate
 
@@ -39,7 +40,7 @@ def test_config_validation_refuses_kohya_for_modules_it_cannot_name(tmp_path, ta
     validate(_compose(tmp_path, "callbacks.lora_export.lora_format=kohya", "adapter.target=all+ffs"), check_sources=False)
 
 
-def _trainer(tmp_path, export: LoRAExport, max_steps: int = STEPS) -> L.Trainer:
+def _trainer(tmp_path, export: LoRAExport, max_steps: int = STEPS, extra=()) -> L.Trainer:
     """A short run with the checkpoint settings of conf/callbacks/default.yaml."""
     checkpoint = ModelCheckpoint(
         dirpath=tmp_path / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
@@ -47,7 +48,7 @@ def _trainer(tmp_path, export: LoRAExport, max_steps: int = STEPS) -> L.Trainer:
     )
     return L.Trainer(
         max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[export, checkpoint],
+        enable_model_summary=False, callbacks=[export, *extra, checkpoint],
     )
 
 
@@ -70,9 +71,13 @@ def test_failed_export_keeps_the_final_checkpoint_and_fails_the_run_after_it(tin
     monkeypatch.setattr(flux_lightning.export, "save_safetensors_atomic", disk_full)
     L.seed_everything(0)
     dm = make_datamodule(tiny_model_cfg, cache_root)
+    uploads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append(kw))
     export = LoRAExport(str(tmp_path / "lora"))
+    card = ModelCard(str(tmp_path / "lora"), push_to_hub=True, hub_model_id="me/x")
     with caplog.at_level(logging.ERROR), pytest.raises(LoRAExportError, match="No space left on device") as err:
-        _trainer(tmp_path, export).fit(_module(tiny_model_cfg), dm)
+        _trainer(tmp_path, export, extra=[card]).fit(_module(tiny_model_cfg), dm)
+    assert not uploads and "push_to_hub to me/x skipped: the LoRA export failed" in caplog.text
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == STEPS, "the final checkpoint was lost"
     assert "re-run the same command" in str(err.value)
