@@ -31,7 +31,7 @@ LICENSES: dict[str, tuple[str, str | None, str | None]] = {
     "libreflux": ("apache-2.0", None, None),
     "tiny": ("apache-2.0", None, None),
 }
-TAGS = ["flux", "flux-diffusers", "lora", "diffusers", "text-to-image", "template:sd-lora", "flux-lightning"]
+TAGS = ["flux", "lora", "diffusers", "text-to-image", "template:sd-lora", "flux-lightning"]
 
 _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|webhook_url|credentials?)($|_)", re.I)
 _SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
