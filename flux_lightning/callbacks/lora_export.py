@@ -33,7 +33,8 @@ class LoRAExport(L.Callback):
         lora_format: ``diffusers`` (default), ``comfyui`` or ``kohya`` key layout.
         dtype: tensor dtype in the file: ``bf16`` (default: half the size, what trainers ship),
             ``fp16`` or ``fp32`` (bit-exact with the training weights, so images from the file
-            equal the final validation images).
+            equal the final validation images; the ``diffusers`` layout's folded ``(alpha/r) B`` is
+            exact when ``alpha / r`` is a power of two, e.g. alpha = rank, else within fp32 rounding).
     """
 
     def __init__(self, dirpath: str, with_checkpoints: bool = True, lora_format: str = "diffusers", dtype: str = "bf16"):
