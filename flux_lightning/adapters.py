@@ -303,8 +303,9 @@ def load_init_lora(transformer: torch.nn.Module, cfg: AdapterConfig, source: str
     """Copy the tensors of the LoRA file ``source`` into the trained adapter.
 
     The file must wrap exactly the modules ``cfg.target`` selects, at rank ``cfg.rank``. If the
-    file was trained with another alpha, ``lora_B`` is rescaled by ``(alpha_file/r)/(alpha/r)`` so
-    that the starting update ``(alpha/r) B A`` equals the file's.
+    file's alpha differs from ``cfg.lora_alpha``, ``lora_B`` is rescaled by ``(alpha_file/r)/(alpha/r)``
+    so that the starting update ``(alpha/r) B A`` equals the file's. A file that states no alpha
+    (no metadata, no ``.alpha`` tensors) means ``alpha = r``, as diffusers and ComfyUI apply it.
     """
     from peft.utils import set_peft_model_state_dict
 
@@ -329,7 +330,7 @@ def load_init_lora(transformer: torch.nn.Module, cfg: AdapterConfig, source: str
     file_alpha = _file_alpha(metadata, cfg.rank)
     if file_alpha is None and alphas:
         file_alpha = float(next(iter(alphas.values())))
-    scale = 1.0 if file_alpha is None else file_alpha / cfg.lora_alpha
+    scale = (cfg.rank if file_alpha is None else file_alpha) / cfg.lora_alpha
     state = {k: (v * scale if ".lora_B." in k else v) for k, v in state.items()}
     result = set_peft_model_state_dict(transformer, state, adapter_name=TRAINED)
     unexpected = getattr(result, "unexpected_keys", [])

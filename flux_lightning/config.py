@@ -181,6 +181,11 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     if flavour_known and run.model.spec.reference_conditioning:  # trains on (target, reference) pairs
         run.dataset = PairedDatasetConfig.from_dataset(run.dataset)
     problems += adapter_problems(run.adapter, quantized=run.model.quantization.quantized)
+    export = (cfg.get("callbacks") or {}).get("lora_export")  # issue 10: export format vs targets
+    if export is not None:
+        from .export import lora_format_problems
+
+        problems += lora_format_problems(export.get("lora_format", "diffusers"), run.adapter)
     problems += run.dataset.problems()
     if optimizer_name is not None:
         problems += optimizer_problems(optimizer_name)

@@ -2,7 +2,14 @@
 
 The LoRA file is what ``FluxPipeline.load_lora_weights`` reads: ``transformer.<module>.lora_A.weight`` /
 ``.lora_B.weight`` plus, in the safetensors metadata, diffusers' ``lora_adapter_metadata`` (the PEFT
-config, so alpha != rank keeps its effect) and plain ``lora_rank`` / ``lora_alpha`` entries.
+config) and plain ``lora_rank`` / ``lora_alpha`` entries.
+
+One file, one meaning in every consumer: the update a LoRA makes is ``(alpha / r) B A``. diffusers
+reads alpha from the metadata (or from ``.alpha`` tensors), ComfyUI and kohya-style loaders only from
+``.alpha`` tensors (without one they apply ``B A``, scale 1). So the ``diffusers`` layout, which has no
+``.alpha`` tensors, stores ``B' = (alpha / r) B`` and records ``alpha = r``: every loader, whatever it
+reads, applies ``B' A = (alpha / r) B A``. The ``comfyui`` and ``kohya`` layouts keep the trained
+alpha as tensors. ``lora_trained_alpha`` in the metadata records the alpha the run used.
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ def export_lora(
 ) -> Path:
     """Write ``<directory>/pytorch_lora_weights.safetensors`` atomically and return its path.
 
-    ``lora_format`` picks the key layout (see :mod:`flux_lightning.lora_formats`). For PiSSA/OLoRA
+    ``lora_format`` picks the key layout (see :mod:`flux_lightning.lora_formats`); the ``diffusers``
+    layout folds ``alpha / r`` into ``lora_B`` and records ``alpha = r`` (see the module doc). For PiSSA/OLoRA
     the trained ``(A, B)`` and initial ``(A0, B0)`` become one rank-2r LoRA ``A' = [A; A0]``,
     ``B' = [B, -B0]`` with alpha doubled, so that on the *original* base ``W0 + s (B A - B0 A0)``
     equals the training model's weight.
@@ -59,6 +67,10 @@ def export_lora(
     if initial:
         state = _convert_principal_init(state, initial)
         rank, alpha = 2 * rank, 2 * alpha
+    trained_alpha = alpha
+    if lora_format == "diffusers":  # no .alpha tensors: fold alpha / r into B (in fp32, before the cast)
+        state = {k: (v.float() * (alpha / rank) if ".lora_B." in k else v) for k, v in state.items()}
+        alpha = float(rank)
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
     out_features = {n: m.out_features for n, m in transformer.named_modules() if hasattr(m, "out_features")}
     tensors = convert(state, lora_format, alpha=alpha, out_features=out_features)
@@ -72,6 +84,7 @@ def export_lora(
         "lora_format": lora_format,
         "lora_rank": str(rank),
         "lora_alpha": str(alpha),
+        "lora_trained_alpha": str(trained_alpha),
         "lora_target": json.dumps(sorted(config["target_modules"])),
         **(extra_metadata or {}),
     }
@@ -82,6 +95,29 @@ def export_lora(
             {f"transformer.{k}": v for k, v in config.items()}, sort_keys=True, default=str
         )
     return save_safetensors_atomic(tensors, Path(directory) / LORA_FILENAME, metadata)
+
+
+def lora_format_problems(lora_format: str, adapter: AdapterConfig) -> list[str]:
+    """One line (with the fix) if the LoRA of ``adapter`` cannot be written as ``lora_format``;
+    checked before training so that the export at the end cannot fail on it."""
+    from .adapters import resolve_targets
+    from .lora_formats import LORA_FORMATS, unsupported_modules
+
+    if adapter.type != "lora" or lora_format not in LORA_FORMATS:  # LoKr ignores lora_format
+        return []
+    try:
+        targets = resolve_targets(adapter.target)
+    except ValueError:  # reported by adapter_problems
+        return []
+    bad = unsupported_modules(lora_format, targets)
+    if not bad:
+        return []
+    shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+    return [
+        f"callbacks.lora_export.lora_format={lora_format} has no key for module(s) {shown} selected by "
+        f"adapter.target={adapter.target!r}; use callbacks.lora_export.lora_format=diffusers or comfyui, "
+        "or leave these modules out of adapter.target"
+    ]
 
 
 def _convert_principal_init(

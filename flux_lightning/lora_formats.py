@@ -15,6 +15,7 @@ Input everywhere: the adapter's tensors keyed ``<diffusers module>.lora_A.weight
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -63,6 +64,41 @@ def kohya_name(module: str) -> tuple[str, int, int]:
         if m:
             return name.format(*m.groups()), part, parts
     raise ValueError(f"lora_format=kohya has no name for module {module!r}; export as diffusers or comfyui")
+
+
+@functools.lru_cache(maxsize=1)
+def _flux_linear_names() -> tuple[str, ...]:
+    """Every Linear module name of a Flux transformer with one double and one single block (module
+    names do not depend on widths, and every block of a kind has the same names), built on the meta
+    device: nothing is allocated or loaded."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(
+            num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        )
+    return tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+def unsupported_modules(fmt: str, targets: list[str]) -> list[str]:
+    """The Flux modules (block index written ``N``) that ``targets`` select, matched by suffix as
+    PEFT does, and that the layout ``fmt`` has no key for (only ``kohya`` lacks some: embedders,
+    ``norm_out``, the guidance and time embedders). Known before any weights load."""
+    if fmt != "kohya":
+        return []
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = LoraConfig(target_modules=[re.sub(r"(transformer_blocks)\.\d+\.", r"\1.0.", t) for t in targets])
+    bad = set()
+    for name in _flux_linear_names():
+        if check_target_module_exists(config, name):
+            try:
+                kohya_name(name)
+            except ValueError:
+                bad.add(re.sub(r"(transformer_blocks)\.0\.", r"\1.N.", name))
+    return sorted(bad)
 
 
 def _fuse_for_kohya(

@@ -96,8 +96,9 @@ def test_exported_lora_loads_in_diffusers_with_every_key(tiny_folder, tiny_model
     with safe_open(path, "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
-    assert meta["lora_rank"] == "4" and float(meta["lora_alpha"]) == (alpha or 4)
-    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == (alpha or 4)
+    # alpha / r is folded into lora_B, so the file states alpha = r (ComfyUI ignores metadata)
+    assert meta["lora_rank"] == "4" and float(meta["lora_alpha"]) == 4 and float(meta["lora_trained_alpha"]) == (alpha or 4)
+    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 4
 
     pipe, base = _loaded_pipeline(tiny_folder, tmp_path)
     loaded = {f"transformer.{k.replace('.default_0', '')}" for k in get_peft_model_state_dict(pipe.transformer, adapter_name="default_0")}

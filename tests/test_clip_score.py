@@ -138,3 +138,16 @@ def test_the_flavours_default_clip_is_optional_offline(caplog):
     assert cb.metric is None
     assert [r.message for r in caplog.records if "CLIP score is off" in r.message]
     cb.on_validation_images(None, None, 0, ["a record"])  # no metric: nothing happens, nothing raises
+
+
+def test_torchmetrics_pin_admits_only_versions_with_the_clip_api_used():
+    """``CLIPScore(model_name_or_path=<callable returning (model, processor)>)`` (how ``load`` passes
+    a local or open_clip model) and the ``hasattr(model.config, "text_config")`` guard that lets a
+    model without a transformers config (open_clip) through both arrived in torchmetrics 1.7.0;
+    1.6.0 calls ``CLIPModel.from_pretrained`` on whatever it is given."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.specifiers import SpecifierSet
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = SpecifierSet(next(d for d in deps if d.startswith("torchmetrics")).removeprefix("torchmetrics"))
+    assert "1.6.0" not in spec and "1.7.0" in spec

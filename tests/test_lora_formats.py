@@ -1,4 +1,5 @@
-"""diffusers, ComfyUI and kohya files of one LoRA load through diffusers' own loader to the same model."""
+"""diffusers, ComfyUI and kohya files of one LoRA (alpha != rank) load to the same model in diffusers'
+own loader and in ComfyUI's (emulated in tests/comfy_loader.py)."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from flux_lightning import AdapterConfig
 from flux_lightning.adapters import LORA_FILENAME
 from flux_lightning.lora_formats import convert, kohya_name
 
+from .comfy_loader import comfyui_apply, effective_weights
 from .conftest import fit_tiny
 from .test_adapters import _predict
 
@@ -48,9 +50,22 @@ def test_each_format_loads_in_diffusers_and_reproduces_the_model(trained, tiny_f
     torch.testing.assert_close(_predict(pipe.transformer), ours, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["diffusers", "comfyui", "kohya"])
+def test_comfyui_loader_applies_each_format_at_the_trained_strength(trained, tmp_path, fmt):
+    """ComfyUI reads tensors only (alpha from ``.alpha`` tensors, else scale 1): every format must
+    still give W + (alpha / r) B A, here with alpha = 2 r."""
+    path = trained.export_lora(tmp_path, dtype=torch.float32, lora_format=fmt)
+    patched, not_loaded = comfyui_apply(load_file(path), trained.transformer)
+    assert not not_loaded, f"ComfyUI would not load {sorted(not_loaded)[:3]}"
+    expected = effective_weights(trained.transformer)
+    assert patched.keys() == expected.keys()
+    for name, weight in expected.items():
+        torch.testing.assert_close(patched[name], weight, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_alpha_keeps_its_effect_without_metadata(trained, tiny_folder, tmp_path):
-    """A loader that ignores file metadata still sees alpha in the ComfyUI and kohya files."""
-    for fmt in ("comfyui", "kohya"):
+    """A loader that ignores file metadata applies every format at the trained strength."""
+    for fmt in ("diffusers", "comfyui", "kohya"):
         trained.export_lora(tmp_path / fmt, dtype=torch.float32, lora_format=fmt)
         state = load_file(tmp_path / fmt / LORA_FILENAME)  # tensors only, metadata dropped
         pipe = FluxPipeline.from_pretrained(tiny_folder)

@@ -1,7 +1,8 @@
-"""Write the diffusers-format LoRA file with every checkpoint and at the end of training."""
+"""Write the LoRA file with every checkpoint and at the end of training, without ever costing the run."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -9,9 +10,22 @@ import lightning as L
 from ..components import DTYPES
 from ..config import ConfigError
 
+log = logging.getLogger(__name__)
+
+
+class LoRAExportError(RuntimeError):
+    """The LoRA file could not be written; raised only after training and the final checkpoint."""
+
 
 class LoRAExport(L.Callback):
     """Keeps ``<dirpath>/pytorch_lora_weights.safetensors`` current (rank 0 only).
+
+    Exporting never costs a run: the format is checked against ``adapter.target`` in :meth:`setup`
+    (before any weights load; ``train()`` checks it even earlier, in config validation), and an
+    error while writing is logged with the path and does not stop training or the checkpoint being
+    saved. If the last export attempt failed, :meth:`teardown` raises :class:`LoRAExportError` once
+    everything else, ``last.ckpt`` included, is written, so the process exits non-zero; re-running
+    the same command resumes from ``last.ckpt`` at the final step and exports without training.
 
     Args:
         dirpath: output folder, usually ``<run dir>/lora``.
@@ -19,7 +33,8 @@ class LoRAExport(L.Callback):
         lora_format: ``diffusers`` (default), ``comfyui`` or ``kohya`` key layout.
         dtype: tensor dtype in the file: ``bf16`` (default: half the size, what trainers ship),
             ``fp16`` or ``fp32`` (bit-exact with the training weights, so images from the file
-            equal the final validation images).
+            equal the final validation images; the ``diffusers`` layout's folded ``(alpha/r) B`` is
+            exact when ``alpha / r`` is a power of two, e.g. alpha = rank, else within fp32 rounding).
     """
 
     def __init__(self, dirpath: str, with_checkpoints: bool = True, lora_format: str = "diffusers", dtype: str = "bf16"):
@@ -36,11 +51,30 @@ class LoRAExport(L.Callback):
         self.with_checkpoints = with_checkpoints
         self.lora_format = lora_format
         self.dtype = DTYPES[dtype]
-        self.path: Path | None = None
+        self.path: Path | None = None  # the file written by the last successful export
+        self.error: str | None = None  # why the last export attempt failed (None: it did not)
+        self._exported_step: int | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuse a format that cannot name the targeted modules, before the weights load."""
+        from ..export import lora_format_problems
+
+        problems = lora_format_problems(self.lora_format, pl_module.adapter_cfg)
+        if problems:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
     def _export(self, trainer: L.Trainer, pl_module) -> None:
-        if trainer.is_global_zero:
+        if not trainer.is_global_zero or (self._exported_step == trainer.global_step and self.error is None):
+            return
+        target = self.dirpath / "pytorch_lora_weights.safetensors"
+        try:
             self.path = pl_module.export_lora(self.dirpath, dtype=self.dtype, lora_format=self.lora_format)
+        except Exception as err:  # disk full, permissions, a format error: never lose the run for it
+            self.path = None
+            self.error = f"writing {target} failed at step {trainer.global_step} ({type(err).__name__}: {err})"
+            log.error("callbacks.lora_export: %s; training and checkpoints continue", self.error, exc_info=True)
+            return
+        self.error, self._exported_step = None, trainer.global_step
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self.with_checkpoints:
@@ -48,3 +82,15 @@ class LoRAExport(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._export(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # a run resumed from a checkpoint at max_steps skips the training loop and on_train_end
+        self._export(trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and self.error is not None:
+            error, self.error = self.error, None
+            raise LoRAExportError(
+                f"callbacks.lora_export: {error}. Training finished and its checkpoints are saved: fix the "
+                "cause and re-run the same command (it resumes from checkpoints/last.ckpt and only exports)"
+            )

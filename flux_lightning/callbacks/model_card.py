@@ -1,46 +1,151 @@
-"""The LoRA's model card, resolved config and sample images; optional upload to the Hugging Face Hub."""
+"""The LoRA's model card, resolved config and sample images; optional upload to the Hugging Face Hub.
+
+The card is built with ``huggingface_hub``'s ``ModelCard`` / ``ModelCardData`` (so prompts with quotes
+or colons survive the YAML header), carries the base model's license, and neither the card nor the
+saved ``config.yaml`` holds a secret or a local path (see :func:`redact`).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import lightning as L
 
 log = logging.getLogger(__name__)
 
+REDACTED = "<redacted>"
+_DEV_LICENSE = "flux-1-dev-non-commercial-license"
+# flavour -> (license, license_name, license_link); FLUX.1 [dev] derivatives carry BFL's non-commercial
+# license, schnell (and LibreFlux, de-distilled from it) Apache-2.0; the tiny flavour's weights are random
+# numbers made by this library (Apache-2.0).
+LICENSES: dict[str, tuple[str, str | None, str | None]] = {
+    "dev": ("other", _DEV_LICENSE, "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
+    "krea": ("other", _DEV_LICENSE, "https://huggingface.co/black-forest-labs/FLUX.1-Krea-dev/blob/main/LICENSE.md"),
+    "kontext": ("other", _DEV_LICENSE, "https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/blob/main/LICENSE.md"),
+    "fluxbooru": ("other", _DEV_LICENSE, "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
+    "schnell": ("apache-2.0", None, None),
+    "libreflux": ("apache-2.0", None, None),
+    "tiny": ("apache-2.0", None, None),
+}
+TAGS = ["flux", "lora", "diffusers", "text-to-image", "template:sd-lora", "flux-lightning"]
 
-def render_card(facts: dict, images: list[str]) -> str:
-    """Markdown model card (with the Hub's YAML header) from a dict of run facts."""
-    header = [
-        "---",
-        f"base_model: {facts['base_model']}",
-        "library_name: diffusers",
-        "license: other",
-        "tags: [flux, lora, text-to-image, flux-lightning]",
-    ]
-    if facts.get("instance_prompt"):
-        header.append(f"instance_prompt: {facts['instance_prompt']!r}")
-    header.append("---")
-    rows = "\n".join(f"| {k.replace('_', ' ')} | {v} |" for k, v in facts.items())
-    gallery = "\n".join(f"![{Path(p).stem}]({p})" for p in images)
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|webhook_url|credentials?)($|_)", re.I)
+_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+_NETWORK_URL = re.compile(r"^(https?|wss?|ftp|file)://", re.I)
+_LOCAL_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _env_secrets() -> list[str]:
+    return [v for k, v in os.environ.items() if _SECRET_KEY.search(k.lower()) and len(v) >= 8]
+
+
+def redact(value, key: str = "", _secrets: list[str] | None = None):
+    """``value`` (a config tree: dicts, lists, scalars) with nothing private left in its strings.
+
+    * a field named like a secret (``*_token``, ``secret``, ``password``, ``api_key``,
+      ``webhook_url``) -> ``<redacted>``;
+    * a string holding an ``hf_...`` token or the value of a secret environment variable
+      (``HF_TOKEN``, ``WANDB_API_KEY``...) -> ``<redacted>``;
+    * a network URL (webhooks carry their token in the path) -> ``<redacted>``;
+    * an absolute or home path (output, cache, data, model folders) -> ``<redacted>/<basename>``.
+    """
+    secrets = _env_secrets() if _secrets is None else _secrets
+    if isinstance(value, dict):
+        return {k: redact(v, str(k), secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, key, secrets) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    if _SECRET_KEY.search(key) or _SECRET_VALUE.search(value) or any(s in value for s in secrets):
+        return REDACTED
+    if _NETWORK_URL.match(value):
+        return REDACTED
+    if _LOCAL_PATH.match(value):
+        name = PurePath(value.replace("\\", "/")).name
+        return f"{REDACTED}/{name}" if name and name != "~" else REDACTED
+    return value
+
+
+def redact_yaml(text: str) -> str:
+    """The YAML document ``text`` with :func:`redact` applied to every value."""
+    import yaml
+
+    return yaml.safe_dump(redact(yaml.safe_load(text)), sort_keys=False, allow_unicode=True)
+
+
+def base_model_id(facts: dict) -> str | None:
+    """The hub repo the LoRA applies to: the configured source if it is a hub id, else the flavour's
+    usual repo (a local folder is never named); None for the tiny flavour (no hub repo)."""
+    for candidate in (facts.get("model_source"), facts.get("flavour_source")):
+        if candidate and _HUB_ID.match(candidate) and not Path(candidate).expanduser().exists():
+            return candidate
+    return None
+
+
+def card_data(facts: dict, samples: list[tuple[str, str]]):
+    """``huggingface_hub.ModelCardData`` of the LoRA: base model, license, tags, instance prompt and a
+    widget entry per sample image (``(prompt, relative image path)``)."""
+    from huggingface_hub import ModelCardData
+
+    license_, name, link = LICENSES.get(facts["flavour"], ("other", None, None))
+    extra = {"instance_prompt": facts["instance_prompt"]} if facts.get("instance_prompt") else {}
+    if samples:
+        extra["widget"] = [{"text": prompt, "output": {"url": path}} for prompt, path in samples]
+    return ModelCardData(
+        base_model=base_model_id(facts),
+        library_name="diffusers",
+        license=license_,
+        license_name=name,
+        license_link=link,
+        pipeline_tag="text-to-image",
+        tags=list(TAGS),
+        **extra,
+    )
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_card(facts: dict, samples: list[tuple[str, str]]):
+    """The ``huggingface_hub.ModelCard`` (YAML header + Markdown) from the run facts and the sample
+    images ``(prompt, relative path)``. Facts are shown redacted (no local paths)."""
+    from huggingface_hub import ModelCard
+
+    data = card_data(facts, samples)
+    shown = redact({k: v for k, v in facts.items() if k not in ("model_source", "flavour_source")})
+    base = data.base_model or "<the base model you trained on>"
+    rows = "\n".join(f"| {k.replace('_', ' ')} | {_cell(v)} |" for k, v in shown.items())
+    gallery = "\n".join(f"![{Path(p).stem}]({p})" for _, p in samples)
     usage = (
         "```python\nimport torch\nfrom diffusers import FluxPipeline\n\n"
-        f"pipe = FluxPipeline.from_pretrained({facts['base_model']!r}, torch_dtype=torch.bfloat16).to('cuda')\n"
+        f"pipe = FluxPipeline.from_pretrained({base!r}, torch_dtype=torch.bfloat16).to('cuda')\n"
         "pipe.load_lora_weights('<this repo or folder>')\n"
         f"image = pipe({(facts.get('instance_prompt') or 'your prompt')!r}, "
         f"guidance_scale={facts['validation_guidance']}).images[0]\n```"
     )
-    return "\n".join(header) + (
-        f"\n\n# Flux LoRA ({facts['flavour']})\n\nTrained with flux_lightning.\n\n"
-        f"| setting | value |\n|---|---|\n{rows}\n\n## Samples\n\n{gallery or '(validation was off)'}\n\n"
-        f"## Use\n\n{usage}\n"
+    license_note = (
+        f"\n\n## License\n\nThis LoRA is a derivative of {base} and falls under its license: "
+        f"[{data.license_name}]({data.license_link}).\n"
+        if data.license_link
+        else ""
     )
+    body = (
+        f"# Flux LoRA ({facts['flavour']})\n\nTrained with flux_lightning.\n\n"
+        f"| setting | value |\n|---|---|\n{rows}\n\n## Samples\n\n{gallery or '(validation was off)'}\n\n"
+        f"## Use\n\n{usage}\n{license_note}"
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
 class ModelCard(L.Callback):
-    """At the end of training: ``<dirpath>/README.md``, ``config.yaml`` and ``images/`` beside the LoRA.
+    """At the end of training: ``<dirpath>/README.md``, ``config.yaml`` (redacted: no secrets, no local
+    paths) and ``images/`` beside the LoRA.
 
     With ``push_to_hub`` the folder is uploaded with ``huggingface_hub`` to ``hub_model_id``
     (private unless ``private: false``). The token comes only from ``hf auth login`` or the
@@ -63,7 +168,9 @@ class ModelCard(L.Callback):
         instance = validation.instance_prompt if validation is not None else None
         shift = "auto (resolution-dependent)" if t.flow_schedule_auto_shift else (t.flow_schedule_shift or "none")
         return {
-            "base_model": m.pretrained_model_name_or_path or m.spec.source,
+            "model_source": m.pretrained_model_name_or_path,  # for base_model_id; not shown
+            "flavour_source": m.spec.source,  # for base_model_id; not shown
+            "base_model": m.pretrained_model_name_or_path or m.spec.source,  # shown redacted
             "flavour": m.flavour,
             "transformer": m.pretrained_transformer_model_name_or_path or "(from base model)",
             "instance_prompt": instance,
@@ -83,18 +190,24 @@ class ModelCard(L.Callback):
             return
         from .validation import ValidationImages
 
+        from .lora_export import LoRAExport
+
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        images = []
+        samples = []
         validation = next((cb for cb in trainer.callbacks if isinstance(cb, ValidationImages)), None)
         if validation is not None and validation.last_records:
             (self.dirpath / "images").mkdir(exist_ok=True)
             for record in validation.last_records:
                 shutil.copy2(record.path, self.dirpath / "images" / record.path.name)
-                images.append(f"images/{record.path.name}")
-        (self.dirpath / "README.md").write_text(render_card(self.facts(trainer, pl_module), images), encoding="utf-8")
+                samples.append((record.prompt, f"images/{record.path.name}"))
+        render_card(self.facts(trainer, pl_module), samples).save(self.dirpath / "README.md")
         if self.config_yaml:
-            (self.dirpath / "config.yaml").write_text(self.config_yaml, encoding="utf-8")
+            (self.dirpath / "config.yaml").write_text(redact_yaml(self.config_yaml), encoding="utf-8")
         if self.push_to_hub:
+            failed = next((cb.error for cb in trainer.callbacks if isinstance(cb, LoRAExport) and cb.error), None)
+            if failed:
+                log.error("push_to_hub to %s skipped: the LoRA export failed (%s)", self.hub_model_id, failed)
+                return
             self.upload()
 
     def upload(self) -> str | None:
