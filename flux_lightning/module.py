@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -22,7 +22,7 @@ from .adapters import (
 )
 from .components import ModelConfig, load_transformer
 from .export import export_adapter
-from .memory import apply_group_offload, enable_gradient_checkpointing
+from .memory import GroupOffload, apply_group_offload, enable_gradient_checkpointing
 from .optim import ADAPTER_DTYPES
 from .flow import (
     TimestepConfig,
@@ -128,6 +128,7 @@ class FluxLoRAModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.noise_seed = seed
         self.transformer: torch.nn.Module | None = None
+        self.group_offload: GroupOffload | None = None
         self._recent_losses: deque[torch.Tensor] = deque(maxlen=50)
 
     # -- model -------------------------------------------------------------------------------
@@ -150,9 +151,15 @@ class FluxLoRAModule(L.LightningModule):
             add_assistant_lora(transformer, *assistant)
         add_adapter(transformer, self.adapter_cfg, dtype=self.adapter_dtype)
         if self.model_cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(transformer, self.model_cfg.gradient_checkpointing_interval)
+            enable_gradient_checkpointing(
+                transformer,
+                self.model_cfg.gradient_checkpointing_interval,
+                early_stop=not self.model_cfg.enable_group_offload,
+            )
         if self.tread.routes:
             resolve_routes(self.tread.routes, num_blocks(transformer))  # bad indices fail before step 0
+        if self.model_cfg.enable_group_offload:  # before Lightning's model_to_device: never whole on the GPU
+            self.group_offload = apply_group_offload(transformer, self.model_cfg, self._training_device())
         if self.compile_blocks:
             from .compilation import compile_blocks
 
@@ -160,9 +167,17 @@ class FluxLoRAModule(L.LightningModule):
             compile_blocks(transformer, device_type=device)
         self.transformer = transformer.train()  # base Flux has no dropout; LoRA dropout needs train()
 
-    def on_fit_start(self) -> None:
-        if self.model_cfg.enable_group_offload and self.device.type == "cuda":
-            apply_group_offload(self.transformer, self.model_cfg, self.device)
+    def _training_device(self) -> torch.device:
+        if self._trainer is not None:
+            return self._trainer.strategy.root_device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _apply(self, fn, recurse: bool = True):
+        """Every device/dtype move of the module (Lightning's ``model_to_device`` included) leaves the
+        group-offloaded weights to their hooks."""
+        offload = self.__dict__.get("group_offload")
+        with offload.hidden() if offload is not None else nullcontext():
+            return super()._apply(fn, recurse)
 
     def forward(
         self,
