@@ -25,6 +25,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_BACKENDS = {"sdpa": "native", "sageattention": "sage", "flash": "flash", "flex": "flex", "xformers": "xformers"}
 ATTENTION_PACKAGES = {"sageattention": "sageattention", "flash": "flash_attn", "xformers": "xformers"}
 MASKED_ATTENTION_BACKENDS = ("sdpa",)  # verified to apply a padding mask (see tests)
+# device types on which a backend's kernel has a backward pass, for those that lack one somewhere:
+# sageattention has none (diffusers: "Backward pass is not implemented for Sage attention"), PyTorch's
+# flex attention none on the CPU ("FlexAttention does not support backward on CPU"); flash-attn,
+# xformers and sdpa train wherever they run
+BACKWARD_DEVICE_TYPES = {"sageattention": (), "flex": ("cuda",)}
 GUIDANCE_MODES = ("constant", "random-range")
 GROUP_OFFLOAD_TYPES = ("block_level", "leaf_level")
 
@@ -63,6 +68,8 @@ class ModelConfig:
         gradient_checkpointing_interval: with gradient checkpointing, checkpoint every n-th block
             only (1 = all; 2 = half of them; faster, more memory).
         attention_backend: ``sdpa`` (PyTorch), ``sageattention``, ``flash``, ``flex``, ``xformers``.
+            A backend without a backward pass on the training device (sageattention anywhere, flex on
+            a CPU) renders the validation images only; training attends with ``sdpa``.
         enable_group_offload: diffusers group offloading of the transformer to CPU (CUDA only).
         group_offload_type: ``block_level`` or ``leaf_level``.
         group_offload_blocks_per_group: blocks moved together with ``block_level``.
@@ -269,6 +276,13 @@ def attention_backend_problem(name: str) -> str | None:
             f"(pip install {package}); or use model.attention_backend=sdpa"
         )
     return None
+
+
+def training_attention_backend(name: str, device_type: str) -> str:
+    """The backend training attends with on ``device_type``: ``name`` when its kernel has a backward
+    pass there, else ``sdpa`` (``name`` then serves validation renders only)."""
+    devices = BACKWARD_DEVICE_TYPES.get(name)
+    return name if devices is None or device_type in devices else "sdpa"
 
 
 def set_attention_backend(model, name: str) -> None:

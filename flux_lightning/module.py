@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -20,7 +21,7 @@ from .adapters import (
     add_assistant_lora,
     assistant_disabled,
 )
-from .components import ModelConfig, load_transformer
+from .components import ModelConfig, load_transformer, set_attention_backend, training_attention_backend
 from .export import export_adapter
 from .memory import GroupOffload, apply_group_offload, enable_gradient_checkpointing
 from .optim import ADAPTER_DTYPES
@@ -36,6 +37,9 @@ from .flow import (
     unpack_latents,
 )
 from .tread import TreadConfig, num_blocks, resolve_routes, routed_forward, tokens_in_mask
+
+log = logging.getLogger(__name__)
+
 
 def rng_states() -> dict:
     """Python, NumPy, torch CPU and CUDA RNG states, as types ``torch.load(weights_only=True)`` reads."""
@@ -129,6 +133,7 @@ class FluxLoRAModule(L.LightningModule):
         self.noise_seed = seed
         self.transformer: torch.nn.Module | None = None
         self.group_offload: GroupOffload | None = None
+        self.training_attention = self.model_cfg.attention_backend  # see configure_model
         self._recent_losses: deque[torch.Tensor] = deque(maxlen=50)
 
     # -- model -------------------------------------------------------------------------------
@@ -158,8 +163,17 @@ class FluxLoRAModule(L.LightningModule):
             )
         if self.tread.routes:
             resolve_routes(self.tread.routes, num_blocks(transformer))  # bad indices fail before step 0
+        device = self._training_device()
+        self.training_attention = training_attention_backend(self.model_cfg.attention_backend, device.type)
+        if self.training_attention != self.model_cfg.attention_backend:
+            log.info(
+                "model.attention_backend=%s has no backward pass on %s: training attends with %s, "
+                "validation images render with %s",
+                self.model_cfg.attention_backend, device.type, self.training_attention, self.model_cfg.attention_backend,
+            )
+            set_attention_backend(transformer, self.training_attention)
         if self.model_cfg.enable_group_offload:  # before Lightning's model_to_device: never whole on the GPU
-            self.group_offload = apply_group_offload(transformer, self.model_cfg, self._training_device())
+            self.group_offload = apply_group_offload(transformer, self.model_cfg, device)
         if self.compile_blocks:
             from .compilation import compile_blocks
 
@@ -323,10 +337,14 @@ class FluxLoRAModule(L.LightningModule):
     def inference_adapters(self, text_attention_mask: torch.Tensor | None = None) -> Iterator[None]:
         """Set the transformer up for rendering images (validation) inside the block.
 
-        The frozen assistant LoRA is switched off (images show what the trained adapter does), and
-        for attention-masked flavours every transformer call gets ``text_attention_mask`` ``(T,)``
-        or ``(1, T)``, extended with ones for the image tokens, whatever pipeline calls it.
+        The frozen assistant LoRA is switched off (images show what the trained adapter does), the
+        attention backend is ``model.attention_backend`` even where training attends with another
+        one (a kernel without a backward pass), and for attention-masked flavours every transformer
+        call gets ``text_attention_mask`` ``(T,)`` or ``(1, T)``, extended with ones for the image
+        tokens, whatever pipeline calls it. Everything is restored on exit.
         """
+        render_attention = self.model_cfg.attention_backend
+        switch = render_attention != self.training_attention
         handle = None
         if text_attention_mask is not None and self.model_cfg.attention_masked:
             text_mask = text_attention_mask.reshape(1, -1).bool()
@@ -343,9 +361,13 @@ class FluxLoRAModule(L.LightningModule):
 
             handle = self.transformer.register_forward_pre_hook(add_mask, with_kwargs=True)
         try:
+            if switch:
+                set_attention_backend(self.transformer, render_attention)
             with assistant_disabled(self.transformer):
                 yield
         finally:
+            if switch:
+                set_attention_backend(self.transformer, self.training_attention)
             if handle is not None:
                 handle.remove()
 

@@ -5,6 +5,7 @@ real Lightning fit, VAE tiling, the attention backend switch, model CPU offload 
 import tempfile
 from dataclasses import replace
 
+import lightning as L
 import pytest
 import torch
 
@@ -173,3 +174,58 @@ def test_group_offload_is_in_place_before_lightning_moves_the_model(tiny_model_c
     assert len(list((tmp_path / "val").glob("step_*/*.png"))) == 3  # baseline, step 1, step 2 (final)
     adapter = [p for p in module.parameters() if p.requires_grad]
     assert adapter and {id(p) for p in adapter} <= moved  # the adapter follows the module's moves
+
+
+# -- attention backends without a backward pass ----------------------------------------------------
+class _ForwardOnly(torch.autograd.Function):
+    """Attention as a kernel without a backward pass (like SageAttention's)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) -> (B, H, S, D)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("Backward pass is not implemented for Sage attention.")
+
+
+def _fake_sage(query, key, value, attn_mask=None, is_causal=False, scale=None, return_lse=False, _parallel_config=None):
+    return _ForwardOnly.apply(query, key, value)
+
+
+def test_a_forward_only_backend_renders_validation_and_training_keeps_sdpa(tiny_model_cfg, cache_root, tmp_path, monkeypatch):
+    """sageattention (simulated: not installed here) has no backward pass: training steps attend
+    with sdpa, validation renders with sage, and sdpa is back for the steps after a render."""
+    import flux_lightning.components as components
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    monkeypatch.setattr(components, "attention_backend_problem", lambda name: None)  # "installed"
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.SAGE, _fake_sage)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            attn = pl_module.transformer.transformer_blocks[0].attn
+            attn.register_forward_pre_hook(
+                lambda m, args: seen.append((torch.is_grad_enabled(), m.processor._attention_backend.value))
+            )
+
+    cfg = replace(tiny_model_cfg, attention_backend="sageattention")
+    validation = ValidationImages(str(tmp_path / "val"), validation_prompt="a red circle", validation_resolution=32,
+                                  validation_num_inference_steps=2, every_n_steps=1)
+    fit_tiny(cfg, cache_root, steps=2, callbacks=[Spy(), validation], prompts=validation.prompt_texts())
+    training = {backend for grad, backend in seen if grad}
+    rendering = {backend for grad, backend in seen if not grad}
+    assert training == {"native"} and rendering == {"sage"}
+    assert [grad for grad, _ in seen].count(True) >= 2  # both steps ran, after renders
+
+
+@pytest.mark.parametrize("name,device,trains_with", [
+    ("sageattention", "cuda", "sdpa"), ("flex", "cpu", "sdpa"), ("flex", "cuda", "flex"),
+    ("flash", "cuda", "flash"), ("xformers", "cuda", "xformers"), ("sdpa", "cpu", "sdpa"),
+])
+def test_training_backend_is_one_with_a_backward_pass(name, device, trains_with):
+    from flux_lightning.components import training_attention_backend
+
+    assert training_attention_backend(name, device) == trains_with
