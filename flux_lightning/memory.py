@@ -215,8 +215,12 @@ def apply_group_offload(transformer: torch.nn.Module, cfg: ModelConfig, device: 
 
 
 # -- model CPU offload ---------------------------------------------------------------------------
-def park(module: torch.nn.Module | None, cfg: ModelConfig) -> None:
+def park(module: torch.nn.Module | None, cfg: ModelConfig | None) -> None:
     """With ``model.enable_model_cpu_offload``, put a helper model (validation VAE, preview decoder,
-    CLIP scorer) back on the CPU once it has done its work; otherwise leave it where it is."""
-    if module is not None and cfg.enable_model_cpu_offload:
+    CLIP scorer) back on the CPU once its validation round is done; otherwise leave it where it is.
+
+    The helpers go to the accelerator where they are used (each at the start of its round), so
+    between rounds the accelerator holds only what trains: the transformer and its adapter.
+    """
+    if module is not None and cfg is not None and cfg.enable_model_cpu_offload:
         module.to("cpu")

@@ -229,3 +229,90 @@ def test_training_backend_is_one_with_a_backward_pass(name, device, trains_with)
     from flux_lightning.components import training_attention_backend
 
     assert training_attention_backend(name, device) == trains_with
+
+
+# -- model CPU offload of the helper models ---------------------------------------------------------
+ACCELERATOR = torch.device("cpu", 0)  # stands in for the GPU: CPU tensors, but a move to it is told apart
+
+
+def _moves(monkeypatch) -> list[tuple[torch.nn.Module, str]]:
+    """``(module, target device)`` of every ``Module.to`` call that names a device."""
+    moves, original = [], torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            moves.append((module, str(device)))
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    return moves
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_model_cpu_offload_parks_every_helper_between_validation_rounds(tiny_model_cfg, tiny_folder, tmp_path,
+                                                                        monkeypatch, offload):
+    """The validation VAE, the preview decoder and the CLIP scorer visit the accelerator for their
+    round and go back to the CPU after it; the training transformer is never moved by validation."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPTokenizer
+
+    from flux_lightning.callbacks import CLIPScoreCallback
+    from flux_lightning.tiny import build_tiny_autoencoder_tiny, build_tiny_clip
+
+    clip = CLIPScoreCallback(str(build_tiny_clip(tmp_path / "clip", tokenizer=CLIPTokenizer.from_pretrained(tiny_folder / "tokenizer"))))
+    validation = ValidationImages(
+        str(tmp_path / "val"), validation_prompt="a red circle", validation_resolution=32, validation_num_inference_steps=2,
+        validation_preview=True, webhook_url="http://127.0.0.1:9/hook", webhook_max_attempts=1, webhook_backoff=0.0,
+        preview_autoencoder=str(build_tiny_autoencoder_tiny(tmp_path / "taef")),
+    )
+    module = FluxLoRAModule(replace(tiny_model_cfg, enable_model_cpu_offload=offload), AdapterConfig(rank=4))
+    module.configure_model()
+    module.to(ACCELERATOR)
+    clip.load(module.model_cfg)
+    g = torch.Generator().manual_seed(1)
+    embeddings = {t: {"prompt_embeds": torch.randn(16, 32, generator=g), "pooled_prompt_embeds": torch.randn(32, generator=g)}
+                  for t in validation.prompt_texts()}
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[], callbacks=[clip],
+                              datamodule=SimpleNamespace(prompt_embedding=lambda t: embeddings[t]))
+    moves = _moves(monkeypatch)
+    assert len(validation.generate(trainer, module)) == 1 and clip.history
+
+    helpers = {"vae": validation._vae, "preview decoder": validation.preview._autoencoder, "CLIP": clip.metric}
+    for name, helper in helpers.items():
+        targets = [device for m, device in moves if m is helper]
+        assert str(ACCELERATOR) in targets, f"the {name} never went to the accelerator"
+        assert targets[-1] == ("cpu" if offload else str(ACCELERATOR)), f"{name}: {targets}"
+    assert not [m for m, _ in moves if m is module.transformer or m is module]
+
+
+def test_the_caching_encoders_are_freed_before_the_transformer_loads(tiny_model_cfg, tmp_path, monkeypatch):
+    """Start-up offload needs no switch: Lightning runs ``prepare_data`` (caching) before
+    ``configure_model``, and the VAE and text encoders are gone by then."""
+    import weakref
+
+    import flux_lightning.data.datamodule as datamodule
+    import flux_lightning.module as module_file
+
+    encoders, alive_at_load = [], []
+
+    def recorded(load):
+        def wrapper(*args, **kwargs):
+            out = load(*args, **kwargs)
+            encoders.extend(weakref.ref(m) for m in (out.values() if isinstance(out, dict) else [out])
+                            if isinstance(m, torch.nn.Module))
+            return out
+        return wrapper
+
+    original = module_file.load_transformer
+
+    def load_transformer(cfg):  # no gc.collect(): what a reference cycle keeps alive would hold GPU memory
+        alive_at_load.extend(ref() for ref in encoders if ref() is not None)
+        return original(cfg)
+
+    monkeypatch.setattr(datamodule, "load_vae", recorded(datamodule.load_vae))
+    monkeypatch.setattr(datamodule, "load_text_encoders", recorded(datamodule.load_text_encoders))
+    monkeypatch.setattr(module_file, "load_transformer", load_transformer)
+    fit_tiny(tiny_model_cfg, tmp_path, steps=1)  # a fresh cache: everything is encoded
+    assert len(encoders) == 3 and not alive_at_load
