@@ -101,8 +101,6 @@ def memory_problems(cfg: ModelConfig, *, cuda: bool | None = None) -> list[str]:
     return out
 
 
-
-
 # -- group offload -------------------------------------------------------------------------------
 def offloadable_layers(transformer: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Linear]]]:
     """Per transformer block (``transformer_blocks.<i>`` / ``single_transformer_blocks.<i>``), its
@@ -189,10 +187,10 @@ def apply_group_offload(transformer: torch.nn.Module, cfg: ModelConfig, device: 
         low_cpu_mem_usage=False,
         offload_to_disk_path=None if disk is None else str(disk),
     )
-    blocks = dict(transformer.named_modules())
+    modules = dict(transformer.named_modules())
     for block_name, layers in offloadable_layers(transformer).items():
         if cfg.group_offload_type == "block_level":
-            units = [(block_name, blocks[block_name], [m for _, m in layers])] if layers else []
+            units = [(block_name, modules[block_name], [m for _, m in layers])] if layers else []
         else:
             units = [(name, m, [m]) for name, m in layers]
         for group_id, leader, members in units:
@@ -207,8 +205,9 @@ def apply_group_offload(transformer: torch.nn.Module, cfg: ModelConfig, device: 
                 offload_to_disk_path=config.offload_to_disk_path,
                 group_id=group_id,
             )
+            # the name diffusers looks for (pipelines take their execution device from it); offloads now
             registry = HookRegistry.check_if_exists_or_initialize(leader)
-            registry.register_hook(GroupOffloadingHook(group, config=config), "group_offloading")  # offloads now
+            registry.register_hook(GroupOffloadingHook(group, config=config), "group_offloading")
             offload.groups.append(group)
             offload.owned += [(m, name) for m in members for name, p in m.named_parameters(recurse=False)]
     return offload

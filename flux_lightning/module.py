@@ -164,6 +164,23 @@ class FluxLoRAModule(L.LightningModule):
         if self.tread.routes:
             resolve_routes(self.tread.routes, num_blocks(transformer))  # bad indices fail before step 0
         device = self._training_device()
+        self._set_training_attention(transformer, device)
+        if self.model_cfg.enable_group_offload:  # before Lightning's model_to_device: never whole on the GPU
+            if self._trainer is not None and self._trainer.world_size > 1:
+                raise RuntimeError(
+                    "model.enable_group_offload trains on one device (DistributedDataParallel needs every "
+                    "parameter on the GPU); set trainer.devices=1 or model.enable_group_offload=false"
+                )
+            self.group_offload = apply_group_offload(transformer, self.model_cfg, device)
+        if self.compile_blocks:
+            from .compilation import compile_blocks
+
+            compile_blocks(transformer, device_type=device.type if self._trainer is not None else None)
+        self.transformer = transformer.train()  # base Flux has no dropout; LoRA dropout needs train()
+
+    def _set_training_attention(self, transformer: torch.nn.Module, device: torch.device) -> None:
+        """Training attends with ``model.attention_backend`` where its kernel has a backward pass on
+        ``device``, else with sdpa (the chosen backend then renders validation images only)."""
         self.training_attention = training_attention_backend(self.model_cfg.attention_backend, device.type)
         if self.training_attention != self.model_cfg.attention_backend:
             log.info(
@@ -172,14 +189,6 @@ class FluxLoRAModule(L.LightningModule):
                 self.model_cfg.attention_backend, device.type, self.training_attention, self.model_cfg.attention_backend,
             )
             set_attention_backend(transformer, self.training_attention)
-        if self.model_cfg.enable_group_offload:  # before Lightning's model_to_device: never whole on the GPU
-            self.group_offload = apply_group_offload(transformer, self.model_cfg, device)
-        if self.compile_blocks:
-            from .compilation import compile_blocks
-
-            device = self._trainer.strategy.root_device.type if self._trainer is not None else None
-            compile_blocks(transformer, device_type=device)
-        self.transformer = transformer.train()  # base Flux has no dropout; LoRA dropout needs train()
 
     def _training_device(self) -> torch.device:
         if self._trainer is not None:

@@ -316,3 +316,12 @@ def test_the_caching_encoders_are_freed_before_the_transformer_loads(tiny_model_
     monkeypatch.setattr(module_file, "load_transformer", load_transformer)
     fit_tiny(tiny_model_cfg, tmp_path, steps=1)  # a fresh cache: everything is encoded
     assert len(encoders) == 3 and not alive_at_load
+
+
+def test_group_offload_with_several_devices_is_refused(tiny_model_cfg):
+    from types import SimpleNamespace
+
+    module = FluxLoRAModule(replace(tiny_model_cfg, enable_group_offload=True), AdapterConfig(rank=4))
+    module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    with pytest.raises(RuntimeError, match="model.enable_group_offload trains on one device.*trainer.devices=1"):
+        module.configure_model()
