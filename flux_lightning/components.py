@@ -25,6 +25,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_BACKENDS = {"sdpa": "native", "sageattention": "sage", "flash": "flash", "flex": "flex", "xformers": "xformers"}
 ATTENTION_PACKAGES = {"sageattention": "sageattention", "flash": "flash_attn", "xformers": "xformers"}
 MASKED_ATTENTION_BACKENDS = ("sdpa",)  # verified to apply a padding mask (see tests)
+# device types on which a backend's kernel has a backward pass, for those that lack one somewhere:
+# sageattention has none (diffusers: "Backward pass is not implemented for Sage attention"), PyTorch's
+# flex attention none on the CPU ("FlexAttention does not support backward on CPU"); flash-attn,
+# xformers and sdpa train wherever they run
+BACKWARD_DEVICE_TYPES = {"sageattention": (), "flex": ("cuda",)}
 GUIDANCE_MODES = ("constant", "random-range")
 GROUP_OFFLOAD_TYPES = ("block_level", "leaf_level")
 
@@ -63,16 +68,27 @@ class ModelConfig:
         gradient_checkpointing_interval: with gradient checkpointing, checkpoint every n-th block
             only (1 = all; 2 = half of them; faster, more memory).
         attention_backend: ``sdpa`` (PyTorch), ``sageattention``, ``flash``, ``flex``, ``xformers``.
-        enable_group_offload: diffusers group offloading of the transformer to CPU (CUDA only).
-        group_offload_type: ``block_level`` or ``leaf_level``.
-        group_offload_blocks_per_group: blocks moved together with ``block_level``.
-        group_offload_use_stream: overlap transfers with compute on a CUDA stream.
+            A backend without a backward pass on the training device (sageattention anywhere, flex on
+            a CPU) renders the validation images only; training attends with ``sdpa``.
+        enable_group_offload: keep the frozen linear weights of the transformer blocks on the CPU
+            and move one group at a time to the GPU for its forward pass (diffusers' group-offload
+            hooks, in place before Lightning moves the module, so the transformer never has to fit
+            on the GPU whole; validation renders the same way). The adapter, the norms and the
+            modules outside the blocks stay on the GPU. CUDA only; needs gradient checkpointing of
+            every block (the backward pass onloads each block again to recompute it) and an
+            unquantized base. See :func:`flux_lightning.memory.apply_group_offload`.
+        group_offload_type: ``block_level`` (a group = one block) or ``leaf_level`` (a group = one
+            linear layer: least memory, most transfers).
+        group_offload_blocks_per_group: must be 1 (training recomputes one block at a time).
+        group_offload_use_stream: must be false (stream prefetching follows the forward order,
+            which the backward pass does not).
         group_offload_to_disk_path: spill offloaded weights to this folder instead of RAM.
-        enable_model_cpu_offload: keep the VAE on the CPU between validations, on the GPU only
-            while decoding (mutually exclusive with group offload).
-        offload_during_startup: load the caching encoders one at a time and free each before the
-            next (the VAE, then the text encoders) and only then the transformer; on by construction
-            in ``FluxDataModule``, kept as a named switch for quickstart configs.
+        enable_model_cpu_offload: models that do not train live on the CPU and visit the GPU only
+            for their validation round: the validation VAE, the preview decoder and the CLIP scorer
+            go back to the CPU after each round (mutually exclusive with group offload). Start-up
+            needs no switch: the caching encoders (the VAE, then the text encoders) are loaded,
+            used and freed before the transformer loads, and the transformer is never on the GPU
+            while they encode; training reads the caches, so no encoder is loaded while it runs.
         vae_enable_tiling: decode/encode with the VAE in tiles (less memory for large images).
         quantization: how the frozen transformer (and text encoders while caching) are quantized.
     """
@@ -105,7 +121,6 @@ class ModelConfig:
     group_offload_use_stream: bool = False
     group_offload_to_disk_path: str | None = None
     enable_model_cpu_offload: bool = False
-    offload_during_startup: bool = False
     vae_enable_tiling: bool = False
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
@@ -280,6 +295,13 @@ def attention_backend_problem(name: str) -> str | None:
             f"(pip install {package}); or use model.attention_backend=sdpa"
         )
     return None
+
+
+def training_attention_backend(name: str, device_type: str) -> str:
+    """The backend training attends with on ``device_type``: ``name`` when its kernel has a backward
+    pass there, else ``sdpa`` (``name`` then serves validation renders only)."""
+    devices = BACKWARD_DEVICE_TYPES.get(name)
+    return name if devices is None or device_type in devices else "sdpa"
 
 
 def set_attention_backend(model, name: str) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -20,9 +21,9 @@ from .adapters import (
     add_assistant_lora,
     assistant_disabled,
 )
-from .components import ModelConfig, load_transformer
+from .components import ModelConfig, load_transformer, set_attention_backend, training_attention_backend
 from .export import export_adapter
-from .memory import apply_group_offload, enable_gradient_checkpointing
+from .memory import GroupOffload, apply_group_offload, enable_gradient_checkpointing
 from .optim import ADAPTER_DTYPES
 from .flow import (
     TimestepConfig,
@@ -36,6 +37,9 @@ from .flow import (
     unpack_latents,
 )
 from .tread import TreadConfig, num_blocks, resolve_routes, routed_forward, tokens_in_mask
+
+log = logging.getLogger(__name__)
+
 
 def rng_states() -> dict:
     """Python, NumPy, torch CPU and CUDA RNG states, as types ``torch.load(weights_only=True)`` reads."""
@@ -128,6 +132,8 @@ class FluxLoRAModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.noise_seed = seed
         self.transformer: torch.nn.Module | None = None
+        self.group_offload: GroupOffload | None = None
+        self.training_attention = self.model_cfg.attention_backend  # see configure_model
         self._recent_losses: deque[torch.Tensor] = deque(maxlen=50)
 
     # -- model -------------------------------------------------------------------------------
@@ -150,19 +156,51 @@ class FluxLoRAModule(L.LightningModule):
             add_assistant_lora(transformer, *assistant)
         add_adapter(transformer, self.adapter_cfg, dtype=self.adapter_dtype)
         if self.model_cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(transformer, self.model_cfg.gradient_checkpointing_interval)
+            enable_gradient_checkpointing(
+                transformer,
+                self.model_cfg.gradient_checkpointing_interval,
+                early_stop=not self.model_cfg.enable_group_offload,
+            )
         if self.tread.routes:
             resolve_routes(self.tread.routes, num_blocks(transformer))  # bad indices fail before step 0
+        device = self._training_device()
+        self._set_training_attention(transformer, device)
+        if self.model_cfg.enable_group_offload:  # before Lightning's model_to_device: never whole on the GPU
+            if self._trainer is not None and self._trainer.world_size > 1:
+                raise RuntimeError(
+                    "model.enable_group_offload trains on one device (DistributedDataParallel needs every "
+                    "parameter on the GPU); set trainer.devices=1 or model.enable_group_offload=false"
+                )
+            self.group_offload = apply_group_offload(transformer, self.model_cfg, device)
         if self.compile_blocks:
             from .compilation import compile_blocks
 
-            device = self._trainer.strategy.root_device.type if self._trainer is not None else None
-            compile_blocks(transformer, device_type=device)
+            compile_blocks(transformer, device_type=device.type if self._trainer is not None else None)
         self.transformer = transformer.train()  # base Flux has no dropout; LoRA dropout needs train()
 
-    def on_fit_start(self) -> None:
-        if self.model_cfg.enable_group_offload and self.device.type == "cuda":
-            apply_group_offload(self.transformer, self.model_cfg, self.device)
+    def _set_training_attention(self, transformer: torch.nn.Module, device: torch.device) -> None:
+        """Training attends with ``model.attention_backend`` where its kernel has a backward pass on
+        ``device``, else with sdpa (the chosen backend then renders validation images only)."""
+        self.training_attention = training_attention_backend(self.model_cfg.attention_backend, device.type)
+        if self.training_attention != self.model_cfg.attention_backend:
+            log.info(
+                "model.attention_backend=%s has no backward pass on %s: training attends with %s, "
+                "validation images render with %s",
+                self.model_cfg.attention_backend, device.type, self.training_attention, self.model_cfg.attention_backend,
+            )
+            set_attention_backend(transformer, self.training_attention)
+
+    def _training_device(self) -> torch.device:
+        if self._trainer is not None:
+            return self._trainer.strategy.root_device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _apply(self, fn, recurse: bool = True):
+        """Every device/dtype move of the module (Lightning's ``model_to_device`` included) leaves the
+        group-offloaded weights to their hooks."""
+        offload = self.__dict__.get("group_offload")
+        with offload.hidden() if offload is not None else nullcontext():
+            return super()._apply(fn, recurse)
 
     def forward(
         self,
@@ -308,10 +346,14 @@ class FluxLoRAModule(L.LightningModule):
     def inference_adapters(self, text_attention_mask: torch.Tensor | None = None) -> Iterator[None]:
         """Set the transformer up for rendering images (validation) inside the block.
 
-        The frozen assistant LoRA is switched off (images show what the trained adapter does), and
-        for attention-masked flavours every transformer call gets ``text_attention_mask`` ``(T,)``
-        or ``(1, T)``, extended with ones for the image tokens, whatever pipeline calls it.
+        The frozen assistant LoRA is switched off (images show what the trained adapter does), the
+        attention backend is ``model.attention_backend`` even where training attends with another
+        one (a kernel without a backward pass), and for attention-masked flavours every transformer
+        call gets ``text_attention_mask`` ``(T,)`` or ``(1, T)``, extended with ones for the image
+        tokens, whatever pipeline calls it. Everything is restored on exit.
         """
+        render_attention = self.model_cfg.attention_backend
+        switch = render_attention != self.training_attention
         handle = None
         if text_attention_mask is not None and self.model_cfg.attention_masked:
             text_mask = text_attention_mask.reshape(1, -1).bool()
@@ -328,9 +370,13 @@ class FluxLoRAModule(L.LightningModule):
 
             handle = self.transformer.register_forward_pre_hook(add_mask, with_kwargs=True)
         try:
+            if switch:
+                set_attention_backend(self.transformer, render_attention)
             with assistant_disabled(self.transformer):
                 yield
         finally:
+            if switch:
+                set_attention_backend(self.transformer, self.training_attention)
             if handle is not None:
                 handle.remove()
 

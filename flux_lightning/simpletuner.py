@@ -484,10 +484,12 @@ RULES: dict[str, Rule] = {
     "enable_group_offload": value(_M + "enable_group_offload", _bool),
     "group_offload_type": one_of(_M + "group_offload_type", "block_level", "leaf_level"),
     "group_offload_blocks_per_group": value(_M + "group_offload_blocks_per_group", _int),
-    "group_offload_use_stream": value(_M + "group_offload_use_stream", _bool),
+    "group_offload_use_stream": no_effect(
+        "training offloads without streams here (their prefetch runs in forward order, backward runs the other way)"
+    ),
     "group_offload_to_disk_path": value(_M + "group_offload_to_disk_path", _optional(_str)),
     "enable_model_cpu_offload": value(_M + "enable_model_cpu_offload", _bool),
-    "offload_during_startup": value(_M + "offload_during_startup", _bool),
+    "offload_during_startup": no_effect("always so here: the caching encoders are freed before the transformer loads"),
     "vae_enable_tiling": value(_M + "vae_enable_tiling", _bool),
     "tread_config": _tread,
     # the adapter

@@ -49,6 +49,14 @@ INCOMPATIBLE = [
     (("optimizer.name=sgd",), "optimizer.name='sgd' is unknown"),
     (("adapter=lokr", "adapter.init=gaussian"), "LoKr takes adapter.init=default"),
     (("model.gradient_checkpointing_interval=0",), "model.gradient_checkpointing_interval=0 must be >= 1"),
+    (("model.enable_group_offload=true", "model.gradient_checkpointing=false"),
+     "model.enable_group_offload needs model.gradient_checkpointing=true and gradient_checkpointing_interval=1"),
+    (("model.enable_group_offload=true", "model.gradient_checkpointing_interval=2"),
+     "model.enable_group_offload needs model.gradient_checkpointing=true and gradient_checkpointing_interval=1"),
+    (("model.enable_group_offload=true", "model.group_offload_use_stream=true"),
+     "model.group_offload_use_stream prefetches in forward order"),
+    (("model.enable_group_offload=true", "quantization=int8_quanto"), "model.enable_group_offload moves unquantized linear weights only"),
+    (("model.group_offload_blocks_per_group=2",), "model.group_offload_blocks_per_group=2: the backward pass recomputes one block at a time"),
     (("adapter.init_lora=/no/such.safetensors",), "adapter.init_lora: file '/no/such.safetensors' does not exist"),
 ]
 
@@ -98,3 +106,10 @@ def test_all_problems_of_a_combination_are_listed_together(tmp_path):
                           "model.enable_model_cpu_offload=true"))
     text = str(info.value)
     assert "loftq" in text and "mutually exclusive" in text
+
+
+def test_the_removed_startup_offload_switch_is_refused(tmp_path):
+    """``model.offload_during_startup`` did nothing (the caching encoders are always freed before the
+    transformer loads), so it is gone: setting it is an error, not a silent no-op."""
+    with pytest.raises(Exception, match="offload_during_startup"):
+        validate(_compose(tmp_path, "model.offload_during_startup=true"))

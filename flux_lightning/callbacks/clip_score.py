@@ -14,6 +14,7 @@ import lightning as L
 import torch
 
 from ..config import ConfigError
+from ..memory import park
 from ..tiny import resolve_tiny_source
 from .isolation import preserved_rng
 
@@ -167,6 +168,7 @@ class CLIPScoreCallback(L.Callback):
             return
         with preserved_rng():
             values = self.scores(records, pl_module.device)
+        park(self.metric, getattr(pl_module, "model_cfg", None))  # model.enable_model_cpu_offload
         metrics = summarize(values, [r.nickname for r in records])
         self.history[step] = metrics
         for logger in trainer.loggers:

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from ..config import ConfigError
+from ..memory import park
 from ..tiny import resolve_tiny_source
 from .isolation import isolated
 from .preview import PreviewWebhook
@@ -330,8 +331,8 @@ class ValidationImages(L.Callback):
                 path = out_dir / f"{safe_name(nick)}_{width}x{height}.png"
                 image.save(path)
                 records.append(ValidationRecord(nick, prompt, width, height, image, path))
-        if getattr(pl_module.model_cfg, "enable_model_cpu_offload", False):
-            self._vae.to("cpu")  # on the accelerator only while decoding
+        for helper in (self._vae, self.preview and self.preview._autoencoder):
+            park(helper, pl_module.model_cfg)  # model.enable_model_cpu_offload: back to the CPU
         return records
 
     def _log_grid(self, trainer, records: list[ValidationRecord], step: int) -> None:
