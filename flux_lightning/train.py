@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import EvalLoss, LoRAExport, LossProgressBar, ModelCard, ValidationImages
+from .callbacks.lora_export import LoRAExportError
 from .checkpointing import AtomicCheckpointIO
 from .components import ModelSourceError
 from .config import ConfigError, validate
@@ -190,6 +191,6 @@ def main(cfg: DictConfig) -> float:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return train(cfg)
-    except (ConfigError, DataError, ModelSourceError) as err:
+    except (ConfigError, DataError, ModelSourceError, LoRAExportError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -259,7 +259,7 @@ def test_every_recognised_key_composes_and_lands_where_the_table_says(in_tmp):
     cfg = _compose(in_tmp, translation.overrides)
     assert [o for o in translation.overrides if not _expect(cfg, o)] == []
     assert cfg.callbacks.validation.validation_prompt == EVERY_KEY["validation_prompt"]  # quotes, commas, \, ${ survive
-    assert cfg.hydra.runtime.choices.timesteps == "sigmoid" and cfg.timesteps.weighting == "sigmoid"
+    assert cfg.hydra.runtime.choices.timesteps == "flavour" and cfg.timesteps.weighting is None  # dev: sigmoid
     assert cfg.callbacks.model_checkpoint.save_top_k == -1  # SimpleTuner's 0 = keep all
     assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (100, 3)
     assert cfg.lr_scheduler.num_cycles == 2 and "lr_power" in translation.no_effect
