@@ -165,7 +165,7 @@ def _five_images(folder: Path) -> Path:
 )
 def test_sigkill_at_epoch_ends_and_mid_epoch_resumes_bit_exactly(tmp_path, case, steps, kills):
     cache = tmp_path / "cache"
-    extra = ()
+    extra = ("dataset.demo_images=16",)  # below eval_min_images: no eval split, all 16 train
     if case == "folder_accumulate":
         extra = (
             "dataset=local", f"dataset.instance_data_dir={_five_images(tmp_path / 'images')}",
