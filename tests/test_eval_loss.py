@@ -156,6 +156,7 @@ def test_split_takes_only_from_large_backends_and_keeps_shared_files_in_training
     assert large == ["big"] and len(held) == 6 and held <= big - {"s0", "s1"}
     assert split_sources({"a": {"x"}, "b": {f"y{i}" for i in range(49)}}, 0.1, 50) == (set(), [])
     assert split_sources({"big": big}, 0.0, 50)[0] == set()
+    assert split_sources({"big": big, "small": big}, 0.1, 50) == (set(), ["big"])  # all shared with a small one
     # the same sources at two resolutions: one pool, so each file is held out (or not) in both
     held2, large2 = split_sources({"lo": big, "hi": big}, 0.1, 50)
     assert large2 == ["hi", "lo"] and held2 == held

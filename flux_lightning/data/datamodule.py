@@ -378,11 +378,14 @@ class FluxDataModule(L.LightningDataModule):
             parts.append(f"{len(held)} images held out of {total} (backends {', '.join(large)})")
             log.info("eval split: %s", parts[0])
         elif self.eval_fraction > 0:
-            parts.append(f"off (no backend has >= {self.eval_min_images} images)")
+            why = (
+                f"no backend has >= {self.eval_min_images} images" if not large
+                else f"every image of {', '.join(large)} is also in a smaller backend"
+            )
+            parts.append(f"off ({why})")
             (log.info if self.eval_backend is not None else log.warning)(
-                "eval split off: no backend has >= %d images, so all %d train; set "
-                "callbacks.eval_loss.eval_data_dir=<folder> to evaluate on separate images",
-                self.eval_min_images, total,
+                "eval split off: %s (callbacks.eval_loss.eval_min_images), so all %d images train; set "
+                "callbacks.eval_loss.eval_data_dir=<folder> to evaluate on separate images", why, total,
             )
         if self.eval_backend is not None:
             parts.append(f"eval_data_dir: {len(self.eval_folder_samples())} images")
