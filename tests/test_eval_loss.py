@@ -156,7 +156,8 @@ def test_split_takes_only_from_large_backends_and_keeps_shared_files_in_training
     assert large == ["big"] and len(held) == 6 and held <= big - {"s0", "s1"}
     assert split_sources({"a": {"x"}, "b": {f"y{i}" for i in range(49)}}, 0.1, 50) == (set(), [])
     assert split_sources({"big": big}, 0.0, 50)[0] == set()
-    assert split_sources({"big": big, "small": big}, 0.1, 50) == (set(), ["big"])  # all shared with a small one
+    halves = {"big": big, "s1": {f"s{i}" for i in range(30)}, "s2": {f"s{i}" for i in range(30, 60)}}
+    assert split_sources(halves, 0.1, 50) == (set(), ["big"])  # every image is also in a small backend
     # the same sources at two resolutions: one pool, so each file is held out (or not) in both
     held2, large2 = split_sources({"lo": big, "hi": big}, 0.1, 50)
     assert large2 == ["hi", "lo"] and held2 == held
