@@ -158,8 +158,8 @@ def _five_images(folder: Path) -> Path:
     [
         # the default demo: 16 images, batch 4 = 4 batches per epoch; kill on epoch 0's last batch, then mid-epoch 1
         ("demo", 10, (4, 6)),
-        # 5 local images, batch 1, accumulating 2 batches = 3 optimizer steps per epoch (2 + 2 + 1 batches):
-        # kill on epoch 0's last batch (step 3), then mid-epoch 1 (step 4)
+        # 5 local images, batch 1, accumulating 2 batches = 3 optimizer steps per epoch (2 + 2 + 1 batches),
+        # 2 persistent dataloader workers (the GPU default): kill on epoch 0's last batch (step 3), then mid-epoch 1
         ("folder_accumulate", 8, (3, 4)),
     ],
 )
@@ -169,7 +169,7 @@ def test_sigkill_at_epoch_ends_and_mid_epoch_resumes_bit_exactly(tmp_path, case,
     if case == "folder_accumulate":
         extra = (
             "dataset=local", f"dataset.instance_data_dir={_five_images(tmp_path / 'images')}",
-            "dataset.resolution=64", "trainer.accumulate_grad_batches=2",
+            "dataset.resolution=64", "trainer.accumulate_grad_batches=2", "dataset.num_workers=2",
         )
     straight = tmp_path / "straight"
     done = subprocess.run(_every_step(straight, cache, steps, *extra), env=_env(), capture_output=True, text=True, timeout=600)
