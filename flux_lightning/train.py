@@ -128,7 +128,7 @@ def train(cfg: DictConfig) -> float:
     loss = module.recent_train_loss()
     eval_loss = evals[0].last_loss if evals else None
     if trainer.is_global_zero:
-        _print_summary(trainer, output_dir, loss, datamodule.skipped, eval_loss)
+        _print_summary(trainer, output_dir, loss, datamodule.skipped, eval_loss, datamodule.eval_split)
         write_result(
             output_dir,
             {
@@ -167,7 +167,8 @@ def _job_name() -> str:
 
 
 def _print_summary(
-    trainer: L.Trainer, output_dir: str, loss: float, skipped: int, eval_loss: float | None = None
+    trainer: L.Trainer, output_dir: str, loss: float, skipped: int, eval_loss: float | None = None,
+    eval_split: str = "off",
 ) -> None:
     lora = next((cb.path for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None)
     validation = next((cb.dirpath for cb in trainer.callbacks if isinstance(cb, ValidationImages)), None)
@@ -176,6 +177,7 @@ def _print_summary(
         ("steps", trainer.global_step),
         ("final train loss (last 50 steps)", f"{loss:.4f}"),
         ("final eval loss", "off" if eval_loss is None else f"{eval_loss:.4f}"),
+        ("eval split", eval_split),
         ("LoRA", lora or "not exported"),
         ("validation images", validation or "off"),
         ("logs", trainer.log_dir or "off"),

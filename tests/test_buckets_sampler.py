@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import lightning as L
 import pytest
 
 from flux_lightning.data.buckets import bucket_size, place
@@ -74,19 +75,49 @@ def _owner(i):
 def test_every_batch_is_one_backend_and_one_bucket_and_repeats_count():
     s = BucketBatchSampler(_groups(), batch_size=2, seed=1)
     batches = list(s)
-    assert len(batches) == len(s) == 7 + 2 + 10
+    assert len(batches) == len(s) == 8 + 2 + 10  # ceil(15 / 2) + 4 / 2 + 20 / 2
     for batch in batches:
         assert len({_owner(i) for _, i in batch}) == 1
     seen = Counter(i for b in batches for _, i in b)
-    assert all(seen[i] <= 3 for i in range(5)) and sum(seen[i] for i in range(5)) == 14
+    # 5 images x 3 passes = 15 draws, padded to 16 by wrapping around to the epoch's first batch
+    assert all(3 <= seen[i] <= 4 for i in range(5)) and sum(seen[i] for i in range(5)) == 16
+    assert all(seen[i] == 1 for i in range(5, 29))
+
+
+@pytest.mark.parametrize("n,batch_size,world", [(5, 2, 1), (7, 3, 1), (11, 2, 2), (9, 4, 2)])
+def test_leftovers_are_drawn_every_epoch_by_wrapping_around(n, batch_size, world):
+    global_batch = batch_size * world
+    groups = [Group("a", (64, 64), tuple(range(n)), 1.0), Group("tiny", (64, 128), (100,) * (global_batch - 1), 1.0)]
+    ranks = [BucketBatchSampler(groups, batch_size, seed=4, rank=r, world_size=world) for r in range(world)]
+    orders = []
+    for epoch in range(3):
+        for s in ranks:
+            s.set_epoch(epoch)
+        per_rank = [list(s) for s in ranks]
+        steps = len(per_rank[0])
+        assert all(len(b) == steps == len(ranks[0]) for b in per_rank)  # equal steps on every rank
+        assert steps == -(-n // global_batch)
+        global_order = []
+        for step in range(steps):
+            one = [i for b in per_rank for e, i in b[step]]
+            assert len(one) == global_batch and len(set(one)) == global_batch  # distinct within a step
+            assert all(e == epoch for b in per_rank for e, _ in b[step])
+            global_order += one
+        seen = Counter(global_order)
+        assert set(seen) == set(range(n)), "every image is drawn in every epoch"  # and never the too-small group
+        assert sum(seen.values()) - n == steps * global_batch - n < global_batch
+        assert max(seen.values()) <= 2
+        orders.append(global_order)
+    assert orders[0] != orders[1] != orders[2]
 
 
 def test_distributed_ranks_get_distinct_samples_and_equal_steps():
-    groups = [Group("a", (64, 64), tuple(range(40)), 1.0), Group("b", (64, 64), tuple(range(40, 55)), 1.0)]
+    groups = [Group("a", (64, 64), tuple(range(36)), 1.0), Group("b", (64, 64), tuple(range(40, 52)), 1.0)]
     ranks = [list(BucketBatchSampler(groups, batch_size=3, seed=5, rank=r, world_size=2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 6 + 2
     flat = [[i for b in r for _, i in b] for r in ranks]
     assert not set(flat[0]) & set(flat[1])
+    assert sorted(flat[0] + flat[1]) == list(range(36)) + list(range(40, 52))
     # step by step both ranks draw from the same backend
     for b0, b1 in zip(*ranks):
         assert (b0[0][1] < 40) == (b1[0][1] < 40)
@@ -112,3 +143,32 @@ def test_epochs_reshuffle_and_resume_mid_epoch_continues_exactly():
     resumed.set_epoch(2)  # Lightning calls this with the restored epoch
     assert list(resumed) == full[5:]
     assert list(resumed) == full  # the next pass of the same epoch starts at 0 again
+    # a checkpoint on the epoch's last batch resumes at the start of the next epoch
+    s.set_epoch(3)
+    after = list(s)
+    at_end = BucketBatchSampler(_groups(), batch_size=2, seed=3)
+    at_end.load_state_dict({"epoch": 2, "position": len(full)})
+    assert list(at_end) == after
+
+
+def test_lightning_sets_the_epoch_and_every_epoch_draws_every_image_in_a_new_order(tiny_model_cfg, cache_root, monkeypatch):
+    """Through Lightning: 16 demo images, batch 2, 3 epochs; each image once per epoch, new order each epoch."""
+    from flux_lightning.data.datamodule import CachedLatentDataset
+
+    from .conftest import fit_tiny
+
+    drawn, epochs = [], []
+    original = CachedLatentDataset.__getitem__
+    monkeypatch.setattr(CachedLatentDataset, "__getitem__", lambda self, key: (drawn.append(key), original(self, key))[1])
+
+    class Epochs(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            epochs.append(trainer.current_epoch)
+
+    _, dm = fit_tiny(tiny_model_cfg, cache_root, steps=24, demo_images=16, callbacks=[Epochs()])
+    assert len(dm.train_dataset) == 16 and len(drawn) == 48 and epochs == [e for e in range(3) for _ in range(8)]
+    per_epoch = [[i for e, i in drawn if e == epoch] for epoch in range(3)]
+    assert [e for e, _ in drawn] == [e for e in range(3) for _ in range(16)], "the sampler follows Lightning's epoch"
+    for order in per_epoch:
+        assert sorted(order) == list(range(16))
+    assert per_epoch[0] != per_epoch[1] != per_epoch[2] != per_epoch[0]

@@ -13,7 +13,7 @@ from flux_lightning.callbacks import EvalLoss
 from flux_lightning.callbacks.eval_loss import sigma_grid, stable_eval_loss
 from flux_lightning.config import ConfigError
 from flux_lightning.data.discovery import DataError
-from flux_lightning.data.holdout import holdout_count, select_holdout
+from flux_lightning.data.holdout import holdout_count, select_holdout, split_sources
 from flux_lightning.flow import TimestepConfig, auto_shift, shift_sigmas, shift_like_training
 
 
@@ -42,11 +42,14 @@ def test_eval_split_is_never_trained_on(tiny_model_cfg, cache_root):
     assert batch["latents"].shape == (2, 16, 8, 8) and batch["backend"] == ["demo", "demo"]
 
 
-def make_datamodule(model_cfg, cache_root, eval_fraction=0.0, eval_data_dir=None):
+def make_datamodule(model_cfg, cache_root, eval_fraction=0.0, eval_data_dir=None, eval_min_images=0):
+    """The 16-image demo; ``eval_min_images=0`` lets even this small dataset give images to the split."""
     from flux_lightning import DatasetConfig, FluxDataModule
 
     cfg = DatasetConfig(resolution=64, batch_size=2, cache_dir=str(cache_root), caption_dropout_probability=0.5)
-    return FluxDataModule(cfg, model_cfg, eval_fraction=eval_fraction, eval_data_dir=eval_data_dir)
+    return FluxDataModule(
+        cfg, model_cfg, eval_fraction=eval_fraction, eval_data_dir=eval_data_dir, eval_min_images=eval_min_images
+    )
 
 
 def test_sigma_grid_is_spread_over_the_unit_interval_and_shifted_like_training():
@@ -137,4 +140,91 @@ def test_settings_are_checked_early():
         EvalLoss(eval_fraction=0.0)
     with pytest.raises(ConfigError, match="eval_fraction=1.5 must be within"):
         EvalLoss(eval_fraction=1.5)
-    assert EvalLoss(eval_data_dir=["a", "b"]).data_kwargs() == {"eval_fraction": 0.1, "eval_data_dir": ["a", "b"]}
+    with pytest.raises(ConfigError, match="eval_min_images=-1 must be >= 0"):
+        EvalLoss(eval_min_images=-1)
+    assert EvalLoss(eval_data_dir=["a", "b"]).data_kwargs() == {
+        "eval_fraction": 0.1, "eval_data_dir": ["a", "b"], "eval_min_images": 50
+    }
+
+
+# -- the split never takes images from small datasets, and keeps every copy of a file on one side ----
+
+
+def test_split_takes_only_from_large_backends_and_keeps_shared_files_in_training():
+    big = {f"s{i}" for i in range(60)}
+    held, large = split_sources({"big": big, "small": {"s0", "s1", "x"}}, 0.1, 50)
+    assert large == ["big"] and len(held) == 6 and held <= big - {"s0", "s1"}
+    assert split_sources({"a": {"x"}, "b": {f"y{i}" for i in range(49)}}, 0.1, 50) == (set(), [])
+    assert split_sources({"big": big}, 0.0, 50)[0] == set()
+    halves = {"big": big, "s1": {f"s{i}" for i in range(30)}, "s2": {f"s{i}" for i in range(30, 60)}}
+    assert split_sources(halves, 0.1, 50) == (set(), ["big"])  # every image is also in a small backend
+    # the same sources at two resolutions: one pool, so each file is held out (or not) in both
+    held2, large2 = split_sources({"lo": big, "hi": big}, 0.1, 50)
+    assert large2 == ["hi", "lo"] and held2 == held
+
+
+def _images(folder, n, size=(64, 64)):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, (i * 37 % 256, i * 91 % 256, i * 53 % 256)).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def _folder_dm(model_cfg, tmp_path, backends, **eval_kwargs):
+    from flux_lightning import DatasetConfig, FluxDataModule
+
+    cfg = DatasetConfig(backends=backends, cache_dir=str(tmp_path / "cache"), batch_size=1, caption_dropout_probability=0.0)
+    dm = FluxDataModule(cfg, model_cfg, **{**EvalLoss().data_kwargs(), **eval_kwargs})  # the callback's defaults
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_five_images_train_as_five(tiny_model_cfg, tmp_path):
+    from flux_lightning.data.config import ImageBackendConfig
+
+    folder = _images(tmp_path / "five", 5)
+    dm = _folder_dm(tiny_model_cfg, tmp_path, [ImageBackendConfig(id="subject", instance_data_dir=str(folder), resolution=64)])
+    drawn = [dm.train_dataset.samples[i].path.name for batch in dm.train_dataloader().batch_sampler for _, i in batch]
+    assert sorted(drawn) == [f"img{i:03d}.png" for i in range(5)]
+    assert dm.eval_dataset is None and dm.eval_split == "off (no backend has >= 50 images)"
+
+
+def test_two_resolutions_of_one_folder_hold_out_whole_files(tiny_model_cfg, tmp_path):
+    from flux_lightning.data.config import ImageBackendConfig
+
+    folder = _images(tmp_path / "subject", 60, size=(128, 128))
+    backends = [
+        ImageBackendConfig(id="subject-128", instance_data_dir=str(folder), resolution=128),
+        ImageBackendConfig(id="subject-64", instance_data_dir=str(folder), resolution=64),
+    ]
+    dm = _folder_dm(tiny_model_cfg, tmp_path, backends)
+    trained = {s.path for s in dm.train_dataset.samples}
+    held = [s for s in dm.eval_dataset.samples]
+    assert len({s.path for s in held}) == 6 and not trained & {s.path for s in held}
+    assert sorted(s.backend for s in held) == ["subject-128"] * 6 + ["subject-64"] * 6  # both copies held out
+    assert len(dm.train_dataset) == 2 * 54
+    assert dm.eval_split == "6 images held out of 60 (backends subject-128, subject-64)"
+    assert {b["backend"][0] for b in dm.eval_dataloader(batch_size=3)} == {"subject-128", "subject-64"}
+
+
+@pytest.mark.slow
+def test_one_image_dreambooth_run_with_default_callbacks_trains(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    folder = _images(tmp_path / "one", 1)
+    cmd = [
+        sys.executable, "-m", "flux_lightning", f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}",
+        "dataset=local", f"dataset.instance_data_dir={folder}", "dataset.resolution=64",
+        "trainer.max_steps=2", "callbacks.validation=null", "callbacks.clip_score=null", "logger=csv",
+    ]
+    run = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^steps\s+2$", run.stdout, re.M)
+    assert re.search(r"^eval split\s+off \(no backend has >= 50 images\)$", run.stdout, re.M), run.stdout
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -104,12 +104,16 @@ class EvalLoss(L.Callback):
 
     Args:
         every_n_steps: evaluate every n optimizer steps (0 = baseline and final only).
-        eval_fraction: fraction of the training images held out (deterministic, never trained on).
+        eval_fraction: fraction of the source images held out (deterministic, never trained on),
+            taken only from backends with at least ``eval_min_images`` images; every copy of a
+            held-out file (crops, resolutions, backends) leaves training.
         eval_data_dir: a folder (or list) of separate eval images, captioned like the training data.
         num_sigmas: points of the sigma grid.
         seed: seed of the fixed noise.
         batch_size: eval batch size; null = the training batch size.
         before_training: evaluate at step 0 as a baseline.
+        eval_min_images: a backend needs this many images to give some to the eval split (smaller
+            datasets train on every image; use ``eval_data_dir`` to evaluate them).
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class EvalLoss(L.Callback):
         seed: int = 0,
         batch_size: int | None = None,
         before_training: bool = True,
+        eval_min_images: int = 50,
     ):
         problems = []
         if every_n_steps < 0:
@@ -129,6 +134,8 @@ class EvalLoss(L.Callback):
             problems.append(f"{_FIELD}.eval_fraction={eval_fraction} must be within [0, 1)")
         if eval_fraction == 0 and not eval_data_dir:
             problems.append(f"{_FIELD} needs eval_fraction > 0 or eval_data_dir=<folder> (or set {_FIELD}=null)")
+        if eval_min_images < 0:
+            problems.append(f"{_FIELD}.eval_min_images={eval_min_images} must be >= 0")
         if num_sigmas < 1:
             problems.append(f"{_FIELD}.num_sigmas={num_sigmas} must be >= 1")
         if batch_size is not None and batch_size < 1:
@@ -136,19 +143,20 @@ class EvalLoss(L.Callback):
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
         self.every_n_steps, self.eval_fraction = every_n_steps, eval_fraction
-        self.eval_data_dir = eval_data_dir
+        self.eval_data_dir, self.eval_min_images = eval_data_dir, eval_min_images
         self.num_sigmas, self.seed, self.batch_size = num_sigmas, seed, batch_size
         self.before_training = before_training
         self.last_loss: float | None = None
         self.history: dict[int, EvalResult] = {}
         self._last_step = -1
+        self._warned = False
 
     def data_kwargs(self) -> dict:
         """Keyword arguments for :class:`~flux_lightning.FluxDataModule` that create the eval split."""
         dirs = self.eval_data_dir
         if dirs is not None and not isinstance(dirs, str):
             dirs = [str(d) for d in dirs]
-        return {"eval_fraction": self.eval_fraction, "eval_data_dir": dirs}
+        return {"eval_fraction": self.eval_fraction, "eval_data_dir": dirs, "eval_min_images": self.eval_min_images}
 
     # -- hooks ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -169,7 +177,9 @@ class EvalLoss(L.Callback):
             return self.history.get(step)
         loader = trainer.datamodule.eval_dataloader(self.batch_size) if trainer.datamodule else None
         if loader is None:
-            log.warning("%s: the datamodule has no eval split; nothing to evaluate", _FIELD)
+            if not self._warned:  # once: the datamodule said why when it built the split
+                log.warning("%s: the datamodule has no eval split; the eval loss is off", _FIELD)
+                self._warned = True
             return None
         self._last_step = step
         with isolated(pl_module.transformer):

@@ -23,7 +23,7 @@ from .config import DatasetConfig, ImageBackendConfig
 from .demo import make_demo_dataset
 from .discovery import DataError, discover, find_images
 from .encoding import encode_images, encode_prompts
-from .holdout import EvalDataset, select_holdout
+from .holdout import EvalDataset, split_sources
 from .sampler import BucketBatchSampler, Group
 from .transforms import load_mask, load_rgb, to_pixels, upright_size
 
@@ -34,7 +34,8 @@ CACHE_VERSION = 2
 
 @dataclass(frozen=True)
 class Sample:
-    """One training image resolved to its cache entries."""
+    """One training image resolved to its cache entries; ``source`` is the file's content digest
+    (the same for every crop, resolution and backend of one file)."""
 
     backend: str
     path: Path
@@ -45,6 +46,7 @@ class Sample:
     text_key: str
     mask_path: Path | None = None
     mask_key: str | None = None
+    source: str = ""
 
 
 def default_num_workers() -> int:
@@ -112,14 +114,18 @@ class FluxDataModule(L.LightningDataModule):
     ``prepare_data`` (once per machine) discovers images, encodes whatever the caches lack and
     releases the encoders. ``setup`` builds the dataset over the caches. ``prompts`` (validation
     prompts) are encoded into the text cache too, so text encoders are never needed afterwards.
-    The sampler's position is saved in checkpoints (:meth:`state_dict`), so a resume continues
-    mid-epoch with the very next batch.
+    Every epoch draws every training image (times its repeats) in a new order (see
+    :class:`~flux_lightning.data.sampler.BucketBatchSampler`). The sampler's epoch and position are
+    saved in checkpoints (:meth:`state_dict`), so a resume continues with the very next batch,
+    wherever the checkpoint fell (mid-epoch, on an epoch's last batch, between accumulated steps).
 
     Eval split (for :class:`~flux_lightning.callbacks.EvalLoss`): ``eval_fraction`` holds out a
-    deterministic fraction of the training images (chosen by a hash of the cache key, never
-    trained on, labelled by their backend id); ``eval_data_dir`` adds separate folders (label
+    deterministic fraction of the *source images* (by a hash of the file's content digest, never
+    trained on, labelled by their backend id) of the backends with at least ``eval_min_images``
+    images; every copy of a held-out file (all crops, resolutions and backends) leaves training,
+    and smaller datasets train on every image. ``eval_data_dir`` adds separate folders (label
     ``eval``), captioned and sized like the first backend. :meth:`eval_dataloader` serves them in a
-    fixed order, one bucket per batch.
+    fixed order, one bucket per batch. :attr:`eval_split` describes the split in words.
     """
 
     def __init__(
@@ -129,6 +135,7 @@ class FluxDataModule(L.LightningDataModule):
         prompts: Sequence[str] = (),
         eval_fraction: float = 0.0,
         eval_data_dir: str | Sequence[str] | None = None,
+        eval_min_images: int = 50,
     ):
         super().__init__()
         dataset = resolve_dataset(dataset)
@@ -150,7 +157,10 @@ class FluxDataModule(L.LightningDataModule):
         self._resume_state: dict | None = None
         if not 0.0 <= eval_fraction < 1.0:
             raise DataError(f"callbacks.eval_loss.eval_fraction={eval_fraction} must be within [0, 1)")
-        self.eval_fraction = eval_fraction
+        if eval_min_images < 0:
+            raise DataError(f"callbacks.eval_loss.eval_min_images={eval_min_images} must be >= 0")
+        self.eval_fraction, self.eval_min_images = eval_fraction, eval_min_images
+        self.eval_split = "off"
         dirs = [eval_data_dir] if isinstance(eval_data_dir, str) else list(eval_data_dir or [])
         self.eval_backend = (
             replace(self.backends[0], id="eval", instance_data_dir=[str(d) for d in dirs], repeats=0, conditioning_data=None)
@@ -229,7 +239,10 @@ class FluxDataModule(L.LightningDataModule):
                     continue
                 mask_key = cache_key(kind="mask", v=CACHE_VERSION, file=file_digest(mask_path), size=size, placement=placement)
             samples.append(
-                Sample(backend.id, rec.path, rec.caption, size, placement, latent_key, self.text_key(rec.caption), mask_path, mask_key)
+                Sample(
+                    backend.id, rec.path, rec.caption, size, placement, latent_key, self.text_key(rec.caption),
+                    mask_path, mask_key, source=digest,
+                )
             )
         return samples, skipped
 
@@ -335,10 +348,8 @@ class FluxDataModule(L.LightningDataModule):
         if skipped:
             log.warning("%d image(s) skipped; training on %d", skipped, len(ready))
         self.skipped = skipped
-        held = select_holdout([s.latent_key for s in ready], self.eval_fraction)
-        if held:
-            ready = [s for s in ready if s.latent_key not in held]
-            log.info("eval split: %d image(s) held out of training", len(held))
+        held = self._split(ready)
+        ready = [s for s in ready if s.source not in held]
         self._setup_eval(held)
         default_p = self.cfg.caption_dropout_probability
         self.train_dataset = CachedLatentDataset(
@@ -354,8 +365,38 @@ class FluxDataModule(L.LightningDataModule):
             seed=self.cfg.seed,
         )
 
+    def _split(self, ready: list[Sample]) -> set[str]:
+        """Sources held out of training (see :func:`~flux_lightning.data.holdout.split_sources`);
+        sets :attr:`eval_split`."""
+        by_backend: dict[str, set[str]] = defaultdict(set)
+        for s in ready:
+            by_backend[s.backend].add(s.source)
+        held, large = split_sources(by_backend, self.eval_fraction, self.eval_min_images)
+        total = len(set().union(*by_backend.values()))
+        parts = []
+        if held:
+            parts.append(f"{len(held)} images held out of {total} (backends {', '.join(large)})")
+            log.info("eval split: %s", parts[0])
+        elif self.eval_fraction > 0:
+            why = (
+                f"no backend has >= {self.eval_min_images} images" if not large
+                else f"every image of {', '.join(large)} is also in a smaller backend"
+            )
+            parts.append(f"off ({why})")
+            (log.info if self.eval_backend is not None else log.warning)(
+                "eval split off: %s (callbacks.eval_loss.eval_min_images), so all %d images train; set "
+                "callbacks.eval_loss.eval_data_dir=<folder> to evaluate on separate images", why, total,
+            )
+        if self.eval_backend is not None:
+            parts.append(f"eval_data_dir: {len(self.eval_folder_samples())} images")
+        self.eval_split = ", ".join(parts) or "off"
+        return held
+
     def _setup_eval(self, held: set[str]) -> None:
-        chosen = list({s.latent_key: s for s in self.samples() if s.latent_key in held}.values())
+        chosen = list({
+            s.latent_key: s for s in self.samples()
+            if s.source in held and s.latent_key in self.latent_caches[s.backend]
+        }.values())
         chosen += [s for s in self.eval_folder_samples() if s.latent_key in self.latent_caches[s.backend]]
         self.eval_dataset = EvalDataset(chosen, self.latent_caches, self.text_cache) if chosen else None
 

@@ -1,9 +1,9 @@
-"""The held-out eval split: a deterministic fraction of the training images, and the eval dataset."""
+"""The held-out eval split: a deterministic fraction of the source images of large backends, and the eval dataset."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -25,11 +25,36 @@ def holdout_count(n: int, fraction: float) -> int:
 
 
 def select_holdout(keys: Sequence[str], fraction: float) -> set[str]:
-    """The cache keys held out for evaluation: the first ``holdout_count`` keys ordered by
-    ``sha256("holdout:" + key)``. Depends only on the keys (image content and settings), not on
-    file order, seed or the machine; keys that appear twice are held out together."""
+    """The keys held out for evaluation: the first ``holdout_count`` keys ordered by
+    ``sha256("holdout:" + key)``. Depends only on the keys, not on file order, seed or the
+    machine; keys that appear twice are held out together."""
     unique = sorted(set(keys), key=lambda k: hashlib.sha256(f"holdout:{k}".encode()).hexdigest())
     return set(unique[: holdout_count(len(unique), fraction)])
+
+
+def split_sources(
+    backend_sources: Mapping[str, Iterable[str]], fraction: float, min_images: int
+) -> tuple[set[str], list[str]]:
+    """Source images (content digests) held out, and the backends they may come from.
+
+    Only a backend with at least ``min_images`` distinct source images is large enough to give
+    some away, and a source that is also in a smaller backend stays in training, so small datasets
+    always train on every image. All copies of a held-out source (its crops, resolutions and
+    backends) leave training together. Of the ``n`` eligible sources ``holdout_count(n, fraction)``
+    are held out (:func:`select_holdout`).
+
+    Args:
+        backend_sources: backend id -> the content digests of its usable images.
+        fraction: ``eval_fraction``.
+        min_images: ``eval_min_images``.
+    """
+    sources = {b: set(s) for b, s in backend_sources.items()}
+    large = sorted(b for b, s in sources.items() if len(s) >= min_images)
+    in_small = set().union(*(s for b, s in sources.items() if b not in large))
+    pool = set().union(*(sources[b] for b in large)) - in_small
+    if fraction <= 0 or not pool:
+        return set(), large
+    return select_holdout(sorted(pool), fraction), large
 
 
 class EvalDataset(Dataset):
