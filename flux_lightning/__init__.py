@@ -5,6 +5,7 @@ from .components import ModelConfig
 from .data import DatasetConfig, FluxDataModule
 from .flow import TimestepConfig
 from .module import FluxLoRAModule
+from .optim import LRSchedulerConfig, OptimizerConfig
 from .quantization import QuantizationConfig
 from .tread import TreadConfig, TreadRoute
 
@@ -13,7 +14,9 @@ __all__ = [
     "DatasetConfig",
     "FluxDataModule",
     "FluxLoRAModule",
+    "LRSchedulerConfig",
     "ModelConfig",
+    "OptimizerConfig",
     "QuantizationConfig",
     "TimestepConfig",
     "TreadConfig",

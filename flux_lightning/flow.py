@@ -120,13 +120,14 @@ def sample_sigmas(
     sync in the training hot path); with one, on the generator's device, then moved.
     """
     draw = dict(generator=generator, device=generator.device if generator is not None else device)
-    if config.weighting == "schnell_fast":
+    weighting = config.weighting or "sigmoid"  # unresolved (no flavour known here): the usual schedule
+    if weighting == "schnell_fast":
         idx = torch.randint(len(SCHNELL_FAST_SIGMAS), (batch_size,), **draw)
         # SCHNELL_FAST_SIGMAS[idx] computed on idx's device: 1.0 for idx < 7, then 0.75, 0.5, 0.25
         return torch.where(idx < 7, 1.0, 0.25 * (10 - idx).float()).to(device)
-    if config.weighting == "sigmoid":
+    if weighting == "sigmoid":
         sigmas = torch.sigmoid(config.sigmoid_scale * torch.randn(batch_size, **draw))
-    elif config.weighting == "uniform":
+    elif weighting == "uniform":
         sigmas = torch.rand(batch_size, **draw)
     else:
         raise ValueError(

@@ -1,9 +1,11 @@
 """The run dir: a stable name per run (so re-running a command resumes it), held by one process.
 
 ``hydra.run.dir`` is ``outputs/runs/${run_name}``; ``run_name`` defaults to the experiment's name
-(:func:`default_run_name`). :class:`RunDirLock` (a Hydra callback) takes an exclusive ``flock`` on
-``<run dir>/.lock`` before Hydra writes anything there, so a second process on the same dir is
-refused with the holder's pid instead of interleaving checkpoints with it.
+(:func:`default_run_name`). :class:`RunDirLock` (a Hydra callback) takes an exclusive POSIX record
+lock (``lockf``) on ``<run dir>/.lock`` before Hydra writes anything there, so a second process on
+the same dir is refused with the holder's pid instead of interleaving checkpoints with it. A record
+lock belongs to its process alone: forked dataloader workers do not inherit it, so the orphaned
+workers of a killed run never keep its dir locked (an ``flock`` would be shared with them).
 """
 
 from __future__ import annotations
@@ -42,14 +44,14 @@ def _is_launcher_child() -> bool:
 
 
 def acquire(run_dir: str | Path) -> int | None:
-    """Lock ``run_dir`` for this process (released when it exits); returns the lock's fd.
+    """Lock ``run_dir`` for this process (released when it exits, even by SIGKILL); returns the fd.
 
     Raises:
         RunDirInUse: another live process holds it (the message names its pid and the fix).
     """
     try:
         import fcntl
-    except ImportError:  # no flock (Windows): no protection, as before
+    except ImportError:  # no POSIX locks (Windows): no protection
         return None
     if _is_launcher_child():
         return None
@@ -57,16 +59,16 @@ def acquire(run_dir: str | Path) -> int | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise RunDirInUse(
             f"run dir {run_dir} is in use by pid {holder}; wait for that run to end (or stop it), "
             "or give this one its own dir with run_name=<name>"
         ) from None
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 

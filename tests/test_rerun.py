@@ -114,3 +114,20 @@ def test_krea_experiment_offline_on_a_local_folder_with_one_image_resumes_when_r
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert "CLIP score is off for this run" in rerun.stdout + rerun.stderr  # offline: the flavour's CLIP is optional
     assert list((run_dir / "validation").rglob("*.png")), "validation images were not rendered"
+
+
+def test_orphaned_children_of_a_killed_run_do_not_keep_its_dir_locked(tmp_path):
+    """Dataloader workers are forked: they must not inherit the lock (else a re-run after SIGKILL is
+    refused until they notice their parent is gone)."""
+    code = (
+        "import os, sys, time; from flux_lightning.rundir import acquire; acquire(sys.argv[1])\n"
+        "if os.fork() == 0:\n    time.sleep(60); os._exit(0)\n"
+        "print('held', flush=True); time.sleep(120)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(RunDirInUse):
+        acquire(tmp_path)
+    proc.kill()
+    proc.wait()
+    os.close(acquire(tmp_path))  # the forked child still runs, yet the dir is free
