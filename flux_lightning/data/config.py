@@ -38,7 +38,8 @@ class ImageBackendConfig:
         resolution: pixels (``pixel``, ``pixel_area``) or megapixels (``area``).
         resolution_type: ``pixel`` = shorter side; ``pixel_area`` = area of a resolution^2 square;
             ``area`` = resolution megapixels (1.0 = 1024^2).
-        minimum_image_size: smaller images are skipped (same unit as ``resolution``).
+        minimum_image_size: smaller images are skipped (same unit as ``resolution``); null = no
+            minimum beyond the one every backend has (shorter side >= 16 px, one latent patch).
         maximum_image_size / target_downsample_size: larger images are first downsampled to target.
         crop: crop to the bucket aspect chosen by ``crop_aspect`` (else keep the image's aspect).
         crop_aspect: ``square``, ``preserve``, ``closest`` or ``random`` (the latter two pick from
@@ -152,7 +153,7 @@ class TextEmbedsConfig:
     disabled: bool = False
 
 
-_SHORTHAND = ("instance_data_dir", "caption_strategy", "instance_prompt", "resolution", "crop_style")
+_SHORTHAND = ("instance_data_dir", "caption_strategy", "instance_prompt", "resolution", "crop_style", "minimum_image_size")
 
 
 @dataclass
@@ -173,7 +174,15 @@ class DatasetConfig:
         vae_batch_size: images per VAE call while caching.
         cache_dir: root of the shared caches (``vae/``, ``text/``, ``demo/``), outside run dirs.
         demo_images: images in the generated demo dataset.
-        max_image_pixels: larger images are refused (decompression-bomb guard).
+        minimum_image_size: shorthand only: images whose shorter side is below this many pixels are
+            skipped; null = a quarter of ``resolution`` (an image upscaled more than 4x is mostly
+            blur: 256 px at 1024), 0 = no minimum. Backends set their own ``minimum_image_size``.
+        max_image_pixels: images with more pixels are skipped, by the size in the file's header,
+            before any pixel is decoded (decompression-bomb guard).
+        max_aspect_ratio: images whose longer side exceeds this many times the shorter are skipped
+            (also read from the header: a 1,000,000x10 strip would be resized to millions of
+            pixels wide for its bucket); the resize before cropping is then at most this many times
+            the bucket's area.
         seed: seed for random crops, sampling order and caption dropout.
         conditioning_data_dir: reference images for flavours that train on image pairs (kontext):
             a folder (or a list, one per ``instance_data_dir`` folder) with the same relative file
@@ -188,6 +197,7 @@ class DatasetConfig:
     instance_prompt: str | None = None
     resolution: int | None = None
     crop_style: str | None = None
+    minimum_image_size: int | None = None
     caption_dropout_probability: float = 0.1
     batch_size: int = 1
     num_workers: int | None = None
@@ -195,11 +205,18 @@ class DatasetConfig:
     cache_dir: str = "~/.cache/flux_lightning"
     demo_images: int = 16
     max_image_pixels: int = 89_478_485
+    max_aspect_ratio: float = 8.0
     seed: int = 0
     conditioning_data_dir: Any = None
 
     def uses_shorthand(self) -> bool:
         return not self.backends and self.backend_file is None
+
+    def shorthand_minimum_size(self) -> int:
+        """The shorthand's minimum shorter side in pixels (see ``minimum_image_size``)."""
+        if self.minimum_image_size is not None:
+            return self.minimum_image_size
+        return (self.resolution or 1024) // 4
 
     def image_backends(self) -> list[ImageBackendConfig]:
         """The enabled backends (the shorthand becomes one backend), not yet read from a file."""
@@ -215,6 +232,7 @@ class DatasetConfig:
                     crop=True,
                     crop_aspect="square",
                     crop_style=self.crop_style or "center",
+                    minimum_image_size=self.shorthand_minimum_size(),
                 )
             ]
         return [b for b in self.backends if not b.disabled]
@@ -226,6 +244,10 @@ class DatasetConfig:
             out.append("dataset.caption_dropout_probability must be within [0, 1]")
         if self.num_workers is not None and self.num_workers < 0:
             out.append(f"dataset.num_workers={self.num_workers} must be >= 0 (or null = automatic)")
+        if self.max_image_pixels < 1:
+            out.append(f"dataset.max_image_pixels={self.max_image_pixels} must be >= 1")
+        if not self.max_aspect_ratio >= 1:
+            out.append(f"dataset.max_aspect_ratio={self.max_aspect_ratio} must be >= 1 (longer side / shorter side)")
         for name in ("batch_size", "vae_batch_size"):
             if getattr(self, name) < 1:
                 out.append(f"dataset.{name} must be >= 1")
@@ -249,6 +271,8 @@ class DatasetConfig:
                 f"dataset.resolution={res} must be a positive multiple of 16 "
                 "(latents are 1/8 of the image and are packed in 2x2 patches)"
             )
+        if self.minimum_image_size is not None and self.minimum_image_size < 0:
+            out.append(f"dataset.minimum_image_size={self.minimum_image_size} must be >= 0 (0 = no minimum, null = resolution/4)")
         if (self.crop_style or "center") not in CROP_STYLES:
             out.append(f"dataset.crop_style={self.crop_style!r} is unknown; use one of {', '.join(CROP_STYLES)}")
         return out

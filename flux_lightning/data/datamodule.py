@@ -30,6 +30,7 @@ from .transforms import load_mask, load_rgb, to_pixels, upright_size
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
+MIN_SIDE = 16  # one 2x2 patch of 8x-downsampled latents: smaller images carry no usable detail
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,32 @@ class FluxDataModule(L.LightningDataModule):
                 index[p.relative_to(root).with_suffix("").as_posix()] = p
         return index
 
+    def _size_problem(self, size: tuple[int, int], backend: ImageBackendConfig) -> str | None:
+        """Why an image of upright ``size`` (from its header) is not used, or None.
+
+        Checked before any pixel is decoded: ``dataset.max_image_pixels`` (decompression bombs),
+        ``dataset.max_aspect_ratio`` (extreme strips, whose cover-resize would be huge), the
+        backend's ``minimum_image_size`` and the shorter side of one packed latent patch (16 px).
+        """
+        w, h = size
+        where = "dataset" if backend.id in ("default", "demo") else f"dataset.backends[{backend.id}]"
+        if w * h > self.cfg.max_image_pixels:
+            return f"{w}x{h} exceeds dataset.max_image_pixels={self.cfg.max_image_pixels} (decompression-bomb guard)"
+        if max(w, h) > self.cfg.max_aspect_ratio * min(w, h):
+            return (
+                f"{w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.3g}:1, beyond "
+                f"dataset.max_aspect_ratio={self.cfg.max_aspect_ratio:g} (crop it, or raise the limit)"
+            )
+        if backend.minimum_image_size and size_metric(size, backend.resolution_type) < backend.minimum_image_size:
+            unit = {"pixel": "shorter side", "area": "megapixels", "pixel_area": "sqrt(area)"}[backend.resolution_type]
+            return (
+                f"{w}x{h} is below {where}.minimum_image_size={backend.minimum_image_size:g} ({unit}); "
+                "it would be upscaled into a blur"
+            )
+        if min(w, h) < MIN_SIDE:
+            return f"{w}x{h} is smaller than one {MIN_SIDE}x{MIN_SIDE} latent patch"
+        return None
+
     def _resolve(self, backend: ImageBackendConfig) -> tuple[list[Sample], int]:
         records, skipped = discover(backend, self._folders(backend))
         masks = self._mask_index(backend.conditioning_data) if backend.conditioning_data else None
@@ -213,18 +240,9 @@ class FluxDataModule(L.LightningDataModule):
                 log.warning("skipping %s: cannot read image (%s)", rec.path, err)
                 skipped += 1
                 continue
-            if size[0] * size[1] > self.cfg.max_image_pixels:
-                log.warning(
-                    "skipping %s: %dx%d exceeds dataset.max_image_pixels=%d (decompression-bomb guard)",
-                    rec.path, *size, self.cfg.max_image_pixels,
-                )
-                skipped += 1
-                continue
-            if backend.minimum_image_size and size_metric(size, backend.resolution_type) < backend.minimum_image_size:
-                log.warning(
-                    "skipping %s: %dx%d is below minimum_image_size=%g of backend %r",
-                    rec.path, *size, backend.minimum_image_size, backend.id,
-                )
+            why = self._size_problem(size, backend)
+            if why:
+                log.warning("skipping %s: %s", rec.path, why)
                 skipped += 1
                 continue
             placement = place(size, backend, key=rec.relative, seed=self.cfg.seed)
@@ -235,6 +253,18 @@ class FluxDataModule(L.LightningDataModule):
                 mask_path = masks.get(Path(rec.relative).with_suffix("").as_posix())
                 if mask_path is None:
                     log.warning("skipping %s: backend %r has no mask with this name", rec.path, backend.conditioning_data)
+                    skipped += 1
+                    continue
+                try:
+                    mask_size = upright_size(mask_path)
+                except Exception as err:
+                    mask_size, why = None, f"cannot read its mask {mask_path} ({err})"
+                if mask_size and mask_size[0] * mask_size[1] > self.cfg.max_image_pixels:
+                    why = f"its mask {mask_path} exceeds dataset.max_image_pixels={self.cfg.max_image_pixels}"
+                elif mask_size:
+                    why = None
+                if why:
+                    log.warning("skipping %s: %s", rec.path, why)
                     skipped += 1
                     continue
                 mask_key = cache_key(kind="mask", v=CACHE_VERSION, file=file_digest(mask_path), size=size, placement=placement)

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ImageBackendConfig
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+from PIL import features
+
+# Formats read with Pillow (animated GIF/WebP/APNG: the first frame; multi-page TIFF: the first page).
+IMAGE_EXTENSIONS = {
+    ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
+    ".pbm", ".pgm", ".ppm", ".pnm", ".tga",
+} | ({".avif"} if features.check("avif") else set())
+# Image formats that are not read: skipped and counted like unreadable images.
+UNSUPPORTED_IMAGE_EXTENSIONS = {
+    ".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".svg", ".psd", ".xcf", ".kra", ".ico", ".icns",
+    ".exr", ".hdr", ".dng", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf",
+} - IMAGE_EXTENSIONS
+# Files a dataset folder may hold besides images: captions, metadata tables, SimpleTuner's indexes.
+DATASET_FILE_EXTENSIONS = {".txt", ".csv", ".parquet", ".json", ".jsonl"}
 
 
 class DataError(ValueError):
@@ -28,17 +43,106 @@ class ImageRecord:
     caption: str
 
 
-def find_images(folder: str | os.PathLike, field: str = "dataset.instance_data_dir") -> list[Path]:
-    """Image files under ``folder`` (recursive; symlinked folders are not followed), sorted."""
+@dataclass
+class FolderScan:
+    """What a data folder holds: images to use, image files skipped and other files not used.
+
+    Attributes:
+        images: readable-format image files, sorted.
+        skipped: ``(file, reason)`` of image files that are not used (hidden, unsupported format).
+        ignored: ``(file, reason)`` of other files that are neither images nor dataset files
+            (captions, metadata tables), and of symlinked folders that are not followed.
+    """
+
+    images: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def scan_folder(folder: str | os.PathLike, field_name: str = "dataset.instance_data_dir") -> FolderScan:
+    """Every file under ``folder`` (recursive), sorted into images, skipped images and other files.
+
+    Symlinked folders are followed, once: a link to a folder already searched (a loop, or a second
+    way to the same folder) is reported in ``ignored``. Hidden files (``.name``) are not used.
+    """
     root = Path(os.path.expanduser(folder))
     if not root.is_dir():
-        raise DataError(f"{field}: folder '{folder}' does not exist; point it at a folder of images")
-    found = []
-    for dirpath, _dirs, files in os.walk(root, followlinks=False):
-        for name in files:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
-                found.append(Path(dirpath) / name)
-    return sorted(found)
+        raise DataError(f"{field_name}: folder '{folder}' does not exist; point it at a folder of images")
+    scan = FolderScan()
+    seen = {os.path.realpath(root): root}
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        for name in list(dirs):
+            sub = Path(dirpath) / name
+            real = os.path.realpath(sub)
+            if real in seen:
+                dirs.remove(name)
+                scan.ignored.append((sub, f"symlinked folder leads to {seen[real]}, already searched (loop); not followed"))
+            elif name.startswith("."):
+                dirs.remove(name)
+                scan.ignored.append((sub, "hidden folder"))
+            else:
+                seen[real] = sub
+        stems = {Path(n).stem for n in files if Path(n).suffix.lower() in IMAGE_EXTENSIONS}
+        for name in sorted(files):
+            path, ext = Path(dirpath) / name, Path(name).suffix.lower()
+            image = ext in IMAGE_EXTENSIONS or ext in UNSUPPORTED_IMAGE_EXTENSIONS
+            if name.startswith("."):
+                (scan.skipped if image else scan.ignored).append((path, "hidden file"))
+            elif ext in IMAGE_EXTENSIONS:
+                scan.images.append(path)
+            elif image:
+                scan.skipped.append((path, f"unsupported image format {ext}; convert it to PNG or JPEG"))
+            elif ext == ".txt" and Path(name).stem not in stems:
+                scan.ignored.append((path, "caption file without an image of the same name"))
+            elif ext not in DATASET_FILE_EXTENSIONS:
+                scan.ignored.append((path, "not an image format this trainer reads"))
+    scan.images.sort()
+    return scan
+
+
+def report_scan(scan: FolderScan, folder: str | os.PathLike, what: str) -> None:
+    """Log each skipped image (one line each) and the other unused files (one line per folder)."""
+    for path, reason in scan.skipped:
+        log.warning("skipping %s: %s", path, reason)
+    if scan.ignored:
+        root = os.path.expanduser(folder)
+        shown = ", ".join(f"{os.path.relpath(p, root)} ({why})" for p, why in scan.ignored[:10])
+        more = f" and {len(scan.ignored) - 10} more" if len(scan.ignored) > 10 else ""
+        log.warning("%s: %d file(s) in %s not used: %s%s", what, len(scan.ignored), folder, shown, more)
+
+
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def read_text(path: Path) -> str:
+    """A caption or metadata file as text: UTF-8 (a UTF-8 or UTF-16 byte-order mark is honoured).
+
+    A file that is not valid UTF-8 is read as Windows-1252 (the usual legacy encoding; Latin-1
+    for its 5 unassigned bytes) with a warning naming the file, since its non-ASCII characters may
+    be wrong.
+    """
+    data = path.read_bytes()
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return data.decode(encoding)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        try:
+            text, encoding = data.decode("cp1252"), "Windows-1252"
+        except UnicodeDecodeError:
+            text, encoding = data.decode("latin-1"), "Latin-1"
+        log.warning(
+            "%s is not UTF-8 (byte 0x%02x at %d); read as %s: %r. Save it as UTF-8 if that is wrong",
+            path, data[err.start], err.start, encoding, text[max(0, err.start - 20) : err.start + 20],
+        )
+        return text
+
+
+def find_images(folder: str | os.PathLike, field: str = "dataset.instance_data_dir") -> list[Path]:
+    """Image files under ``folder`` in the formats this trainer reads (see :func:`scan_folder`), sorted."""
+    return scan_folder(folder, field).images
 
 
 def _metadata_captions(folder: Path, cfg: ImageBackendConfig) -> dict[str, str]:
@@ -49,8 +153,7 @@ def _metadata_captions(folder: Path, cfg: ImageBackendConfig) -> dict[str, str]:
         raise DataError(f"{field}: {path} does not exist; point metadata_file at the {cfg.caption_strategy} table")
     col_f, col_c = cfg.metadata_filename_column, cfg.metadata_caption_column
     if cfg.caption_strategy == "csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
         header = set(rows[0]) if rows else set()
     else:
         try:
@@ -80,7 +183,7 @@ def _caption(path: Path, relative: str, cfg: ImageBackendConfig, table: dict[str
     if not text_file.is_file():
         log.warning("skipping %s: caption_strategy=textfile but %s is missing", path, text_file.name)
         return None
-    return text_file.read_text(encoding="utf-8", errors="replace").strip()
+    return read_text(text_file).strip()
 
 
 def discover(cfg: ImageBackendConfig, folders: list[str] | None = None) -> tuple[list[ImageRecord], int]:
@@ -89,7 +192,10 @@ def discover(cfg: ImageBackendConfig, folders: list[str] | None = None) -> tuple
     field = "dataset.instance_data_dir" if cfg.id in ("default", "demo") else f"dataset.backends[{cfg.id}].instance_data_dir"
     for folder in folders if folders is not None else cfg.folders():
         root = Path(folder).expanduser()
-        images = find_images(folder, field)
+        scan = scan_folder(folder, field)
+        report_scan(scan, folder, f"backend {cfg.id!r}")
+        skipped += len(scan.skipped)
+        images = scan.images
         if not images:
             raise DataError(
                 f"{field}: folder '{folder}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "

@@ -23,24 +23,59 @@ def upright_size(path: Path) -> tuple[int, int]:
     return w, h
 
 
-def _normalise_mode(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
-    return im
+_TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLE_FORMAT = 258, 339
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _white(im: Image.Image) -> float | None:
+    """The value that means white in a deep image, or None for 8-bit modes.
+
+    ``I;16*`` modes hold 16 bits. Pillow opens other deep integer formats (16-bit PGM/PPM, older
+    16-bit PNG) as ``I`` with 16-bit values, except TIFF, whose ``BitsPerSample`` tag gives the
+    depth (``SampleFormat`` 2 = signed: white is ``2**(bits-1) - 1``). Float (``F``) images are
+    taken as ``[0, 1]``.
+    """
+    if im.mode.startswith("I;16"):
+        return 65535.0
+    if im.mode == "F":
+        return 1.0
+    if im.mode != "I":
+        return None
+    tags = getattr(im, "tag_v2", None) or {}
+    bits = int(_first(tags.get(_TIFF_BITS_PER_SAMPLE)) or 16)
+    signed = _first(tags.get(_TIFF_SAMPLE_FORMAT)) == 2
+    return float(2 ** (bits - 1) - 1 if signed else 2**bits - 1)
+
+
+def _open_8bit(path: Path) -> Image.Image:
+    """The image upright (EXIF rotation applied), deep images scaled to 8-bit ``L``:
+    ``round(v * 255 / white)`` clipped to ``[0, 255]`` (white from :func:`_white`)."""
+    with Image.open(path) as im:
+        white = _white(im)  # before the transpose, which drops the TIFF tags
+        im = ImageOps.exif_transpose(im)
+        if white is not None:
+            arr = np.asarray(im, dtype=np.float64)
+            return Image.fromarray(np.clip(np.rint(arr * (255.0 / white)), 0, 255).astype(np.uint8))
+        im.load()
+        return im
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB, applying EXIF rotation; transparency is composited on white;
-    16-bit, grayscale, palette and CMYK images are converted."""
-    with Image.open(path) as im:
-        im = _normalise_mode(ImageOps.exif_transpose(im))
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return im.convert("RGB")
+    """Open an image as 8-bit RGB, applying EXIF rotation.
+
+    Transparency (RGBA, LA, PA, palette with a transparent index) is composited on white; 16-bit,
+    32-bit integer and float grayscale are scaled by their bit depth (see :func:`_white`);
+    grayscale, palette and CMYK are converted. Animated files (GIF, WebP) give their first frame.
+    """
+    im = _open_8bit(path)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def _place(image: Image.Image, placement: Placement, resample) -> Image.Image:
@@ -61,7 +96,6 @@ def load_mask(path: Path, image_size: tuple[int, int], placement: Placement, fac
     The mask gets the same geometry as its image (scaled to the image's size first), then each
     latent cell takes the mean of its ``factor x factor`` pixels.
     """
-    with Image.open(path) as im:
-        im = _normalise_mode(ImageOps.exif_transpose(im)).convert("L").resize(image_size, Image.Resampling.BILINEAR)
+    im = _open_8bit(path).convert("L").resize(image_size, Image.Resampling.BILINEAR)
     arr = np.asarray(_place(im, placement, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     return F.avg_pool2d(torch.from_numpy(arr)[None, None], factor)[0]
