@@ -2,7 +2,8 @@
 
 ``score = max(100 * cos(E_img(image), E_txt(prompt)), 0)`` with the CLIP image/text embeddings.
 Per round it logs ``clip/mean``, ``clip/min``, ``clip/max``, ``clip/std`` over all images and
-``clip/prompt/<nickname>`` (the mean over that prompt's resolutions).
+``clip/prompt/<name>`` (the mean over that prompt's resolutions; ``<name>`` is the nickname as in the
+validation file names, unique per prompt).
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ class CLIPScoreCallback(L.Callback):
         with preserved_rng():
             values = self.scores(records, pl_module.device)
         park(self.metric, getattr(pl_module, "model_cfg", None))  # model.enable_model_cpu_offload
-        metrics = summarize(values, [r.nickname for r in records])
+        metrics = summarize(values, [r.name or r.nickname for r in records])
         self.history[step] = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -49,9 +50,9 @@ def prompt_library(
 ) -> dict[str, str]:
     """Nickname -> prompt, from ``validation_prompt`` (nickname ``validation``) and a JSON library file
     (``{"nickname": "prompt", ...}``); ``<token>`` is replaced by the instance prompt in both."""
-    prompts: dict[str, str] = {}
+    prompts: list[tuple[str, str]] = []
     if validation_prompt:
-        prompts["validation"] = validation_prompt
+        prompts.append(("validation", validation_prompt))
     if user_prompt_library:
         path = Path(user_prompt_library).expanduser()
         try:
@@ -64,14 +65,49 @@ def prompt_library(
             raise ConfigError(
                 f"{_FIELD}.user_prompt_library: {path} must be a JSON object of nickname -> prompt strings"
             )
-        prompts.update(library)
+        prompts += library.items()
     token = instance_prompt or ""
-    return {nick.replace("<token>", token): p.replace("<token>", token) for nick, p in prompts.items()}
+    out: dict[str, str] = {}
+    for nick, p in prompts:
+        name = nick.replace("<token>", token)
+        if name in out:
+            raise ConfigError(
+                f"{_FIELD}.user_prompt_library: two prompts have the nickname {name!r} (after <token> = "
+                f"{token!r}; 'validation' is validation_prompt's); rename one"
+            )
+        out[name] = p.replace("<token>", token)
+    return out
 
 
 def safe_name(nickname: str) -> str:
     """A nickname usable as a file name: anything but letters, digits, ``.``, ``_`` and ``-`` -> ``_``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", nickname).strip("._") or "prompt"
+
+
+_MAX_NAME = 80  # characters of a nickname kept in file names (file systems allow 255 bytes)
+
+
+def unique_names(nicknames) -> dict[str, str]:
+    """Nickname -> a file-name-safe name, distinct for distinct nicknames and stable across runs.
+
+    A nickname keeps its :func:`safe_name` when that is the nickname itself and no other nickname
+    maps to the same name (compared case-insensitively, as on macOS/Windows disks). Every other
+    member of a clash (``"dog 1"`` next to ``"dog_1"``), and any name cut to 80 characters, gets
+    ``-`` + the first 8 hex digits of the nickname's SHA-1, which depends on nothing else.
+    Also used for TensorBoard tags (``clip/prompt/<name>``), which would clean both to ``dog_1``.
+    """
+    nicknames = list(dict.fromkeys(nicknames))
+    base = {n: safe_name(n)[:_MAX_NAME] for n in nicknames}
+    groups: dict[str, list[str]] = {}
+    for n in nicknames:
+        groups.setdefault(base[n].lower(), []).append(n)
+    out = {}
+    for members in groups.values():
+        clean = [n for n in members if base[n] == n]
+        for n in members:
+            keep = base[n] == n and len(clean) == 1
+            out[n] = base[n] if keep else f"{base[n]}-{hashlib.sha1(n.encode()).hexdigest()[:8]}"
+    return out
 
 
 @dataclass
@@ -84,6 +120,7 @@ class ValidationRecord:
     height: int
     image: Any  # PIL.Image.Image
     path: Path
+    name: str = ""  # the nickname as used in file names and metric keys (see unique_names)
 
 
 class ValidationImages(L.Callback):
@@ -95,7 +132,8 @@ class ValidationImages(L.Callback):
     starts from the same seeded noise, so steps are comparable. RNG state and train mode are
     restored afterwards, so validation never changes the training trajectory.
 
-    Files: ``<dirpath>/step_<N>/<nickname>_<W>x<H>.png``. A grid (a row per prompt, a column per
+    Files: ``<dirpath>/step_<N>/<name>_<W>x<H>.png``, ``<name>`` the nickname made file-safe and
+    unique (see :func:`unique_names`). A grid (a row per prompt, a column per
     resolution) goes to TensorBoard (``validation/images``) and to any logger with ``log_image``
     (W&B). Callbacks that define ``on_validation_images(trainer, pl_module, step, records)`` (the
     CLIP score) receive the images of each round.
@@ -165,6 +203,7 @@ class ValidationImages(L.Callback):
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
         self.dirpath = Path(dirpath)
         self.prompts = prompt_library(validation_prompt, user_prompt_library, instance_prompt)
+        self.names = unique_names(self.prompts)
         self.every_n_steps = every_n_steps
         self.resolutions = parse_resolutions(validation_resolution)
         self.steps, self.guidance = validation_num_inference_steps, validation_guidance
@@ -328,9 +367,9 @@ class ValidationImages(L.Callback):
                         generator=torch.Generator(device="cpu").manual_seed(self.seed),
                         **kwargs,
                     ).images[0]
-                path = out_dir / f"{safe_name(nick)}_{width}x{height}.png"
+                path = out_dir / f"{self.names[nick]}_{width}x{height}.png"
                 image.save(path)
-                records.append(ValidationRecord(nick, prompt, width, height, image, path))
+                records.append(ValidationRecord(nick, prompt, width, height, image, path, self.names[nick]))
         for helper in (self._vae, self.preview and self.preview._autoencoder):
             park(helper, pl_module.model_cfg)  # model.enable_model_cpu_offload: back to the CPU
         return records

@@ -279,8 +279,8 @@ class DatasetConfig:
 
     def _backend_problems(self) -> list[str]:
         out = []
-        extra = [f for f in _SHORTHAND if getattr(self, f) is not None]
-        if extra:
+        extra = self.shorthand_fields_set()
+        if extra and self.backend_file is None:  # with a file they are ignored with a warning (resolve_dataset)
             out.append(
                 f"dataset.{extra[0]} is part of the single-folder shorthand, but dataset.backends "
                 "(or backend_file) is set: put it on each backend instead"
@@ -308,8 +308,14 @@ class DatasetConfig:
             out.append("dataset.backends: every backend has probability 0; give one a positive probability")
         return out
 
+    def shorthand_fields_set(self) -> list[str]:
+        """The single-folder shorthand fields that are set (not null)."""
+        return [f for f in _SHORTHAND if getattr(self, f) is not None]
+
     def with_backends(self, backends: list[ImageBackendConfig], text_embeds: TextEmbedsConfig) -> DatasetConfig:
-        return replace(self, backends=backends, text_embeds=text_embeds, backend_file=None)
+        """These backends instead of ``backend_file`` and the shorthand fields."""
+        cleared = {f: None for f in _SHORTHAND}
+        return replace(self, backends=backends, text_embeds=text_embeds, backend_file=None, **cleared)
 
 
 IMAGE_FIELDS = {f.name for f in fields(ImageBackendConfig)}
