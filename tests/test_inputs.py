@@ -244,3 +244,22 @@ def test_validation_callback_writes_one_file_per_prompt(tmp_path):
     library.write_text(json.dumps({"validation": "a dog"}))
     with pytest.raises(ConfigError, match="nickname 'validation'"):
         validation.prompt_library("a cat", str(library), None)
+
+
+def test_unreadable_or_oversized_reference_images_are_skipped(cache_root, tmp_path, caplog):
+    from flux_lightning.data.paired import PairedDatasetConfig, PairedFluxDataModule
+
+    from .helpers import tiny_cfg
+
+    images, refs = tmp_path / "images", tmp_path / "refs"
+    for name in ("good", "garbage", "strip"):
+        _rgb(images / f"{name}.png")
+    _rgb(refs / "good.png")
+    (refs / "garbage.png").write_bytes(b"not a png")
+    Image.new("L", (1_000_000, 10)).save(refs / "strip.png")
+    cfg = PairedDatasetConfig(instance_data_dir=str(images), conditioning_data_dir=str(refs), resolution=64,
+                              batch_size=1, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        dm = PairedFluxDataModule(cfg, tiny_cfg(cache_root, "kontext"))
+        assert [s.path.name for s in dm.samples()] == ["good.png"] and dm.skipped == 2
+    assert "garbage.png: cannot read image" in caplog.text and "max_aspect_ratio" in caplog.text

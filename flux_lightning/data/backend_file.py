@@ -62,7 +62,8 @@ def type_problems(cls, values: dict) -> list[str]:
     out = []
     for key, value in values.items():
         if key == "instance_data_dir":  # Any in the dataclass: a folder or a list of folders
-            if value is None or isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            folders = value if isinstance(value, list) and value else [value]
+            if all(isinstance(v, str) for v in folders) or value is None:
                 continue
             out.append(f"instance_data_dir={json.dumps(value)} must be a folder path (a string) or a list of them")
             continue

@@ -77,7 +77,8 @@ def scan_folder(folder: str | os.PathLike, field_name: str = "dataset.instance_d
             real = os.path.realpath(sub)
             if real in seen:
                 dirs.remove(name)
-                scan.ignored.append((sub, f"symlinked folder leads to {seen[real]}, already searched (loop); not followed"))
+                why = f"symlinked folder leads to {seen[real]}, already searched (loop); not followed"
+                scan.ignored.append((sub, why))
             elif name.startswith("."):
                 dirs.remove(name)
                 scan.ignored.append((sub, "hidden folder"))

@@ -134,7 +134,15 @@ class PairedFluxDataModule(FluxDataModule):
                     log.warning("skipping %s: no reference image of the same name", sample.path)
                     self.skipped += 1
                     continue
-                size = upright_size(ref)
+                try:
+                    size = upright_size(ref)
+                    why = self._size_problem(size, next(b for b in self.backends if b.id == sample.backend))
+                except Exception as err:  # not an image, truncated header, ...
+                    why = f"cannot read image ({err})"
+                if why:
+                    log.warning("skipping %s: its reference %s: %s", sample.path, ref, why)
+                    self.skipped += 1
+                    continue
                 placement = fit(size, sample.placement.bucket, "center")
                 key = cache_key(kind="latent", v=CACHE_VERSION, file=file_digest(ref), placement=placement, **self._vae_identity())
                 references[sample.latent_key] = replace(
