@@ -241,6 +241,9 @@ def test_validation_callback_writes_one_file_per_prompt(tmp_path):
     library.write_text(json.dumps({"<token> dog": "a dog", "sks dog": "another dog"}))
     with pytest.raises(ConfigError, match="two prompts have the nickname 'sks dog'"):
         validation.prompt_library(None, str(library), "sks")
+    library.write_text('{"dog": "a dog", "dog": "a second dog"}')
+    with pytest.raises(ConfigError, match=r"\['dog'\] appear twice"):
+        validation.prompt_library(None, str(library), None)
     library.write_text(json.dumps({"validation": "a dog"}))
     with pytest.raises(ConfigError, match="nickname 'validation'"):
         validation.prompt_library("a cat", str(library), None)

@@ -45,6 +45,15 @@ def parse_resolutions(value: str | int) -> list[tuple[int, int]]:
     return out
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object as a dict, refusing repeated keys (``json`` would keep only the last)."""
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"nickname(s) {repeated} appear twice; rename one")
+    return dict(pairs)
+
+
 def prompt_library(
     validation_prompt: str | None, user_prompt_library: str | None, instance_prompt: str | None
 ) -> dict[str, str]:
@@ -56,7 +65,7 @@ def prompt_library(
     if user_prompt_library:
         path = Path(user_prompt_library).expanduser()
         try:
-            library = json.loads(path.read_text(encoding="utf-8"))
+            library = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
         except (OSError, ValueError) as err:
             raise ConfigError(f"{_FIELD}.user_prompt_library: cannot read {path} ({err})") from None
         if not isinstance(library, dict) or not all(
