@@ -130,7 +130,10 @@ def test_damaged_latent_text_and_mask_entries_are_reported_and_re_encoded(tiny_m
     truncate(masks[0])
     fill(masks[1])
     fill(masks[2], 7.0)  # finite, but no mask holds 7
-    damaged = [latent[0], latent[1], latent[2], texts[0], texts[1], masks[0], masks[1], masks[2]]
+    wide = {k: v.clone() for k, v in load_file(texts[2]).items()}  # a well-formed entry of the wrong width
+    wide["prompt_embeds"] = torch.zeros(wide["prompt_embeds"].shape[0], wide["prompt_embeds"].shape[1] + 1)
+    save_file(wide, texts[2], metadata={"key": s2.text_key})
+    damaged = [latent[0], latent[1], latent[2], texts[0], texts[1], texts[2], masks[0], masks[1], masks[2]]
 
     encoded = []
     real = dm_mod.encode_images
