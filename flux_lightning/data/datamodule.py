@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 from ..components import ModelConfig, load_text_encoders, load_vae, model_identity
 from .backend_file import resolve_dataset
 from .buckets import Placement, place, size_metric
-from .cache import CacheEntryError, StandIns, TensorCache, cache_key, file_digest, latent_spec, mask_spec, text_spec
+from .cache import (
+    CacheEntryError, StandIns, TensorCache, cache_key, file_digest, latent_spec, load_many, mask_spec, text_spec,
+)
 from .config import DatasetConfig, ImageBackendConfig
 from .demo import make_demo_dataset
 from .discovery import DataError, discover, find_images
@@ -295,9 +297,9 @@ class FluxDataModule(L.LightningDataModule):
             vae = load_vae(self.model_cfg).to(device)
             self._cache_latents(vae, todo)
             del vae
+        self._discard_bad_masks(samples)
         for s in {s.mask_key: s for s in samples if s.mask_key is not None}.values():
             cache = self.latent_caches[s.backend]
-            self._discard_if_bad(cache, s.mask_key, mask_spec(s.placement.bucket), f"re-encoding it from {s.mask_path}")
             if s.mask_key not in cache:
                 try:
                     mask = load_mask(s.mask_path, s.size, s.placement)
@@ -321,45 +323,54 @@ class FluxDataModule(L.LightningDataModule):
     def _never_encode(self) -> set[str]:
         return {b.id for b in self.backends if "vae" in str(b.skip_file_discovery).split()}
 
-    def _discard_if_bad(self, cache: TensorCache, key: str, spec, remedy: str) -> dict[str, torch.Tensor] | None:
-        """Verify an existing entry (:meth:`TensorCache.load`): a bad one is reported once, by file
-        name, and removed, so it counts as missing and is encoded again. Returns the tensors of a
-        good entry (None otherwise)."""
-        if key not in cache:
-            return None
-        try:
-            return cache.load(key, spec)
-        except CacheEntryError as err:
-            log.warning("cache entry %s is corrupt (%s); %s", err.path, err.reason, remedy)
-            err.path.unlink(missing_ok=True)
-            return None
+    def _discard_bad(self, entries: list[tuple[TensorCache, str, object, str]]) -> list[dict | None]:
+        """Verify the existing entries of ``(cache, key, spec, remedy)`` (:func:`load_many`): a bad
+        one is reported once, by file name, with ``remedy``, and removed, so it counts as missing and
+        is encoded again. Returns the tensors of each good entry, None for bad or absent ones."""
+        present = [e for e in entries if e[1] in e[0]]
+        results = dict(zip((e[0].path(e[1]) for e in present), load_many([e[:3] for e in present])))
+        out = []
+        for cache, key, _, remedy in entries:
+            result = results.get(cache.path(key))
+            if isinstance(result, CacheEntryError):
+                log.warning("cache entry %s is corrupt (%s); %s", result.path, result.reason, remedy)
+                result.path.unlink(missing_ok=True)
+                result = None
+            out.append(result)
+        return out
 
     def _discard_bad_latents(self, samples: Sequence[Sample], never_encode: set[str] | None = None) -> None:
-        """Check the latent entries of ``samples`` (each file once), see :meth:`_discard_if_bad`;
+        """Check the latent entries of ``samples`` (each file once), see :meth:`_discard_bad`;
         ``never_encode``: backends whose entries are not re-encoded (default: ``skip_file_discovery=vae``)."""
         never_encode = self._never_encode() if never_encode is None else never_encode
-        seen = set()
+        entries = {}
         for s in samples:
             cache = self.latent_caches[s.backend]
-            if (cache.root, s.latent_key) in seen:
-                continue
-            seen.add((cache.root, s.latent_key))
             remedy = (
                 f"backend {s.backend!r} has skip_file_discovery=vae, so it is not re-encoded and {s.path} is skipped"
                 if s.backend in never_encode else f"re-encoding it from {s.path}"
             )
-            self._discard_if_bad(cache, s.latent_key, latent_spec(s.placement.bucket), remedy)
+            entries.setdefault(cache.path(s.latent_key), (cache, s.latent_key, latent_spec(s.placement.bucket), remedy))
+        self._discard_bad(list(entries.values()))
+
+    def _discard_bad_masks(self, samples: Sequence[Sample]) -> None:
+        """Check the mask entries of ``samples``, see :meth:`_discard_bad`."""
+        entries = {
+            s.mask_key: (self.latent_caches[s.backend], s.mask_key, mask_spec(s.placement.bucket), f"re-encoding it from {s.mask_path}")
+            for s in samples if s.mask_key is not None
+        }
+        self._discard_bad(list(entries.values()))
 
     def _discard_bad_texts(self, captions: Sequence[str]) -> None:
-        """Check the text entries of ``captions``; besides :meth:`_discard_if_bad`, every entry must
+        """Check the text entries of ``captions`` (see :meth:`_discard_bad`); every entry must also
         have the embedding widths ``(D_t5, D_clip)`` most entries have."""
         spec = text_spec(self.model_cfg.spec.t5_max_length)
-        widths: dict[str, tuple[tuple[int, int], str]] = {}
-        for caption in captions:
-            key = self.text_key(caption)
-            entry = self._discard_if_bad(self.text_cache, key, spec, f"re-encoding caption {caption[:60]!r}")
-            if entry is not None:
-                widths[key] = ((entry["prompt_embeds"].shape[1], entry["pooled_prompt_embeds"].shape[0]), caption)
+        keys = [self.text_key(c) for c in captions]
+        entries = [(self.text_cache, k, spec, f"re-encoding caption {c[:60]!r}") for k, c in zip(keys, captions)]
+        widths = {
+            key: ((entry["prompt_embeds"].shape[1], entry["pooled_prompt_embeds"].shape[0]), caption)
+            for key, caption, entry in zip(keys, captions, self._discard_bad(entries)) if entry is not None
+        }
         if len({w for w, _ in widths.values()}) > 1:
             common = Counter(w for w, _ in widths.values()).most_common(1)[0][0]
             for key, (w, caption) in widths.items():
