@@ -98,12 +98,17 @@ def text_spec(t5_length: int, dims: tuple[int | None, int | None] = (None, None)
     )
 
 
+def _shape_text(dims) -> str:
+    """``(16, 8, 8)``, ``(4,)``, ``(32, *)`` (``*``: any size)."""
+    parts = ["*" if d is None else str(d) for d in dims]
+    return f"({', '.join(parts)}{',' if len(parts) == 1 else ''})"
+
+
 def _shape_problem(name: str, shape: list[int], dtype: str, expected: tuple, want: torch.dtype) -> str | None:
     if _DTYPES.get(dtype) != want:
         return f"'{name}' is {dtype}, expected {str(want).removeprefix('torch.')}"
     if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
-        shown = tuple("*" if e is None else e for e in expected)
-        return f"'{name}' has shape {tuple(shape)}, expected {shown}".replace("'*'", "*")
+        return f"'{name}' has shape {_shape_text(shape)}, expected {_shape_text(expected)}"
     return None
 
 

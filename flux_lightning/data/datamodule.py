@@ -285,6 +285,9 @@ class FluxDataModule(L.LightningDataModule):
 
     # -- caching ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
+        """Encode what the caches lack. Existing entries are verified first (:meth:`_discard_bad`):
+        a truncated, empty, NaN, misshapen or mislabelled entry is reported by file name and counts
+        as missing, so it is encoded again from its image, mask or caption."""
         samples = self.samples() + self.eval_folder_samples()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         never_encode = self._never_encode()
@@ -298,9 +301,9 @@ class FluxDataModule(L.LightningDataModule):
             self._cache_latents(vae, todo)
             del vae
         self._discard_bad_masks(samples)
-        for s in {s.mask_key: s for s in samples if s.mask_key is not None}.values():
+        for s in samples:
             cache = self.latent_caches[s.backend]
-            if s.mask_key not in cache:
+            if s.mask_key is not None and s.mask_key not in cache:
                 try:
                     mask = load_mask(s.mask_path, s.size, s.placement)
                 except Exception as err:
@@ -356,7 +359,9 @@ class FluxDataModule(L.LightningDataModule):
     def _discard_bad_masks(self, samples: Sequence[Sample]) -> None:
         """Check the mask entries of ``samples``, see :meth:`_discard_bad`."""
         entries = {
-            s.mask_key: (self.latent_caches[s.backend], s.mask_key, mask_spec(s.placement.bucket), f"re-encoding it from {s.mask_path}")
+            self.latent_caches[s.backend].path(s.mask_key): (
+                self.latent_caches[s.backend], s.mask_key, mask_spec(s.placement.bucket), f"re-encoding it from {s.mask_path}"
+            )
             for s in samples if s.mask_key is not None
         }
         self._discard_bad(list(entries.values()))
