@@ -255,3 +255,21 @@ def test_cli_run_on_a_damaged_cache_re_encodes_and_exits_0(tmp_path):
     torch.testing.assert_close(load_file(bad_latent)["latents"], before, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(load_file(nan_latent)["latents"]).all()
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_unreadable_mask_skips_its_image_with_a_named_warning(tiny_model_cfg, tmp_path, caplog):
+    img = _images(tmp_path / "img", n=2)
+    (tmp_path / "mask").mkdir()
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask" / "image 0.png")
+    (tmp_path / "mask" / "image 1.png").write_bytes(b"not a png")
+    backends = [
+        ImageBackendConfig(id="img", instance_data_dir=str(img), resolution=64, conditioning_data="m"),
+        ImageBackendConfig(id="m", instance_data_dir=str(tmp_path / "mask"), resolution=64, dataset_type="conditioning"),
+    ]
+    cfg = DatasetConfig(backends=backends, cache_dir=str(tmp_path / "cache"), batch_size=1, caption_dropout_probability=0.0)
+    dm = FluxDataModule(cfg, tiny_model_cfg)
+    with caplog.at_level(logging.WARNING):
+        dm.prepare_data()
+        dm.setup("fit")
+    assert len(dm.train_dataset) == 1 and dm.skipped == 1
+    assert "cannot read its mask" in caplog.text and "image 1.png" in caplog.text
