@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 from ..components import ModelConfig, load_text_encoders, load_vae, model_identity
 from .backend_file import resolve_dataset
 from .buckets import Placement, place, size_metric
-from .cache import TensorCache, cache_key, file_digest
+from .cache import (
+    CacheEntryError, StandIns, TensorCache, cache_key, file_digest, latent_spec, load_many, mask_spec, text_spec,
+)
 from .config import DatasetConfig, ImageBackendConfig
 from .demo import make_demo_dataset
 from .discovery import DataError, discover, find_images
@@ -85,25 +87,34 @@ class CachedLatentDataset(Dataset):
         dropout: dict[str, float],
         regularisation: set[str],
         seed: int = 0,
+        t5_length: int | None = None,
     ):
         self.samples = list(samples)
         self.latent_caches, self.texts = latent_caches, texts
         self.empty_text_key = empty_text_key
         self.dropout, self.regularisation, self.seed = dropout, regularisation, seed
+        self.text_spec = text_spec(t5_length) if t5_length else None
+        self.stand_ins = StandIns(self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index) -> dict[str, torch.Tensor]:
+        """Item ``i`` of ``index = (epoch, i)``; every entry is verified as it is read, and a sample
+        whose entries went bad since ``prepare_data`` is replaced (see :class:`StandIns`)."""
         epoch, i = index if isinstance(index, tuple) else (0, index)
+        return self.stand_ins.serve(i, lambda j: self.item(epoch, j))
+
+    def item(self, epoch: int, i: int) -> dict[str, torch.Tensor]:
+        """Item ``i`` as read; raises :class:`CacheEntryError` naming a bad entry."""
         s = self.samples[i]
         p = self.dropout.get(s.backend, 0.0)
         drop = p > 0 and random.Random(f"{self.seed}:{epoch}:{i}").random() < p
         cache = self.latent_caches[s.backend]
-        item = dict(cache.load(s.latent_key))
-        item.update(self.texts.load(self.empty_text_key if drop else s.text_key))
+        item = dict(cache.load(s.latent_key, latent_spec(s.placement.bucket)))
+        item.update(self.texts.load(self.empty_text_key if drop else s.text_key, self.text_spec))
         if s.mask_key is not None:
-            item["mask"] = cache.load(s.mask_key)["mask"]
+            item["mask"] = cache.load(s.mask_key, mask_spec(s.placement.bucket))["mask"]
         if s.backend in self.regularisation:
             item["is_regularisation"] = torch.tensor(True)
         return item
@@ -304,9 +315,13 @@ class FluxDataModule(L.LightningDataModule):
 
     # -- caching ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
+        """Encode what the caches lack. Existing entries are verified first (:meth:`_discard_bad`):
+        a truncated, empty, NaN, misshapen or mislabelled entry is reported by file name and counts
+        as missing, so it is encoded again from its image, mask or caption."""
         samples = self.samples() + self.eval_folder_samples()
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        never_encode = {b.id for b in self.backends if "vae" in str(b.skip_file_discovery).split()}
+        never_encode = self._never_encode()
+        self._discard_bad_latents(samples)
         todo = [
             s for s in samples
             if s.backend not in never_encode and s.latent_key not in self.latent_caches[s.backend]
@@ -315,12 +330,19 @@ class FluxDataModule(L.LightningDataModule):
             vae = load_vae(self.model_cfg).to(device)
             self._cache_latents(vae, todo)
             del vae
+        self._discard_bad_masks(samples)
         for s in samples:
-            if s.mask_key is not None and s.mask_key not in self.latent_caches[s.backend]:
-                mask = load_mask(s.mask_path, s.size, s.placement)
-                self.latent_caches[s.backend].save(s.mask_key, {"mask": mask}, {"file": s.mask_path.name})
-        captions = [""] + [s.caption for s in samples] + self.prompts
-        missing = [c for c in dict.fromkeys(captions) if self.text_key(c) not in self.text_cache]
+            cache = self.latent_caches[s.backend]
+            if s.mask_key is not None and s.mask_key not in cache:
+                try:
+                    mask = load_mask(s.mask_path, s.size, s.placement)
+                except Exception as err:
+                    log.warning("skipping %s: cannot read its mask %s (%s)", s.path, s.mask_path, err)
+                    continue
+                cache.save(s.mask_key, {"mask": mask}, {"file": s.mask_path.name})
+        captions = list(dict.fromkeys([""] + [s.caption for s in samples] + self.prompts))
+        self._discard_bad_texts(captions)
+        missing = [c for c in captions if self.text_key(c) not in self.text_cache]
         if missing:
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
             parts = load_text_encoders(self.model_cfg, dtype)
@@ -330,6 +352,70 @@ class FluxDataModule(L.LightningDataModule):
             del parts
         if device == "cuda":
             torch.cuda.empty_cache()
+
+    def _never_encode(self) -> set[str]:
+        return {b.id for b in self.backends if "vae" in str(b.skip_file_discovery).split()}
+
+    def _discard_bad(self, entries: list[tuple[TensorCache, str, object, str]]) -> list[dict | None]:
+        """Verify the existing entries of ``(cache, key, spec, remedy)`` (:func:`load_many`): a bad
+        one is reported once, by file name, with ``remedy``, and removed, so it counts as missing and
+        is encoded again. Returns the tensors of each good entry, None for bad or absent ones."""
+        present = [e for e in entries if e[1] in e[0]]
+        results = dict(zip((e[0].path(e[1]) for e in present), load_many([e[:3] for e in present])))
+        out = []
+        for cache, key, _, remedy in entries:
+            result = results.get(cache.path(key))
+            if isinstance(result, CacheEntryError):
+                log.warning("cache entry %s is corrupt (%s); %s", result.path, result.reason, remedy)
+                result.path.unlink(missing_ok=True)
+                result = None
+            out.append(result)
+        return out
+
+    def _discard_bad_latents(self, samples: Sequence[Sample], never_encode: set[str] | None = None) -> None:
+        """Check the latent entries of ``samples`` (each file once), see :meth:`_discard_bad`;
+        ``never_encode``: backends whose entries are not re-encoded (default: ``skip_file_discovery=vae``)."""
+        never_encode = self._never_encode() if never_encode is None else never_encode
+        entries = {}
+        for s in samples:
+            cache = self.latent_caches[s.backend]
+            remedy = (
+                f"backend {s.backend!r} has skip_file_discovery=vae, so it is not re-encoded and {s.path} is skipped"
+                if s.backend in never_encode else f"re-encoding it from {s.path}"
+            )
+            entries.setdefault(cache.path(s.latent_key), (cache, s.latent_key, latent_spec(s.placement.bucket), remedy))
+        self._discard_bad(list(entries.values()))
+
+    def _discard_bad_masks(self, samples: Sequence[Sample]) -> None:
+        """Check the mask entries of ``samples``, see :meth:`_discard_bad`."""
+        entries = {
+            self.latent_caches[s.backend].path(s.mask_key): (
+                self.latent_caches[s.backend], s.mask_key, mask_spec(s.placement.bucket), f"re-encoding it from {s.mask_path}"
+            )
+            for s in samples if s.mask_key is not None
+        }
+        self._discard_bad(list(entries.values()))
+
+    def _discard_bad_texts(self, captions: Sequence[str]) -> None:
+        """Check the text entries of ``captions`` (see :meth:`_discard_bad`); every entry must also
+        have the embedding widths ``(D_t5, D_clip)`` most entries have."""
+        spec = text_spec(self.model_cfg.spec.t5_max_length)
+        keys = [self.text_key(c) for c in captions]
+        entries = [(self.text_cache, k, spec, f"re-encoding caption {c[:60]!r}") for k, c in zip(keys, captions)]
+        widths = {
+            key: ((entry["prompt_embeds"].shape[1], entry["pooled_prompt_embeds"].shape[0]), caption)
+            for key, caption, entry in zip(keys, captions, self._discard_bad(entries)) if entry is not None
+        }
+        if len({w for w, _ in widths.values()}) > 1:
+            common = Counter(w for w, _ in widths.values()).most_common(1)[0][0]
+            for key, (w, caption) in widths.items():
+                if w != common:
+                    path = self.text_cache.path(key)
+                    log.warning(
+                        "cache entry %s is corrupt (embedding widths %s, the other entries have %s); "
+                        "re-encoding caption %r", path, w, common, caption[:60],
+                    )
+                    path.unlink(missing_ok=True)
 
     def _cache_latents(self, vae, todo: list[Sample]) -> None:
         by_bucket: dict[tuple[int, int], list[Sample]] = defaultdict(list)
@@ -368,7 +454,7 @@ class FluxDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         samples = self.samples()
-        ready = [s for s in samples if s.latent_key in self.latent_caches[s.backend]]
+        ready = [s for s in samples if self._cached(s)]
         skipped = self.skipped + len(samples) - len(ready)
         if not ready:
             raise DataError(
@@ -393,7 +479,12 @@ class FluxDataModule(L.LightningDataModule):
             },
             regularisation={b.id for b in self.backends if b.is_regularisation_data},
             seed=self.cfg.seed,
+            t5_length=self.model_cfg.spec.t5_max_length,
         )
+
+    def _cached(self, s: Sample) -> bool:
+        cache = self.latent_caches[s.backend]
+        return s.latent_key in cache and (s.mask_key is None or s.mask_key in cache)
 
     def _split(self, ready: list[Sample]) -> set[str]:
         """Sources held out of training (see :func:`~flux_lightning.data.holdout.split_sources`);
@@ -428,7 +519,10 @@ class FluxDataModule(L.LightningDataModule):
             if s.source in held and s.latent_key in self.latent_caches[s.backend]
         }.values())
         chosen += [s for s in self.eval_folder_samples() if s.latent_key in self.latent_caches[s.backend]]
-        self.eval_dataset = EvalDataset(chosen, self.latent_caches, self.text_cache) if chosen else None
+        self.eval_dataset = (
+            EvalDataset(chosen, self.latent_caches, self.text_cache, text_spec(self.model_cfg.spec.t5_max_length))
+            if chosen else None
+        )
 
     def eval_dataloader(self, batch_size: int | None = None) -> DataLoader | None:
         """The eval split in a fixed order, one backend and bucket per batch (None when empty)."""
@@ -511,4 +605,4 @@ class FluxDataModule(L.LightningDataModule):
         key = self.text_key(prompt)
         if key not in self.text_cache:
             raise KeyError(f"prompt {prompt!r} is not in the text cache; pass it in `prompts`")
-        return self.text_cache.load(key)
+        return self.text_cache.load(key, text_spec(self.model_cfg.spec.t5_max_length))

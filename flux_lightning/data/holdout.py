@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .cache import TensorCache
+from .cache import EntrySpec, StandIns, TensorCache, latent_spec
 from .discovery import DataError
 
 
@@ -61,16 +61,28 @@ class EvalDataset(Dataset):
     """Items ``{latents, prompt_embeds, pooled_prompt_embeds, attention_mask, backend}`` with the
     real captions (no caption dropout); ``samples`` are the datamodule's resolved samples."""
 
-    def __init__(self, samples: Sequence, latent_caches: dict[str, TensorCache], texts: TensorCache):
+    def __init__(
+        self,
+        samples: Sequence,
+        latent_caches: dict[str, TensorCache],
+        texts: TensorCache,
+        text_spec: EntrySpec | None = None,
+    ):
         self.samples = list(samples)
-        self.latent_caches, self.texts = latent_caches, texts
+        self.latent_caches, self.texts, self.text_spec = latent_caches, texts, text_spec
+        self.stand_ins = StandIns(self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        """Verified entries; a sample whose entries went bad is replaced (see :class:`StandIns`)."""
+        return self.stand_ins.serve(index, self.item)
+
+    def item(self, index: int) -> dict[str, torch.Tensor | str]:
         s = self.samples[index]
-        item: dict[str, torch.Tensor | str] = dict(self.latent_caches[s.backend].load(s.latent_key))
-        item.update(self.texts.load(s.text_key))
+        cache = self.latent_caches[s.backend]
+        item: dict[str, torch.Tensor | str] = dict(cache.load(s.latent_key, latent_spec(s.placement.bucket)))
+        item.update(self.texts.load(s.text_key, self.text_spec))
         item["backend"] = s.backend
         return item

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from ..checkpointing import build_folder_once
 from .buckets import fit
-from .cache import cache_key, file_digest
+from .cache import cache_key, file_digest, latent_spec
 from .config import DatasetConfig
 from .datamodule import CACHE_VERSION, FluxDataModule, Sample
 from .discovery import IMAGE_EXTENSIONS, DataError
@@ -82,10 +82,15 @@ class ReferenceDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, index) -> dict[str, torch.Tensor]:
-        item = self.base[index]
-        _, i = index if isinstance(index, tuple) else (0, index)
-        cache = self.base.latent_caches[self.base.samples[i].backend]
-        item["reference_latents"] = cache.load(self.reference_keys[i])["latents"]
+        """Verified entries; a pair with a bad entry is replaced (see :class:`~flux_lightning.data.cache.StandIns`)."""
+        epoch, i = index if isinstance(index, tuple) else (0, index)
+        return self.base.stand_ins.serve(i, lambda j: self.item(epoch, j))
+
+    def item(self, epoch: int, i: int) -> dict[str, torch.Tensor]:
+        item = self.base.item(epoch, i)
+        s = self.base.samples[i]
+        cache = self.base.latent_caches[s.backend]
+        item["reference_latents"] = cache.load(self.reference_keys[i], latent_spec(s.placement.bucket))["latents"]
         return item
 
 
@@ -154,7 +159,9 @@ class PairedFluxDataModule(FluxDataModule):
 
     def prepare_data(self) -> None:
         super().prepare_data()
-        todo = [r for r in self._reference_samples() if r.latent_key not in self.latent_caches[r.backend]]
+        references = self._reference_samples()
+        self._discard_bad_latents(references, never_encode=set())  # references are always encoded
+        todo = [r for r in references if r.latent_key not in self.latent_caches[r.backend]]
         if todo:
             from ..components import load_vae
 
