@@ -144,3 +144,44 @@ def test_export_refuses_non_finite_weights(tiny_model_cfg, tmp_path):
     with pytest.raises(ValueError, match="NaN/inf; refusing"):
         module.export_lora(tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_damaged_latent_cache_stops_the_cli_run_with_one_line_and_exit_3(tmp_path, monkeypatch, capsys):
+    """The issue's case end to end: every cached latent reads back as NaN. The run skips every step,
+    stops at the first check after K=4 bad steps with one line naming the step and the damaged cache,
+    exits 3, and leaves only finite files behind (last.ckpt = the step-2 checkpoint)."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from flux_lightning.data.cache import TensorCache
+    from flux_lightning.train import main
+
+    load = TensorCache.load
+
+    def damaged(self, key):
+        out = load(self, key)
+        if "latents" in out:
+            out["latents"] = torch.full_like(out["latents"], float("nan"))
+        return out
+
+    monkeypatch.setattr(TensorCache, "load", damaged)
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", [
+        "flux_lightning", f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir}", f"paths.cache_dir={tmp_path}/cache",
+        "trainer.max_steps=20", "trainer.log_every_n_steps=2", "nonfinite_max_consecutive=4", "adapter.rank=4",
+        "callbacks.validation=null", "callbacks.clip_score=null", "callbacks.eval_loss=null", "logger=csv",
+        "callbacks.model_checkpoint.every_n_train_steps=2", "+trainer.enable_progress_bar=false",
+    ])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 3
+    errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "training stopped at step 4" in errors[0] and "cache is damaged" in errors[0]
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step000002.ckpt"], ckpts
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2 and all(v.isfinite().all() for v in last["state_dict"].values())
+    lora = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(t.isfinite().all() for t in lora.values())
+    assert "train/skipped_nonfinite" in (run_dir / "csv" / "metrics.csv").read_text()
