@@ -51,12 +51,15 @@ _MISSING = object()
 class _Snapshot:
     """What one optimizer step may change, split into what the device can select on and the rest."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, extra: Iterable[torch.Tensor] = ()):
         self.optimizer = optimizer
         self.device = device
         self.device_tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.host_tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.values: list[tuple[dict, object, object]] = []  # (container, key, old value or _MISSING)
+        self._seen: set[int] = set()
+        for t in extra:  # the module's own weights, where they are not the optimizer's (DeepSpeed's copies)
+            self._tensor(t)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 self._tensor(p)
@@ -64,6 +67,9 @@ class _Snapshot:
             self._dict(group, None, skip=("params",))
 
     def _tensor(self, t: torch.Tensor) -> None:
+        if id(t) in self._seen:
+            return
+        self._seen.add(id(t))
         pair = (t, t.detach().clone())
         (self.device_tensors if t.device == self.device else self.host_tensors).append(pair)
 
@@ -144,17 +150,30 @@ class NonFiniteGuard:
         self._loss_ok = loss_ok if self._loss_ok is None else self._loss_ok & loss_ok
         self._inputs_ok = inputs_ok if self._inputs_ok is None else self._inputs_ok & inputs_ok
 
-    def step(self, optimizer: torch.optim.Optimizer, run_step: Callable[[], object]):
-        """Run ``run_step()`` (closure, clipping, update) and undo its effect if anything was non-finite."""
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        run_step: Callable[[], object],
+        params: Iterable[torch.Tensor] = (),
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        """Run ``run_step()`` (closure, clipping, update) and undo its effect if anything was non-finite.
+
+        Args:
+            params: weights to protect besides the optimizer's own (the module's trainable ones).
+            all_reduce: ``flag -> flag`` agreed by every rank (min), so sharded runs skip together.
+        """
         self.resolve()
         inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
-        params = [p for g in inner.param_groups for p in g["params"]]
+        params = list({id(p): p for p in [*params, *(p for g in inner.param_groups for p in g["params"])]}.values())
         device = params[0].device if params else torch.device("cpu")
-        snapshot = _Snapshot(inner, device)
+        snapshot = _Snapshot(inner, device, params)
         out = run_step()
         ok = all_finite([p.grad for p in params if p.grad is not None] + params).to(device)
         if self._loss_ok is not None:
             ok = ok & self._loss_ok.to(device)
+        if all_reduce is not None:
+            ok = all_reduce(ok)
         inputs_ok = self._inputs_ok.to(device) if self._inputs_ok is not None else torch.ones((), dtype=torch.bool, device=device)
         self._loss_ok = self._inputs_ok = None
         snapshot.mask_device(ok)

@@ -72,6 +72,17 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _all_ranks_agree(flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` and-ed over every rank (a device-side all-reduce, no host read)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    value = flag.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value.bool()
+
+
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -350,7 +361,12 @@ class FluxLoRAModule(L.LightningModule):
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Lightning's step (closure, clipping, update) under the non-finite guard: a step whose loss,
         gradients or new weights are not finite leaves weights and optimizer state as they were."""
-        self.nonfinite.step(optimizer, lambda: optimizer.step(closure=optimizer_closure))
+        self.nonfinite.step(
+            optimizer,
+            lambda: optimizer.step(closure=optimizer_closure),
+            params=self.trainable_parameters(),
+            all_reduce=_all_ranks_agree if self.trainer.world_size > 1 else None,
+        )
         step = self.global_step + 1  # Lightning counts the step once this hook returns
         if step % max(1, self.trainer.log_every_n_steps) == 0 or step >= self.trainer.max_steps > 0:
             self.nonfinite.check(step, self.trainer.precision)  # a host read at logging steps only
