@@ -26,7 +26,14 @@ from .data.paired import PairedDatasetConfig
 from .flavours import FLAVOURS
 from .flow import TimestepConfig
 from .memory import memory_problems
-from .optim import adapter_dtype, optimizer_problems
+from .optim import LRSchedulerConfig, OptimizerConfig, adapter_dtype, optimizer_problems
+from .run_checks import (
+    callback_interval_problems,
+    lr_scheduler_problems,
+    nonfinite_problems,
+    optimizer_value_problems,
+    trainer_problems,
+)
 from .tread import TreadConfig, known_num_blocks, route_problems
 
 
@@ -156,6 +163,26 @@ def data_folder_problems(dataset: DatasetConfig) -> list[str]:
     return out
 
 
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else (node or {})
+
+
+def loop_problems(cfg: DictConfig) -> list[str]:
+    """Trainer kwargs, optimizer and LR schedule values, checkpoint/eval intervals, the non-finite
+    guard (see :mod:`flux_lightning.run_checks`): what reaches Lightning and torch untyped."""
+    out = []
+    trainer = _plain(cfg.get("trainer"))
+    out += trainer_problems(trainer, allow_endless_run=bool(cfg.get("allow_endless_run", False)))
+    if cfg.get("optimizer") is not None:
+        out += optimizer_value_problems(_typed(OptimizerConfig, cfg.optimizer, "optimizer", out))
+    if cfg.get("lr_scheduler") is not None:
+        sched = _typed(LRSchedulerConfig, cfg.lr_scheduler, "lr_scheduler", out)
+        out += lr_scheduler_problems(sched, trainer.get("max_steps", -1))
+    out += callback_interval_problems(_plain(cfg.get("callbacks")))
+    out += nonfinite_problems(cfg.get("nonfinite_max_consecutive", 10))
+    return out
+
+
 def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     """Turn ``cfg`` into typed parts, or raise one :class:`ConfigError` listing every problem.
 
@@ -196,6 +223,7 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     problems += route_problems(run.tread, blocks)
     if not isinstance(run.compile, bool):
         problems.append(f"compile={run.compile!r} must be true or false")
+    problems += loop_problems(cfg)
     if run.timesteps.weighting not in (None, "sigmoid", "uniform", "schnell_fast"):
         problems.append(
             f"timesteps.weighting={run.timesteps.weighting!r} is unknown; use sigmoid, uniform or schnell_fast"

@@ -23,6 +23,7 @@ from .adapters import (
 )
 from .components import ModelConfig, load_transformer, set_attention_backend, training_attention_backend
 from .export import export_adapter
+from .guard import NonFiniteGuard, all_finite
 from .memory import GroupOffload, apply_group_offload, enable_gradient_checkpointing
 from .optim import ADAPTER_DTYPES
 from .flow import (
@@ -71,6 +72,17 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _all_ranks_agree(flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` and-ed over every rank (a device-side all-reduce, no host read)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    value = flag.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value.bool()
+
+
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -100,6 +112,9 @@ class FluxLoRAModule(L.LightningModule):
         tread: TREAD token routing during training (see :mod:`flux_lightning.tread`); default off.
         compile: regional ``torch.compile`` of the transformer blocks (see
             :func:`flux_lightning.compilation.compile_blocks`); falls back to eager where unsupported.
+        nonfinite_max_consecutive: a step with a non-finite loss, gradient or result is skipped and
+            counted (``train/skipped_nonfinite``); this many in a row stop the run with
+            :class:`~flux_lightning.guard.NonFiniteLossError` (see :mod:`flux_lightning.guard`).
     """
 
     def __init__(
@@ -112,6 +127,7 @@ class FluxLoRAModule(L.LightningModule):
         seed: int = 0,
         tread: TreadConfig | None = None,
         compile: bool = False,
+        nonfinite_max_consecutive: int = 10,
     ):
         super().__init__()
         self.model_cfg = model or ModelConfig()
@@ -135,6 +151,7 @@ class FluxLoRAModule(L.LightningModule):
         self.group_offload: GroupOffload | None = None
         self.training_attention = self.model_cfg.attention_backend  # see configure_model
         self._recent_losses: deque[torch.Tensor] = deque(maxlen=50)
+        self.nonfinite = NonFiniteGuard(nonfinite_max_consecutive)
 
     # -- model -------------------------------------------------------------------------------
     @property
@@ -330,13 +347,40 @@ class FluxLoRAModule(L.LightningModule):
         # prog_bar=True would make Lightning call .item() every step; LossProgressBar shows it instead
         self.log("loss/train", loss, batch_size=b)
         self._recent_losses.append(loss.detach())
+        self.nonfinite.observe(loss, [x0, *text])
         return loss
 
     def recent_train_loss(self) -> float:
-        """Mean training loss over the last (up to) 50 steps; NaN before the first step."""
+        """Mean finite training loss over the last (up to) 50 steps; NaN before the first (finite) step."""
         if not self._recent_losses:
             return float("nan")
-        return torch.stack(list(self._recent_losses)).mean().item()
+        losses = torch.stack(list(self._recent_losses))
+        return losses[losses.isfinite()].mean().item()
+
+    # -- non-finite guard (flux_lightning/guard.py) -------------------------------------------
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step (closure, clipping, update) under the non-finite guard: a step whose loss,
+        gradients or new weights are not finite leaves weights and optimizer state as they were."""
+        self.nonfinite.step(
+            optimizer,
+            lambda: optimizer.step(closure=optimizer_closure),
+            params=self.trainable_parameters(),
+            all_reduce=_all_ranks_agree if self.trainer.world_size > 1 else None,
+        )
+        step = self.global_step + 1  # Lightning counts the step once this hook returns
+        if step % max(1, self.trainer.log_every_n_steps) == 0 or step >= self.trainer.max_steps > 0:
+            self.nonfinite.check(step, self.trainer.precision)  # a host read at logging steps only
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.nonfinite.skipped is not None:
+            self.log("train/skipped_nonfinite", self.nonfinite.skipped.clone(), on_step=True, on_epoch=False)
+
+    def on_train_end(self) -> None:
+        self.nonfinite.resolve()
+
+    def skipped_nonfinite_steps(self) -> int:
+        """How many optimizer steps the non-finite guard skipped (a host read; for the summary)."""
+        return self.nonfinite.counts()[0]
 
     # -- optimisation ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -390,7 +434,10 @@ class FluxLoRAModule(L.LightningModule):
 
     # -- checkpoint extras --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Adds the RNG states (LoRA dropout draws from them) so a resume continues exactly."""
+        """Adds the RNG states (LoRA dropout draws from them) so a resume continues exactly; refuses
+        (stops the run) when the non-finite guard's limit was reached since its last check."""
+        if self._trainer is not None:
+            self.nonfinite.check(self.global_step, self.trainer.precision)
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -428,7 +475,9 @@ class FluxLoRAModule(L.LightningModule):
 
     def export_lora(self, directory: str | Path, **kwargs) -> Path:
         """Write ``<directory>/pytorch_lora_weights.safetensors``: diffusers keys for a LoRA, the
-        LyCORIS layout for a LoKr (see :mod:`flux_lightning.lokr`)."""
+        LyCORIS layout for a LoKr (see :mod:`flux_lightning.lokr`). Refuses non-finite weights."""
+        if not bool(all_finite(self.trainable_parameters())):
+            raise ValueError("the adapter weights contain NaN/inf; refusing to write them as a LoRA")
         metadata = {
             "flux_lightning.flavour": self.model_cfg.flavour,
             "flux_lightning.guidance_value": str(self.model_cfg.training_guidance),

@@ -38,6 +38,12 @@ class TrainConfig:
         resume_from_checkpoint: ``latest`` (the run dir's ``checkpoints/last.ckpt`` if any), a
             path, or null to start fresh.
         compile: regional ``torch.compile`` of the transformer blocks.
+        nonfinite_max_consecutive: a step whose loss or gradient is NaN/inf is skipped (weights and
+            optimizer state untouched) and counted (``train/skipped_nonfinite``); this many in a row
+            stop the run (exit code 3) naming the step and the likely cause. Checked at logging
+            intervals, so the stop comes up to ``trainer.log_every_n_steps - 1`` steps later.
+        allow_endless_run: permit ``trainer.max_steps=-1`` with ``trainer.max_epochs=-1`` (a run
+            that only stops when killed); refused otherwise.
     """
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(**_MODEL_WIRING))
@@ -49,6 +55,8 @@ class TrainConfig:
     tread_config: TreadConfig = field(default_factory=TreadConfig)
     seed: int = 42
     compile: bool = False
+    nonfinite_max_consecutive: int = 10
+    allow_endless_run: bool = False
     resume_from_checkpoint: str | None = "latest"
     run_name: str = "${flux_lightning.run_name:}"
     paths: Any = None

@@ -21,6 +21,7 @@ from .components import ModelSourceError
 from .config import ConfigError, validate
 from .data import DataError, FluxDataModule
 from .data.paired import PairedDatasetConfig, PairedFluxDataModule
+from .guard import NonFiniteLossError
 from .module import FluxLoRAModule
 from .schema import register
 from .simpletuner_cli import with_simpletuner_config
@@ -118,6 +119,7 @@ def train(cfg: DictConfig) -> float:
         seed=cfg.seed,
         tread=run.tread,
         compile=run.compile,
+        nonfinite_max_consecutive=cfg.get("nonfinite_max_consecutive", 10),
     )
     trainer = build_trainer(cfg, callbacks, _instantiate_all(cfg.get("logger")))
     output_dir = cfg.paths.output_dir
@@ -128,7 +130,10 @@ def train(cfg: DictConfig) -> float:
     loss = module.recent_train_loss()
     eval_loss = evals[0].last_loss if evals else None
     if trainer.is_global_zero:
-        _print_summary(trainer, output_dir, loss, datamodule.skipped, eval_loss, datamodule.eval_split)
+        _print_summary(
+            trainer, output_dir, loss, datamodule.skipped, eval_loss, datamodule.eval_split,
+            nonfinite=module.skipped_nonfinite_steps(),
+        )
         write_result(
             output_dir,
             {
@@ -168,7 +173,7 @@ def _job_name() -> str:
 
 def _print_summary(
     trainer: L.Trainer, output_dir: str, loss: float, skipped: int, eval_loss: float | None = None,
-    eval_split: str = "off",
+    eval_split: str = "off", nonfinite: int = 0,
 ) -> None:
     lora = next((cb.path for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None)
     validation = next((cb.dirpath for cb in trainer.callbacks if isinstance(cb, ValidationImages)), None)
@@ -182,6 +187,7 @@ def _print_summary(
         ("validation images", validation or "off"),
         ("logs", trainer.log_dir or "off"),
         ("images skipped", skipped),
+        ("non-finite steps skipped", nonfinite),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
@@ -196,3 +202,6 @@ def main(cfg: DictConfig) -> float:
     except (ConfigError, DataError, ModelSourceError, LoRAExportError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except NonFiniteLossError as err:  # the guard stopped the run; last.ckpt is the last good state
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(3)

@@ -113,3 +113,90 @@ def test_the_removed_startup_offload_switch_is_refused(tmp_path):
     transformer loads), so it is gone: setting it is an error, not a silent no-op."""
     with pytest.raises(Exception, match="offload_during_startup"):
         validate(_compose(tmp_path, "model.offload_during_startup=true"))
+
+
+# Values that reach Lightning and torch untyped (trainer kwargs, optimizer, LR schedule, intervals):
+# each is refused in validate() with one line naming the field and the fix, before anything loads.
+LOOP_VALUES = [
+    (("trainer.max_steps=-5",), "trainer.max_steps=-5 must be a positive integer, or -1 for no limit"),
+    (("trainer.max_steps=0",), "trainer.max_steps=0 must be a positive integer"),
+    (("trainer.max_steps=ten",), "trainer.max_steps='ten' must be a positive integer"),
+    (("trainer.max_epochs=0",), "trainer.max_epochs=0 must be a positive integer"),
+    (("trainer.max_steps=-1",), "trainer.max_steps=-1 with no trainer.max_epochs trains until killed"),
+    (("trainer.max_steps=-1", "trainer.max_epochs=null"), "trainer.max_steps=-1 with no trainer.max_epochs"),
+    (("optimizer.lr=-1",), "optimizer.lr=-1.0 must be a number > 0"),
+    (("optimizer.lr=0",), "optimizer.lr=0.0 must be a number > 0"),
+    (("optimizer.betas=[0.9,1.5]",), "optimizer.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+    (("optimizer.betas=[0.9]",), "optimizer.betas=[0.9] must be two numbers in [0, 1)"),
+    (("optimizer.weight_decay=-0.1",), "optimizer.weight_decay=-0.1 must be >= 0"),
+    (("optimizer.eps=0",), "optimizer.eps=0.0 must be > 0"),
+    (("trainer.gradient_clip_val=-1",), "trainer.gradient_clip_val=-1 must be a number >= 0"),
+    (("trainer.gradient_clip_algorithm=max",), "trainer.gradient_clip_algorithm='max' is unknown; use norm or value"),
+    (("trainer.accumulate_grad_batches=0",), "trainer.accumulate_grad_batches=0 must be an integer >= 1"),
+    (("trainer.log_every_n_steps=0",), "trainer.log_every_n_steps=0 must be an integer >= 1"),
+    (("trainer.precision=bf16-mix",), "trainer.precision='bf16-mix' is not a Lightning precision"),
+    (("trainer.precision=8",), "trainer.precision=8 is not a Lightning precision"),
+    (("trainer.devices=0",), "trainer.devices=0 must be a count >= 1, -1 (all), auto"),
+    (("trainer.num_nodes=0",), "trainer.num_nodes=0 must be an integer >= 1"),
+    (("callbacks.model_checkpoint.every_n_train_steps=-10",), "callbacks.model_checkpoint.every_n_train_steps=-10 must be an integer >= 0"),
+    (("callbacks.model_checkpoint.save_top_k=-2",), "callbacks.model_checkpoint.save_top_k=-2 must be an integer >= -1"),
+    (("callbacks.validation.every_n_steps=-1",), "callbacks.validation.every_n_steps=-1 must be an integer >= 0"),
+    (("callbacks.eval_loss.every_n_steps=1.5",), "callbacks.eval_loss.every_n_steps=1.5 must be an integer >= 0"),
+    (("lr_scheduler.name=warmup_cosine",), "lr_scheduler.name='warmup_cosine' is unknown; use one of constant"),
+    (("lr_scheduler=cosine", "lr_scheduler.num_warmup_steps=-1"), "lr_scheduler.num_warmup_steps=-1 must be >= 0"),
+    (("lr_scheduler.num_warmup_steps=50",), "lr_scheduler.num_warmup_steps=50 does nothing with lr_scheduler.name=constant"),
+    (("lr_scheduler=cosine", "trainer.max_steps=80"), "lr_scheduler.num_warmup_steps=100 >= trainer.max_steps=80"),
+    (("lr_scheduler=cosine", "trainer.max_steps=-1", "trainer.max_epochs=2"),
+     "lr_scheduler=cosine decays over trainer.max_steps, which is -1"),
+    (("lr_scheduler=polynomial", "lr_scheduler.power=0"), "lr_scheduler.power=0.0 must be > 0"),
+    (("nonfinite_max_consecutive=0",), "nonfinite_max_consecutive=0 must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", LOOP_VALUES, ids=[" ".join(o) for o, _ in LOOP_VALUES])
+def test_trainer_and_optimizer_values_are_checked_before_anything_loads(tmp_path, nothing_loads, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        validate(_compose(tmp_path, *overrides))
+    lines = [l for l in str(info.value).splitlines() if message in l]
+    assert len(lines) == 1, str(info.value)
+    assert ";" in lines[0] or "use" in lines[0], "the line names no fix"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("trainer.max_steps=-1", "trainer.max_epochs=3"),
+        ("trainer.max_steps=-1", "allow_endless_run=true"),
+        ("trainer.max_steps=-1", "+trainer.max_time=00:01:00:00"),
+        ("lr_scheduler=cosine", "trainer.max_steps=1000", "lr_scheduler.num_warmup_steps=0"),
+        ("lr_scheduler=constant_with_warmup", "trainer.max_steps=-1", "trainer.max_epochs=2"),
+        ("trainer.precision=16", "trainer.devices=[0,1]", "trainer.gradient_clip_val=null"),
+        ("trainer.precision=bf16-true", "trainer.devices=auto", "trainer.gradient_clip_algorithm=value"),
+        ("optimizer.betas=[0.9,0.99]", "optimizer.weight_decay=0", "optimizer.eps=1e-8"),
+        ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.every_n_train_steps=0"),
+    ],
+)
+def test_valid_trainer_and_optimizer_values_pass(tmp_path, overrides):
+    validate(_compose(tmp_path, *overrides), check_sources=False)
+
+
+def test_bad_trainer_values_exit_2_with_one_line_each_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*overrides):
+        return subprocess.run(
+            [sys.executable, "-m", "flux_lightning", f"paths.output_dir={tmp_path}/run",
+             f"paths.cache_dir={tmp_path}/cache", *overrides],
+            capture_output=True, text=True, timeout=300,
+        )
+
+    proc = cli("trainer.max_steps=-5", "optimizer.lr=-1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "  - trainer.max_steps=-5 must be a positive integer" in proc.stderr
+    assert "  - optimizer.lr=-1.0 must be a number > 0" in proc.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was built or loaded
+    proc = cli("trainer.max_steps=-1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "allow_endless_run=true" in proc.stderr
