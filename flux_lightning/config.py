@@ -163,8 +163,19 @@ def data_folder_problems(dataset: DatasetConfig) -> list[str]:
     return out
 
 
-def _plain(node):
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else (node or {})
+def _plain(node) -> dict:
+    """``node`` as a plain dict with every value that resolves here resolved; a value whose
+    interpolation only resolves inside a Hydra run (``${hydra:...}`` paths) is left as written."""
+    if not isinstance(node, DictConfig):
+        return node or {}
+    out = {}
+    for key in node:
+        try:
+            value = node[key]
+            out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except OmegaConfBaseException:
+            out[key] = OmegaConf.to_container(node, resolve=False)[key]
+    return out
 
 
 def loop_problems(cfg: DictConfig) -> list[str]:
