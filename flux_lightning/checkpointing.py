@@ -46,6 +46,10 @@ def _unwritable(path: Path, err: BaseException) -> StorageError:
     )
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextmanager
 def _temporary_beside(path: Path, prefix: str):
     """A temporary file in ``path``'s folder, renamed onto ``path`` when the block succeeds and removed
@@ -53,6 +57,7 @@ def _temporary_beside(path: Path, prefix: str):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would give (0644 usually)
     except OSError as err:
         raise _unwritable(path, err) from None
     try:
