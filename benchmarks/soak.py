@@ -61,11 +61,12 @@ def disk_use(folder: Path) -> int:
 def sample(proc: psutil.Process, run_dir: Path, t0: float) -> dict | None:
     """One sample of the process tree and the run dir; None once the process is gone."""
     try:
-        tree = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
+        children = proc.children(recursive=True)
+        rss, fds = proc.memory_info().rss, proc.num_fds()
+    except psutil.NoSuchProcess:  # the run just ended
         return None
-    rss = fds = 0
-    for p in tree:
+    tree = [proc, *children]
+    for p in children:  # dataloader workers; one may end between listing and reading
         try:
             rss += p.memory_info().rss
             fds += p.num_fds()
@@ -105,6 +106,7 @@ def main() -> int:
         args.steps, args.interval = min(args.steps, 30), min(args.interval, 0.2)
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="flux_lightning_soak_"))
+    root.mkdir(parents=True, exist_ok=True)
     run_dir, cache = root / "run", root / "cache"
     cmd = command(run_dir, cache, args.steps, args.every, args.short)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
