@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +16,86 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
+class StorageError(OSError):
+    """A file of the run could not be written (disk full, read-only or not permitted); the message
+    is one line naming the folder, and the file it would have replaced is left as it was."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _unwritable(path: Path, err: BaseException) -> StorageError:
+    """One-line :class:`StorageError` for ``path`` from the OSError at the root of ``err``'s chain."""
+    cause = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    errno_ = getattr(cause, "errno", None)
+    if errno_ is None:  # a writer that reports the OS error in its message (safetensors: "Os { code: 28, ...")
+        found = re.search(r"Os \{ code: (\d+)", str(err))
+        errno_ = int(found.group(1)) if found else None
+    reason = os.strerror(errno_) if errno_ else f"{type(err).__name__}: {err}"
+    fix = {
+        errno.ENOSPC: "free space there",
+        errno.EDQUOT: "free space there (disk quota exceeded)",
+        errno.EROFS: "it is on a read-only file system: point paths.output_dir (or run_name) elsewhere",
+    }.get(errno_, "make it writable or point paths.output_dir (or run_name) elsewhere")
+    return StorageError(
+        errno_ or errno.EIO,
+        f"cannot write {path.name} in {path.parent} ({reason}); {fix}, then re-run the same command "
+        "(the previous file there is intact)",
+    )
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextmanager
+def _temporary_beside(path: Path, prefix: str):
+    """A temporary file in ``path``'s folder, renamed onto ``path`` when the block succeeds and removed
+    otherwise; any OSError (or a writer's error caused by one) becomes a one-line :class:`StorageError`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would give (0644 usually)
+    except OSError as err:
+        raise _unwritable(path, err) from None
+    try:
+        yield fd, tmp
+        os.replace(tmp, path)
+    except Exception as err:
+        if isinstance(err, OSError) or _caused_by_oserror(err):
+            raise _unwritable(path, err) from None
+        raise
+    finally:
+        with suppress(OSError):
+            os.remove(tmp)
+
+
+def _caused_by_oserror(err: BaseException | None) -> bool:
+    """An OSError in the chain, or a Rust writer's error that wraps one (``IoError(Os { code: ...``)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) or "Os { code:" in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
+
+    Raises:
+        StorageError: the folder is full, read-only or not writable (one line naming it).
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
+        with _temporary_beside(path, f".{path.name}.") as (fd, tmp):
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
@@ -36,16 +103,29 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: di
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:16]}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _temporary_beside(path, f".{path.name[:16]}.") as (fd, tmp):
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
+
+
+def checkpoint_step(path) -> int:
+    """The ``global_step`` of a Lightning checkpoint, reading only its pickle (tensors are mapped,
+    not read): a cheap check that the file is a complete checkpoint before Lightning loads it.
+
+    Raises:
+        ValueError: the file is empty, truncated, corrupt or not a Lightning checkpoint (the reason).
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ValueError("empty file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated zip, bad pickle, not a torch file
+        raise ValueError(f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}") from None
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError("not a Lightning checkpoint (no global_step/state_dict)")
+    return int(ckpt["global_step"])
 
 
 def build_folder_once(folder, build: Callable[[Path], None], marker: str | None = None) -> Path:

@@ -434,15 +434,20 @@ class FluxLoRAModule(L.LightningModule):
 
     # -- checkpoint extras --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Adds the RNG states (LoRA dropout draws from them) so a resume continues exactly; refuses
-        (stops the run) when the non-finite guard's limit was reached since its last check."""
+        """Adds the RNG states (LoRA dropout draws from them) so a resume continues exactly, and the
+        recent losses, so a run resumed at its last step still reports its final loss (not NaN);
+        refuses (stops the run) when the non-finite guard's limit was reached since its last check."""
         if self._trainer is not None:
             self.nonfinite.check(self.global_step, self.trainer.precision)
         checkpoint["rng_states"] = rng_states()
+        losses = list(self._recent_losses)
+        checkpoint["recent_train_losses"] = torch.stack(losses).float().cpu().tolist() if losses else []
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+        self._recent_losses.clear()
+        self._recent_losses.extend(torch.tensor(v, device=self.device) for v in checkpoint.get("recent_train_losses", []))
 
     # -- adapter-only state ------------------------------------------------------------------
     def _trainable_names(self) -> set[str]:

@@ -84,6 +84,13 @@ class RunDirLock(Callback):
         except RunDirInUse as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except OSError as err:  # read-only, not permitted, full: before Hydra writes its files there
+            print(
+                f"error: cannot write to run dir {run_dir} ({err.strerror or err}); make it writable, or "
+                "give this run another dir with run_name=<name> (or hydra.run.dir=<path>)",
+                file=sys.stderr, flush=True,
+            )
+            sys.exit(2)
         if fd is not None:
             self.fds.append(fd)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,11 +14,13 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import EvalLoss, LoRAExport, LossProgressBar, ModelCard, ValidationImages
 from .callbacks.lora_export import LoRAExportError
-from .checkpointing import AtomicCheckpointIO
+from . import stopping
+from .checkpointing import AtomicCheckpointIO, StorageError, checkpoint_step
 from .components import ModelSourceError
 from .config import ConfigError, validate
 from .data import DataError, FluxDataModule
@@ -25,7 +29,8 @@ from .guard import NonFiniteLossError
 from .module import FluxLoRAModule
 from .schema import register
 from .simpletuner_cli import with_simpletuner_config
-from .sweep import write_result
+from .stopping import GracefulStop, StopRequested
+from .sweep import RESULT_FILE, write_result
 
 log = logging.getLogger(__name__)
 register()  # the config schema (train_schema) and the run_name resolver, before Hydra composes
@@ -74,15 +79,41 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
 
 
 def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
-    """``latest`` -> the newest checkpoint in the run dir's ``checkpoints/`` (normally ``last.ckpt``;
-    a ``step*.ckpt`` when the run died between writing it and ``last.ckpt``); a path stays a path."""
+    """``latest`` -> the newest readable checkpoint in the run dir's ``checkpoints/`` (normally
+    ``last.ckpt``; a ``step*.ckpt`` when the run died between writing it and ``last.ckpt``, or when
+    ``last.ckpt`` is missing, empty or truncated: each unreadable newer file is skipped with a
+    warning); a path stays a path, and must be readable.
+
+    Raises:
+        ConfigError: the path does not exist or is unreadable, or no checkpoint of the run dir is.
+    """
     if value in (None, "", "none"):
         return None
     if value == "latest":
         found = [p for p in (Path(output_dir) / "checkpoints").glob("*.ckpt") if p.is_file()]
-        return str(max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"))) if found else None
+        found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+        bad = []
+        for path in found:
+            try:
+                checkpoint_step(path)
+            except ValueError as err:
+                bad.append(f"{path.name} ({err})")
+                continue
+            if bad:
+                log.warning("resume: skipping unreadable %s; resuming from %s, the newest readable checkpoint", ", ".join(bad), path.name)
+            return str(path)
+        if bad:
+            raise ConfigError(
+                f"resume_from_checkpoint: no checkpoint in {Path(output_dir) / 'checkpoints'} is readable "
+                f"({', '.join(bad)}); delete them to start afresh, or give another run's with resume_from_checkpoint=<path>"
+            )
+        return None
     if not Path(value).is_file():
         raise ConfigError(f"resume_from_checkpoint: {value} does not exist; give a .ckpt file, latest or null")
+    try:
+        checkpoint_step(value)
+    except ValueError as err:
+        raise ConfigError(f"resume_from_checkpoint: {value} is unreadable ({err}); give another .ckpt file, latest or null") from None
     return value
 
 
@@ -90,17 +121,50 @@ def announce_resume(ckpt: str | None) -> None:
     """One line saying where training continues from (or nothing when it starts fresh)."""
     if ckpt is None:
         return
+    print(f"resuming from {ckpt} (step {checkpoint_step(ckpt)}); resume_from_checkpoint=null starts afresh", flush=True)
+
+
+def finished_result(ckpt: str | None, output_dir: str, max_steps: int | None) -> dict | None:
+    """The run dir's ``result.json`` when the run already finished: it exists, and the checkpoint to
+    resume from is at ``trainer.max_steps`` and is the one that result was written for."""
+    path = Path(output_dir) / RESULT_FILE
+    if ckpt is None or not max_steps or max_steps < 0 or not path.is_file():
+        return None
     try:
-        step = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", "?")
-    except Exception:  # unreadable: Lightning will report it properly when it loads the file
-        step = "?"
-    print(f"resuming from {ckpt} (step {step}); resume_from_checkpoint=null starts afresh", flush=True)
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    step = checkpoint_step(ckpt)
+    return result if step >= max_steps and result.get("steps") == step else None
 
 
 def train(cfg: DictConfig) -> float:
     """Run one training job described by ``cfg``; returns the metric a sweeper minimises: the final
-    stable eval loss when the ``eval_loss`` callback is on, else the final training loss."""
+    stable eval loss when the ``eval_loss`` callback is on, else the final training loss.
+
+    SIGTERM/SIGINT stop it within seconds (:mod:`flux_lightning.stopping`): it raises
+    :class:`~flux_lightning.stopping.StopRequested` after writing ``last.ckpt`` at the current step.
+    A run dir whose run already finished is left as it is (its stored metric is returned).
+    """
+    stopping.install()
+    try:
+        return _train(cfg)
+    finally:
+        stopping.uninstall()
+
+
+def _train(cfg: DictConfig) -> float:
     run = validate(cfg)
+    output_dir = cfg.paths.output_dir
+    ckpt = resolve_checkpoint(cfg.get("resume_from_checkpoint"), output_dir)
+    done = finished_result(ckpt, output_dir, cfg.trainer.get("max_steps"))
+    if done is not None:
+        print(
+            f"run {output_dir} already finished at step {done['steps']}; nothing to do "
+            "(run_name=<new> for a new run, or a larger trainer.max_steps to train on)",
+            flush=True,
+        )
+        return float("nan") if done.get("metric") is None else float(done["metric"])
     L.seed_everything(cfg.seed, workers=True)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     for cb in callbacks:
@@ -121,12 +185,16 @@ def train(cfg: DictConfig) -> float:
         compile=run.compile,
         nonfinite_max_consecutive=cfg.get("nonfinite_max_consecutive", 10),
     )
-    trainer = build_trainer(cfg, callbacks, _instantiate_all(cfg.get("logger")))
-    output_dir = cfg.paths.output_dir
-    ckpt = resolve_checkpoint(cfg.get("resume_from_checkpoint"), output_dir)
+    stop = GracefulStop()
+    trainer = build_trainer(cfg, [stop, *callbacks], _instantiate_all(cfg.get("logger")))
     if trainer.is_global_zero:
         announce_resume(ckpt)
-    trainer.fit(module, datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule, ckpt_path=ckpt)
+    except (StopRequested, SIGTERMException) as err:
+        stopped = err if isinstance(err, StopRequested) else StopRequested(signal.SIGTERM)
+        stopped.step, stopped.checkpoint = stop.step, stop.checkpoint
+        raise stopped from None
     loss = module.recent_train_loss()
     eval_loss = evals[0].last_loss if evals else None
     if trainer.is_global_zero:
@@ -199,9 +267,17 @@ def main(cfg: DictConfig) -> float:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return train(cfg)
-    except (ConfigError, DataError, ModelSourceError, LoRAExportError) as err:
+    except (ConfigError, DataError, ModelSourceError, LoRAExportError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except NonFiniteLossError as err:  # the guard stopped the run; last.ckpt is the last good state
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except StopRequested as err:
+        print(stopping.stopped_message(err), file=sys.stderr, flush=True)
+        # Every file is written and closed (checkpoint fsynced, loggers finalized by Lightning): skip the
+        # interpreter's teardown of torch/diffusers/Lightning, seconds on a busy machine, so the
+        # scheduler's SIGKILL never lands on a process that already said it stopped.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(err.exit_code)

@@ -48,3 +48,15 @@ def test_cpu_benchmarks_run_and_print_their_tables(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 64 |" in proc.stdout
     assert json.loads((tmp_path / "t.json").read_text())["cases"][0]["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_soak_short_mode_samples_memory_fds_and_disk(tmp_path):
+    out = tmp_path / "soak.json"
+    proc = _run("soak.py", "--short", "--dir", str(tmp_path / "soak"), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| rss_mib |" in proc.stdout and "| fds |" in proc.stdout and "| disk_mib |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["steps"] == 30 and result["samples_training"] >= 2
+    assert all(s["rss_mib"] > 0 and s["fds"] > 0 for s in result["samples"])
+    assert result["summary"]["disk_mib"]["max"] > 0

@@ -63,11 +63,14 @@ def test_default_run_trains_the_tiny_demo_in_minutes(tmp_path):
     assert last < first, (first, last)
     assert (tmp_path / "cache" / "vae").is_dir(), "caches belong outside the run dir"
     assert run_dir.resolve() == (tmp_path / "outputs" / "runs" / "demo").resolve(), "the demo's run dir is stable"
+    result = (run_dir / "result.json").read_bytes()
     again = subprocess.run(
         [sys.executable, "-m", "flux_lightning"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from " in again.stdout and "(step 300)" in again.stdout, "the same command resumes"
+    # the same command on the finished run: one line, nothing retrained or rewritten
+    assert "already finished at step 300; nothing to do" in again.stdout, again.stdout[-2000:]
+    assert (run_dir / "result.json").read_bytes() == result
 
 
 def test_train_returns_the_final_loss_and_caches_are_shared(tmp_path):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 
+from .. import stopping
 from ..config import ConfigError
 from ..flow import flow_loss, flow_target, noisy_latents, shift_like_training
 from .isolation import isolated
@@ -62,6 +63,7 @@ def stable_eval_loss(module, loader, *, num_sigmas: int = 8, seed: int = 0) -> E
     backend_count: dict[str, int] = {}
     images = 0
     for batch in loader:
+        stopping.check()  # SIGTERM/SIGINT: stop between eval batches
         x0 = batch["latents"].float()
         b, _, h, w = x0.shape
         noise = torch.randn(x0.shape, generator=generator)
@@ -157,6 +159,13 @@ class EvalLoss(L.Callback):
         if dirs is not None and not isinstance(dirs, str):
             dirs = [str(d) for d in dirs]
         return {"eval_fraction": self.eval_fraction, "eval_data_dir": dirs, "eval_min_images": self.eval_min_images}
+
+    # -- checkpointed state: the last value, so a run resumed at its last step reports it ---------
+    def state_dict(self) -> dict:
+        return {"last_loss": self.last_loss}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_loss = state_dict.get("last_loss", self.last_loss)
 
     # -- hooks ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:

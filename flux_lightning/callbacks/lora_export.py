@@ -72,7 +72,8 @@ class LoRAExport(L.Callback):
         except Exception as err:  # disk full, permissions, a format error: never lose the run for it
             self.path = None
             self.error = f"writing {target} failed at step {trainer.global_step} ({type(err).__name__}: {err})"
-            log.error("callbacks.lora_export: %s; training and checkpoints continue", self.error, exc_info=True)
+            # a full or read-only disk is one line (the file there is intact); anything else, the traceback
+            log.error("callbacks.lora_export: %s; training and checkpoints continue", self.error, exc_info=not isinstance(err, OSError))
             return
         self.error, self._exported_step = None, trainer.global_step
 

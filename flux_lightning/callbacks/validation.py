@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from .. import stopping
 from ..config import ConfigError
 from ..memory import park
 from ..tiny import resolve_tiny_source
@@ -86,6 +87,17 @@ def prompt_library(
             )
         out[name] = p.replace("<token>", token)
     return out
+
+
+def _stop_between_sampler_steps(preview=None):
+    """A ``callback_on_step_end`` that raises :class:`~flux_lightning.stopping.StopRequested` after
+    any sampler step once SIGTERM/SIGINT arrived (then runs the preview callback, if any)."""
+
+    def callback(pipe, i: int, t, kwargs: dict) -> dict:
+        stopping.check()
+        return preview(pipe, i, t, kwargs) if preview is not None else {}
+
+    return callback
 
 
 def safe_name(nickname: str) -> str:
@@ -354,9 +366,11 @@ class ValidationImages(L.Callback):
         for nick, prompt in self.prompts.items():
             text = tensors(prompt)
             for width, height in self.resolutions:
+                stopping.check()
                 kwargs = {**text, **cfg_kwargs, **self._extra_kwargs(pipe, width, height)}
+                preview = None
                 if self.preview is not None:
-                    kwargs["callback_on_step_end"] = self.preview.step_callback(
+                    preview = self.preview.step_callback(
                         step=step,
                         nickname=nick,
                         width=width,
@@ -364,6 +378,7 @@ class ValidationImages(L.Callback):
                         num_inference_steps=settings["num_inference_steps"],
                         vae_config=self._vae.config,
                     )
+                kwargs["callback_on_step_end"] = _stop_between_sampler_steps(preview)
                 mask = embed(prompt).get("attention_mask")
                 if mask is not None and "true_cfg_scale" in cfg_kwargs and negative_mask is not None:
                     mask = mask.bool() | negative_mask.bool()  # one mask serves both CFG branches

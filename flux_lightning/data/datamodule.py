@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .. import stopping
 from ..components import ModelConfig, load_text_encoders, load_vae, model_identity
 from .backend_file import resolve_dataset
 from .buckets import Placement, place, size_metric
@@ -425,6 +426,7 @@ class FluxDataModule(L.LightningDataModule):
         bar = tqdm(total=len(todo), desc="caching VAE latents", unit="img")
         for group in by_bucket.values():
             for start in range(0, len(group), bs):
+                stopping.check()  # SIGTERM/SIGINT: stop between batches (every entry is written atomically)
                 chunk = group[start : start + bs]
                 batch, pixels = [], []
                 for s in chunk:
@@ -443,6 +445,7 @@ class FluxDataModule(L.LightningDataModule):
     def _cache_texts(self, parts: dict, captions: list[str]) -> None:
         bs = self.cfg.text_embeds.write_batch_size
         for start in tqdm(range(0, len(captions), bs), desc="caching text embeddings", unit="batch"):
+            stopping.check()
             chunk = captions[start : start + bs]
             out = encode_prompts(parts, chunk, self.model_cfg.spec.t5_max_length)
             for j, caption in enumerate(chunk):

@@ -1,0 +1,183 @@
+"""SIGTERM / SIGINT: stop within seconds wherever the run is, writing a resumable checkpoint first.
+
+Schedulers and ``timeout`` send SIGTERM, wait, then SIGKILL; Ctrl+C sends SIGINT. Both set one
+process-wide stop flag (:func:`install`), and the run stops at the next safe point:
+
+* before training (model loading, caching): at once, like ``KeyboardInterrupt`` (every cache
+  entry is written atomically, so nothing half-written is left); the caching loops check the flag
+  between batches too;
+* while training: after the current optimizer step (:class:`GracefulStop`'s
+  ``on_train_batch_end``), and inside the long loops of the evaluation callbacks (validation
+  sampler steps, eval-loss batches) via :func:`check`.
+
+Lightning handles SIGTERM itself during ``fit`` (``_SignalConnector``): its handler sets
+``trainer.received_sigterm`` and then calls the handler that was installed before it, ours; its
+loops raise ``SIGTERMException`` at the end of the step, after the callbacks. We stop in the same
+place (the step's ``on_train_batch_end``) or earlier (inside an evaluation loop), and add what
+Lightning does not do: :meth:`GracefulStop.on_exception` writes ``last.ckpt`` at the current step
+through the run's ``ModelCheckpoint`` (the same moment in the step as its periodic checkpoints,
+so the resume is bit-exact), and ``main`` prints one line and exits with 128 + the signal number.
+A second signal stops the process at once (the default action).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequested(BaseException):
+    """Raised at a safe point after SIGTERM/SIGINT (a ``BaseException``, like ``KeyboardInterrupt``,
+    so that no ``except Exception`` on the way swallows it).
+
+    Attributes:
+        signum: the signal received.
+        step: the optimizer step the run stopped at (None before training).
+        checkpoint: the resumable checkpoint written at that step (None if none was written).
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.step: int | None = None
+        self.checkpoint: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, what a shell reports for a process ended by that signal."""
+        return 128 + int(self.signum)
+
+
+_state = {"signum": None, "immediate": True, "previous": {}}
+
+
+def requested() -> int | None:
+    """The signal number received, or None."""
+    return _state["signum"]
+
+
+def check() -> None:
+    """Raise :class:`StopRequested` if a stop signal arrived: call this in every long loop."""
+    if _state["signum"] is not None:
+        raise StopRequested(_state["signum"])
+
+
+def set_immediate(value: bool) -> None:
+    """``True``: a signal raises at once (nothing to save); ``False``: it only sets the flag, and the
+    run stops at the next :func:`check` (training: there is a step to checkpoint first)."""
+    _state["immediate"] = value
+
+
+def _handler(signum, frame) -> None:
+    if _state["signum"] is not None:  # the second signal: stop now, the default way
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+        return
+    _state["signum"] = signum
+    log.warning("received %s: stopping at the next safe point (send it again to stop at once)", signal.Signals(signum).name)
+    if _state["immediate"]:
+        raise StopRequested(signum)
+
+
+def install() -> None:
+    """Route SIGTERM and SIGINT to the stop flag (main thread only; a no-op elsewhere)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _state.update(signum=None, immediate=True)
+    for s in SIGNALS:
+        _state["previous"][s] = signal.signal(s, _handler)
+
+
+def uninstall() -> None:
+    """Put the handlers that :func:`install` replaced back."""
+    for s, previous in _state["previous"].items():
+        if previous is not None:
+            signal.signal(s, previous)
+    _state["previous"] = {}
+    _state.update(signum=None, immediate=True)
+
+
+class GracefulStop(L.Callback):
+    """Stops training after the current step when a stop signal arrived, saving ``last.ckpt`` first.
+
+    ``train()`` adds it first in the callback list, so a stop at a step where validation or the
+    eval loss would run skips them. The checkpoint is written in :meth:`on_exception` (whatever
+    raised :class:`StopRequested`: this callback, a validation sampler step, an eval batch) by the
+    run's first :class:`~lightning.pytorch.callbacks.ModelCheckpoint`, as its ``last.ckpt``.
+
+    Attributes:
+        step: the step the run stopped at; checkpoint: the resumable checkpoint (or None).
+    """
+
+    def __init__(self) -> None:
+        self.started = False
+        self.step: int | None = None
+        self.checkpoint: str | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = True
+        set_immediate(False)  # from here a signal waits for a safe point: the step is checkpointed
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.received_sigterm and requested() is None:  # Lightning's handler saw it first
+            _state["signum"] = signal.SIGTERM
+        check()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """``last.ckpt`` at the final step, also when ``max_steps`` is no multiple of the checkpoint
+        interval (ModelCheckpoint then keeps the last interval's): re-running a finished run must find
+        it finished, not resume a few steps early."""
+        ckpt = self._model_checkpoint(trainer)
+        if ckpt is not None and ckpt.save_last and getattr(ckpt, "_last_global_step_saved", None) != trainer.global_step:
+            self.save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not self.started:  # loading, caching, restoring: nothing new to save
+            return
+        self.step = trainer.global_step
+        if isinstance(exception, StopRequested):
+            self.checkpoint = self.save(trainer)
+        elif isinstance(exception, SIGTERMException):
+            # Lightning stopped at the end of a step, past the point where a checkpoint resumes
+            # bit-exactly: the run resumes from its last periodic checkpoint (this step's, if any)
+            ckpt = self._model_checkpoint(trainer)
+            self.checkpoint = (ckpt.last_model_path or ckpt.best_model_path or None) if ckpt else None
+
+    @staticmethod
+    def _model_checkpoint(trainer) -> ModelCheckpoint | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath), None)
+
+    def save(self, trainer) -> str | None:
+        """Write ``last.ckpt`` at the current step (None: nothing to save or checkpointing is off)."""
+        ckpt = self._model_checkpoint(trainer)
+        if ckpt is None or trainer.global_step == 0 or trainer.sanity_checking:
+            return None
+        path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+        if ckpt.save_last:
+            ckpt.last_model_path = str(path)  # part of the saved state, as when ModelCheckpoint saves it
+        trainer.save_checkpoint(path)
+        return str(path)
+
+
+def stopped_message(err: StopRequested) -> str:
+    """The one line printed when a run stops on a signal."""
+    name = signal.Signals(err.signum).name
+    if not err.step:
+        return f"stopped by {name} before training started; re-run the same command to start it (finished caches are kept)"
+    if err.checkpoint is None:
+        return (
+            f"stopped by {name} at step {err.step}; no checkpoint was written (callbacks.model_checkpoint is off), "
+            "so re-running starts afresh"
+        )
+    return f"stopped by {name} at step {err.step}; re-run the same command to resume from {err.checkpoint}"
