@@ -1,6 +1,9 @@
 """Settings that cannot run (together) fail in ``validate()`` with one line naming the fix, before any
 weights load or model folder is built."""
 
+import os
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -184,11 +187,11 @@ def test_bad_trainer_values_exit_2_with_one_line_each_and_no_traceback(tmp_path)
     import subprocess
     import sys
 
-    def cli(*overrides):
+    def cli(*overrides):  # from a scratch dir: the run dir (outputs/runs/demo) lands there
         return subprocess.run(
-            [sys.executable, "-m", "flux_lightning", f"paths.output_dir={tmp_path}/run",
-             f"paths.cache_dir={tmp_path}/cache", *overrides],
-            capture_output=True, text=True, timeout=300,
+            [sys.executable, "-m", "flux_lightning", f"paths.cache_dir={tmp_path}/cache", *overrides],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         )
 
     proc = cli("trainer.max_steps=-5", "optimizer.lr=-1")
