@@ -117,24 +117,22 @@ def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
     return value
 
 
-def announce_resume(ckpt: str | None) -> None:
+def announce_resume(ckpt: str | None, step: int | None) -> None:
     """One line saying where training continues from (or nothing when it starts fresh)."""
-    if ckpt is None:
-        return
-    print(f"resuming from {ckpt} (step {checkpoint_step(ckpt)}); resume_from_checkpoint=null starts afresh", flush=True)
+    if ckpt is not None:
+        print(f"resuming from {ckpt} (step {step}); resume_from_checkpoint=null starts afresh", flush=True)
 
 
-def finished_result(ckpt: str | None, output_dir: str, max_steps: int | None) -> dict | None:
+def finished_result(step: int | None, output_dir: str, max_steps: int | None) -> dict | None:
     """The run dir's ``result.json`` when the run already finished: it exists, and the checkpoint to
-    resume from is at ``trainer.max_steps`` and is the one that result was written for."""
+    resume from (at ``step``) is at ``trainer.max_steps`` and is the one that result was written for."""
     path = Path(output_dir) / RESULT_FILE
-    if ckpt is None or not max_steps or max_steps < 0 or not path.is_file():
+    if step is None or not max_steps or max_steps < 0 or not path.is_file():
         return None
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    step = checkpoint_step(ckpt)
     return result if step >= max_steps and result.get("steps") == step else None
 
 
@@ -157,7 +155,8 @@ def _train(cfg: DictConfig) -> float:
     run = validate(cfg)
     output_dir = cfg.paths.output_dir
     ckpt = resolve_checkpoint(cfg.get("resume_from_checkpoint"), output_dir)
-    done = finished_result(ckpt, output_dir, cfg.trainer.get("max_steps"))
+    step = checkpoint_step(ckpt) if ckpt is not None else None  # read once: the file was checked above
+    done = finished_result(step, output_dir, cfg.trainer.get("max_steps"))
     if done is not None:
         print(
             f"run {output_dir} already finished at step {done['steps']}; nothing to do "
@@ -188,7 +187,7 @@ def _train(cfg: DictConfig) -> float:
     stop = GracefulStop()
     trainer = build_trainer(cfg, [stop, *callbacks], _instantiate_all(cfg.get("logger")))
     if trainer.is_global_zero:
-        announce_resume(ckpt)
+        announce_resume(ckpt, step)
     try:
         trainer.fit(module, datamodule, ckpt_path=ckpt)
     except (StopRequested, SIGTERMException) as err:
