@@ -65,6 +65,8 @@ def sample(proc: psutil.Process, run_dir: Path, t0: float) -> dict | None:
         rss, fds = proc.memory_info().rss, proc.num_fds()
     except psutil.NoSuchProcess:  # the run just ended
         return None
+    if rss == 0 or fds == 0:  # ended but not yet reaped (a zombie reads as 0 MiB, 0 fds)
+        return None
     tree = [proc, *children]
     for p in children:  # dataloader workers; one may end between listing and reading
         try:
