@@ -15,13 +15,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-
-class StorageError(OSError):
-    """A file of the run could not be written (disk full, read-only or not permitted); the message
-    is one line naming the folder, and the file it would have replaced is left as it was."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
+from .errors import StorageError
 
 
 def _unwritable(path: Path, err: BaseException) -> StorageError:

@@ -18,6 +18,7 @@ import torch
 from .flavours import FlavourSpec, get_flavour, tiny_like
 from .quantization import DEFAULT_DTYPES, QuantizationConfig, quantize_text_encoder, quantize_transformer
 from .tiny import TINY_VERSION, ensure_tiny_folder
+from .errors import ModelSourceError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,10 +33,6 @@ MASKED_ATTENTION_BACKENDS = ("sdpa",)  # verified to apply a padding mask (see t
 BACKWARD_DEVICE_TYPES = {"sageattention": (), "flex": ("cuda",)}
 GUIDANCE_MODES = ("constant", "random-range")
 GROUP_OFFLOAD_TYPES = ("block_level", "leaf_level")
-
-
-class ModelSourceError(RuntimeError):
-    """A model source (hub id or folder) cannot be used; the message says how to fix it."""
 
 
 @dataclass

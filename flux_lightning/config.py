@@ -21,7 +21,7 @@ from .components import (
 )
 from .data.backend_file import resolve_dataset
 from .data.config import DatasetConfig
-from .data.discovery import DataError
+from .errors import DataError
 from .data.paired import PairedDatasetConfig
 from .flavours import FLAVOURS
 from .flow import TimestepConfig
@@ -35,10 +35,7 @@ from .run_checks import (
     trainer_problems,
 )
 from .tread import TreadConfig, known_num_blocks, route_problems
-
-
-class ConfigError(ValueError):
-    """The config cannot run; the message lists every problem, one per line, with its fix."""
+from .errors import ConfigError
 
 
 @dataclass

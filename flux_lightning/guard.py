@@ -30,10 +30,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient; the run stops (last good
-    checkpoint kept, no LoRA of the bad state written)."""
+from .errors import NonFiniteLossError
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -16,11 +16,9 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from .errors import RunDirInUse
+
 LOCK_NAME = ".lock"
-
-
-class RunDirInUse(RuntimeError):
-    """Another live process holds the run dir."""
 
 
 def default_run_name() -> str:

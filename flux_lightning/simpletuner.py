@@ -19,10 +19,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .flavours import FLAVOURS
-
-
-class SettingError(ValueError):
-    """SimpleTuner values that have no equivalent here; one line per key, each naming the fix."""
+from .errors import SettingError
 
 
 class _Line(ValueError):

@@ -30,31 +30,11 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .errors import StopRequested
+
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class StopRequested(BaseException):
-    """Raised at a safe point after SIGTERM/SIGINT (a ``BaseException``, like ``KeyboardInterrupt``,
-    so that no ``except Exception`` on the way swallows it).
-
-    Attributes:
-        signum: the signal received.
-        step: the optimizer step the run stopped at (None before training).
-        checkpoint: the resumable checkpoint written at that step (None if none was written).
-    """
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.step: int | None = None
-        self.checkpoint: str | None = None
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number, what a shell reports for a process ended by that signal."""
-        return 128 + int(self.signum)
 
 
 _state = {"signum": None, "immediate": True, "previous": {}}

@@ -18,18 +18,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import EvalLoss, LoRAExport, LossProgressBar, ModelCard, ValidationImages
-from .callbacks.lora_export import LoRAExportError
 from . import stopping
-from .checkpointing import AtomicCheckpointIO, StorageError, checkpoint_step
-from .components import ModelSourceError
-from .config import ConfigError, validate
-from .data import DataError, FluxDataModule
+from .checkpointing import AtomicCheckpointIO, checkpoint_step
+from .config import validate
+from .data import FluxDataModule
+from .errors import USER_ERRORS, ConfigError, NonFiniteLossError, StopRequested
 from .data.paired import PairedDatasetConfig, PairedFluxDataModule
-from .guard import NonFiniteLossError
 from .module import FluxLoRAModule
 from .schema import register
 from .simpletuner_cli import with_simpletuner_config
-from .stopping import GracefulStop, StopRequested
+from .stopping import GracefulStop
 from .sweep import RESULT_FILE, write_result
 
 log = logging.getLogger(__name__)
@@ -266,7 +264,7 @@ def main(cfg: DictConfig) -> float:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return train(cfg)
-    except (ConfigError, DataError, ModelSourceError, LoRAExportError, StorageError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except NonFiniteLossError as err:  # the guard stopped the run; last.ckpt is the last good state

@@ -15,7 +15,7 @@ import huggingface_hub
 from flux_lightning import AdapterConfig, FluxLoRAModule
 from flux_lightning.adapters import LORA_FILENAME
 from flux_lightning.callbacks import LoRAExport, ModelCard
-from flux_lightning.callbacks.lora_export import LoRAExportError
+from flux_lightning.callbacks.lora_export import AdapterExportError
 from flux_lightning.config import ConfigError, validate
 
 from .conftest import make_datamodule
@@ -75,7 +75,7 @@ def test_failed_export_keeps_the_final_checkpoint_and_fails_the_run_after_it(tin
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append(kw))
     export = LoRAExport(str(tmp_path / "lora"))
     card = ModelCard(str(tmp_path / "lora"), push_to_hub=True, hub_model_id="me/x")
-    with caplog.at_level(logging.ERROR), pytest.raises(LoRAExportError, match="No space left on device") as err:
+    with caplog.at_level(logging.ERROR), pytest.raises(AdapterExportError, match="No space left on device") as err:
         _trainer(tmp_path, export, extra=[card]).fit(_module(tiny_model_cfg), dm)
     assert not uploads and "push_to_hub to me/x skipped: the LoRA export failed" in caplog.text
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -110,6 +110,6 @@ def test_a_failure_at_a_checkpoint_is_forgotten_once_a_later_export_succeeds(tin
     trainer.callbacks[-1]._every_n_train_steps = 1  # a checkpoint (and export) at every step
     trainer.fit(_module(tiny_model_cfg), make_datamodule(tiny_model_cfg, cache_root))
     assert "1" in calls and calls.count("2") == 1  # step 2 written once (checkpoint, last.ckpt, train end)
-    assert export.error is None  # no LoRAExportError: the final file is good
+    assert export.error is None  # no AdapterExportError: the final file is good
     with safe_open(export.path, "pt") as f:
         assert f.metadata()["flux_lightning.step"] == "2"

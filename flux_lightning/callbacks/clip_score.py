@@ -14,7 +14,7 @@ import math
 import lightning as L
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..memory import park
 from ..tiny import resolve_tiny_source
 from .isolation import preserved_rng

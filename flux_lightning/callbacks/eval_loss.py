@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 from .. import stopping
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..flow import flow_loss, flow_target, noisy_latents, shift_like_training
 from .isolation import isolated
 

@@ -8,13 +8,10 @@ from pathlib import Path
 import lightning as L
 
 from ..components import DTYPES
-from ..config import ConfigError
+from ..errors import ConfigError
+from ..errors import AdapterExportError
 
 log = logging.getLogger(__name__)
-
-
-class LoRAExportError(RuntimeError):
-    """The LoRA file could not be written; raised only after training and the final checkpoint."""
 
 
 class LoRAExport(L.Callback):
@@ -23,7 +20,7 @@ class LoRAExport(L.Callback):
     Exporting never costs a run: the format is checked against ``adapter.target`` in :meth:`setup`
     (before any weights load; ``train()`` checks it even earlier, in config validation), and an
     error while writing is logged with the path and does not stop training or the checkpoint being
-    saved. If the last export attempt failed, :meth:`teardown` raises :class:`LoRAExportError` once
+    saved. If the last export attempt failed, :meth:`teardown` raises :class:`AdapterExportError` once
     everything else, ``last.ckpt`` included, is written, so the process exits non-zero; re-running
     the same command resumes from ``last.ckpt`` at the final step and exports without training.
 
@@ -91,7 +88,7 @@ class LoRAExport(L.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and self.error is not None:
             error, self.error = self.error, None
-            raise LoRAExportError(
+            raise AdapterExportError(
                 f"callbacks.lora_export: {error}. Training finished and its checkpoints are saved: fix the "
                 "cause and re-run the same command (it resumes from checkpoints/last.ckpt and only exports)"
             )

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from .. import stopping
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..memory import park
 from ..tiny import resolve_tiny_source
 from .isolation import isolated

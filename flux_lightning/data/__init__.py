@@ -2,6 +2,6 @@
 
 from .config import DatasetConfig
 from .datamodule import FluxDataModule
-from .discovery import DataError
+from ..errors import DataError
 
 __all__ = ["DataError", "DatasetConfig", "FluxDataModule"]

@@ -9,7 +9,7 @@ import typing
 from pathlib import Path
 
 from .config import IMAGE_FIELDS, TEXT_FIELDS, DatasetConfig, ImageBackendConfig, TextEmbedsConfig
-from .discovery import DataError
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 

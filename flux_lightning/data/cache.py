@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..checkpointing import save_safetensors_atomic
-from .discovery import DataError
+from ..errors import CacheEntryError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +49,6 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-class CacheEntryError(DataError):
-    """A cache entry that cannot be used as it is; ``path`` is its file, ``reason`` what is wrong."""
-
-    def __init__(self, path: Path, reason: str):
-        self.path, self.reason = Path(path), reason
-        super().__init__(
-            f"cache entry {path} is unusable ({reason}); delete it and run again: prepare_data re-encodes it"
-        )
 
 
 @dataclass(frozen=True)

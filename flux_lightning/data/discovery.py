@@ -10,11 +10,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import features
+
+from ..errors import DataError
 from .config import ImageBackendConfig
 
 log = logging.getLogger(__name__)
-
-from PIL import features
 
 # Formats read with Pillow (animated GIF/WebP/APNG: the first frame; multi-page TIFF: the first page).
 IMAGE_EXTENSIONS = {
@@ -28,10 +29,6 @@ UNSUPPORTED_IMAGE_EXTENSIONS = {
 } - IMAGE_EXTENSIONS
 # Files a dataset folder may hold besides images: captions, metadata tables, SimpleTuner's indexes.
 DATASET_FILE_EXTENSIONS = {".txt", ".csv", ".parquet", ".json", ".jsonl"}
-
-
-class DataError(ValueError):
-    """The dataset cannot be used; the message names the folder/field and the fix."""
 
 
 @dataclass(frozen=True)

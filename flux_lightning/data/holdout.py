@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .cache import EntrySpec, StandIns, TensorCache, latent_spec
-from .discovery import DataError
+from ..errors import DataError
 
 
 def holdout_count(n: int, fraction: float) -> int:

@@ -1,0 +1,84 @@
+"""Every error the library raises on purpose, in one leaf module (it imports only the standard library).
+
+The entry point maps them to exit codes (``flux_lightning.train.main``): the configuration and
+input errors to 2, :class:`NonFiniteLossError` to 3, :class:`StopRequested` to 128 + the signal.
+Each message is one line per problem naming the file or config field and the fix.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """The config cannot run; the message lists every problem, one per line, with its fix."""
+
+
+class DataError(ValueError):
+    """The dataset cannot be used; the message names the folder/field and the fix."""
+
+
+class CacheEntryError(DataError):
+    """A cache entry that cannot be used as it is; ``path`` is its file, ``reason`` what is wrong."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(
+            f"cache entry {path} is unusable ({reason}); delete it and run again: prepare_data re-encodes it"
+        )
+
+
+class ModelSourceError(RuntimeError):
+    """A model source (hub id or folder) cannot be used; the message says how to fix it."""
+
+
+class AdapterExportError(RuntimeError):
+    """The adapter file could not be written; raised only after training and the final checkpoint."""
+
+
+class StorageError(OSError):
+    """A file of the run could not be written (disk full, read-only or not permitted); the message
+    is one line naming the folder, and the file it would have replaced is left as it was."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient; the run stops (last good
+    checkpoint kept, no adapter file of the bad state written)."""
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process holds the run dir."""
+
+
+class SettingError(ValueError):
+    """SimpleTuner values that have no equivalent here; one line per key, each naming the fix."""
+
+
+class StopRequested(BaseException):
+    """Raised at a safe point after SIGTERM/SIGINT (a ``BaseException``, like ``KeyboardInterrupt``,
+    so that no ``except Exception`` on the way swallows it).
+
+    Attributes:
+        signum: the signal received.
+        step: the optimizer step the run stopped at (None before training).
+        checkpoint: the resumable checkpoint written at that step (None if none was written).
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.step: int | None = None
+        self.checkpoint: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, what a shell reports for a process ended by that signal."""
+        return 128 + int(self.signum)
+
+
+# exit code of the command line for each error kind (train.main)
+USER_ERRORS = (ConfigError, DataError, ModelSourceError, AdapterExportError, StorageError)
