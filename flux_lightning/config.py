@@ -1,4 +1,12 @@
-"""Typed validation of the composed Hydra config: every problem reported at once, before any load."""
+"""Validation of the composed config, before anything loads: every problem reported at once.
+
+One pattern: each config dataclass checks its own fields in ``problems()``
+(:class:`~flux_lightning.model_config.ModelConfig`, ``AdapterConfig``, ``DatasetConfig``,
+``TimestepConfig``, ``OptimizerConfig``, ``LRSchedulerConfig``, ``TreadConfig``); this module
+types the nodes, adds the checks that need two groups at once (:func:`cross_group_problems`), the
+plain-dict groups' checks (:mod:`flux_lightning.run_checks`) and, optionally, the sources on disk
+or on the hub (:func:`source_problems`), and raises one :class:`~flux_lightning.errors.ConfigError`.
+"""
 
 from __future__ import annotations
 
@@ -9,38 +17,24 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .adapters import AdapterConfig, adapter_problems
-from .components import (
-    DTYPES,
-    GUIDANCE_MODES,
-    MASKED_ATTENTION_BACKENDS,
-    ModelConfig,
-    ModelSourceError,
-    attention_backend_problem,
-    check_source,
-    resolve_source,
-)
+from .components import check_source, resolve_source
 from .data.backend_file import resolve_dataset
 from .data.config import DatasetConfig
-from .errors import DataError
 from .data.paired import PairedDatasetConfig
-from .flavours import FLAVOURS
+from .errors import ConfigError, DataError, ModelSourceError
 from .flow import TimestepConfig
-from .memory import memory_problems
-from .optim import LRSchedulerConfig, OptimizerConfig, adapter_dtype, optimizer_problems
-from .run_checks import (
-    callback_interval_problems,
-    lr_scheduler_problems,
-    nonfinite_problems,
-    optimizer_value_problems,
-    trainer_problems,
-)
-from .tread import TreadConfig, known_num_blocks, route_problems
-from .errors import ConfigError
+from .model_config import ModelConfig
+from .optim import LRSchedulerConfig, OptimizerConfig, adapter_dtype
+from .run_checks import callback_interval_problems, nonfinite_problems, trainer_problems
+from .tread import TreadConfig, known_num_blocks
+from .values import is_int
+
+__all__ = ["ConfigError", "RunConfig", "validate"]
 
 
 @dataclass
 class RunConfig:
-    """The typed parts of a run that the library's classes take."""
+    """The typed, validated parts of a run that the library's classes take."""
 
     model: ModelConfig
     adapter: AdapterConfig
@@ -48,6 +42,16 @@ class RunConfig:
     timesteps: TimestepConfig
     tread: TreadConfig = field(default_factory=TreadConfig)
     compile: bool = False
+    optimizer: OptimizerConfig | None = None
+    lr_scheduler: LRSchedulerConfig | None = None
+
+    def module_parts(self) -> dict:
+        """Keyword arguments of :class:`~flux_lightning.module.FluxLoRAModule` (and subclasses)."""
+        return {"model": self.model, "adapter": self.adapter, "timesteps": self.timesteps, "tread": self.tread}
+
+    def data_parts(self) -> dict:
+        """Keyword arguments of :class:`~flux_lightning.data.FluxDataModule` (and subclasses)."""
+        return {"dataset": self.dataset, "model": self.model}
 
 
 def _typed(schema, node, group: str, problems: list[str]):
@@ -61,56 +65,21 @@ def _typed(schema, node, group: str, problems: list[str]):
         return schema()
 
 
-def model_problems(model: ModelConfig) -> list[str]:
-    out = []
-    if model.flavour not in FLAVOURS:
-        out.append(f"model.flavour={model.flavour!r} is unknown; use one of {sorted(FLAVOURS)}")
-        return out
-    if model.tiny_like is not None:
-        if model.flavour != "tiny":
-            out.append(f"model.tiny_like={model.tiny_like} only applies to model.flavour=tiny; remove it")
-            return out
-        if model.tiny_like not in FLAVOURS or model.tiny_like == "tiny":
-            out.append(
-                f"model.tiny_like={model.tiny_like!r} is unknown; use one of "
-                f"{sorted(set(FLAVOURS) - {'tiny'})}"
-            )
-            return out
-    spec = model.spec
-    if model.dtype != "auto" and model.dtype not in DTYPES:
-        out.append(f"model.dtype={model.dtype!r} is unknown; use auto, {', '.join(DTYPES)}")
-    if model.flux_guidance_mode not in GUIDANCE_MODES:
-        out.append(f"model.flux_guidance_mode={model.flux_guidance_mode!r} is unknown; use constant or random-range")
-    elif model.flux_guidance_mode == "random-range":
-        if not spec.guidance_embeds:
-            out.append(
-                f"model.flux_guidance_mode=random-range: flavour {spec.mimics or spec.name} has no guidance "
-                "embedding; use flux_guidance_mode=constant"
-            )
-        if model.flux_guidance_min > model.flux_guidance_max:
-            out.append(
-                f"model.flux_guidance_min={model.flux_guidance_min} > flux_guidance_max={model.flux_guidance_max}; swap them"
-            )
-    if spec.attention_masked and model.flux_attention_masked_training is False:
-        out.append(
-            f"model.flux_attention_masked_training=false: flavour {spec.mimics or spec.name} was trained "
-            "with the T5 padding mask and needs it; remove the override"
-        )
-    backend = attention_backend_problem(model.attention_backend)
-    if backend:
-        out.append(backend)
-    elif model.attention_masked and model.attention_backend not in MASKED_ATTENTION_BACKENDS:
-        out.append(
-            f"model.attention_backend={model.attention_backend} takes no attention mask, which flavour "
-            f"{spec.mimics or spec.name} / flux_attention_masked_training needs; use "
-            f"{' or '.join(MASKED_ATTENTION_BACKENDS)}"
-        )
-    out += model.quantization.problems() + memory_problems(model)
+def group_problems(run: RunConfig) -> list[str]:
+    """Each group's own ``problems()``; nothing that depends on the flavour when it is unknown."""
+    out = run.model.problems()
+    out += adapter_problems(run.adapter, quantized=run.model.quantization.quantized)
+    out += run.dataset.problems() + run.timesteps.problems() + run.tread.problems()
+    for node in (run.optimizer, run.lr_scheduler):
+        out += node.problems() if node is not None else []
+    if not isinstance(run.compile, bool):
+        out.append(f"compile={run.compile!r} must be true or false")
     return out
 
 
-def combination_problems(run: RunConfig, optimizer_name: str | None) -> list[str]:
-    """Settings that are each valid but cannot run together (all checked before any load)."""
+def cross_group_problems(run: RunConfig, cfg: DictConfig) -> list[str]:
+    """Settings that are each valid but cannot run together (all checked before any load).
+    Call only with a known flavour (``run.model.flavour_problems()`` empty)."""
     out = []
     spec, model = run.model.spec, run.model
     name = spec.mimics or spec.name
@@ -121,10 +90,7 @@ def combination_problems(run: RunConfig, optimizer_name: str | None) -> list[str
             "drop the timesteps override (schnell picks schnell_fast itself) or add "
             "timesteps.force_schedule=true to train with it anyway"
         )
-    if (
-        model.quantization.base_model_default_dtype == "fp32"
-        and (run.adapter.weight_dtype or adapter_dtype(optimizer_name)) == "bf16"
-    ):
+    if model.quantization.base_model_default_dtype == "fp32" and run.adapter.weight_dtype == "bf16":
         out.append(
             "optimizer=adamw_bf16 holds the adapter in bf16 but quantization.base_model_default_dtype=fp32; "
             "use optimizer=adamw (or another fp32 optimizer) or base_model_default_dtype=bf16"
@@ -138,6 +104,36 @@ def combination_problems(run: RunConfig, optimizer_name: str | None) -> list[str
         out.append(
             f"the assistant LoRA of flavour {name} stacks under a LoRA, not a {run.adapter.type}; "
             "set model.assistant_lora_path=none or use adapter=lora"
+        )
+    try:
+        blocks = known_num_blocks(model)
+    except ValueError:
+        blocks = None
+    if blocks is not None and not run.tread.problems():  # route indices against the model's blocks
+        out += run.tread.problems(total_blocks=blocks)
+    export = (cfg.get("callbacks") or {}).get("lora_export")  # the export format against the targets
+    if export is not None:
+        from .export import lora_format_problems
+
+        out += lora_format_problems(export.get("lora_format", "diffusers"), run.adapter)
+    out += schedule_length_problems(run.lr_scheduler, _plain(cfg.get("trainer")).get("max_steps", -1))
+    return out
+
+
+def schedule_length_problems(sched: LRSchedulerConfig | None, max_steps) -> list[str]:
+    """A warm-up as long as the run, a decaying schedule without ``trainer.max_steps``."""
+    if sched is None or sched.problems():
+        return []
+    out = []
+    if is_int(max_steps) and max_steps > 0 and sched.num_warmup_steps >= max_steps:
+        out.append(
+            f"lr_scheduler.num_warmup_steps={sched.num_warmup_steps} >= trainer.max_steps={max_steps}: the run "
+            "ends during warm-up; lower num_warmup_steps"
+        )
+    if sched.decays and not (is_int(max_steps) and max_steps > 0):
+        out.append(
+            f"lr_scheduler={sched.name} decays over trainer.max_steps, which is {max_steps}; set "
+            "trainer.max_steps=N or use lr_scheduler=constant"
         )
     return out
 
@@ -160,6 +156,26 @@ def data_folder_problems(dataset: DatasetConfig) -> list[str]:
     return out
 
 
+def source_problems(run: RunConfig) -> list[str]:
+    """Data folders that do not exist; model sources (local folder or hub ``model_index.json``)
+    that cannot be used; all probed without loading any weights."""
+    out = data_folder_problems(run.dataset)
+    try:
+        check_source(resolve_source(run.model), revision=run.model.revision, gated=run.model.spec.gated)
+        for extra in (run.model.pretrained_vae_model_name_or_path, run.model.pretrained_transformer_model_name_or_path):
+            if extra:
+                check_source(extra, gated=False)
+    except ModelSourceError as err:
+        out.append(str(err))
+    assistant = run.model.assistant_lora
+    if assistant and not Path(assistant[0]).expanduser().exists() and assistant[0].startswith(("/", ".", "~")):
+        out.append(
+            f"model.assistant_lora_path: '{assistant[0]}' does not exist; point it at a LoRA file "
+            "or folder, or set it to none"
+        )
+    return out
+
+
 def _plain(node) -> dict:
     """``node`` as a plain dict with every value that resolves here resolved; a value whose
     interpolation only resolves inside a Hydra run (``${hydra:...}`` paths) is left as written."""
@@ -176,16 +192,10 @@ def _plain(node) -> dict:
 
 
 def loop_problems(cfg: DictConfig) -> list[str]:
-    """Trainer kwargs, optimizer and LR schedule values, checkpoint/eval intervals, the non-finite
-    guard (see :mod:`flux_lightning.run_checks`): what reaches Lightning and torch untyped."""
-    out = []
+    """The plain-dict groups that reach Lightning untyped (see :mod:`flux_lightning.run_checks`):
+    trainer kwargs, checkpoint/eval intervals, the non-finite guard's limit."""
     trainer = _plain(cfg.get("trainer"))
-    out += trainer_problems(trainer, allow_endless_run=bool(cfg.get("allow_endless_run", False)))
-    if cfg.get("optimizer") is not None:
-        out += optimizer_value_problems(_typed(OptimizerConfig, cfg.optimizer, "optimizer", out))
-    if cfg.get("lr_scheduler") is not None:
-        sched = _typed(LRSchedulerConfig, cfg.lr_scheduler, "lr_scheduler", out)
-        out += lr_scheduler_problems(sched, trainer.get("max_steps", -1))
+    out = trainer_problems(trainer, allow_endless_run=bool(cfg.get("allow_endless_run", False)))
     out += callback_interval_problems(_plain(cfg.get("callbacks")))
     out += nonfinite_problems(cfg.get("nonfinite_max_consecutive", 10))
     return out
@@ -194,8 +204,10 @@ def loop_problems(cfg: DictConfig) -> list[str]:
 def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     """Turn ``cfg`` into typed parts, or raise one :class:`ConfigError` listing every problem.
 
-    With ``check_sources`` the model source is probed (local folder or hub ``model_index.json``)
-    and data folders are checked, all before any weights load.
+    Flavour-driven choices are resolved here: the flavour's own sigma schedule when
+    ``timesteps.weighting`` is null, the adapter's dtype from the optimizer, reference pairs for
+    flavours that train on them. With ``check_sources`` the model source is probed and data folders
+    are checked (:func:`source_problems`), all before any weights load.
     """
     problems: list[str] = []
     run = RunConfig(
@@ -205,61 +217,28 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
         timesteps=_typed(TimestepConfig, cfg.timesteps, "timesteps", problems),
         tread=_typed(TreadConfig, cfg.get("tread_config"), "tread_config", problems),
         compile=cfg.get("compile", False),
+        optimizer=_typed(OptimizerConfig, cfg.optimizer, "optimizer", problems) if cfg.get("optimizer") is not None else None,
+        lr_scheduler=(
+            _typed(LRSchedulerConfig, cfg.lr_scheduler, "lr_scheduler", problems)
+            if cfg.get("lr_scheduler") is not None
+            else None
+        ),
     )
     try:
         run.dataset = resolve_dataset(run.dataset)
     except DataError as err:
         problems.append(str(err))
-    optimizer_name = cfg.optimizer.get("name") if cfg.get("optimizer") is not None else None
-    problems += model_problems(run.model)
-    flavour_known = run.model.flavour in FLAVOURS and not any("model.tiny_like" in p for p in problems)
+    if run.adapter.weight_dtype is None:
+        run.adapter.weight_dtype = adapter_dtype(run.optimizer.name if run.optimizer is not None else None)
+    flavour_known = not run.model.flavour_problems()
     if flavour_known and run.model.spec.reference_conditioning:  # trains on (target, reference) pairs
         run.dataset = PairedDatasetConfig.from_dataset(run.dataset)
-    problems += adapter_problems(run.adapter, quantized=run.model.quantization.quantized)
-    export = (cfg.get("callbacks") or {}).get("lora_export")  # issue 10: export format vs targets
-    if export is not None:
-        from .export import lora_format_problems
-
-        problems += lora_format_problems(export.get("lora_format", "diffusers"), run.adapter)
-    problems += run.dataset.problems()
-    if optimizer_name is not None:
-        problems += optimizer_problems(optimizer_name)
-    try:
-        blocks = known_num_blocks(run.model)
-    except ValueError:  # unknown flavour / tiny_like: reported by model_problems
-        blocks = None
-    problems += route_problems(run.tread, blocks)
-    if not isinstance(run.compile, bool):
-        problems.append(f"compile={run.compile!r} must be true or false")
-    problems += loop_problems(cfg)
-    if run.timesteps.weighting not in (None, "sigmoid", "uniform", "schnell_fast"):
-        problems.append(
-            f"timesteps.weighting={run.timesteps.weighting!r} is unknown; use sigmoid, uniform or schnell_fast"
-        )
+    problems += group_problems(run) + loop_problems(cfg)
     if flavour_known:
-        problems += combination_problems(run, optimizer_name)
+        problems += cross_group_problems(run, cfg)
         run.timesteps = run.timesteps.for_flavour(run.model.spec.fast_schedule)
-    if run.adapter.weight_dtype is None:
-        run.adapter.weight_dtype = adapter_dtype(optimizer_name)
     if check_sources and not problems:
-        problems += data_folder_problems(run.dataset)
-        try:
-            source = resolve_source(run.model)
-            check_source(source, revision=run.model.revision, gated=run.model.spec.gated)
-            for extra in (
-                run.model.pretrained_vae_model_name_or_path,
-                run.model.pretrained_transformer_model_name_or_path,
-            ):
-                if extra:
-                    check_source(extra, gated=False)
-            assistant = run.model.assistant_lora
-            if assistant and not Path(assistant[0]).expanduser().exists() and assistant[0].startswith(("/", ".", "~")):
-                problems.append(
-                    f"model.assistant_lora_path: '{assistant[0]}' does not exist; point it at a LoRA file "
-                    "or folder, or set it to none"
-                )
-        except ModelSourceError as err:
-            problems.append(str(err))
+        problems += source_problems(run)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return run

@@ -77,6 +77,9 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+WEIGHTINGS = ("sigmoid", "uniform", "schnell_fast")
+
+
 @dataclass
 class TimestepConfig:
     """How training draws sigma.
@@ -97,6 +100,20 @@ class TimestepConfig:
     flow_schedule_shift: float | None = None
     flow_schedule_auto_shift: bool = False
     force_schedule: bool = False
+
+    def problems(self) -> list[str]:
+        """An unknown ``weighting``, a sigmoid scale or shift that is not a positive number."""
+        out = []
+        if self.weighting not in (None, *WEIGHTINGS):
+            out.append(f"timesteps.weighting={self.weighting!r} is unknown; use {', '.join(WEIGHTINGS)} or null")
+        if not self.sigmoid_scale > 0:
+            out.append(f"timesteps.sigmoid_scale={self.sigmoid_scale} must be > 0; e.g. timesteps.sigmoid_scale=1.0")
+        if self.flow_schedule_shift is not None and not self.flow_schedule_shift > 0:
+            out.append(
+                f"timesteps.flow_schedule_shift={self.flow_schedule_shift} must be > 0 (1.0 = no shift); "
+                "e.g. timesteps.flow_schedule_shift=3.0"
+            )
+        return out
 
     def for_flavour(self, fast_schedule: bool) -> TimestepConfig:
         """This config with ``weighting`` resolved: null becomes the flavour's own schedule

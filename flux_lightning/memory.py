@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .components import GROUP_OFFLOAD_TYPES, ModelConfig
+from .model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,54 +51,6 @@ def enable_gradient_checkpointing(transformer: torch.nn.Module, interval: int = 
         return block(*args)
 
     transformer.enable_gradient_checkpointing(gradient_checkpointing_func=every_nth_block)
-
-
-def memory_problems(cfg: ModelConfig, *, cuda: bool | None = None) -> list[str]:
-    """Invalid or impossible memory settings, one line each (checked before any weights load)."""
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    out = []
-    if cfg.gradient_checkpointing_interval < 1:
-        out.append(
-            f"model.gradient_checkpointing_interval={cfg.gradient_checkpointing_interval} must be >= 1; "
-            "use 1 to checkpoint every block"
-        )
-    if cfg.enable_group_offload and cfg.enable_model_cpu_offload:
-        out.append(
-            "model.enable_group_offload and model.enable_model_cpu_offload are mutually exclusive; "
-            "turn one of them off"
-        )
-    if cfg.group_offload_type not in GROUP_OFFLOAD_TYPES:
-        out.append(
-            f"model.group_offload_type={cfg.group_offload_type!r} is unknown; use {' or '.join(GROUP_OFFLOAD_TYPES)}"
-        )
-    if cfg.group_offload_blocks_per_group != 1:
-        out.append(
-            f"model.group_offload_blocks_per_group={cfg.group_offload_blocks_per_group}: the backward pass "
-            "recomputes one block at a time, so each block is its own group; use 1"
-        )
-    if cfg.enable_group_offload:
-        if not cuda:
-            out.append(
-                "model.enable_group_offload needs a CUDA GPU to offload from (none is visible); "
-                "set model.enable_group_offload=false"
-            )
-        if not cfg.gradient_checkpointing or cfg.gradient_checkpointing_interval != 1:
-            out.append(
-                "model.enable_group_offload needs model.gradient_checkpointing=true and "
-                "gradient_checkpointing_interval=1 (a block that is not recomputed keeps its onloaded "
-                "weights for the backward pass); set both"
-            )
-        if cfg.group_offload_use_stream:
-            out.append(
-                "model.group_offload_use_stream prefetches in forward order, which the backward pass does "
-                "not follow; set model.group_offload_use_stream=false"
-            )
-        if cfg.quantization.quantized:
-            out.append(
-                f"model.enable_group_offload moves unquantized linear weights only (quantization."
-                f"base_model_precision={cfg.quantization.base_model_precision}); turn one of them off"
-            )
-    return out
 
 
 # -- group offload -------------------------------------------------------------------------------

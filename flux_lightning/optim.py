@@ -22,7 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .values import is_number
+
 log = logging.getLogger(__name__)
+
+# diffusers' get_scheduler names this config can build (piecewise_constant needs step_rules)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 @dataclass
@@ -53,6 +58,26 @@ class OptimizerConfig:
     use_bias_correction: bool | None = None
     safeguard_warmup: bool | None = None
 
+    def problems(self) -> list[str]:
+        """An unknown or missing optimizer, out-of-range hyper-parameters (torch would raise a
+        traceback at the first step), one line each."""
+        out = optimizer_problems(self.name)
+        if not is_number(self.lr) or self.lr <= 0:
+            out.append(f"optimizer.lr={self.lr!r} must be a number > 0; e.g. optimizer.lr=1e-4")
+        if self.betas is not None and (
+            len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas)
+        ):
+            out.append(f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1); e.g. optimizer.betas=[0.9,0.999]")
+        if self.weight_decay is not None and (not is_number(self.weight_decay) or self.weight_decay < 0):
+            out.append(f"optimizer.weight_decay={self.weight_decay!r} must be >= 0; e.g. optimizer.weight_decay=0.01")
+        if self.eps is not None and (not is_number(self.eps) or self.eps <= 0):
+            out.append(f"optimizer.eps={self.eps!r} must be > 0; e.g. optimizer.eps=1e-8")
+        if self.d_coef is not None and (not is_number(self.d_coef) or self.d_coef <= 0):
+            out.append(f"optimizer.d_coef={self.d_coef!r} must be > 0; e.g. optimizer.d_coef=1.0")
+        if self.min_8bit_size is not None and self.min_8bit_size < 0:
+            out.append(f"optimizer.min_8bit_size={self.min_8bit_size} must be >= 0; e.g. optimizer.min_8bit_size=4096")
+        return out
+
 
 @dataclass
 class LRSchedulerConfig:
@@ -66,6 +91,32 @@ class LRSchedulerConfig:
     num_warmup_steps: int = 0
     num_cycles: int | None = None
     power: float | None = None
+
+    def problems(self) -> list[str]:
+        """An unknown schedule, a warm-up that does nothing, out-of-range values (the schedule's
+        length against ``trainer.max_steps`` is checked in :func:`flux_lightning.config.validate`)."""
+        if self.name not in LR_SCHEDULERS:
+            return [f"lr_scheduler.name={self.name!r} is unknown; use one of {', '.join(LR_SCHEDULERS)}"]
+        out = []
+        if self.num_warmup_steps < 0:
+            out.append(
+                f"lr_scheduler.num_warmup_steps={self.num_warmup_steps} must be >= 0; e.g. lr_scheduler.num_warmup_steps=100"
+            )
+        elif self.num_warmup_steps and self.name == "constant":
+            out.append(
+                f"lr_scheduler.num_warmup_steps={self.num_warmup_steps} does nothing with lr_scheduler.name=constant; "
+                "use lr_scheduler=constant_with_warmup or num_warmup_steps=0"
+            )
+        if self.num_cycles is not None and self.num_cycles < 1:
+            out.append(f"lr_scheduler.num_cycles={self.num_cycles} must be >= 1; e.g. lr_scheduler.num_cycles=1")
+        if self.power is not None and (not is_number(self.power) or self.power <= 0):
+            out.append(f"lr_scheduler.power={self.power!r} must be > 0; e.g. lr_scheduler.power=1.0")
+        return out
+
+    @property
+    def decays(self) -> bool:
+        """Whether the schedule needs a length (``num_training_steps``)."""
+        return self.name not in ("constant", "constant_with_warmup")
 
 @dataclass(frozen=True)
 class OptimizerSpec:

@@ -54,6 +54,54 @@ class TreadConfig:
 
     routes: list[TreadRoute] = field(default_factory=list)
 
+    def problems(self, total_blocks: int | None = None) -> list[str]:
+        """Every invalid route, one line each naming the field and the fix.
+
+        ``total_blocks`` (when known) checks that the indices exist; without it only what can be
+        checked from the numbers alone is checked.
+        """
+        out: list[str] = []
+        spans: list[tuple[int, int, int]] = []
+        for i, route in enumerate(self.routes):
+            name = f"tread_self.routes[{i}]"
+            if not 0.0 <= route.selection_ratio < 1.0:
+                out.append(
+                    f"{name}.selection_ratio={route.selection_ratio} must be within [0, 1) "
+                    "(the fraction of image tokens dropped; 0.5 is a good start)"
+                )
+            if total_blocks is None:
+                a, b = route.start_layer_idx, route.end_layer_idx
+                if (a >= 0) == (b >= 0) and a > b:
+                    out.append(f"{name}: start_layer_idx={a} comes after end_layer_idx={b}; swap them")
+                continue
+            in_range = True
+            for key in ("start_layer_idx", "end_layer_idx"):
+                idx = getattr(route, key)
+                if not -total_blocks <= idx < total_blocks:
+                    in_range = False
+                    out.append(
+                        f"{name}.{key}={idx} is out of range for a transformer with {total_blocks} blocks "
+                        f"(use {-total_blocks}..{total_blocks - 1}; negative counts from the end)"
+                    )
+            if not in_range:
+                continue
+            a, b = route.start_layer_idx % total_blocks, route.end_layer_idx % total_blocks
+            if a > b:
+                out.append(
+                    f"{name}: start_layer_idx={route.start_layer_idx} (block {a}) comes after "
+                    f"end_layer_idx={route.end_layer_idx} (block {b}); swap them"
+                )
+            else:
+                spans.append((a, b, i))
+        spans.sort()
+        for (a1, b1, i1), (a2, b2, i2) in zip(spans, spans[1:]):
+            if a2 <= b1:
+                out.append(
+                    f"tread_self.routes[{i1}] (blocks {a1}-{b1}) and routes[{i2}] (blocks {a2}-{b2}) "
+                    "overlap; routes must cover disjoint block spans"
+                )
+        return out
+
 
 def num_blocks(transformer: torch.nn.Module) -> int:
     """Double-stream plus single-stream blocks of a ``FluxTransformer2DModel``."""
@@ -79,55 +127,6 @@ def known_num_blocks(model) -> int | None:
     return int(values.get("num_layers", 19)) + int(values.get("num_single_layers", 38))
 
 
-def route_problems(config: TreadConfig, total_blocks: int | None = None) -> list[str]:
-    """Every invalid route, one line each naming the field and the fix.
-
-    ``total_blocks`` (when known) checks that the indices exist; without it only what can be
-    checked from the numbers alone is checked.
-    """
-    out: list[str] = []
-    spans: list[tuple[int, int, int]] = []
-    for i, route in enumerate(config.routes):
-        name = f"tread_config.routes[{i}]"
-        if not 0.0 <= route.selection_ratio < 1.0:
-            out.append(
-                f"{name}.selection_ratio={route.selection_ratio} must be within [0, 1) "
-                "(the fraction of image tokens dropped; 0.5 is a good start)"
-            )
-        if total_blocks is None:
-            a, b = route.start_layer_idx, route.end_layer_idx
-            if (a >= 0) == (b >= 0) and a > b:
-                out.append(f"{name}: start_layer_idx={a} comes after end_layer_idx={b}; swap them")
-            continue
-        in_range = True
-        for key in ("start_layer_idx", "end_layer_idx"):
-            idx = getattr(route, key)
-            if not -total_blocks <= idx < total_blocks:
-                in_range = False
-                out.append(
-                    f"{name}.{key}={idx} is out of range for a transformer with {total_blocks} blocks "
-                    f"(use {-total_blocks}..{total_blocks - 1}; negative counts from the end)"
-                )
-        if not in_range:
-            continue
-        a, b = route.start_layer_idx % total_blocks, route.end_layer_idx % total_blocks
-        if a > b:
-            out.append(
-                f"{name}: start_layer_idx={route.start_layer_idx} (block {a}) comes after "
-                f"end_layer_idx={route.end_layer_idx} (block {b}); swap them"
-            )
-        else:
-            spans.append((a, b, i))
-    spans.sort()
-    for (a1, b1, i1), (a2, b2, i2) in zip(spans, spans[1:]):
-        if a2 <= b1:
-            out.append(
-                f"tread_config.routes[{i1}] (blocks {a1}-{b1}) and routes[{i2}] (blocks {a2}-{b2}) "
-                "overlap; routes must cover disjoint block spans"
-            )
-    return out
-
-
 def resolve_routes(
     routes: Sequence[TreadRoute | Mapping], total_blocks: int
 ) -> dict[int, tuple[int, float]]:
@@ -136,7 +135,7 @@ def resolve_routes(
     Routes may be :class:`TreadRoute` objects or plain mappings with the same keys.
     """
     routes = [TreadRoute(**r) if isinstance(r, Mapping) else r for r in routes]
-    problems = route_problems(TreadConfig(routes), total_blocks)
+    problems = TreadConfig(routes).problems(total_blocks)
     if problems:
         raise ValueError("invalid TREAD routes:\n  - " + "\n  - ".join(problems))
     return {

@@ -16,7 +16,6 @@ from flux_lightning.tread import (
     TreadRoute,
     known_num_blocks,
     resolve_routes,
-    route_problems,
     routed_forward,
     select_tokens,
     tokens_in_mask,
@@ -271,14 +270,12 @@ def test_routes_work_on_a_quantized_base(tiny_model_cfg):
 
 
 def test_bad_routes_are_named_with_their_fix(tiny_model_cfg):
-    problems = route_problems(
-        TreadConfig([TreadRoute(1.0, 0, 1), TreadRoute(0.5, 1, 9), TreadRoute(0.5, 3, 2)]), total_blocks=4
-    )
+    problems = TreadConfig([TreadRoute(1.0, 0, 1), TreadRoute(0.5, 1, 9), TreadRoute(0.5, 3, 2)]).problems(total_blocks=4)
     text = "\n".join(problems)
     assert "routes[0].selection_ratio=1.0 must be within [0, 1)" in text
     assert "routes[1].end_layer_idx=9 is out of range for a transformer with 4 blocks" in text
     assert "routes[2]: start_layer_idx=3 (block 3) comes after end_layer_idx=2" in text
-    overlap = route_problems(TreadConfig([TreadRoute(0.5, 0, 2), TreadRoute(0.5, -2, -1)]), total_blocks=4)
+    overlap = TreadConfig([TreadRoute(0.5, 0, 2), TreadRoute(0.5, -2, -1)]).problems(total_blocks=4)
     assert overlap and "overlap" in overlap[0]
     assert resolve_routes([{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}], 57) == {2: (55, 0.5)}
     assert known_num_blocks(tiny_model_cfg) == 4
