@@ -63,7 +63,7 @@ class TreadConfig:
         out: list[str] = []
         spans: list[tuple[int, int, int]] = []
         for i, route in enumerate(self.routes):
-            name = f"tread_self.routes[{i}]"
+            name = f"tread_config.routes[{i}]"
             if not 0.0 <= route.selection_ratio < 1.0:
                 out.append(
                     f"{name}.selection_ratio={route.selection_ratio} must be within [0, 1) "
@@ -97,7 +97,7 @@ class TreadConfig:
         for (a1, b1, i1), (a2, b2, i2) in zip(spans, spans[1:]):
             if a2 <= b1:
                 out.append(
-                    f"tread_self.routes[{i1}] (blocks {a1}-{b1}) and routes[{i2}] (blocks {a2}-{b2}) "
+                    f"tread_config.routes[{i1}] (blocks {a1}-{b1}) and routes[{i2}] (blocks {a2}-{b2}) "
                     "overlap; routes must cover disjoint block spans"
                 )
         return out
