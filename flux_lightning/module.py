@@ -382,6 +382,13 @@ class FluxLoRAModule(L.LightningModule):
         """How many optimizer steps the non-finite guard skipped (a host read; for the summary)."""
         return self.nonfinite.counts()[0]
 
+    def summary_rows(self) -> list[tuple[str, object]]:
+        """Rows of the end-of-run table."""
+        return [
+            ("final train loss (last 50 steps)", f"{self.recent_train_loss():.4f}"),
+            ("non-finite steps skipped", self.skipped_nonfinite_steps()),
+        ]
+
     # -- optimisation ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

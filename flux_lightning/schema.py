@@ -30,7 +30,7 @@ _DATASET_WIRING = {"cache_dir": "${paths.cache_dir}", "seed": "${seed}"}
 @dataclass
 class TrainConfig:
     """The whole run (``python -m flux_lightning``): typed groups plus the ``_target_`` groups
-    (trainer kwargs, callbacks, loggers, paths) that stay plain dicts.
+    (``module``, ``data``, ``trainer``, ``callbacks``, ``logger``) and ``paths`` that stay plain dicts.
 
     Attributes:
         run_name: names the run dir ``outputs/runs/<run_name>``; default: the experiment's name
@@ -60,6 +60,8 @@ class TrainConfig:
     resume_from_checkpoint: str | None = "latest"
     run_name: str = "${flux_lightning.run_name:}"
     paths: Any = None
+    module: Any = None
+    data: Any = None
     trainer: Any = None
     callbacks: Any = None
     logger: Any = None

@@ -1,4 +1,11 @@
-"""Compose -> validate -> build -> fit -> return the metric a sweeper minimises."""
+"""Compose -> validate -> instantiate -> fit -> return the metric a sweeper minimises.
+
+Nothing here knows the classes it builds: the module, the datamodule, the trainer, the callbacks
+and the loggers are ``_target_`` nodes (``conf/module``, ``conf/data``, ``conf/trainer``, ...), and
+the parts meet through duck-typed hooks (see docs/architecture.md): ``prompt_texts()`` (prompts a
+callback needs encoded; the datamodule asks the trainer's callbacks), ``summary_rows()`` (the
+end-of-run table), ``sweep_metric()`` (what a sweeper minimises) and ``set_run_config()``.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +21,14 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import EvalLoss, LoRAExport, LossProgressBar, ModelCard, ValidationImages
 from . import stopping
 from .checkpointing import AtomicCheckpointIO, checkpoint_step
 from .config import validate
-from .data import FluxDataModule
 from .errors import USER_ERRORS, ConfigError, NonFiniteLossError, StopRequested
-from .data.paired import PairedDatasetConfig, PairedFluxDataModule
-from .module import FluxLoRAModule
 from .schema import register
 from .simpletuner_cli import with_simpletuner_config
 from .stopping import GracefulStop
@@ -45,35 +49,35 @@ def config_dir() -> str:
     return str(Path(packaged.__file__).parent)
 
 
+def _build(node: DictConfig, *args, **kwargs):
+    """``instantiate(node, ...)``, with our one-line user errors (a bad value found by a
+    constructor) surfaced unwrapped instead of inside Hydra's InstantiationException."""
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, USER_ERRORS):
+            raise err.__cause__ from None
+        raise
+
+
 def _instantiate_all(node: DictConfig | None) -> list:
     """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, loggers)."""
     if not node:
         return []
-    out = []
-    for v in node.values():
-        if isinstance(v, DictConfig) and "_target_" in v:
-            try:
-                out.append(instantiate(v))
-            except InstantiationException as err:  # surface our one-line config errors unwrapped
-                if isinstance(err.__cause__, ConfigError):
-                    raise err.__cause__ from None
-                raise
-    return out
+    return [_build(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    """``lightning.Trainer`` from ``cfg.trainer``; ``precision: null`` = bf16-mixed on GPU, fp32 on CPU."""
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs.pop("_target_", None)
-    if isinstance(kwargs.get("strategy"), dict):  # a strategy object (e.g. FSDPStrategy with options)
-        kwargs["strategy"] = instantiate(cfg.trainer.strategy)
-    if kwargs.get("precision") is None:
-        gpu = torch.cuda.is_available() and kwargs.get("accelerator") in ("auto", "gpu", "cuda")
-        kwargs["precision"] = "bf16-mixed" if gpu else "32-true"
-    if kwargs.get("enable_progress_bar") is False:  # Lightning refuses a bar callback when the bar is off
-        callbacks = [cb for cb in callbacks if not isinstance(cb, LossProgressBar)]
-    plugins = list(kwargs.pop("plugins", None) or []) + [AtomicCheckpointIO()]
-    return L.Trainer(callbacks=callbacks, logger=loggers or False, plugins=plugins, **kwargs)
+    """``cfg.trainer`` (``lightning.Trainer`` or a subclass) with the run's callbacks, loggers and
+    the atomic checkpoint writer; ``precision: null`` = bf16-mixed on GPU, fp32 on CPU."""
+    precision = cfg.trainer.get("precision")
+    if precision is None:
+        gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
+        precision = "bf16-mixed" if gpu else "32-true"
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback when the bar is off
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
+    plugins = list(instantiate(cfg.trainer.get("plugins")) or []) + [AtomicCheckpointIO()]
+    return _build(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, precision=precision)
 
 
 def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
@@ -164,24 +168,11 @@ def _train(cfg: DictConfig) -> float:
         return float("nan") if done.get("metric") is None else float(done["metric"])
     L.seed_everything(cfg.seed, workers=True)
     callbacks = _instantiate_all(cfg.get("callbacks"))
-    for cb in callbacks:
-        if isinstance(cb, ModelCard):
-            cb.config_yaml = _resolved_yaml(cfg)
-    prompts = [p for cb in callbacks if isinstance(cb, ValidationImages) for p in cb.prompt_texts()]
-    evals = [cb for cb in callbacks if isinstance(cb, EvalLoss)]
-    datamodule_cls = PairedFluxDataModule if isinstance(run.dataset, PairedDatasetConfig) else FluxDataModule
-    datamodule = datamodule_cls(run.dataset, run.model, prompts=prompts, **(evals[0].data_kwargs() if evals else {}))
-    module = FluxLoRAModule(
-        model=run.model,
-        adapter=run.adapter,
-        timesteps=run.timesteps,
-        optimizer=instantiate(cfg.optimizer),
-        lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
-        seed=cfg.seed,
-        tread=run.tread,
-        compile=run.compile,
-        nonfinite_max_consecutive=cfg.get("nonfinite_max_consecutive", 10),
-    )
+    for cb in callbacks:  # a callback that records the run's config (the model card)
+        if hasattr(cb, "set_run_config"):
+            cb.set_run_config(_resolved_yaml(cfg))
+    datamodule = _build(cfg.data, **run.data_parts())
+    module = _build(cfg.module, **run.module_parts())
     stop = GracefulStop()
     trainer = build_trainer(cfg, [stop, *callbacks], _instantiate_all(cfg.get("logger")))
     if trainer.is_global_zero:
@@ -192,26 +183,43 @@ def _train(cfg: DictConfig) -> float:
         stopped = err if isinstance(err, StopRequested) else StopRequested(signal.SIGTERM)
         stopped.step, stopped.checkpoint = stop.step, stop.checkpoint
         raise stopped from None
-    loss = module.recent_train_loss()
-    eval_loss = evals[0].last_loss if evals else None
+    metric_name, metric = sweep_metric(trainer, module)
     if trainer.is_global_zero:
-        _print_summary(
-            trainer, output_dir, loss, datamodule.skipped, eval_loss, datamodule.eval_split,
-            nonfinite=module.skipped_nonfinite_steps(),
-        )
+        rows = summary_rows(trainer, module, datamodule, output_dir)
+        _print_summary(rows)
         write_result(
             output_dir,
             {
                 "job": _job_name(),
                 "overrides": _task_overrides(),
-                "metric_name": "loss/train (last 50 steps)" if eval_loss is None else "loss/val",
-                "metric": loss if eval_loss is None else eval_loss,
-                "train_loss": loss,
+                "metric_name": metric_name,
+                "metric": metric,
+                "train_loss": module.recent_train_loss(),
                 "steps": trainer.global_step,
-                "lora": next((cb.path for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None),
+                "summary": dict(rows),
             },
         )
-    return loss if eval_loss is None else eval_loss
+    return metric
+
+
+def sweep_metric(trainer: L.Trainer, module) -> tuple[str, float]:
+    """What a sweeper minimises: the first callback's ``sweep_metric()`` that has a value (the
+    stable eval loss when ``callbacks.eval_loss`` is on), else the final training loss."""
+    for cb in trainer.callbacks:
+        found = cb.sweep_metric() if hasattr(cb, "sweep_metric") else None
+        if found is not None:
+            return found
+    return "loss/train (last 50 steps)", module.recent_train_loss()
+
+
+def summary_rows(trainer: L.Trainer, module, datamodule, output_dir: str) -> list[tuple[str, object]]:
+    """The end-of-run table: the run's own rows, then every part's ``summary_rows()`` (the module,
+    the datamodule, each callback), so a part that is switched off adds nothing."""
+    rows: list[tuple[str, object]] = [("run dir", output_dir), ("steps", trainer.global_step)]
+    for part in (module, datamodule, *trainer.callbacks):
+        if hasattr(part, "summary_rows"):
+            rows += list(part.summary_rows())
+    return rows + [("logs", trainer.log_dir or "off")]
 
 
 def _resolved_yaml(cfg: DictConfig) -> str:
@@ -236,24 +244,7 @@ def _job_name() -> str:
     return str(job.get("num", job.name))
 
 
-def _print_summary(
-    trainer: L.Trainer, output_dir: str, loss: float, skipped: int, eval_loss: float | None = None,
-    eval_split: str = "off", nonfinite: int = 0,
-) -> None:
-    lora = next((cb.path for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None)
-    validation = next((cb.dirpath for cb in trainer.callbacks if isinstance(cb, ValidationImages)), None)
-    rows = [
-        ("run dir", output_dir),
-        ("steps", trainer.global_step),
-        ("final train loss (last 50 steps)", f"{loss:.4f}"),
-        ("final eval loss", "off" if eval_loss is None else f"{eval_loss:.4f}"),
-        ("eval split", eval_split),
-        ("LoRA", lora or "not exported"),
-        ("validation images", validation or "off"),
-        ("logs", trainer.log_dir or "off"),
-        ("images skipped", skipped),
-        ("non-finite steps skipped", nonfinite),
-    ]
+def _print_summary(rows: list[tuple[str, object]]) -> None:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
 

@@ -160,6 +160,13 @@ class EvalLoss(L.Callback):
             dirs = [str(d) for d in dirs]
         return {"eval_fraction": self.eval_fraction, "eval_data_dir": dirs, "eval_min_images": self.eval_min_images}
 
+    def sweep_metric(self) -> tuple[str, float] | None:
+        """``("loss/val", the last value)`` once evaluated: what ``train()`` returns for sweepers."""
+        return None if self.last_loss is None else ("loss/val", self.last_loss)
+
+    def summary_rows(self) -> list[tuple[str, object]]:
+        return [("final eval loss", "off" if self.last_loss is None else f"{self.last_loss:.4f}")]
+
     # -- checkpointed state: the last value, so a run resumed at its last step reports it ---------
     def state_dict(self) -> dict:
         return {"last_loss": self.last_loss}

@@ -85,6 +85,9 @@ class LoRAExport(L.Callback):
         # a run resumed from a checkpoint at max_steps skips the training loop and on_train_end
         self._export(trainer, pl_module)
 
+    def summary_rows(self) -> list[tuple[str, object]]:
+        return [("adapter", self.path or "not exported")]
+
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and self.error is not None:
             error, self.error = self.error, None

@@ -158,7 +158,12 @@ class ModelCard(L.Callback):
             raise ValueError("callbacks.model_card.push_to_hub needs callbacks.model_card.hub_model_id=<user>/<name>")
         self.dirpath = Path(dirpath)
         self.push_to_hub, self.hub_model_id, self.private = push_to_hub, hub_model_id, private
-        self.config_yaml: str | None = None  # the resolved run config, set by train()
+        self.config_yaml: str | None = None  # the resolved run config (set_run_config)
+
+    def set_run_config(self, config_yaml: str) -> None:
+        """The run's resolved config (``train()`` calls this on every callback that has it); written,
+        redacted, as ``config.yaml`` beside the card."""
+        self.config_yaml = config_yaml
 
     def facts(self, trainer: L.Trainer, module) -> dict:
         from .validation import ValidationImages

@@ -253,6 +253,9 @@ class ValidationImages(L.Callback):
         """Every text this callback needs embedded (so the datamodule caches them)."""
         return [*self.prompts.values(), self.negative_prompt]
 
+    def summary_rows(self) -> list[tuple[str, object]]:
+        return [("validation images", self.dirpath)]
+
     # -- hooks ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
         if self.before_training and trainer.global_step == 0:

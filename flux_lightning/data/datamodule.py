@@ -315,6 +315,17 @@ class FluxDataModule(L.LightningDataModule):
         return self._eval_samples
 
     # -- caching ------------------------------------------------------------------------------
+    def wanted_prompts(self) -> list[str]:
+        """``prompts`` plus every text the trainer's callbacks need embedded (their ``prompt_texts()``,
+        e.g. the validation prompts), so no text encoder is needed after caching."""
+        callbacks = getattr(self.trainer, "callbacks", None) or []
+        asked = [p for cb in callbacks if hasattr(cb, "prompt_texts") for p in cb.prompt_texts()]
+        return list(dict.fromkeys([*self.prompts, *asked]))
+
+    def summary_rows(self) -> list[tuple[str, object]]:
+        """Rows of the end-of-run table: the eval split and the images that could not be used."""
+        return [("eval split", self.eval_split), ("images skipped", self.skipped)]
+
     def prepare_data(self) -> None:
         """Encode what the caches lack. Existing entries are verified first (:meth:`_discard_bad`):
         a truncated, empty, NaN, misshapen or mislabelled entry is reported by file name and counts
@@ -341,7 +352,7 @@ class FluxDataModule(L.LightningDataModule):
                     log.warning("skipping %s: cannot read its mask %s (%s)", s.path, s.mask_path, err)
                     continue
                 cache.save(s.mask_key, {"mask": mask}, {"file": s.mask_path.name})
-        captions = list(dict.fromkeys([""] + [s.caption for s in samples] + self.prompts))
+        captions = list(dict.fromkeys([""] + [s.caption for s in samples] + self.wanted_prompts()))
         self._discard_bad_texts(captions)
         missing = [c for c in captions if self.text_key(c) not in self.text_cache]
         if missing:
