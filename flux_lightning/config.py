@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .adapters import AdapterConfig, adapter_problems
+from .adapters import BASE_MODIFYING_INITS, AdapterConfig, lora_format_problems
 from .components import (
     DTYPES,
     GUIDANCE_MODES,
@@ -106,6 +106,21 @@ def model_problems(model: ModelConfig) -> list[str]:
             f"{' or '.join(MASKED_ATTENTION_BACKENDS)}"
         )
     out += model.quantization.problems() + memory_problems(model)
+    return out
+
+
+def adapter_combination_problems(adapter: AdapterConfig, model: ModelConfig, callbacks) -> list[str]:
+    """The adapter against the other groups: an init that rewrites the base on a quantized base, and
+    the export's ``lora_format`` against the targeted modules (so the export at the end cannot fail)."""
+    out = []
+    if model.quantization.quantized and adapter.init in BASE_MODIFYING_INITS:
+        out.append(
+            f"adapter.init={adapter.init} rewrites the base weights and cannot run on a quantized base; "
+            "use quantization=none or adapter.init=default"
+        )
+    export = (callbacks or {}).get("adapter_export")
+    if export is not None:
+        out += lora_format_problems(export.get("lora_format", "diffusers"), adapter)
     return out
 
 
@@ -215,12 +230,7 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     flavour_known = run.model.flavour in FLAVOURS and not any("model.tiny_like" in p for p in problems)
     if flavour_known and run.model.spec.reference_conditioning:  # trains on (target, reference) pairs
         run.dataset = PairedDatasetConfig.from_dataset(run.dataset)
-    problems += adapter_problems(run.adapter, quantized=run.model.quantization.quantized)
-    export = (cfg.get("callbacks") or {}).get("lora_export")  # issue 10: export format vs targets
-    if export is not None:
-        from .export import lora_format_problems
-
-        problems += lora_format_problems(export.get("lora_format", "diffusers"), run.adapter)
+    problems += run.adapter.problems() + adapter_combination_problems(run.adapter, run.model, cfg.get("callbacks"))
     problems += run.dataset.problems()
     if optimizer_name is not None:
         problems += optimizer_problems(optimizer_name)

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import EvalLoss, LoRAExport, LossProgressBar, ModelCard, ValidationImages
+from .callbacks import AdapterExport, EvalLoss, LossProgressBar, ModelCard, ValidationImages
 from . import stopping
 from .checkpointing import AtomicCheckpointIO, checkpoint_step
 from .config import validate
@@ -25,24 +25,13 @@ from .data import FluxDataModule
 from .errors import USER_ERRORS, ConfigError, NonFiniteLossError, StopRequested
 from .data.paired import PairedDatasetConfig, PairedFluxDataModule
 from .module import FluxLoRAModule
-from .schema import register
+from .schema import config_dir, register
 from .simpletuner_cli import with_simpletuner_config
 from .stopping import GracefulStop
 from .sweep import RESULT_FILE, write_result
 
 log = logging.getLogger(__name__)
 register()  # the config schema (train_schema) and the run_name resolver, before Hydra composes
-
-
-def config_dir() -> str:
-    """Absolute path of the Hydra config tree: the checkout's ``conf/`` beside the package when
-    running from a source tree, else the copy shipped in the wheel (``flux_lightning.conf``)."""
-    checkout = Path(__file__).resolve().parents[1] / "conf"
-    if (checkout / "train.yaml").is_file():
-        return str(checkout)
-    import flux_lightning.conf as packaged
-
-    return str(Path(packaged.__file__).parent)
 
 
 def _instantiate_all(node: DictConfig | None) -> list:
@@ -208,7 +197,7 @@ def _train(cfg: DictConfig) -> float:
                 "metric": loss if eval_loss is None else eval_loss,
                 "train_loss": loss,
                 "steps": trainer.global_step,
-                "lora": next((cb.path for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None),
+                "lora": next((cb.path for cb in trainer.callbacks if isinstance(cb, AdapterExport)), None),
             },
         )
     return loss if eval_loss is None else eval_loss
@@ -240,7 +229,7 @@ def _print_summary(
     trainer: L.Trainer, output_dir: str, loss: float, skipped: int, eval_loss: float | None = None,
     eval_split: str = "off", nonfinite: int = 0,
 ) -> None:
-    lora = next((cb.path for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None)
+    lora = next((cb.path for cb in trainer.callbacks if isinstance(cb, AdapterExport)), None)
     validation = next((cb.dirpath for cb in trainer.callbacks if isinstance(cb, ValidationImages)), None)
     rows = [
         ("run dir", output_dir),
@@ -248,7 +237,7 @@ def _print_summary(
         ("final train loss (last 50 steps)", f"{loss:.4f}"),
         ("final eval loss", "off" if eval_loss is None else f"{eval_loss:.4f}"),
         ("eval split", eval_split),
-        ("LoRA", lora or "not exported"),
+        ("adapter", lora or "not exported"),
         ("validation images", validation or "off"),
         ("logs", trainer.log_dir or "off"),
         ("images skipped", skipped),
