@@ -40,7 +40,7 @@ def test_default_run_trains_the_tiny_demo_in_minutes(tmp_path):
     assert elapsed < 180, f"default run took {elapsed:.0f}s"
     out = proc.stdout
     run_dir = Path(re.search(r"^run dir\s+(.+)$", out, re.M).group(1))
-    lora = Path(re.search(r"^LoRA\s+(.+)$", out, re.M).group(1))
+    lora = Path(re.search(r"^adapter\s+(.+)$", out, re.M).group(1))
     assert lora == run_dir / "lora" / "pytorch_lora_weights.safetensors" and lora.is_file()
     with safe_open(lora, "pt") as f:
         assert len(list(f.keys())) > 0
