@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .adapters import AdapterConfig, adapter_problems
+from .adapters import BASE_MODIFYING_INITS, AdapterConfig, lora_format_problems
 from .components import check_source, resolve_source
 from .data.backend_file import resolve_dataset
 from .data.config import DatasetConfig
@@ -67,13 +67,27 @@ def _typed(schema, node, group: str, problems: list[str]):
 
 def group_problems(run: RunConfig) -> list[str]:
     """Each group's own ``problems()``; nothing that depends on the flavour when it is unknown."""
-    out = run.model.problems()
-    out += adapter_problems(run.adapter, quantized=run.model.quantization.quantized)
+    out = run.model.problems() + run.adapter.problems()
     out += run.dataset.problems() + run.timesteps.problems() + run.tread.problems()
     for node in (run.optimizer, run.lr_scheduler):
         out += node.problems() if node is not None else []
     if not isinstance(run.compile, bool):
         out.append(f"compile={run.compile!r} must be true or false")
+    return out
+
+
+def adapter_combination_problems(adapter: AdapterConfig, model: ModelConfig, callbacks) -> list[str]:
+    """The adapter against the other groups: an init that rewrites the base on a quantized base, and
+    the export's ``lora_format`` against the targeted modules (so the export at the end cannot fail)."""
+    out = []
+    if model.quantization.quantized and adapter.init in BASE_MODIFYING_INITS:
+        out.append(
+            f"adapter.init={adapter.init} rewrites the base weights and cannot run on a quantized base; "
+            "use quantization=none or adapter.init=default"
+        )
+    export = (callbacks or {}).get("adapter_export")
+    if export is not None:
+        out += lora_format_problems(export.get("lora_format", "diffusers"), adapter)
     return out
 
 
@@ -111,11 +125,7 @@ def cross_group_problems(run: RunConfig, cfg: DictConfig) -> list[str]:
         blocks = None
     if blocks is not None and not run.tread.problems():  # route indices against the model's blocks
         out += run.tread.problems(total_blocks=blocks)
-    export = (cfg.get("callbacks") or {}).get("lora_export")  # the export format against the targets
-    if export is not None:
-        from .export import lora_format_problems
-
-        out += lora_format_problems(export.get("lora_format", "diffusers"), run.adapter)
+    out += adapter_combination_problems(run.adapter, model, cfg.get("callbacks"))
     out += schedule_length_problems(run.lr_scheduler, _plain(cfg.get("trainer")).get("max_steps", -1))
     return out
 

@@ -20,9 +20,9 @@ from .adapters import (
     add_adapter,
     add_assistant_lora,
     assistant_disabled,
+    export_adapter,
 )
 from .components import ModelConfig, load_transformer, set_attention_backend, training_attention_backend
-from .export import export_adapter
 from .guard import NonFiniteGuard, all_finite
 from .memory import GroupOffload, apply_group_offload, enable_gradient_checkpointing
 from .optim import ADAPTER_DTYPES
@@ -485,9 +485,9 @@ class FluxLoRAModule(L.LightningModule):
                     params[key].copy_(value.to(params[key].dtype))
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
-    def export_lora(self, directory: str | Path, **kwargs) -> Path:
+    def export_adapter(self, directory: str | Path, **kwargs) -> Path:
         """Write ``<directory>/pytorch_lora_weights.safetensors``: diffusers keys for a LoRA, the
-        LyCORIS layout for a LoKr (see :mod:`flux_lightning.lokr`). Refuses non-finite weights."""
+        LyCORIS layout for a LoKr (see :mod:`flux_lightning.adapters.lokr`). Refuses non-finite weights."""
         if not bool(all_finite(self.trainable_parameters())):
             raise ValueError("the adapter weights contain NaN/inf; refusing to write them as a LoRA")
         metadata = {

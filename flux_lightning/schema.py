@@ -12,6 +12,7 @@ Only the Hydra entry point imports this module; the library itself has no Hydra 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .adapters import AdapterConfig
@@ -76,6 +77,17 @@ GROUP_SCHEMAS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "lr_scheduler": LRSchedulerConfig,
 }
+
+
+def config_dir() -> str:
+    """Absolute path of the Hydra config tree: the checkout's ``conf/`` beside the package when
+    running from a source tree, else the copy shipped in the wheel (``flux_lightning.conf``)."""
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    if (checkout / "train.yaml").is_file():
+        return str(checkout)
+    import flux_lightning.conf as packaged
+
+    return str(Path(packaged.__file__).parent)
 
 
 def register() -> None:

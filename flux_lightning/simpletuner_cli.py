@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .schema import config_dir
 from .simpletuner import SettingError, Translation, normalise, to_overrides
 
 ARG = "simpletuner_config"
@@ -63,8 +64,6 @@ def _key(override: str) -> str:
 
 
 def _config_groups() -> set[str]:
-    from .train import config_dir
-
     return {p.name for p in Path(config_dir()).iterdir() if p.is_dir() and not p.name.startswith("_")}
 
 

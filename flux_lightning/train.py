@@ -29,24 +29,13 @@ from . import stopping
 from .checkpointing import AtomicCheckpointIO, checkpoint_step
 from .config import validate
 from .errors import USER_ERRORS, ConfigError, NonFiniteLossError, StopRequested
-from .schema import register
+from .schema import config_dir, register
 from .simpletuner_cli import with_simpletuner_config
 from .stopping import GracefulStop
 from .sweep import RESULT_FILE, write_result
 
 log = logging.getLogger(__name__)
 register()  # the config schema (train_schema) and the run_name resolver, before Hydra composes
-
-
-def config_dir() -> str:
-    """Absolute path of the Hydra config tree: the checkout's ``conf/`` beside the package when
-    running from a source tree, else the copy shipped in the wheel (``flux_lightning.conf``)."""
-    checkout = Path(__file__).resolve().parents[1] / "conf"
-    if (checkout / "train.yaml").is_file():
-        return str(checkout)
-    import flux_lightning.conf as packaged
-
-    return str(Path(packaged.__file__).parent)
 
 
 def _build(node: DictConfig, *args, **kwargs):

@@ -9,7 +9,14 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from flux_lightning import AdapterConfig, FluxLoRAModule
-from flux_lightning.adapters import LORA_FILENAME, TARGET_PRESETS, add_lora, resolve_targets
+from flux_lightning.adapters import (
+    ADAPTER_FILENAME,
+    TARGET_PRESETS,
+    adapter_state_dict,
+    add_adapter,
+    add_lora,
+    resolve_targets,
+)
 from flux_lightning.components import load_transformer
 from flux_lightning.flow import image_ids, text_ids
 
@@ -44,6 +51,25 @@ def test_presets_match_design():
     assert resolve_targets(["to_q", "to_k"]) == ["to_q", "to_k"]
     with pytest.raises(ValueError, match="adapter.target='everything' is not a preset"):
         resolve_targets("everything")
+
+
+def test_adapter_config_checks_its_own_fields_one_line_each(tmp_path):
+    assert AdapterConfig().problems() == [] and AdapterConfig(type="lokr", target="attention+ff").problems() == []
+    bad = AdapterConfig(type="lora", target="attention+ff", rank=0, dropout=1.0, init_lora=str(tmp_path / "x.safetensors"))
+    problems = bad.problems()
+    assert len(problems) == 4, problems
+    assert problems[0].startswith("adapter.target='attention+ff' is a LyCORIS preset; use it with adapter=lokr")
+    assert any(p.startswith("adapter.init_lora: file ") and "does not exist" in p for p in problems)
+    lokr = AdapterConfig(type="lokr", target="everything", init="gaussian", factor=0).problems()
+    assert len(lokr) == 3 and "(or a LyCORIS preset: attention+ff)" in lokr[0]
+
+
+def test_adapter_state_dict_follows_the_adapter_type(tiny_model_cfg):
+    for cfg, key in ((AdapterConfig(rank=2, target="mmdit"), ".lora_A.weight"), (AdapterConfig(type="lokr", target="mmdit", factor=4), ".lokr_w1")):
+        t = load_transformer(tiny_model_cfg)
+        add_adapter(t, cfg)
+        state = adapter_state_dict(t, cfg)
+        assert state and any(k.endswith(key) for k in state) and not any(k.startswith("transformer.") for k in state), cfg.type
 
 
 @pytest.mark.parametrize("target,expected", [("mmdit", {"to_q", "to_k", "to_v", "to_out.0"}), ("context", {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"})])
@@ -91,8 +117,8 @@ def _loaded_pipeline(tiny_folder, lora_dir):
 @pytest.mark.parametrize("alpha", [None, 8.0])
 def test_exported_lora_loads_in_diffusers_with_every_key(tiny_folder, tiny_model_cfg, cache_root, tmp_path, alpha):
     module, _ = fit_tiny(tiny_model_cfg, cache_root, steps=6, lr=1e-2, adapter=AdapterConfig(rank=4, alpha=alpha, dropout=0.1))
-    path = module.export_lora(tmp_path, dtype=torch.float32)
-    assert path == tmp_path / LORA_FILENAME
+    path = module.export_adapter(tmp_path, dtype=torch.float32)
+    assert path == tmp_path / ADAPTER_FILENAME
     with safe_open(path, "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
@@ -111,8 +137,8 @@ def test_exported_lora_loads_in_diffusers_with_every_key(tiny_folder, tiny_model
 
 def test_bf16_export_is_the_default_and_still_matches(tiny_folder, tiny_model_cfg, cache_root, tmp_path):
     module, _ = fit_tiny(tiny_model_cfg, cache_root, steps=4, lr=1e-2)
-    module.export_lora(tmp_path)
-    with safe_open(tmp_path / LORA_FILENAME, "pt") as f:
+    module.export_adapter(tmp_path)
+    with safe_open(tmp_path / ADAPTER_FILENAME, "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     pipe, _ = _loaded_pipeline(tiny_folder, tmp_path)
     torch.testing.assert_close(_predict(pipe.transformer), _predict(module.transformer), atol=2e-2, rtol=2e-2)
@@ -121,8 +147,8 @@ def test_bf16_export_is_the_default_and_still_matches(tiny_folder, tiny_model_cf
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_principal_inits_export_a_lora_for_the_original_base(tiny_folder, tiny_model_cfg, cache_root, tmp_path, init):
     module, _ = fit_tiny(tiny_model_cfg, cache_root, steps=3, lr=1e-3, adapter=AdapterConfig(rank=2, alpha=4, init=init, dropout=0.0))
-    module.export_lora(tmp_path, dtype=torch.float32)
-    with safe_open(tmp_path / LORA_FILENAME, "pt") as f:
+    module.export_adapter(tmp_path, dtype=torch.float32)
+    with safe_open(tmp_path / ADAPTER_FILENAME, "pt") as f:
         assert f.metadata()["lora_rank"] == "4"  # rank 2r after conversion
     pipe, _ = _loaded_pipeline(tiny_folder, tmp_path)
     torch.testing.assert_close(_predict(pipe.transformer), _predict(module.transformer), atol=1e-4, rtol=1e-4)

@@ -39,7 +39,7 @@ def test_flavour_trains_exports_and_loads_back(cache_root, tmp_path, flavour, qu
     trained = module.state_dict()
     assert trained and all(torch.isfinite(v).all() for v in trained.values())
 
-    path = module.export_lora(tmp_path, dtype=torch.float32)
+    path = module.export_adapter(tmp_path, dtype=torch.float32)
     exported = load_file(path)
     assert exported and not any("base_layer" in k or k.endswith(".weight._data") for k in exported)
 

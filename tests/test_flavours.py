@@ -181,7 +181,7 @@ def assistant_file(cache_root, tmp_path_factory):
     """A LoRA for the unguided tiny transformer, exported in diffusers keys (stands in for ostris'
     schnell training adapter)."""
     module = fit(tiny_cfg(cache_root, "schnell"), lora(rank=2, target="mmdit", init="gaussian"), steps=1)
-    return module.export_lora(tmp_path_factory.mktemp("assistant"), dtype=torch.float32)
+    return module.export_adapter(tmp_path_factory.mktemp("assistant"), dtype=torch.float32)
 
 
 def test_assistant_lora_is_frozen_stacked_and_never_saved(cache_root, assistant_file, tmp_path):
@@ -191,7 +191,7 @@ def test_assistant_lora_is_frozen_stacked_and_never_saved(cache_root, assistant_
     assistant = {n for n, _ in module.named_parameters() if ".assistant." in n}
     assert assistant and not names & assistant and all(".default." in n for n in names)
     assert set(module.state_dict()) == names  # the checkpoint holds the trained adapter only
-    with safe_open(module.export_lora(tmp_path), "pt") as f:
+    with safe_open(module.export_adapter(tmp_path), "pt") as f:
         assert not any("assistant" in k for k in f.keys())
 
     without = _module(replace(cfg, assistant_lora_path="none"), lora(init="gaussian"))

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from flux_lightning import FluxLoRAModule
 from flux_lightning.components import load_transformer
-from flux_lightning.lokr import lokr_network, to_diffusers_state_dict
+from flux_lightning.adapters.lokr import lokr_network, to_diffusers_state_dict
 
 from .helpers import fit, lokr, lora, predict, tiny_cfg, timesteps_for
 
@@ -41,7 +41,7 @@ def test_quickstart_lokr_preset_wraps_attention_and_feed_forward_with_their_fact
 
 def test_lokr_file_is_the_lycoris_layout_comfyui_reads(cache_root, tmp_path):
     module = fit(tiny_cfg(cache_root, "krea", gradient_checkpointing=False), lokr(), steps=2)
-    path = module.export_lora(tmp_path)
+    path = module.export_adapter(tmp_path)
     with safe_open(path, "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     modules = {n for n, _ in module.transformer.named_modules()}
@@ -67,7 +67,7 @@ def test_lokr_with_one_factor_loads_in_diffusers_peft(cache_root):
 @pytest.fixture(scope="module")
 def lora_file(cache_root, tmp_path_factory):
     module = fit(tiny_cfg(cache_root, "krea", gradient_checkpointing=False), lora(rank=4, alpha=8.0), steps=3)
-    return module.export_lora(tmp_path_factory.mktemp("init"), dtype=torch.float32), module
+    return module.export_adapter(tmp_path_factory.mktemp("init"), dtype=torch.float32), module
 
 
 def test_init_lora_continues_from_the_file(cache_root, lora_file):
@@ -102,7 +102,7 @@ def test_init_lora_mismatch_is_a_clear_error(cache_root, lora_file, change, mess
 def test_init_lora_for_lokr(cache_root, tmp_path):
     cfg = tiny_cfg(cache_root, "krea", gradient_checkpointing=False)
     trained = fit(cfg, lokr(), steps=2)
-    path = trained.export_lora(tmp_path, dtype=torch.float32)
+    path = trained.export_adapter(tmp_path, dtype=torch.float32)
     cont = _module(cfg, lokr(init_lora=str(path)))
     torch.testing.assert_close(predict(cont), predict(trained), atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="adapter.init_lora: .* does not match this LoKr"):

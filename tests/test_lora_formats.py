@@ -8,8 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from flux_lightning import AdapterConfig
-from flux_lightning.adapters import LORA_FILENAME
-from flux_lightning.lora_formats import convert, kohya_name
+from flux_lightning.adapters import ADAPTER_FILENAME
+from flux_lightning.adapters.lora_formats import convert, kohya_name
 
 from .comfy_loader import comfyui_apply, effective_weights
 from .conftest import fit_tiny
@@ -34,8 +34,8 @@ def trained(tiny_model_cfg, cache_root):
 
 @pytest.mark.parametrize("fmt", ["diffusers", "comfyui", "kohya"])
 def test_each_format_loads_in_diffusers_and_reproduces_the_model(trained, tiny_folder, tmp_path, fmt):
-    trained.export_lora(tmp_path, dtype=torch.float32, lora_format=fmt)
-    keys = list(safe_open(tmp_path / LORA_FILENAME, "pt").keys())
+    trained.export_adapter(tmp_path, dtype=torch.float32, lora_format=fmt)
+    keys = list(safe_open(tmp_path / ADAPTER_FILENAME, "pt").keys())
     if fmt == "kohya":
         assert all(k.startswith("lora_unet_") for k in keys)
         assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
@@ -54,7 +54,7 @@ def test_each_format_loads_in_diffusers_and_reproduces_the_model(trained, tiny_f
 def test_comfyui_loader_applies_each_format_at_the_trained_strength(trained, tmp_path, fmt):
     """ComfyUI reads tensors only (alpha from ``.alpha`` tensors, else scale 1): every format must
     still give W + (alpha / r) B A, here with alpha = 2 r."""
-    path = trained.export_lora(tmp_path, dtype=torch.float32, lora_format=fmt)
+    path = trained.export_adapter(tmp_path, dtype=torch.float32, lora_format=fmt)
     patched, not_loaded = comfyui_apply(load_file(path), trained.transformer)
     assert not not_loaded, f"ComfyUI would not load {sorted(not_loaded)[:3]}"
     expected = effective_weights(trained.transformer)
@@ -66,8 +66,8 @@ def test_comfyui_loader_applies_each_format_at_the_trained_strength(trained, tmp
 def test_alpha_keeps_its_effect_without_metadata(trained, tiny_folder, tmp_path):
     """A loader that ignores file metadata applies every format at the trained strength."""
     for fmt in ("diffusers", "comfyui", "kohya"):
-        trained.export_lora(tmp_path / fmt, dtype=torch.float32, lora_format=fmt)
-        state = load_file(tmp_path / fmt / LORA_FILENAME)  # tensors only, metadata dropped
+        trained.export_adapter(tmp_path / fmt, dtype=torch.float32, lora_format=fmt)
+        state = load_file(tmp_path / fmt / ADAPTER_FILENAME)  # tensors only, metadata dropped
         pipe = FluxPipeline.from_pretrained(tiny_folder)
         pipe.load_lora_weights(state)
         torch.testing.assert_close(_predict(pipe.transformer), _predict(trained.transformer), atol=1e-5, rtol=1e-4)

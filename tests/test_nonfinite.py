@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from flux_lightning import AdapterConfig, FluxLoRAModule
-from flux_lightning.callbacks import LoRAExport
+from flux_lightning.callbacks import AdapterExport
 from flux_lightning.guard import NonFiniteLossError
 
 from .helpers import batch
@@ -106,7 +106,7 @@ def test_k_bad_steps_in_a_row_stop_the_run_keeping_the_last_good_state(tiny_mode
     data = items(12, bad=set(range(4, 12)))
     good, _ = run(tiny_model_cfg, data, steps=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True)
-    export = LoRAExport(str(tmp_path / "lora"), dtype="fp32")
+    export = AdapterExport(str(tmp_path / "lora"), dtype="fp32")
     with pytest.raises(NonFiniteLossError) as info:
         run(tiny_model_cfg, data, steps=10, callbacks=[ckpt, export], nonfinite_max_consecutive=3)
     message = str(info.value)
@@ -142,7 +142,7 @@ def test_export_refuses_non_finite_weights(tiny_model_cfg, tmp_path):
     with torch.no_grad():
         module.trainable_parameters()[0].fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN/inf; refusing"):
-        module.export_lora(tmp_path)
+        module.export_adapter(tmp_path)
     assert not list(tmp_path.iterdir())
 
 

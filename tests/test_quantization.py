@@ -96,7 +96,7 @@ def test_lora_on_nf4_bitsandbytes_trains_and_exports(cache_root, tmp_path):
     module = fit(tiny_cfg(cache_root, "krea", "nf4_bnb", gradient_checkpointing=False), lora(), steps=2)
     base = module.transformer.transformer_blocks[0].attn.to_q.base_layer
     assert isinstance(base, bnb.nn.Linear4bit) and base.weight.dtype == torch.uint8
-    path = module.export_lora(tmp_path)
+    path = module.export_adapter(tmp_path)
     with safe_open(path, "pt") as f:
         assert all(".lora_" in k for k in f.keys()) and f.metadata()["flux_lightning.quantization"] == "nf4_bnb"
     assert torch.isfinite(predict(module)).all()

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from flux_lightning import AdapterConfig, DatasetConfig, FluxDataModule, FluxLoRAModule, ModelConfig
-from flux_lightning.callbacks import EvalLoss, LoRAExport, ValidationImages
+from flux_lightning.callbacks import EvalLoss, AdapterExport, ValidationImages
 from flux_lightning.callbacks.validation import parse_resolutions, prompt_library
 from flux_lightning.config import ConfigError
 from flux_lightning.flavours import FLAVOURS
@@ -176,8 +176,8 @@ def test_final_images_equal_diffusers_with_the_exported_lora(tiny_model_cfg, tin
         str(tmp_path / "cfg"), validation_guidance=2.0, validation_guidance_real=3.0,
         validation_negative_prompt="blurry", **common,
     )
-    export = LoRAExport(str(tmp_path / "lora"), dtype="fp32")
-    export_bf16 = LoRAExport(str(tmp_path / "lora_bf16"))  # the default dtype
+    export = AdapterExport(str(tmp_path / "lora"), dtype="fp32")
+    export_bf16 = AdapterExport(str(tmp_path / "lora_bf16"))  # the default dtype
     _fit(tiny_model_cfg, cache_root, [plain, cfg, export, export_bf16], prompts=plain.prompt_texts() + cfg.prompt_texts(), steps=3)
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/step_*/*.png"))
     assert files == [f"{d}/step_3/{n}_{s}.png" for d in ("cfg", "plain") for n in ("circle", "star") for s in ("64x64", "96x64")]
@@ -246,6 +246,6 @@ def test_bad_callback_settings_fail_at_start_with_one_line(tmp_path):
         cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", "callbacks.validation.validation_resolution=100x64"])
         with pytest.raises(ConfigError, match="callbacks.validation.validation_resolution: '100x64'"):
             _instantiate_all(cfg.callbacks)
-        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", "callbacks.lora_export.dtype=int3"])
-        with pytest.raises(ConfigError, match="callbacks.lora_export.dtype='int3' is unknown"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", "callbacks.adapter_export.dtype=int3"])
+        with pytest.raises(ConfigError, match="callbacks.adapter_export.dtype='int3' is unknown"):
             _instantiate_all(cfg.callbacks)

@@ -15,6 +15,9 @@ from pathlib import Path, PurePath
 
 import lightning as L
 
+from .adapter_export import AdapterExport
+from .validation import ValidationImages
+
 log = logging.getLogger(__name__)
 
 REDACTED = "<redacted>"
@@ -166,8 +169,6 @@ class ModelCard(L.Callback):
         self.config_yaml = config_yaml
 
     def facts(self, trainer: L.Trainer, module) -> dict:
-        from .validation import ValidationImages
-
         m, a, t = module.model_cfg, module.adapter_cfg, module.timesteps
         validation = next((cb for cb in trainer.callbacks if isinstance(cb, ValidationImages)), None)
         instance = validation.instance_prompt if validation is not None else None
@@ -193,10 +194,6 @@ class ModelCard(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        from .validation import ValidationImages
-
-        from .lora_export import LoRAExport
-
         self.dirpath.mkdir(parents=True, exist_ok=True)
         samples = []
         validation = next((cb for cb in trainer.callbacks if isinstance(cb, ValidationImages)), None)
@@ -209,9 +206,9 @@ class ModelCard(L.Callback):
         if self.config_yaml:
             (self.dirpath / "config.yaml").write_text(redact_yaml(self.config_yaml), encoding="utf-8")
         if self.push_to_hub:
-            failed = next((cb.error for cb in trainer.callbacks if isinstance(cb, LoRAExport) and cb.error), None)
+            failed = next((cb.error for cb in trainer.callbacks if isinstance(cb, AdapterExport) and cb.error), None)
             if failed:
-                log.error("push_to_hub to %s skipped: the LoRA export failed (%s)", self.hub_model_id, failed)
+                log.error("push_to_hub to %s skipped: the adapter export failed (%s)", self.hub_model_id, failed)
                 return
             self.upload()
 

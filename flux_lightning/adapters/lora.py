@@ -1,7 +1,5 @@
-"""Adapters on the Flux transformer: LoRA (PEFT) and LoKr (LyCORIS, see :mod:`.lokr`).
-
-LoRA: target presets, PEFT set-up, continuing from an existing LoRA file (``init_lora``) and a
-frozen assistant LoRA stacked under the trained one. Writing files is :mod:`flux_lightning.export`.
+"""PEFT LoRA on the Flux transformer: set-up, continuing from a LoRA file (``init_lora``) and a
+frozen assistant LoRA stacked under the trained one. Writing files is :mod:`.export`.
 
 The trained adapter is PEFT's adapter ``default``; the assistant is ``assistant`` (never trained,
 never checkpointed or exported).
@@ -13,177 +11,13 @@ import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-LORA_FILENAME = "pytorch_lora_weights.safetensors"
+from .config import ADAPTER_FILENAME, BASE_MODIFYING_INITS, INIT_TYPES, AdapterConfig, resolve_targets
 
-_MMDIT = ["to_q", "to_k", "to_v", "to_out.0"]
-_CONTEXT = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-_FFS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
-
-TARGET_PRESETS: dict[str, list[str]] = {
-    "mmdit": _MMDIT,
-    "all": _MMDIT + _CONTEXT,
-    "context": _CONTEXT,
-    "context+ffs": _CONTEXT + ["ff_context.net.0.proj", "ff_context.net.2"],
-    "all+ffs": _MMDIT + _CONTEXT + _FFS,
-    "tiny": ["single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"],
-    "nano": ["single_transformer_blocks.7.proj_out"],
-}
-
-INIT_TYPES = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": "loftq"}
-# inits that rewrite the frozen base weights: impossible on a quantized base
-BASE_MODIFYING_INITS = ("pissa", "olora", "loftq")
-ADAPTER_TYPES = ("lora", "lokr")
 TRAINED, ASSISTANT = "default", "assistant"
-
-
-@dataclass
-class AdapterConfig:
-    """Adapter hyper-parameters (``adapter=lora`` or ``adapter=lokr``).
-
-    Attributes:
-        type: ``lora`` (PEFT) or ``lokr`` (LyCORIS LoKr).
-        rank: LoRA rank r; for LoKr the rank of the larger Kronecker factor (ignored with
-            ``full_matrix``).
-        alpha: LoRA alpha; the update is scaled by ``alpha / rank``. Null = rank (scale 1).
-        dropout: dropout on the LoRA branch input during training (LoRA only).
-        target: a preset name from :data:`TARGET_PRESETS` or an explicit list of module names
-            (matched by suffix, as PEFT does); for LoKr also ``attention+ff`` (the quickstart's
-            LyCORIS preset: every Linear in the attention and feed-forward modules).
-        init: ``default`` (A Kaiming, B zero), ``gaussian``, ``pissa``, ``olora`` or ``loftq``.
-            PiSSA/OLoRA move the principal part of W into the adapter; export converts back to a
-            plain LoRA (rank 2r). LoftQ (CUDA + bitsandbytes) replaces W by its 4-bit NF4
-            approximation Q and starts the LoRA at the best rank-r fit of W - Q: its LoRA is meant
-            for an NF4 base at inference. None of these work on a quantized base.
-        init_lora: continue from an existing adapter file (a LoRA in diffusers/kohya keys, or a
-            LoKr exported by this library); its rank and targets must match this config.
-        weight_dtype: dtype of the adapter weights, ``fp32`` or ``bf16``; null = what the optimizer
-            wants (``adamw_bf16``: bf16, others fp32).
-        factor: LoKr Kronecker factor (the smaller factor's side; -1 = as square as possible).
-        ff_factor: LoKr factor for feed-forward modules with ``target=attention+ff``; null = factor.
-        full_matrix: LoKr trains both Kronecker factors as full matrices (no low-rank split).
-    """
-
-    type: str = "lora"
-    rank: int = 16
-    alpha: float | None = None
-    dropout: float = 0.1
-    target: Any = "all"
-    init: str = "default"
-    init_lora: str | None = None
-    weight_dtype: str | None = None
-    factor: int = 16
-    ff_factor: int | None = 8
-    full_matrix: bool = True
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.rank if self.alpha is None else self.alpha)
-
-
-def resolve_targets(target: Any) -> list[str]:
-    """Module-name suffixes for ``adapter.target`` (a preset name or a list of names)."""
-    from .lokr import LYCORIS_PRESETS
-
-    if isinstance(target, str) and target in LYCORIS_PRESETS:
-        raise ValueError(f"adapter.target={target!r} is a LyCORIS preset; use it with adapter=lokr")
-    if isinstance(target, str):
-        if target not in TARGET_PRESETS:
-            raise ValueError(
-                f"adapter.target={target!r} is not a preset; use one of {sorted(TARGET_PRESETS)} "
-                "or a list of module names"
-            )
-        return list(TARGET_PRESETS[target])
-    names = [str(t) for t in target]
-    if not names:
-        raise ValueError("adapter.target is an empty list; name at least one module")
-    return names
-
-
-def adapter_problems(cfg: AdapterConfig, *, quantized: bool = False) -> list[str]:
-    """Every invalid adapter field (and adapter/base combination), one line each with its fix."""
-    from .lokr import LYCORIS_PRESETS
-
-    out = []
-    if cfg.type not in ADAPTER_TYPES:
-        out.append(f"adapter.type={cfg.type!r} is unknown; use lora or lokr")
-    elif cfg.type == "lokr":
-        if not (isinstance(cfg.target, str) and cfg.target in LYCORIS_PRESETS):
-            try:
-                resolve_targets(cfg.target)
-            except ValueError as err:
-                out.append(f"{err} (or a LyCORIS preset: {', '.join(LYCORIS_PRESETS)})")
-        if cfg.init != "default":
-            out.append(f"adapter.init={cfg.init} is a LoRA initialisation; LoKr takes adapter.init=default")
-        if cfg.factor == 0 or cfg.factor < -1:
-            out.append(f"adapter.factor={cfg.factor} must be -1 or a positive integer")
-        import importlib.util
-
-        if importlib.util.find_spec("lycoris") is None:
-            out.append("adapter=lokr needs the lycoris-lora package; pip install 'flux-lightning[lycoris]'")
-    else:
-        try:
-            resolve_targets(cfg.target)
-        except ValueError as err:
-            out.append(str(err))
-    if cfg.rank < 1:
-        out.append(f"adapter.rank={cfg.rank} must be >= 1")
-    if cfg.init not in INIT_TYPES:
-        out.append(f"adapter.init={cfg.init!r} is unknown; use one of {sorted(INIT_TYPES)}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        out.append(f"adapter.dropout={cfg.dropout} must be within [0, 1)")
-    if cfg.weight_dtype not in (None, "fp32", "bf16"):
-        out.append(f"adapter.weight_dtype={cfg.weight_dtype!r} is unknown; use fp32, bf16 or null")
-    if cfg.init == "loftq" and not torch.cuda.is_available():
-        out.append(
-            "adapter.init=loftq needs a CUDA GPU and bitsandbytes (PEFT runs LoftQ's NF4 rounds on CUDA); "
-            "use adapter.init=default here"
-        )
-    if quantized and cfg.init in BASE_MODIFYING_INITS:
-        out.append(
-            f"adapter.init={cfg.init} rewrites the base weights and cannot run on a quantized base; "
-            "use quantization=none or adapter.init=default"
-        )
-    if cfg.init_lora:
-        if not Path(cfg.init_lora).expanduser().is_file():
-            out.append(f"adapter.init_lora: file '{cfg.init_lora}' does not exist; point it at a .safetensors adapter")
-        if cfg.init != "default":
-            out.append(
-                f"adapter.init_lora replaces the initial adapter weights; adapter.init={cfg.init} "
-                "would be discarded, use adapter.init=default"
-            )
-    return out
-
-
-def add_adapter(transformer: torch.nn.Module, cfg: AdapterConfig, dtype: torch.dtype = torch.float32) -> None:
-    """Add the trainable adapter of ``cfg`` to the frozen ``transformer`` (weights in ``dtype``);
-    continue from ``cfg.init_lora`` when set."""
-    if cfg.type == "lokr":
-        from .lokr import add_lokr, load_lokr_weights
-
-        add_lokr(transformer, cfg)
-        if cfg.init_lora:
-            load_lokr_weights(transformer, cfg.init_lora)
-    else:
-        add_lora(transformer, cfg)
-        if cfg.init_lora:
-            load_init_lora(transformer, cfg, cfg.init_lora)
-    cast_adapter(transformer, dtype)
-
-
-def trainable_adapter_parameters(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in transformer.named_parameters() if p.requires_grad}
-
-
-def cast_adapter(transformer: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Hold the trainable adapter weights in ``dtype`` (the frozen base is untouched)."""
-    for param in trainable_adapter_parameters(transformer).values():
-        param.data = param.data.to(dtype)
 
 
 def add_lora(transformer: torch.nn.Module, cfg: AdapterConfig) -> None:
@@ -277,11 +111,11 @@ def read_lora_file(source: str, weight_name: str | None = None) -> tuple[dict[st
 
     path = Path(source).expanduser()
     if path.is_dir():
-        path = path / (weight_name or LORA_FILENAME)
+        path = path / (weight_name or ADAPTER_FILENAME)
     elif not path.is_file():
         from huggingface_hub import hf_hub_download
 
-        path = Path(hf_hub_download(source, weight_name or LORA_FILENAME))
+        path = Path(hf_hub_download(source, weight_name or ADAPTER_FILENAME))
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
     state, alphas = FluxPipeline.lora_state_dict(load_file(str(path)), return_alphas=True)

@@ -1,4 +1,5 @@
-"""Write the LoRA file with every checkpoint and at the end of training, without ever costing the run."""
+"""Write the adapter file (LoRA or LoKr) with every checkpoint and at the end of training, without
+ever costing the run."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ from pathlib import Path
 
 import lightning as L
 
+from ..adapters import ADAPTER_FILENAME, LORA_FORMATS, lora_format_problems
 from ..components import DTYPES
-from ..errors import ConfigError
-from ..errors import AdapterExportError
+from ..errors import AdapterExportError, ConfigError
 
 log = logging.getLogger(__name__)
 
 
-class LoRAExport(L.Callback):
+class AdapterExport(L.Callback):
     """Keeps ``<dirpath>/pytorch_lora_weights.safetensors`` current (rank 0 only).
 
     Exporting never costs a run: the format is checked against ``adapter.target`` in :meth:`setup`
@@ -27,7 +28,8 @@ class LoRAExport(L.Callback):
     Args:
         dirpath: output folder, usually ``<run dir>/lora``.
         with_checkpoints: also export whenever Lightning saves a checkpoint.
-        lora_format: ``diffusers`` (default), ``comfyui`` or ``kohya`` key layout.
+        lora_format: ``diffusers`` (default), ``comfyui`` or ``kohya`` key layout of a LoRA (a LoKr
+            is always written in the LyCORIS layout).
         dtype: tensor dtype in the file: ``bf16`` (default: half the size, what trainers ship),
             ``fp16`` or ``fp32`` (bit-exact with the training weights, so images from the file
             equal the final validation images; the ``diffusers`` layout's folded ``(alpha/r) B`` is
@@ -35,13 +37,11 @@ class LoRAExport(L.Callback):
     """
 
     def __init__(self, dirpath: str, with_checkpoints: bool = True, lora_format: str = "diffusers", dtype: str = "bf16"):
-        from ..lora_formats import LORA_FORMATS
-
         problems = []
         if lora_format not in LORA_FORMATS:
-            problems.append(f"callbacks.lora_export.lora_format={lora_format!r} is unknown; use {', '.join(LORA_FORMATS)}")
+            problems.append(f"callbacks.adapter_export.lora_format={lora_format!r} is unknown; use {', '.join(LORA_FORMATS)}")
         if dtype not in DTYPES:
-            problems.append(f"callbacks.lora_export.dtype={dtype!r} is unknown; use {', '.join(DTYPES)}")
+            problems.append(f"callbacks.adapter_export.dtype={dtype!r} is unknown; use {', '.join(DTYPES)}")
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
         self.dirpath = Path(dirpath)
@@ -54,8 +54,6 @@ class LoRAExport(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Refuse a format that cannot name the targeted modules, before the weights load."""
-        from ..export import lora_format_problems
-
         problems = lora_format_problems(self.lora_format, pl_module.adapter_cfg)
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
@@ -63,14 +61,14 @@ class LoRAExport(L.Callback):
     def _export(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero or (self._exported_step == trainer.global_step and self.error is None):
             return
-        target = self.dirpath / "pytorch_lora_weights.safetensors"
+        target = self.dirpath / ADAPTER_FILENAME
         try:
-            self.path = pl_module.export_lora(self.dirpath, dtype=self.dtype, lora_format=self.lora_format)
+            self.path = pl_module.export_adapter(self.dirpath, dtype=self.dtype, lora_format=self.lora_format)
         except Exception as err:  # disk full, permissions, a format error: never lose the run for it
             self.path = None
             self.error = f"writing {target} failed at step {trainer.global_step} ({type(err).__name__}: {err})"
             # a full or read-only disk is one line (the file there is intact); anything else, the traceback
-            log.error("callbacks.lora_export: %s; training and checkpoints continue", self.error, exc_info=not isinstance(err, OSError))
+            log.error("callbacks.adapter_export: %s; training and checkpoints continue", self.error, exc_info=not isinstance(err, OSError))
             return
         self.error, self._exported_step = None, trainer.global_step
 
@@ -92,6 +90,6 @@ class LoRAExport(L.Callback):
         if stage == "fit" and self.error is not None:
             error, self.error = self.error, None
             raise AdapterExportError(
-                f"callbacks.lora_export: {error}. Training finished and its checkpoints are saved: fix the "
+                f"callbacks.adapter_export: {error}. Training finished and its checkpoints are saved: fix the "
                 "cause and re-run the same command (it resumes from checkpoints/last.ckpt and only exports)"
             )

@@ -21,16 +21,17 @@ from pathlib import Path
 
 import torch
 
-from .adapters import LORA_FILENAME, AdapterConfig, lora_state_dict
-from .checkpointing import save_safetensors_atomic
+from ..checkpointing import save_safetensors_atomic
+from .config import ADAPTER_FILENAME, AdapterConfig, resolve_targets
+from .lokr import export_lokr
+from .lora import lora_state_dict
+from .lora_formats import LORA_FORMATS, convert, unsupported_modules
 
 
 def export_adapter(transformer: torch.nn.Module, cfg: AdapterConfig, directory, **kwargs) -> Path:
     """Write the trained adapter to ``directory`` in the format of its type (see :func:`export_lora`
-    and :func:`flux_lightning.lokr.export_lokr`)."""
+    and :func:`.lokr.export_lokr`)."""
     if cfg.type == "lokr":
-        from .lokr import export_lokr
-
         fmt = kwargs.pop("lora_format", "diffusers")
         if fmt != "diffusers":
             warnings.warn(
@@ -53,14 +54,12 @@ def export_lora(
 ) -> Path:
     """Write ``<directory>/pytorch_lora_weights.safetensors`` atomically and return its path.
 
-    ``lora_format`` picks the key layout (see :mod:`flux_lightning.lora_formats`); the ``diffusers``
+    ``lora_format`` picks the key layout (see :mod:`.lora_formats`); the ``diffusers``
     layout folds ``alpha / r`` into ``lora_B`` and records ``alpha = r`` (see the module doc). For PiSSA/OLoRA
     the trained ``(A, B)`` and initial ``(A0, B0)`` become one rank-2r LoRA ``A' = [A; A0]``,
     ``B' = [B, -B0]`` with alpha doubled, so that on the *original* base ``W0 + s (B A - B0 A0)``
     equals the training model's weight.
     """
-    from .lora_formats import convert
-
     state = lora_state_dict(transformer)
     rank, alpha = cfg.rank, cfg.lora_alpha
     initial = getattr(transformer, "_flux_lightning_initial_lora", {})
@@ -94,28 +93,25 @@ def export_lora(
         metadata["lora_adapter_metadata"] = json.dumps(
             {f"transformer.{k}": v for k, v in config.items()}, sort_keys=True, default=str
         )
-    return save_safetensors_atomic(tensors, Path(directory) / LORA_FILENAME, metadata)
+    return save_safetensors_atomic(tensors, Path(directory) / ADAPTER_FILENAME, metadata)
 
 
 def lora_format_problems(lora_format: str, adapter: AdapterConfig) -> list[str]:
     """One line (with the fix) if the LoRA of ``adapter`` cannot be written as ``lora_format``;
     checked before training so that the export at the end cannot fail on it."""
-    from .adapters import resolve_targets
-    from .lora_formats import LORA_FORMATS, unsupported_modules
-
     if adapter.type != "lora" or lora_format not in LORA_FORMATS:  # LoKr ignores lora_format
         return []
     try:
         targets = resolve_targets(adapter.target)
-    except ValueError:  # reported by adapter_problems
+    except ValueError:  # reported by AdapterConfig.problems
         return []
     bad = unsupported_modules(lora_format, targets)
     if not bad:
         return []
     shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
     return [
-        f"callbacks.lora_export.lora_format={lora_format} has no key for module(s) {shown} selected by "
-        f"adapter.target={adapter.target!r}; use callbacks.lora_export.lora_format=diffusers or comfyui, "
+        f"callbacks.adapter_export.lora_format={lora_format} has no key for module(s) {shown} selected by "
+        f"adapter.target={adapter.target!r}; use callbacks.adapter_export.lora_format=diffusers or comfyui, "
         "or leave these modules out of adapter.target"
     ]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import LORA_FILENAME, AdapterConfig, resolve_targets
-from .checkpointing import save_safetensors_atomic
+from ..checkpointing import save_safetensors_atomic
+from .config import ADAPTER_FILENAME, AdapterConfig, resolve_targets
 
 NETWORK_ATTR = "lycoris"  # the LyCORIS network is registered on the transformer under this name
 
@@ -30,7 +30,6 @@ NETWORK_ATTR = "lycoris"  # the LyCORIS network is registered on the transformer
 # Flux's attention class `Attention` before 0.35 and `FluxAttention` since).
 ATTENTION_CLASSES = ("FluxAttention", "Attention")
 FEED_FORWARD_CLASSES = ("FeedForward",)
-LYCORIS_PRESETS = ("attention+ff",)
 
 
 def _preset(cfg: AdapterConfig) -> dict:
@@ -125,7 +124,7 @@ def export_lokr(
         "lycoris_config": json.dumps(asdict(cfg), sort_keys=True, default=str),
         **(extra_metadata or {}),
     }
-    return save_safetensors_atomic(tensors, Path(directory) / LORA_FILENAME, metadata)
+    return save_safetensors_atomic(tensors, Path(directory) / ADAPTER_FILENAME, metadata)
 
 
 def load_lokr_weights(transformer: torch.nn.Module, source: str | os.PathLike) -> None:
@@ -138,7 +137,7 @@ def load_lokr_weights(transformer: torch.nn.Module, source: str | os.PathLike) -
 
     path = Path(source).expanduser()
     if path.is_dir():
-        path = path / LORA_FILENAME
+        path = path / ADAPTER_FILENAME
     state = load_file(str(path))
     network = lokr_network(transformer)
     ours = network.state_dict()
