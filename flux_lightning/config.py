@@ -20,9 +20,9 @@ from .components import (
     resolve_source,
 )
 from .data.backend_file import resolve_dataset
-from .data.config import DatasetConfig
+from .data.config import DatasetConfig, backend_field
 from .errors import DataError
-from .data.paired import PairedDatasetConfig
+from .data.references import pairing_problems
 from .flavours import FLAVOURS
 from .flow import TimestepConfig
 from .memory import memory_problems
@@ -129,11 +129,7 @@ def combination_problems(run: RunConfig, optimizer_name: str | None) -> list[str
             "optimizer=adamw_bf16 holds the adapter in bf16 but quantization.base_model_default_dtype=fp32; "
             "use optimizer=adamw (or another fp32 optimizer) or base_model_default_dtype=bf16"
         )
-    if run.dataset.conditioning_data_dir is not None and not spec.reference_conditioning:
-        out.append(
-            f"dataset.conditioning_data_dir gives reference images, which flavour {name} does not use; "
-            "use model=kontext or remove dataset.conditioning_data_dir"
-        )
+    out += pairing_problems(run.dataset, spec.reference_conditioning, name)
     if model.assistant_lora and run.adapter.type != "lora":
         out.append(
             f"the assistant LoRA of flavour {name} stacks under a LoRA, not a {run.adapter.type}; "
@@ -145,18 +141,39 @@ def combination_problems(run: RunConfig, optimizer_name: str | None) -> list[str
 def data_folder_problems(dataset: DatasetConfig) -> list[str]:
     out = []
     for b in dataset.image_backends():
-        field_name = "dataset.instance_data_dir" if dataset.uses_shorthand() else f"dataset.backends[{b.id}].instance_data_dir"
+        field_name = backend_field(b.id, "instance_data_dir")
+        what = "the reference images" if b.conditioning_type == "reference" and b.dataset_type == "conditioning" else "a folder of images"
         out += [
-            f"{field_name}: folder '{d}' does not exist; point it at a folder of images"
+            f"{field_name}: folder '{d}' does not exist; point it at {what}"
             for d in b.folders()
             if not Path(d).expanduser().is_dir()
         ]
-    if isinstance(dataset, PairedDatasetConfig):
-        out += [
-            f"dataset.conditioning_data_dir: folder '{d}' does not exist; point it at the reference images"
-            for d in dataset.conditioning_folders()
-            if not Path(d).expanduser().is_dir()
-        ]
+    out += [
+        f"dataset.eval_data_dir: folder '{d}' does not exist; point it at a folder of images"
+        for d in dataset.eval_folders()
+        if not Path(d).expanduser().is_dir()
+    ]
+    return out
+
+
+_MOVED_EVAL_KEYS = ("eval_fraction", "eval_min_images", "eval_data_dir")
+
+
+def eval_split_problems(callbacks: dict, dataset: DatasetConfig) -> list[str]:
+    """The ``eval_loss`` callback needs an eval split (``dataset.eval_fraction`` or
+    ``dataset.eval_data_dir``); the split's settings are ``dataset.*``, no longer the callback's."""
+    eval_loss = callbacks.get("eval_loss")
+    if not isinstance(eval_loss, dict):
+        return []
+    out = [
+        f"callbacks.eval_loss.{key} is now dataset.{key}; move it there"
+        for key in _MOVED_EVAL_KEYS if key in eval_loss
+    ]
+    if dataset.eval_fraction == 0 and not dataset.eval_folders():
+        out.append(
+            "callbacks.eval_loss needs dataset.eval_fraction > 0 or dataset.eval_data_dir=<folder> "
+            "(or set callbacks.eval_loss=null)"
+        )
     return out
 
 
@@ -213,8 +230,6 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     optimizer_name = cfg.optimizer.get("name") if cfg.get("optimizer") is not None else None
     problems += model_problems(run.model)
     flavour_known = run.model.flavour in FLAVOURS and not any("model.tiny_like" in p for p in problems)
-    if flavour_known and run.model.spec.reference_conditioning:  # trains on (target, reference) pairs
-        run.dataset = PairedDatasetConfig.from_dataset(run.dataset)
     problems += adapter_problems(run.adapter, quantized=run.model.quantization.quantized)
     export = (cfg.get("callbacks") or {}).get("lora_export")  # issue 10: export format vs targets
     if export is not None:
@@ -222,6 +237,7 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
 
         problems += lora_format_problems(export.get("lora_format", "diffusers"), run.adapter)
     problems += run.dataset.problems()
+    problems += eval_split_problems(_plain(cfg.get("callbacks")), run.dataset)
     if optimizer_name is not None:
         problems += optimizer_problems(optimizer_name)
     try:

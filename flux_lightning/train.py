@@ -23,7 +23,6 @@ from .checkpointing import AtomicCheckpointIO, checkpoint_step
 from .config import validate
 from .data import FluxDataModule
 from .errors import USER_ERRORS, ConfigError, NonFiniteLossError, StopRequested
-from .data.paired import PairedDatasetConfig, PairedFluxDataModule
 from .module import FluxLoRAModule
 from .schema import register
 from .simpletuner_cli import with_simpletuner_config
@@ -169,8 +168,7 @@ def _train(cfg: DictConfig) -> float:
             cb.config_yaml = _resolved_yaml(cfg)
     prompts = [p for cb in callbacks if isinstance(cb, ValidationImages) for p in cb.prompt_texts()]
     evals = [cb for cb in callbacks if isinstance(cb, EvalLoss)]
-    datamodule_cls = PairedFluxDataModule if isinstance(run.dataset, PairedDatasetConfig) else FluxDataModule
-    datamodule = datamodule_cls(run.dataset, run.model, prompts=prompts, **(evals[0].data_kwargs() if evals else {}))
+    datamodule = FluxDataModule(run.dataset, run.model, prompts=prompts)
     module = FluxLoRAModule(
         model=run.model,
         adapter=run.adapter,
