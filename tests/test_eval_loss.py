@@ -24,7 +24,7 @@ def test_holdout_is_deterministic_sized_and_order_free():
     assert len(held) == 2 and held == select_holdout(list(reversed(keys)), 0.1)
     assert select_holdout(keys, 0.0) == set()
     assert holdout_count(3, 0.01) == 1 and holdout_count(3, 0.9) == 2
-    with pytest.raises(DataError, match="eval_fraction=0.5 needs at least 2 images"):
+    with pytest.raises(DataError, match="dataset.eval_fraction=0.5 needs at least 2 images"):
         holdout_count(1, 0.5)
 
 
