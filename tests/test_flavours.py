@@ -1,5 +1,5 @@
 """Flavour behaviour on the tiny flavour: guidance modes, attention masking, kontext reference tokens,
-schnell's assistant LoRA, and the paired (kontext) dataset."""
+schnell's assistant LoRA, and kontext's reference pairs (a reference backend of the one DataModule)."""
 
 from dataclasses import replace
 
@@ -138,7 +138,7 @@ def test_kontext_without_pairs_says_what_is_missing(cache_root):
         module.training_step(data, 0)
 
 
-def test_paired_datamodule_serves_reference_latents(cache_root, tmp_path):
+def test_demo_pairs_serve_reference_latents(cache_root, tmp_path):
     cfg = tiny_cfg(cache_root, "kontext")
     dm = FluxDataModule(
         DatasetConfig(resolution=64, batch_size=2, cache_dir=str(cache_root), demo_images=4,
@@ -152,12 +152,12 @@ def test_paired_datamodule_serves_reference_latents(cache_root, tmp_path):
     assert not torch.equal(item["reference_latents"], item["latents"])
     sample = dm.train_dataset.samples[0]
     ref_path = sample.reference.path
-    assert ref_path.name == sample.path.name and "reference-gray" in str(ref_path.parent)
+    assert ref_path.name == sample.path.name and ref_path.parent.name == f"{sample.path.parent.name}-reference-gray"
     loaded = next(iter(dm.train_dataloader()))
     assert loaded["reference_latents"].shape == (2, 16, 8, 8)
 
 
-def test_paired_datamodule_skips_images_without_a_reference(cache_root, tmp_path):
+def test_images_without_a_reference_are_skipped(cache_root, tmp_path):
     from PIL import Image
 
     images, refs = tmp_path / "images", tmp_path / "refs"

@@ -47,7 +47,9 @@ def with_demo_references(backends: list[ImageBackendConfig]) -> list[ImageBacken
     out = []
     for b in backends:
         if b.dataset_type == "image" and b.instance_data_dir is None and not b.conditioning_data:
-            ref = ImageBackendConfig(id=f"{b.id}-reference", dataset_type="conditioning", conditioning_type="reference")
+            ref = ImageBackendConfig(  # the same resolution: the same generated folder
+                id=f"{b.id}-reference", dataset_type="conditioning", conditioning_type="reference", resolution=b.resolution
+            )
             out += [replace(b, conditioning_data=ref.id), ref]
         else:
             out.append(b)
