@@ -19,8 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 from .adapters import BASE_MODIFYING_INITS, AdapterConfig, lora_format_problems
 from .components import check_source, resolve_source
 from .data.backend_file import resolve_dataset
-from .data.config import DatasetConfig
-from .data.paired import PairedDatasetConfig
+from .data.config import DatasetConfig, backend_field
+from .data.references import pairing_problems
 from .errors import ConfigError, DataError, ModelSourceError
 from .flow import TimestepConfig
 from .model_config import ModelConfig
@@ -109,11 +109,7 @@ def cross_group_problems(run: RunConfig, cfg: DictConfig) -> list[str]:
             "optimizer=adamw_bf16 holds the adapter in bf16 but quantization.base_model_default_dtype=fp32; "
             "use optimizer=adamw (or another fp32 optimizer) or base_model_default_dtype=bf16"
         )
-    if run.dataset.conditioning_data_dir is not None and not spec.reference_conditioning:
-        out.append(
-            f"dataset.conditioning_data_dir gives reference images, which flavour {name} does not use; "
-            "use model=kontext or remove dataset.conditioning_data_dir"
-        )
+    out += pairing_problems(run.dataset, spec.reference_conditioning, name)
     if model.assistant_lora and run.adapter.type != "lora":
         out.append(
             f"the assistant LoRA of flavour {name} stacks under a LoRA, not a {run.adapter.type}; "
@@ -151,18 +147,39 @@ def schedule_length_problems(sched: LRSchedulerConfig | None, max_steps) -> list
 def data_folder_problems(dataset: DatasetConfig) -> list[str]:
     out = []
     for b in dataset.image_backends():
-        field_name = "dataset.instance_data_dir" if dataset.uses_shorthand() else f"dataset.backends[{b.id}].instance_data_dir"
+        field_name = backend_field(b.id, "instance_data_dir")
+        what = "the reference images" if b.conditioning_type == "reference" and b.dataset_type == "conditioning" else "a folder of images"
         out += [
-            f"{field_name}: folder '{d}' does not exist; point it at a folder of images"
+            f"{field_name}: folder '{d}' does not exist; point it at {what}"
             for d in b.folders()
             if not Path(d).expanduser().is_dir()
         ]
-    if isinstance(dataset, PairedDatasetConfig):
-        out += [
-            f"dataset.conditioning_data_dir: folder '{d}' does not exist; point it at the reference images"
-            for d in dataset.conditioning_folders()
-            if not Path(d).expanduser().is_dir()
-        ]
+    out += [
+        f"dataset.eval_data_dir: folder '{d}' does not exist; point it at a folder of images"
+        for d in dataset.eval_folders()
+        if not Path(d).expanduser().is_dir()
+    ]
+    return out
+
+
+_MOVED_EVAL_KEYS = ("eval_fraction", "eval_min_images", "eval_data_dir")
+
+
+def eval_split_problems(callbacks: dict, dataset: DatasetConfig) -> list[str]:
+    """The ``eval_loss`` callback needs an eval split (``dataset.eval_fraction`` or
+    ``dataset.eval_data_dir``); the split's settings are ``dataset.*``, no longer the callback's."""
+    eval_loss = callbacks.get("eval_loss")
+    if not isinstance(eval_loss, dict):
+        return []
+    out = [
+        f"callbacks.eval_loss.{key} is now dataset.{key}; move it there"
+        for key in _MOVED_EVAL_KEYS if key in eval_loss
+    ]
+    if dataset.eval_fraction == 0 and not dataset.eval_folders():
+        out.append(
+            "callbacks.eval_loss needs dataset.eval_fraction > 0 or dataset.eval_data_dir=<folder> "
+            "(or set callbacks.eval_loss=null)"
+        )
     return out
 
 
@@ -241,9 +258,8 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     if run.adapter.weight_dtype is None:
         run.adapter.weight_dtype = adapter_dtype(run.optimizer.name if run.optimizer is not None else None)
     flavour_known = not run.model.flavour_problems()
-    if flavour_known and run.model.spec.reference_conditioning:  # trains on (target, reference) pairs
-        run.dataset = PairedDatasetConfig.from_dataset(run.dataset)
     problems += group_problems(run) + loop_problems(cfg)
+    problems += eval_split_problems(_plain(cfg.get("callbacks")), run.dataset)
     if flavour_known:
         problems += cross_group_problems(run, cfg)
         run.timesteps = run.timesteps.for_flavour(run.model.spec.fast_schedule)

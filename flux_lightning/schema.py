@@ -23,9 +23,21 @@ from .optim import LRSchedulerConfig, OptimizerConfig
 from .tread import TreadConfig
 
 # Wiring between nodes (not defaults of the dataclasses): caches live under paths.cache_dir, the
-# data order follows the run's seed.
+# data order follows the run's seed, and the eval split (dataset.eval_fraction, 0 in the library)
+# is APP_EVAL_FRACTION while the eval_loss callback is on, 0 when callbacks.eval_loss=null.
 _MODEL_WIRING = {"cache_dir": "${paths.cache_dir}/models"}
-_DATASET_WIRING = {"cache_dir": "${paths.cache_dir}", "seed": "${seed}"}
+_DATASET_WIRING = {
+    "cache_dir": "${paths.cache_dir}",
+    "seed": "${seed}",
+    "eval_fraction": "${flux_lightning.eval_fraction:${oc.select:callbacks.eval_loss,null}}",
+}
+APP_EVAL_FRACTION = 0.1
+
+
+def app_eval_fraction(eval_loss) -> float:
+    """``dataset.eval_fraction`` unless set: :data:`APP_EVAL_FRACTION` of the source images are held
+    out while the ``eval_loss`` callback (its config node, or None) is on, none when it is off."""
+    return APP_EVAL_FRACTION if eval_loss else 0.0
 
 
 @dataclass
@@ -100,3 +112,5 @@ def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("flux_lightning.run_name"):
         OmegaConf.register_new_resolver("flux_lightning.run_name", default_run_name)
+    if not OmegaConf.has_resolver("flux_lightning.eval_fraction"):
+        OmegaConf.register_new_resolver("flux_lightning.eval_fraction", app_eval_fraction)

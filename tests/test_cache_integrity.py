@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flux_lightning.data import DataError, DatasetConfig, FluxDataModule
+from flux_lightning.data import caching
 from flux_lightning.data import datamodule as dm_mod
 from flux_lightning.data.cache import CacheEntryError, TensorCache, latent_spec, mask_spec, text_spec
 from flux_lightning.data.config import ImageBackendConfig
@@ -136,8 +137,8 @@ def test_damaged_latent_text_and_mask_entries_are_reported_and_re_encoded(tiny_m
     damaged = [latent[0], latent[1], latent[2], texts[0], texts[1], texts[2], masks[0], masks[1], masks[2]]
 
     encoded = []
-    real = dm_mod.encode_images
-    monkeypatch.setattr(dm_mod, "encode_images", lambda v, px, seeds: encoded.append(len(seeds)) or real(v, px, seeds))
+    real = caching.encode_images
+    monkeypatch.setattr(caching, "encode_images", lambda v, px, seeds: encoded.append(len(seeds)) or real(v, px, seeds))
     with caplog.at_level(logging.WARNING):
         again = _masked_dm(model, tmp_path)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -194,24 +195,25 @@ def test_bad_entry_of_a_never_encoded_backend_is_skipped_and_counted(tiny_model_
 
 
 def test_damaged_kontext_reference_latent_is_re_encoded(cache_root, tmp_path, caplog):
-    from flux_lightning.data.paired import PairedDatasetConfig, PairedFluxDataModule
+    from flux_lightning import DatasetConfig, FluxDataModule
 
     model = tiny_cfg(cache_root, "kontext")
-    cfg = PairedDatasetConfig(resolution=64, batch_size=2, cache_dir=str(tmp_path / "cache"), demo_images=4,
-                              caption_dropout_probability=0.0)
+    cfg = DatasetConfig(resolution=64, batch_size=2, cache_dir=str(tmp_path / "cache"), demo_images=4,
+                        caption_dropout_probability=0.0)
 
     def prepared():
-        dm = PairedFluxDataModule(cfg, model)
+        dm = FluxDataModule(cfg, model)
         dm.prepare_data()
         dm.setup()
         return dm
 
     dm = prepared()
-    cache = dm.latent_caches[dm.train_dataset.samples[0].backend]
-    ref = cache.path(dm.train_dataset.reference_keys[0])
+    references = [s.reference for s in dm.train_dataset.samples]
+    cache = dm.latent_caches[references[0].backend]
+    ref = cache.path(references[0].latent_key)
     before = load_file(ref)["latents"].clone()
     truncate(ref)
-    fill(cache.path(dm.train_dataset.reference_keys[1]))
+    fill(cache.path(references[1].latent_key))
     with caplog.at_level(logging.WARNING):
         again = prepared()
     assert str(ref) in caplog.text and len(again.train_dataset) == 4

@@ -9,6 +9,7 @@ from PIL import Image
 
 from flux_lightning.data import DataError, DatasetConfig, FluxDataModule
 from flux_lightning.data.config import ImageBackendConfig
+from flux_lightning.data import caching
 from flux_lightning.data import datamodule as dm_mod
 from flux_lightning.data.cache import TensorCache
 from flux_lightning.data.demo import make_demo_dataset
@@ -119,7 +120,7 @@ def test_cached_latent_is_a_normalised_vae_sample(tiny_model_cfg, tmp_path):
     vae = load_vae(tiny_model_cfg)
     with torch.no_grad():
         dist = vae.encode(to_pixels(load_rgb(s.path), s.placement)[None]).latent_dist
-    noise = torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(dm_mod._seed_of(s.latent_key)))
+    noise = torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(caching._seed_of(s.latent_key)))
     expected = (dist.mean[0] + dist.std[0] * noise - 0.1159) * 0.3611
     torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
 
@@ -143,8 +144,8 @@ def test_second_run_encodes_nothing_and_changed_settings_encode_only_new_entries
     monkeypatch.undo()
 
     encoded = []
-    real_encode = dm_mod.encode_images
-    monkeypatch.setattr(dm_mod, "encode_images", lambda vae, px, seeds: encoded.append(len(seeds)) or real_encode(vae, px, seeds))
+    real_encode = caching.encode_images
+    monkeypatch.setattr(caching, "encode_images", lambda vae, px, seeds: encoded.append(len(seeds)) or real_encode(vae, px, seeds))
     other = _prepared(tiny_model_cfg, cache, instance_data_dir=str(data), resolution=32)
     assert sum(encoded) == 3 and other.train_dataset[(0, 0)]["latents"].shape == (16, 4, 4)
     encoded.clear()

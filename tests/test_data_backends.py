@@ -16,6 +16,7 @@ from PIL import Image
 from flux_lightning import AdapterConfig, FluxLoRAModule
 from flux_lightning.config import validate
 from flux_lightning.data import DataError, DatasetConfig, FluxDataModule
+from flux_lightning.data import caching
 from flux_lightning.data import datamodule as dm_mod
 from flux_lightning.data.backend_file import load_backend_file
 from flux_lightning.data.config import ImageBackendConfig
@@ -206,8 +207,8 @@ def test_changing_crop_reencodes_only_that_backend_and_never_serves_stale(tiny_m
         _img(tmp_path / "d" / f"{i}.png", size=(160, 64), colour=(100 * i, 0, 0))
     _img(tmp_path / "e" / "x.png", size=(64, 64))
     encoded = []
-    real = dm_mod.encode_images
-    monkeypatch.setattr(dm_mod, "encode_images", lambda v, px, seeds: encoded.append(len(seeds)) or real(v, px, seeds))
+    real = caching.encode_images
+    monkeypatch.setattr(caching, "encode_images", lambda v, px, seeds: encoded.append(len(seeds)) or real(v, px, seeds))
     make = lambda style: [
         _backend(tmp_path / "d", id="d", crop=True, crop_style=style),
         _backend(tmp_path / "e", id="e", crop=True),
@@ -226,7 +227,7 @@ def test_a_run_killed_mid_caching_is_completed_next_time(tiny_model_cfg, tmp_pat
     for i in range(6):
         _img(tmp_path / "d" / f"{i}.png", size=(64, 64), colour=(40 * i, 0, 0))
     calls = []
-    real = dm_mod.encode_images
+    real = caching.encode_images
 
     def dies_on_second_batch(v, px, seeds):
         calls.append(1)
@@ -234,12 +235,12 @@ def test_a_run_killed_mid_caching_is_completed_next_time(tiny_model_cfg, tmp_pat
             raise KeyboardInterrupt("killed")
         return real(v, px, seeds)
 
-    monkeypatch.setattr(dm_mod, "encode_images", dies_on_second_batch)
+    monkeypatch.setattr(caching, "encode_images", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         _dm(tiny_model_cfg, tmp_path / "c", [_backend(tmp_path / "d", crop=True)], vae_batch_size=2)
     written = list((tmp_path / "c" / "vae").rglob("*.safetensors"))
     assert len(written) == 2 and not list((tmp_path / "c").rglob("*.tmp"))
-    monkeypatch.setattr(dm_mod, "encode_images", lambda v, px, seeds: calls.append(len(seeds)) or real(v, px, seeds))
+    monkeypatch.setattr(caching, "encode_images", lambda v, px, seeds: calls.append(len(seeds)) or real(v, px, seeds))
     calls.clear()
     dm = _dm(tiny_model_cfg, tmp_path / "c", [_backend(tmp_path / "d", crop=True)], vae_batch_size=2)
     assert sum(calls) == 4 and len(dm.train_dataset) == 6

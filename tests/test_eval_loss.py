@@ -24,7 +24,7 @@ def test_holdout_is_deterministic_sized_and_order_free():
     assert len(held) == 2 and held == select_holdout(list(reversed(keys)), 0.1)
     assert select_holdout(keys, 0.0) == set()
     assert holdout_count(3, 0.01) == 1 and holdout_count(3, 0.9) == 2
-    with pytest.raises(DataError, match="eval_fraction=0.5 needs at least 2 images"):
+    with pytest.raises(DataError, match="dataset.eval_fraction=0.5 needs at least 2 images"):
         holdout_count(1, 0.5)
 
 
@@ -46,10 +46,11 @@ def make_datamodule(model_cfg, cache_root, eval_fraction=0.0, eval_data_dir=None
     """The 16-image demo; ``eval_min_images=0`` lets even this small dataset give images to the split."""
     from flux_lightning import DatasetConfig, FluxDataModule
 
-    cfg = DatasetConfig(resolution=64, batch_size=2, cache_dir=str(cache_root), caption_dropout_probability=0.5)
-    return FluxDataModule(
-        cfg, model_cfg, eval_fraction=eval_fraction, eval_data_dir=eval_data_dir, eval_min_images=eval_min_images
+    cfg = DatasetConfig(
+        resolution=64, batch_size=2, cache_dir=str(cache_root), caption_dropout_probability=0.5,
+        eval_fraction=eval_fraction, eval_data_dir=eval_data_dir, eval_min_images=eval_min_images,
     )
+    return FluxDataModule(cfg, model_cfg)
 
 
 def test_sigma_grid_is_spread_over_the_unit_interval_and_shifted_like_training():
@@ -136,15 +137,53 @@ def test_value_is_the_flow_matching_loss_on_the_grid(tiny_model_cfg, eval_data):
 
 
 def test_settings_are_checked_early():
-    with pytest.raises(ConfigError, match="needs eval_fraction > 0 or eval_data_dir"):
-        EvalLoss(eval_fraction=0.0)
-    with pytest.raises(ConfigError, match="eval_fraction=1.5 must be within"):
-        EvalLoss(eval_fraction=1.5)
-    with pytest.raises(ConfigError, match="eval_min_images=-1 must be >= 0"):
-        EvalLoss(eval_min_images=-1)
-    assert EvalLoss(eval_data_dir=["a", "b"]).data_kwargs() == {
-        "eval_fraction": 0.1, "eval_data_dir": ["a", "b"], "eval_min_images": 50
-    }
+    from flux_lightning import DatasetConfig
+
+    with pytest.raises(ConfigError, match="num_sigmas=0 must be >= 1"):
+        EvalLoss(num_sigmas=0)
+    problems = DatasetConfig(eval_fraction=1.5, eval_min_images=-1).problems()
+    assert any("dataset.eval_fraction=1.5 must be within [0, 1)" in p for p in problems)
+    assert any("dataset.eval_min_images=-1 must be >= 0" in p for p in problems)
+
+
+def _compose(tmp_path, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from flux_lightning.train import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/c", *overrides])
+
+
+def test_the_split_settings_are_the_datasets(tmp_path):
+    """``dataset.eval_*`` hold the split; the app holds out 0.1 while ``callbacks.eval_loss`` is on
+    and nothing when it is null (as when the callback carried the settings), unless set."""
+    from flux_lightning.config import validate
+
+    assert validate(_compose(tmp_path), check_sources=False).dataset.eval_fraction == 0.1
+    assert validate(_compose(tmp_path, "callbacks.eval_loss=null"), check_sources=False).dataset.eval_fraction == 0.0
+    chosen = validate(_compose(tmp_path, "callbacks.eval_loss=null", "dataset.eval_fraction=0.3"), check_sources=False)
+    assert chosen.dataset.eval_fraction == 0.3
+    with pytest.raises(ConfigError, match=r"callbacks.eval_loss needs dataset.eval_fraction > 0 or dataset.eval_data_dir"):
+        validate(_compose(tmp_path, "dataset.eval_fraction=0"), check_sources=False)
+    with pytest.raises(ConfigError, match="callbacks.eval_loss.eval_min_images is now dataset.eval_min_images; move it there"):
+        validate(_compose(tmp_path, "+callbacks.eval_loss.eval_min_images=10"), check_sources=False)
+    with pytest.raises(ConfigError, match="dataset.eval_data_dir: folder '/no/such/dir' does not exist"):
+        validate(_compose(tmp_path, "dataset.eval_data_dir=/no/such/dir"))
+
+
+def test_the_callback_finds_the_split_through_the_trainer(tiny_model_cfg, eval_data, caplog):
+    """Any datamodule with ``eval_dataloader`` serves the callback; without one it warns once, with the reason."""
+    import logging
+
+    callback, logged = EvalLoss(num_sigmas=2), []
+    module = _module(tiny_model_cfg)
+    assert callback.evaluate(_trainer(eval_data, logged), module) is not None and logged
+    with caplog.at_level(logging.WARNING):
+        for datamodule in (None, SimpleNamespace(eval_split="off (no backend has >= 50 images)", eval_dataloader=lambda bs: None)):
+            fresh = EvalLoss()
+            assert fresh.evaluate(_trainer(datamodule, []), module) is None
+    assert "no eval split (off)" in caplog.text and "no eval split (off (no backend has >= 50 images))" in caplog.text
 
 
 # -- the split never takes images from small datasets, and keeps every copy of a file on one side ----
@@ -172,11 +211,14 @@ def _images(folder, n, size=(64, 64)):
     return folder
 
 
-def _folder_dm(model_cfg, tmp_path, backends, **eval_kwargs):
+def _folder_dm(model_cfg, tmp_path, backends):
     from flux_lightning import DatasetConfig, FluxDataModule
 
-    cfg = DatasetConfig(backends=backends, cache_dir=str(tmp_path / "cache"), batch_size=1, caption_dropout_probability=0.0)
-    dm = FluxDataModule(cfg, model_cfg, **{**EvalLoss().data_kwargs(), **eval_kwargs})  # the callback's defaults
+    cfg = DatasetConfig(
+        backends=backends, cache_dir=str(tmp_path / "cache"), batch_size=1, caption_dropout_probability=0.0,
+        eval_fraction=0.1,  # the app's default while the eval_loss callback is on
+    )
+    dm = FluxDataModule(cfg, model_cfg)
     dm.prepare_data()
     dm.setup("fit")
     return dm

@@ -1,5 +1,5 @@
 """Flavour behaviour on the tiny flavour: guidance modes, attention masking, kontext reference tokens,
-schnell's assistant LoRA, and the paired (kontext) dataset."""
+schnell's assistant LoRA, and kontext's reference pairs (a reference backend of the one DataModule)."""
 
 from dataclasses import replace
 
@@ -8,8 +8,7 @@ import torch
 from diffusers import FluxKontextPipeline, FluxPipeline
 from safetensors import safe_open
 
-from flux_lightning import FluxLoRAModule
-from flux_lightning.data.paired import PairedDatasetConfig, PairedFluxDataModule
+from flux_lightning import DatasetConfig, FluxDataModule, FluxLoRAModule
 from flux_lightning.flavours import FLAVOURS, tiny_like
 
 from .helpers import REAL_FLAVOURS, batch, fit, lora, predict, tiny_cfg, timesteps_for
@@ -139,11 +138,11 @@ def test_kontext_without_pairs_says_what_is_missing(cache_root):
         module.training_step(data, 0)
 
 
-def test_paired_datamodule_serves_reference_latents(cache_root, tmp_path):
+def test_demo_pairs_serve_reference_latents(cache_root, tmp_path):
     cfg = tiny_cfg(cache_root, "kontext")
-    dm = PairedFluxDataModule(
-        PairedDatasetConfig(resolution=64, batch_size=2, cache_dir=str(cache_root), demo_images=4,
-                            caption_dropout_probability=0.0),
+    dm = FluxDataModule(
+        DatasetConfig(resolution=64, batch_size=2, cache_dir=str(cache_root), demo_images=4,
+                      caption_dropout_probability=0.0),
         cfg,
     )
     dm.prepare_data()
@@ -151,14 +150,14 @@ def test_paired_datamodule_serves_reference_latents(cache_root, tmp_path):
     item = dm.train_dataset[(0, 0)]
     assert item["reference_latents"].shape == item["latents"].shape == (16, 8, 8)
     assert not torch.equal(item["reference_latents"], item["latents"])
-    sample = dm.train_dataset.base.samples[0]
-    ref_path = dm.reference_for(sample.path)
-    assert ref_path.name == sample.path.name and "reference-gray" in str(ref_path.parent)
+    sample = dm.train_dataset.samples[0]
+    ref_path = sample.reference.path
+    assert ref_path.name == sample.path.name and ref_path.parent.name == f"{sample.path.parent.name}-reference-gray"
     loaded = next(iter(dm.train_dataloader()))
     assert loaded["reference_latents"].shape == (2, 16, 8, 8)
 
 
-def test_paired_datamodule_skips_images_without_a_reference(cache_root, tmp_path):
+def test_images_without_a_reference_are_skipped(cache_root, tmp_path):
     from PIL import Image
 
     images, refs = tmp_path / "images", tmp_path / "refs"
@@ -167,9 +166,9 @@ def test_paired_datamodule_skips_images_without_a_reference(cache_root, tmp_path
         Image.new("RGB", (64, 64), (200, 30, 30)).save(images / f"{name}.png")
     Image.new("RGB", (64, 64), (90, 90, 90)).save(refs / "a red circle.jpg")  # another extension is fine
     Image.new("RGB", (64, 64), (90, 90, 90)).save(refs / "a blue square.png")
-    dm = PairedFluxDataModule(
-        PairedDatasetConfig(instance_data_dir=str(images), conditioning_data_dir=str(refs), resolution=64,
-                            batch_size=1, cache_dir=str(tmp_path / "cache")),
+    dm = FluxDataModule(
+        DatasetConfig(instance_data_dir=str(images), conditioning_data_dir=str(refs), resolution=64,
+                      batch_size=1, cache_dir=str(tmp_path / "cache")),
         tiny_cfg(cache_root, "kontext"),
     )
     assert len(dm.samples()) == 2 and dm.skipped == 1

@@ -15,6 +15,7 @@ from flux_lightning.callbacks.clip_score import summarize
 from flux_lightning.callbacks import validation
 from flux_lightning.config import ConfigError
 from flux_lightning.data import DataError
+from flux_lightning.data import caching
 from flux_lightning.data import datamodule as dm_mod
 from flux_lightning.data.backend_file import load_backend_file
 from flux_lightning.data.config import ImageBackendConfig
@@ -162,7 +163,7 @@ def test_extreme_aspect_ratio_is_skipped_from_the_header(tiny_model_cfg, tmp_pat
     _rgb(d / "ok.png", size=(64, 64))
     Image.new("L", (1_000_000, 10)).save(d / "strip.png")  # ~10 kB on disk, GBs once resized for a bucket
     assert (d / "strip.png").stat().st_size < 100_000
-    monkeypatch.setattr(dm_mod, "load_rgb", lambda path: pytest.fail(f"decoded {path}"))
+    monkeypatch.setattr(caching, "load_rgb", lambda path: pytest.fail(f"decoded {path}"))
     with caplog.at_level(logging.WARNING):
         dm = make_datamodule(tiny_model_cfg, tmp_path / "c", instance_data_dir=str(d))
         assert [s.path.name for s in dm.samples()] == ["ok.png"] and dm.skipped == 1
@@ -250,7 +251,7 @@ def test_validation_callback_writes_one_file_per_prompt(tmp_path):
 
 
 def test_unreadable_or_oversized_reference_images_are_skipped(cache_root, tmp_path, caplog):
-    from flux_lightning.data.paired import PairedDatasetConfig, PairedFluxDataModule
+    from flux_lightning import DatasetConfig, FluxDataModule
 
     from .helpers import tiny_cfg
 
@@ -260,9 +261,9 @@ def test_unreadable_or_oversized_reference_images_are_skipped(cache_root, tmp_pa
     _rgb(refs / "good.png")
     (refs / "garbage.png").write_bytes(b"not a png")
     Image.new("L", (1_000_000, 10)).save(refs / "strip.png")
-    cfg = PairedDatasetConfig(instance_data_dir=str(images), conditioning_data_dir=str(refs), resolution=64,
-                              batch_size=1, cache_dir=str(tmp_path / "cache"))
+    cfg = DatasetConfig(instance_data_dir=str(images), conditioning_data_dir=str(refs), resolution=64,
+                        batch_size=1, cache_dir=str(tmp_path / "cache"))
     with caplog.at_level(logging.WARNING):
-        dm = PairedFluxDataModule(cfg, tiny_cfg(cache_root, "kontext"))
+        dm = FluxDataModule(cfg, tiny_cfg(cache_root, "kontext"))
         assert [s.path.name for s in dm.samples()] == ["good.png"] and dm.skipped == 2
     assert "garbage.png: cannot read image" in caplog.text and "max_aspect_ratio" in caplog.text

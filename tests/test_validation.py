@@ -118,14 +118,16 @@ def test_kontext_flavour_renders_with_the_kontext_pipeline(tiny_folder, tmp_path
 
 
 # -- with a Trainer ---------------------------------------------------------------------------------
-def _fit(model_cfg, cache_root, callbacks=(), *, prompts=(), steps=4, eval_kwargs=None, loggers=False):
+def _fit(model_cfg, cache_root, callbacks=(), *, prompts=(), steps=4, eval_data_dir=None, loggers=False):
     """A short, fully seeded tiny run with adapter dropout on (so stray RNG draws would show)."""
     L.seed_everything(0)
     data = FluxDataModule(
-        DatasetConfig(resolution=64, batch_size=2, cache_dir=str(cache_root), caption_dropout_probability=0.2),
+        DatasetConfig(
+            resolution=64, batch_size=2, cache_dir=str(cache_root), caption_dropout_probability=0.2,
+            eval_data_dir=eval_data_dir,
+        ),
         model_cfg,
         prompts=prompts,
-        **(eval_kwargs or {}),
     )
     data.prepare_data()  # caches first, so both runs start from the same RNG state
     L.seed_everything(0)
@@ -150,10 +152,10 @@ def test_validation_and_eval_on_or_off_give_identical_lora_weights(tiny_model_cf
         str(tmp_path / "val"), validation_prompt="a red circle", every_n_steps=2, validation_resolution="32x32,48x32",
         validation_guidance_real=2.0, validation_negative_prompt="blurry",
     )
-    evaluation = EvalLoss(every_n_steps=1, eval_fraction=0.0, eval_data_dir=str(eval_folder))
+    evaluation = EvalLoss(every_n_steps=1)
     with_callbacks = _fit(
         tiny_model_cfg, cache_root, [validation, evaluation], prompts=validation.prompt_texts(),
-        eval_kwargs=evaluation.data_kwargs(),
+        eval_data_dir=str(eval_folder),
     )
     plain = _fit(tiny_model_cfg, cache_root)
     assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["step_0", "step_2", "step_4"]

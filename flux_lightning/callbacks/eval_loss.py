@@ -4,8 +4,8 @@ For every eval image ``x0`` and every grid point ``u_k = (k + 1/2) / K`` (k = 0.
 ``sigma_k = shift(u_k)`` with the training shift (static, or auto for the image's token count),
 ``noise ~ N(0, I)`` drawn once per image from a generator seeded with ``seed``, and
 ``L_k = mean((v(x_t, sigma_k) - (noise - x0))^2)``. Logged: ``loss/val`` (mean over images and
-sigmas), ``loss/val/sigma/<u_k>`` and ``loss/val/backend/<name>`` (the backend id of held-out images, ``eval`` for eval_data_dir). The
-adapter runs in eval mode (no dropout), captions are never dropped, masks are off, and every RNG
+sigmas), ``loss/val/sigma/<u_k>`` and ``loss/val/backend/<name>`` (the backend id of held-out
+images, ``eval`` for ``dataset.eval_data_dir``). The adapter runs in eval mode (no dropout), captions are never dropped, masks are off, and every RNG
 stream of training is restored, so the same weights give the same number and training is unchanged.
 """
 
@@ -100,65 +100,44 @@ def stable_eval_loss(module, loader, *, num_sigmas: int = 8, seed: int = 0) -> E
 class EvalLoss(L.Callback):
     """Log the stable eval loss before training, every n steps and at the end.
 
-    The eval split comes from the datamodule (``FluxDataModule(eval_fraction=..., eval_data_dir=...)``;
-    ``train.py`` passes :meth:`data_kwargs` to it). :attr:`last_loss` is the most recent value (what
-    ``train()`` returns for sweepers).
+    The eval split is the data's: ``dataset.eval_fraction``, ``dataset.eval_min_images`` and
+    ``dataset.eval_data_dir`` (see :class:`~flux_lightning.data.DatasetConfig`). This callback
+    reads it through ``trainer.datamodule.eval_dataloader(batch_size)`` (any DataModule with that
+    method; None or no method = no split: one warning, the eval loss is off). :attr:`last_loss` is
+    the most recent value (what ``train()`` returns for sweepers).
 
     Args:
         every_n_steps: evaluate every n optimizer steps (0 = baseline and final only).
-        eval_fraction: fraction of the source images held out (deterministic, never trained on),
-            taken only from backends with at least ``eval_min_images`` images; every copy of a
-            held-out file (crops, resolutions, backends) leaves training.
-        eval_data_dir: a folder (or list) of separate eval images, captioned like the training data.
         num_sigmas: points of the sigma grid.
         seed: seed of the fixed noise.
         batch_size: eval batch size; null = the training batch size.
         before_training: evaluate at step 0 as a baseline.
-        eval_min_images: a backend needs this many images to give some to the eval split (smaller
-            datasets train on every image; use ``eval_data_dir`` to evaluate them).
     """
 
     def __init__(
         self,
         every_n_steps: int = 100,
-        eval_fraction: float = 0.1,
-        eval_data_dir=None,
         num_sigmas: int = 8,
         seed: int = 0,
         batch_size: int | None = None,
         before_training: bool = True,
-        eval_min_images: int = 50,
     ):
         problems = []
         if every_n_steps < 0:
             problems.append(f"{_FIELD}.every_n_steps={every_n_steps} must be >= 0 (0 = baseline and final only)")
-        if not 0.0 <= eval_fraction < 1.0:
-            problems.append(f"{_FIELD}.eval_fraction={eval_fraction} must be within [0, 1)")
-        if eval_fraction == 0 and not eval_data_dir:
-            problems.append(f"{_FIELD} needs eval_fraction > 0 or eval_data_dir=<folder> (or set {_FIELD}=null)")
-        if eval_min_images < 0:
-            problems.append(f"{_FIELD}.eval_min_images={eval_min_images} must be >= 0")
         if num_sigmas < 1:
             problems.append(f"{_FIELD}.num_sigmas={num_sigmas} must be >= 1")
         if batch_size is not None and batch_size < 1:
             problems.append(f"{_FIELD}.batch_size={batch_size} must be >= 1 or null")
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
-        self.every_n_steps, self.eval_fraction = every_n_steps, eval_fraction
-        self.eval_data_dir, self.eval_min_images = eval_data_dir, eval_min_images
+        self.every_n_steps = every_n_steps
         self.num_sigmas, self.seed, self.batch_size = num_sigmas, seed, batch_size
         self.before_training = before_training
         self.last_loss: float | None = None
         self.history: dict[int, EvalResult] = {}
         self._last_step = -1
         self._warned = False
-
-    def data_kwargs(self) -> dict:
-        """Keyword arguments for :class:`~flux_lightning.FluxDataModule` that create the eval split."""
-        dirs = self.eval_data_dir
-        if dirs is not None and not isinstance(dirs, str):
-            dirs = [str(d) for d in dirs]
-        return {"eval_fraction": self.eval_fraction, "eval_data_dir": dirs, "eval_min_images": self.eval_min_images}
 
     def sweep_metric(self) -> tuple[str, float] | None:
         """``("loss/val", the last value)`` once evaluated: what ``train()`` returns for sweepers."""
@@ -191,10 +170,16 @@ class EvalLoss(L.Callback):
         step = trainer.global_step
         if step == self._last_step:
             return self.history.get(step)
-        loader = trainer.datamodule.eval_dataloader(self.batch_size) if trainer.datamodule else None
+        eval_dataloader = getattr(trainer.datamodule, "eval_dataloader", None)
+        loader = eval_dataloader(self.batch_size) if eval_dataloader is not None else None
         if loader is None:
-            if not self._warned:  # once: the datamodule said why when it built the split
-                log.warning("%s: the datamodule has no eval split; the eval loss is off", _FIELD)
+            if not self._warned:
+                split = getattr(trainer.datamodule, "eval_split", "off")
+                log.warning(
+                    "%s: the datamodule has no eval split (%s); the eval loss is off. Set "
+                    "dataset.eval_fraction > 0 (backends with >= dataset.eval_min_images images give some) or "
+                    "dataset.eval_data_dir=<folder>, or %s=null", _FIELD, split, _FIELD,
+                )
                 self._warned = True
             return None
         self._last_step = step

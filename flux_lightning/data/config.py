@@ -18,6 +18,17 @@ CROP_STYLES = ("center", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 DATASET_TYPES = ("image", "conditioning")
+CONDITIONING_TYPES = ("mask", "reference")
+SHORTHAND_IDS = ("default", "demo")  # the backend the single-folder shorthand becomes
+SHORTHAND_REFERENCE_ID = "default-reference"  # the reference backend of dataset.conditioning_data_dir
+
+
+def backend_field(backend_id: str, name: str) -> str:
+    """The config key a user sets for field ``name`` of backend ``backend_id`` (for messages):
+    ``dataset.<name>`` for the shorthand's backends, else ``dataset.backends[<id>].<name>``."""
+    if backend_id == SHORTHAND_REFERENCE_ID:
+        return "dataset.conditioning_data_dir" if name == "instance_data_dir" else f"dataset.{name}"
+    return f"dataset.{name}" if backend_id in SHORTHAND_IDS else f"dataset.backends[{backend_id}].{name}"
 
 
 @dataclass
@@ -28,7 +39,9 @@ class ImageBackendConfig:
         id: unique name, used in errors, logs and ``conditioning_data`` links.
         type: storage type; ``local`` only.
         dataset_type: ``image`` (trained on) or ``conditioning`` (e.g. masks linked from another backend).
-        conditioning_type: for conditioning backends: ``mask`` (white = train, black = ignore).
+        conditioning_type: for conditioning backends: ``mask`` (white = train, black = ignore) or
+            ``reference`` (the reference image of an edit pair, for flavours that train on pairs:
+            kontext; fitted into its training image's bucket, served as ``reference_latents``).
         instance_data_dir: the folder (or a list of folders), searched recursively.
         disabled: leave the backend out.
         caption_strategy: ``filename``, ``textfile``, ``instanceprompt``, ``parquet`` or ``csv``.
@@ -52,7 +65,10 @@ class ImageBackendConfig:
         cache_dir_vae: latent cache folder for this backend (default ``<dataset.cache_dir>/vae``).
         skip_file_discovery: accepted for compatibility; ``vae`` = never encode, use what is cached.
         caption_dropout_probability: null = ``dataset.caption_dropout_probability``.
-        conditioning_data: id of a ``conditioning`` backend (masks) matched by file name.
+        conditioning_data: id of a ``conditioning`` backend (masks or references): each training
+            image uses the file of the same relative path (any image extension) in it; folder i of
+            this backend pairs with folder i of that one when both list as many folders. An image
+            without one is skipped (and counted).
         metadata_backend: accepted for compatibility (``discovery``).
     """
 
@@ -91,10 +107,7 @@ class ImageBackendConfig:
             self.is_regularisation_data = True  # the US spelling alone; a clash is reported by problems()
 
     def folders(self) -> list[str]:
-        dirs = self.instance_data_dir
-        if dirs is None:
-            return []
-        return [str(dirs)] if isinstance(dirs, str) else [str(d) for d in dirs]
+        return _folder_list(self.instance_data_dir)
 
     def problems(self) -> list[str]:
         """Every invalid field, as ``dataset.backends[<id>].<field>: ...`` lines with the fix."""
@@ -108,8 +121,8 @@ class ImageBackendConfig:
             bad("type", f"{self.type!r} is not supported; use local")
         if self.dataset_type not in DATASET_TYPES:
             bad("dataset_type", f"{self.dataset_type!r} is unknown; use {', '.join(DATASET_TYPES)}")
-        if self.dataset_type == "conditioning" and self.conditioning_type != "mask":
-            bad("conditioning_type", f"{self.conditioning_type!r} is unknown; use mask")
+        if self.dataset_type == "conditioning" and self.conditioning_type not in CONDITIONING_TYPES:
+            bad("conditioning_type", f"{self.conditioning_type!r} is unknown; use {' or '.join(CONDITIONING_TYPES)}")
         if not self.folders():
             bad("instance_data_dir", "is missing; point it at a folder of images")
         if self.caption_strategy not in CAPTION_STRATEGIES:
@@ -153,7 +166,10 @@ class TextEmbedsConfig:
     disabled: bool = False
 
 
-_SHORTHAND = ("instance_data_dir", "caption_strategy", "instance_prompt", "resolution", "crop_style", "minimum_image_size")
+_SHORTHAND = (
+    "instance_data_dir", "caption_strategy", "instance_prompt", "resolution", "crop_style", "minimum_image_size",
+    "conditioning_data_dir",
+)
 
 
 @dataclass
@@ -184,9 +200,21 @@ class DatasetConfig:
             pixels wide for its bucket); the resize before cropping is then at most this many times
             the bucket's area.
         seed: seed for random crops, sampling order and caption dropout.
-        conditioning_data_dir: reference images for flavours that train on image pairs (kontext):
-            a folder (or a list, one per ``instance_data_dir`` folder) with the same relative file
-            names; see :class:`flux_lightning.data.paired.PairedDatasetConfig`.
+        conditioning_data_dir: shorthand only: reference images for flavours that train on image
+            pairs (kontext): a folder (or a list, one per ``instance_data_dir`` folder) with the
+            same relative file names. It becomes a backend with ``conditioning_type: reference``
+            linked by ``conditioning_data`` (with ``dataset.backends``, write that backend
+            yourself). Null with the demo data (no ``instance_data_dir``) = grayscale copies of the
+            generated images (see :mod:`flux_lightning.data.references`).
+        eval_fraction: fraction of the source images held out of training for the stable eval loss
+            (:class:`~flux_lightning.callbacks.EvalLoss`): chosen by a hash of the file's content,
+            never trained on, every copy of a held-out file (crops, resolutions, backends) leaves
+            training; only from backends with at least ``eval_min_images`` images. 0 = no split.
+            The library default is 0; ``python -m flux_lightning`` sets 0.1 (schema.TrainConfig).
+        eval_min_images: a backend needs this many source images to give some to the eval split
+            (smaller datasets train on every image; use ``eval_data_dir`` to evaluate them).
+        eval_data_dir: a folder (or list) of separate eval images, captioned and sized like the
+            first backend (label ``eval``); used alongside the held-out split.
     """
 
     backends: list[ImageBackendConfig] = field(default_factory=list)
@@ -208,6 +236,9 @@ class DatasetConfig:
     max_aspect_ratio: float = 8.0
     seed: int = 0
     conditioning_data_dir: Any = None
+    eval_fraction: float = 0.0
+    eval_min_images: int = 50
+    eval_data_dir: Any = None
 
     def uses_shorthand(self) -> bool:
         return not self.backends and self.backend_file is None
@@ -221,7 +252,8 @@ class DatasetConfig:
     def image_backends(self) -> list[ImageBackendConfig]:
         """The enabled backends (the shorthand becomes one backend), not yet read from a file."""
         if self.uses_shorthand():
-            return [
+            references = self.instance_data_dir is not None and self.conditioning_data_dir is not None
+            image = [
                 ImageBackendConfig(
                     id="demo" if self.instance_data_dir is None else "default",
                     instance_data_dir=self.instance_data_dir,
@@ -233,9 +265,23 @@ class DatasetConfig:
                     crop_aspect="square",
                     crop_style=self.crop_style or "center",
                     minimum_image_size=self.shorthand_minimum_size(),
+                    conditioning_data=SHORTHAND_REFERENCE_ID if references else None,
                 )
             ]
+            if references:
+                image.append(
+                    ImageBackendConfig(
+                        id=SHORTHAND_REFERENCE_ID, dataset_type="conditioning", conditioning_type="reference",
+                        instance_data_dir=self.conditioning_data_dir, resolution=image[0].resolution,
+                        resolution_type="pixel",
+                    )
+                )
+            return image
         return [b for b in self.backends if not b.disabled]
+
+    def eval_folders(self) -> list[str]:
+        """``eval_data_dir`` as a list of folders."""
+        return _folder_list(self.eval_data_dir)
 
     def problems(self) -> list[str]:
         """Every invalid field, each as one line naming the field and the fix."""
@@ -253,6 +299,10 @@ class DatasetConfig:
                 out.append(f"dataset.{name} must be >= 1")
         if self.text_embeds.write_batch_size < 1:
             out.append("dataset.text_embeds.write_batch_size must be >= 1")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            out.append(f"dataset.eval_fraction={self.eval_fraction} must be within [0, 1) (0 = no held-out split)")
+        if self.eval_min_images < 0:
+            out.append(f"dataset.eval_min_images={self.eval_min_images} must be >= 0")
         return out
 
     def _shorthand_problems(self) -> list[str]:
@@ -275,11 +325,26 @@ class DatasetConfig:
             out.append(f"dataset.minimum_image_size={self.minimum_image_size} must be >= 0 (0 = no minimum, null = resolution/4)")
         if (self.crop_style or "center") not in CROP_STYLES:
             out.append(f"dataset.crop_style={self.crop_style!r} is unknown; use one of {', '.join(CROP_STYLES)}")
+        references = _folder_list(self.conditioning_data_dir)
+        if references and self.instance_data_dir is None:
+            out.append(
+                "dataset.conditioning_data_dir needs dataset.instance_data_dir (the generated demo data makes "
+                "its own grayscale references); set both, or remove dataset.conditioning_data_dir"
+            )
+        elif references and len(references) != len(_folder_list(self.instance_data_dir)):
+            out.append("dataset.conditioning_data_dir must list one folder per dataset.instance_data_dir folder")
         return out
 
     def _backend_problems(self) -> list[str]:
         out = []
         extra = self.shorthand_fields_set()
+        if "conditioning_data_dir" in extra and self.backend_file is None:
+            extra.remove("conditioning_data_dir")
+            out.append(
+                "dataset.conditioning_data_dir is part of the single-folder shorthand, but dataset.backends is "
+                "set: add a backend with dataset_type: conditioning, conditioning_type: reference and link it "
+                "from the image backend with conditioning_data: <its id>"
+            )
         if extra and self.backend_file is None:  # with a file they are ignored with a warning (resolve_dataset)
             out.append(
                 f"dataset.{extra[0]} is part of the single-folder shorthand, but dataset.backends "
@@ -301,6 +366,11 @@ class DatasetConfig:
                     f"dataset.backends[{b.id}].conditioning_data: {link!r} is not an enabled backend "
                     "with dataset_type: conditioning"
                 )
+            elif link and len(by_id[link].folders()) not in (1, len(b.folders())):
+                out.append(
+                    f"dataset.backends[{link}].instance_data_dir: list one folder, or one per folder of "
+                    f"backend {b.id!r} (which it conditions)"
+                )
         trained = [b for b in backends if b.dataset_type == "image"]
         if not trained:
             out.append("dataset.backends: no enabled image backend; add one or set disabled: false")
@@ -316,6 +386,12 @@ class DatasetConfig:
         """These backends instead of ``backend_file`` and the shorthand fields."""
         cleared = {f: None for f in _SHORTHAND}
         return replace(self, backends=backends, text_embeds=text_embeds, backend_file=None, **cleared)
+
+
+def _folder_list(dirs) -> list[str]:
+    if dirs is None:
+        return []
+    return [str(dirs)] if isinstance(dirs, str) else [str(d) for d in dirs]
 
 
 IMAGE_FIELDS = {f.name for f in fields(ImageBackendConfig)}

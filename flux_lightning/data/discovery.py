@@ -33,11 +33,13 @@ DATASET_FILE_EXTENSIONS = {".txt", ".csv", ".parquet", ".json", ".jsonl"}
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image of a backend: its file, its path relative to the backend folder and its caption."""
+    """One image of a backend: its file, its path relative to the backend folder, its caption and
+    the position of that folder in the backend's list."""
 
     path: Path
     relative: str
     caption: str
+    folder: int = 0
 
 
 @dataclass
@@ -188,7 +190,7 @@ def discover(cfg: ImageBackendConfig, folders: list[str] | None = None) -> tuple
     """Captioned images of one backend and the number skipped (each skip is logged with its reason)."""
     records, skipped = [], 0
     field = "dataset.instance_data_dir" if cfg.id in ("default", "demo") else f"dataset.backends[{cfg.id}].instance_data_dir"
-    for folder in folders if folders is not None else cfg.folders():
+    for index, folder in enumerate(folders if folders is not None else cfg.folders()):
         root = Path(folder).expanduser()
         scan = scan_folder(folder, field)
         report_scan(scan, folder, f"backend {cfg.id!r}")
@@ -212,5 +214,5 @@ def discover(cfg: ImageBackendConfig, folders: list[str] | None = None) -> tuple
             if caption is None:
                 skipped += 1
             else:
-                records.append(ImageRecord(path, relative, caption))
+                records.append(ImageRecord(path, relative, caption, index))
     return records, skipped

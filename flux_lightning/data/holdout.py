@@ -18,8 +18,8 @@ def holdout_count(n: int, fraction: float) -> int:
         return 0
     if n < 2:
         raise DataError(
-            f"callbacks.eval_loss.eval_fraction={fraction} needs at least 2 images to hold one out (found {n}); "
-            "add images, use callbacks.eval_loss.eval_data_dir, or set eval_fraction=0"
+            f"dataset.eval_fraction={fraction} needs at least 2 images to hold one out (found {n}); "
+            "add images, use dataset.eval_data_dir, or set dataset.eval_fraction=0"
         )
     return min(n - 1, max(1, round(fraction * n)))
 
@@ -45,8 +45,8 @@ def split_sources(
 
     Args:
         backend_sources: backend id -> the content digests of its usable images.
-        fraction: ``eval_fraction``.
-        min_images: ``eval_min_images``.
+        fraction: ``dataset.eval_fraction``.
+        min_images: ``dataset.eval_min_images``.
     """
     sources = {b: set(s) for b, s in backend_sources.items()}
     large = sorted(b for b, s in sources.items() if len(s) >= min_images)
