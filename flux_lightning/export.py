@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .adapters import LORA_FILENAME, AdapterConfig, lora_state_dict
-from .checkpointing import save_safetensors_atomic
+from .atomic_files import save_safetensors_atomic
 
 
 def export_adapter(transformer: torch.nn.Module, cfg: AdapterConfig, directory, **kwargs) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .adapters import LORA_FILENAME, AdapterConfig, resolve_targets
-from .checkpointing import save_safetensors_atomic
+from .atomic_files import save_safetensors_atomic
 
 NETWORK_ATTR = "lycoris"  # the LyCORIS network is registered on the transformer under this name
 

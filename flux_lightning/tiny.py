@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpointing import build_folder_once
+from .atomic_files import build_folder_once
 
 TINY_VERSION = 1  # bump when the architecture or tokenizers below change
 

@@ -19,12 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import EvalLoss, LoRAExport, LossProgressBar, ModelCard, ValidationImages
 from . import stopping
-from .checkpointing import AtomicCheckpointIO, checkpoint_step
+from .atomic_files import AtomicCheckpointIO
 from .config import validate
 from .data import FluxDataModule
 from .errors import USER_ERRORS, ConfigError, NonFiniteLossError, StopRequested
 from .data.paired import PairedDatasetConfig, PairedFluxDataModule
 from .module import FluxLoRAModule
+from .resume import checkpoint_step
 from .schema import register
 from .simpletuner_cli import with_simpletuner_config
 from .stopping import GracefulStop

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from ..checkpointing import build_folder_once
+from ..atomic_files import build_folder_once
 from .buckets import fit
 from .cache import cache_key, file_digest, latent_spec
 from .config import DatasetConfig
