@@ -26,6 +26,7 @@ from .export import export_adapter
 from .guard import NonFiniteGuard, all_finite
 from .memory import GroupOffload, apply_group_offload, enable_gradient_checkpointing
 from .optim import ADAPTER_DTYPES
+from .rng import rng_states, set_rng_states
 from .flow import (
     TimestepConfig,
     flow_loss,
@@ -40,36 +41,6 @@ from .flow import (
 from .tread import TreadConfig, num_blocks, resolve_routes, routed_forward, tokens_in_mask
 
 log = logging.getLogger(__name__)
-
-
-def rng_states() -> dict:
-    """Python, NumPy, torch CPU and CUDA RNG states, as types ``torch.load(weights_only=True)`` reads."""
-    import random
-
-    import numpy as np
-
-    name, key, pos, has_gauss, cached = np.random.get_state()
-    states = {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(states["python"])
-    name, key, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _all_ranks_agree(flag: torch.Tensor) -> torch.Tensor:
