@@ -65,6 +65,22 @@ def text_ids(length: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(length, 3, device=device, dtype=dtype)
 
 
+def joint_attention_mask(text_mask: torch.Tensor, image_tokens: int, batch_size: int) -> torch.Tensor:
+    """The mask over the joint sequence ``[text, image]`` the Flux transformer attends over.
+
+    Args:
+        text_mask: ``(B, T)``, or ``(1, T)`` / ``(T,)`` for every sample alike: the T5 padding mask
+            (nonzero = token; a masked text token influences no other token).
+        image_tokens: N, the image (and reference) tokens after the text; always attended.
+        batch_size: B.
+
+    Returns:
+        ``(B, T + N)`` bool on ``text_mask``'s device, for ``joint_attention_kwargs={"attention_mask": ...}``.
+    """
+    text = text_mask.bool().reshape(-1, text_mask.shape[-1]).expand(batch_size, -1)
+    return torch.cat([text, torch.ones(batch_size, image_tokens, dtype=torch.bool, device=text.device)], dim=1)
+
+
 def auto_shift(seq_len: int) -> float:
     """Resolution-dependent shift ``s = exp(mu)``, ``mu = m * seq_len + b`` (diffusers' calculate_shift)."""
     m = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)

@@ -32,6 +32,7 @@ from .flow import (
     flow_loss,
     flow_target,
     image_ids,
+    joint_attention_mask,
     noisy_latents,
     pack_latents,
     sample_sigmas,
@@ -232,8 +233,7 @@ class FluxLoRAModule(L.LightningModule):
                 keep_tokens = torch.cat([keep_tokens, extra], dim=1)
         joint = None
         if attention_mask is not None:
-            image_ones = torch.ones(b, tokens.shape[1], dtype=torch.bool, device=device)
-            joint = {"attention_mask": torch.cat([attention_mask.to(device).bool(), image_ones], dim=1)}
+            joint = {"attention_mask": joint_attention_mask(attention_mask.to(device), tokens.shape[1], b)}
         inputs = dict(
             hidden_states=tokens.to(dtype),
             timestep=sigmas.to(dtype),
@@ -371,15 +371,11 @@ class FluxLoRAModule(L.LightningModule):
         switch = render_attention != self.training_attention
         handle = None
         if text_attention_mask is not None and self.model_cfg.attention_masked:
-            text_mask = text_attention_mask.reshape(1, -1).bool()
+            text_mask = text_attention_mask.reshape(1, -1)
 
             def add_mask(module, args, kwargs):
                 hidden = kwargs["hidden_states"]
-                b, n = hidden.shape[0], hidden.shape[1]
-                mask = torch.cat(
-                    [text_mask.to(hidden.device).expand(b, -1), torch.ones(b, n, dtype=torch.bool, device=hidden.device)],
-                    dim=1,
-                )
+                mask = joint_attention_mask(text_mask.to(hidden.device), hidden.shape[1], hidden.shape[0])
                 kwargs["joint_attention_kwargs"] = {**(kwargs.get("joint_attention_kwargs") or {}), "attention_mask": mask}
                 return args, kwargs
 
