@@ -216,7 +216,7 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     if flavour_known and run.model.spec.reference_conditioning:  # trains on (target, reference) pairs
         run.dataset = PairedDatasetConfig.from_dataset(run.dataset)
     problems += adapter_problems(run.adapter, quantized=run.model.quantization.quantized)
-    export = (cfg.get("callbacks") or {}).get("lora_export")  # issue 10: export format vs targets
+    export = (cfg.get("callbacks") or {}).get("lora_export")  # the export format must suit the targets
     if export is not None:
         from .export import lora_format_problems
 

@@ -1,6 +1,6 @@
 """Flow-matching math for Flux, as pure tensor functions.
 
-Conventions (see DESIGN.md, "Flux facts"):
+Conventions (docs/architecture.md, "Flux facts the math must match"):
     x0      clean VAE latents, ``(B, C, H, W)`` with C = 16 and H, W even
     noise   standard normal, same shape as ``x0``
     sigma   noise level in (0, 1), ``(B,)``; 1 means pure noise
