@@ -25,6 +25,7 @@ from .data import FluxDataModule
 from .errors import USER_ERRORS, ConfigError, NonFiniteLossError, StopRequested
 from .data.paired import PairedDatasetConfig, PairedFluxDataModule
 from .module import FluxLoRAModule
+from .quiet import silence_third_party_noise
 from .resume import checkpoint_step
 from .schema import register
 from .simpletuner_cli import with_simpletuner_config
@@ -263,6 +264,7 @@ def _print_summary(
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    silence_third_party_noise()  # Lightning's "Tip:" adverts, torch's LeafSpec FutureWarning (flux_lightning/quiet.py)
     try:
         return train(cfg)
     except USER_ERRORS as err:
