@@ -1,6 +1,6 @@
 """Flow-matching math for Flux, as pure tensor functions.
 
-Conventions (see DESIGN.md, "Flux facts"):
+Conventions (docs/architecture.md, "Flux facts the math must match"):
     x0      clean VAE latents, ``(B, C, H, W)`` with C = 16 and H, W even
     noise   standard normal, same shape as ``x0``
     sigma   noise level in (0, 1), ``(B,)``; 1 means pure noise
@@ -63,6 +63,22 @@ def image_ids(
 def text_ids(length: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """Text tokens carry no position in Flux's RoPE: zeros of shape ``(T, 3)``."""
     return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+def joint_attention_mask(text_mask: torch.Tensor, image_tokens: int, batch_size: int) -> torch.Tensor:
+    """The mask over the joint sequence ``[text, image]`` the Flux transformer attends over.
+
+    Args:
+        text_mask: ``(B, T)``, or ``(1, T)`` / ``(T,)`` for every sample alike: the T5 padding mask
+            (nonzero = token; a masked text token influences no other token).
+        image_tokens: N, the image (and reference) tokens after the text; always attended.
+        batch_size: B.
+
+    Returns:
+        ``(B, T + N)`` bool on ``text_mask``'s device, for ``joint_attention_kwargs={"attention_mask": ...}``.
+    """
+    text = text_mask.bool().reshape(-1, text_mask.shape[-1]).expand(batch_size, -1)
+    return torch.cat([text, torch.ones(batch_size, image_tokens, dtype=torch.bool, device=text.device)], dim=1)
 
 
 def auto_shift(seq_len: int) -> float:

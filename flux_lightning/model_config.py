@@ -95,7 +95,7 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     cache_dir: str = "~/.cache/flux_lightning/models"
     tiny_seed: int = 0
-    # -- flavour behaviour (issue 4) -------------------------------------------------------------
+    # -- flavour behaviour -----------------------------------------------------------------------
     tiny_like: str | None = None
     flux_guidance_mode: str = "constant"
     flux_guidance_min: float = 1.0

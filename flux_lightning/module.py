@@ -26,11 +26,13 @@ from .components import ModelConfig, load_transformer, set_attention_backend, tr
 from .guard import NonFiniteGuard, all_finite
 from .memory import GroupOffload, apply_group_offload, enable_gradient_checkpointing
 from .optim import ADAPTER_DTYPES
+from .rng import rng_states, set_rng_states
 from .flow import (
     TimestepConfig,
     flow_loss,
     flow_target,
     image_ids,
+    joint_attention_mask,
     noisy_latents,
     pack_latents,
     sample_sigmas,
@@ -40,36 +42,6 @@ from .flow import (
 from .tread import TreadConfig, num_blocks, resolve_routes, routed_forward, tokens_in_mask
 
 log = logging.getLogger(__name__)
-
-
-def rng_states() -> dict:
-    """Python, NumPy, torch CPU and CUDA RNG states, as types ``torch.load(weights_only=True)`` reads."""
-    import random
-
-    import numpy as np
-
-    name, key, pos, has_gauss, cached = np.random.get_state()
-    states = {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(states["python"])
-    name, key, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _all_ranks_agree(flag: torch.Tensor) -> torch.Tensor:
@@ -261,8 +233,7 @@ class FluxLoRAModule(L.LightningModule):
                 keep_tokens = torch.cat([keep_tokens, extra], dim=1)
         joint = None
         if attention_mask is not None:
-            image_ones = torch.ones(b, tokens.shape[1], dtype=torch.bool, device=device)
-            joint = {"attention_mask": torch.cat([attention_mask.to(device).bool(), image_ones], dim=1)}
+            joint = {"attention_mask": joint_attention_mask(attention_mask.to(device), tokens.shape[1], b)}
         inputs = dict(
             hidden_states=tokens.to(dtype),
             timestep=sigmas.to(dtype),
@@ -407,15 +378,11 @@ class FluxLoRAModule(L.LightningModule):
         switch = render_attention != self.training_attention
         handle = None
         if text_attention_mask is not None and self.model_cfg.attention_masked:
-            text_mask = text_attention_mask.reshape(1, -1).bool()
+            text_mask = text_attention_mask.reshape(1, -1)
 
             def add_mask(module, args, kwargs):
                 hidden = kwargs["hidden_states"]
-                b, n = hidden.shape[0], hidden.shape[1]
-                mask = torch.cat(
-                    [text_mask.to(hidden.device).expand(b, -1), torch.ones(b, n, dtype=torch.bool, device=hidden.device)],
-                    dim=1,
-                )
+                mask = joint_attention_mask(text_mask.to(hidden.device), hidden.shape[1], hidden.shape[0])
                 kwargs["joint_attention_kwargs"] = {**(kwargs.get("joint_attention_kwargs") or {}), "attention_mask": mask}
                 return args, kwargs
 

@@ -146,7 +146,7 @@ class GracefulStop(L.Callback):
         path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
         if ckpt.save_last:
             ckpt.last_model_path = str(path)  # part of the saved state, as when ModelCheckpoint saves it
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=ckpt.save_weights_only)  # as ModelCheckpoint saves
         return str(path)
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpointing import build_folder_once
+from .atomic_files import build_folder_once
+from .rng import seeded
 
 TINY_VERSION = 1  # bump when the architecture or tokenizers below change
 
@@ -92,9 +93,7 @@ def build_tiny_pipeline(seed: int = 0, *, guidance_embeds: bool = True):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     s = TINY_SIZES
-    gen_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
+    with seeded(seed):
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=64,
@@ -155,8 +154,6 @@ def build_tiny_pipeline(seed: int = 0, *, guidance_embeds: bool = True):
                 decoder_start_token_id=0,
             )
         )
-    finally:
-        torch.random.set_rng_state(gen_state)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
@@ -238,12 +235,8 @@ def build_tiny_clip(folder: str | os.PathLike, seed: int = 0, tokenizer=None) ->
         ),
         projection_dim=16,
     )
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = CLIPModel(config)
-    finally:
-        torch.random.set_rng_state(state)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     # Random towers share an offset direction, so image-text cosines all have one sign. CLIP score
@@ -265,9 +258,7 @@ def build_tiny_autoencoder_tiny(folder: str | os.PathLike, seed: int = 0, latent
     """Save a tiny random diffusers ``AutoencoderTiny`` (TAEF1-shaped: 16 latent channels, 8x) to ``folder``."""
     from diffusers import AutoencoderTiny
 
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = AutoencoderTiny(
             latent_channels=latent_channels,
             encoder_block_out_channels=(8, 8, 8, 8),
@@ -275,8 +266,6 @@ def build_tiny_autoencoder_tiny(folder: str | os.PathLike, seed: int = 0, latent
             num_encoder_blocks=(1, 1, 1, 1),
             num_decoder_blocks=(1, 1, 1, 1),
         )
-    finally:
-        torch.random.set_rng_state(state)
     model.save_pretrained(folder)
     return Path(folder)
 

@@ -26,9 +26,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from . import stopping
-from .checkpointing import AtomicCheckpointIO, checkpoint_step
+from .atomic_files import AtomicCheckpointIO
 from .config import validate
 from .errors import USER_ERRORS, ConfigError, NonFiniteLossError, StopRequested
+from .quiet import silence_third_party_noise
+from .resume import checkpoint_step
 from .schema import config_dir, register
 from .simpletuner_cli import with_simpletuner_config
 from .stopping import GracefulStop
@@ -242,6 +244,7 @@ def _print_summary(rows: list[tuple[str, object]]) -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    silence_third_party_noise()  # Lightning's "Tip:" adverts, torch's LeafSpec FutureWarning (flux_lightning/quiet.py)
     try:
         return train(cfg)
     except USER_ERRORS as err:

@@ -1,4 +1,4 @@
-"""The flow-matching math equals diffusers' own Flux helpers and the formulas in DESIGN.md."""
+"""The flow-matching math equals diffusers' own Flux helpers and the formulas in docs/architecture.md."""
 
 import math
 
@@ -103,3 +103,15 @@ def test_noisy_input_target_and_loss():
 def test_loss_is_fp32_for_bf16_inputs():
     pred = torch.randn(2, 16, 4, 4).bfloat16()
     assert flow.flow_loss(pred, torch.zeros_like(pred)).dtype == torch.float32
+
+
+def test_joint_attention_mask_equals_diffusers_text_then_image_mask():
+    from diffusers import ChromaPipeline  # diffusers' masked-T5 Flux-family pipeline builds the same mask
+
+    text = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    theirs = ChromaPipeline._prepare_attention_mask(None, 2, 6, torch.float32, text.bool())
+    ours = flow.joint_attention_mask(text, image_tokens=6, batch_size=2)
+    assert ours.dtype == torch.bool and torch.equal(ours, theirs)
+    # one prompt's mask (validation) serves every sample of the batch
+    for one in (text[1], text[1:]):
+        assert torch.equal(flow.joint_attention_mask(one, 6, 2), theirs[1].expand(2, -1))

@@ -1,4 +1,4 @@
-"""Inputs read right or named (issue 11): deep and palette images, caption encodings, every file of a
+"""Inputs read right or named: deep and palette images, caption encodings, every file of a
 data folder used or reported, size guards from the header, typed backend files, unique validation names."""
 
 import json

@@ -1,4 +1,4 @@
-"""The training step computes exactly the flow-matching loss of DESIGN.md, with diffusers' own packing."""
+"""The training step computes exactly the flow-matching loss of docs/architecture.md, with diffusers' own packing."""
 
 import pytest
 import torch
@@ -28,7 +28,7 @@ def test_training_step_is_the_flow_matching_loss(tiny_model_cfg):
     batch = _batch()
     loss = m.training_step(batch, 0)
 
-    # the same step by hand, with diffusers' helpers and the formulas of DESIGN.md
+    # the same step by hand, with diffusers' helpers and the formulas of docs/architecture.md
     x0 = batch["latents"]
     noise, sigma = m.noise_and_sigmas(x0, 0)
     xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise

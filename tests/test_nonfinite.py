@@ -147,7 +147,7 @@ def test_export_refuses_non_finite_weights(tiny_model_cfg, tmp_path):
 
 
 def test_a_damaged_latent_cache_stops_the_cli_run_with_one_line_and_exit_3(tmp_path, monkeypatch, capsys):
-    """The issue's case end to end: every cached latent reads back as NaN. The run skips every step,
+    """A damaged cache end to end: every cached latent reads back as NaN. The run skips every step,
     stops at the first check after K=4 bad steps with one line naming the step and the damaged cache,
     exits 3, and leaves only finite files behind (last.ckpt = the step-2 checkpoint)."""
     import sys

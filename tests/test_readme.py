@@ -133,6 +133,13 @@ def readme_knobs() -> list[str]:
     return list(dict.fromkeys(spans))
 
 
+def test_the_knob_table_names_each_override_once():
+    rows = re.findall(r"^\| (`.+?) \|", README, re.M)
+    named = [s for row in rows for s in re.findall(r"`([^`]+)`", row)]
+    assert len(rows) > 30
+    assert not sorted({s for s in named if named.count(s) > 1}), "an override has two rows in the README's table"
+
+
 # named in the README as what fails
 MEANT_TO_FAIL = {"adapter.rnk=4"}
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flux_lightning.checkpointing import AtomicCheckpointIO
+from flux_lightning.atomic_files import AtomicCheckpointIO
 
 
 def _cmd(run_dir: Path, cache: Path, steps: int = 40) -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flux_lightning.checkpointing import AtomicCheckpointIO, save_safetensors_atomic
+from flux_lightning.atomic_files import AtomicCheckpointIO, save_safetensors_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 LORA = Path("lora") / "pytorch_lora_weights.safetensors"
@@ -226,7 +226,7 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path):
 
 def test_a_full_disk_is_one_line_naming_the_dir_and_keeps_the_old_file(tmp_path, monkeypatch):
     """The kernel's own ENOSPC: the temporary file is opened on /dev/full (every write fails)."""
-    from flux_lightning.checkpointing import StorageError
+    from flux_lightning.errors import StorageError
 
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
@@ -327,7 +327,7 @@ def test_a_read_only_run_dir_is_one_line_and_keeps_the_checkpoint_and_lora(tmp_p
 
 
 def test_safetensors_write_errors_are_one_line(tmp_path):
-    from flux_lightning.checkpointing import StorageError
+    from flux_lightning.errors import StorageError
 
     target = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     save_safetensors_atomic({"a": torch.zeros(2)}, target)

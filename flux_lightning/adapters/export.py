@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpointing import save_safetensors_atomic
+from ..atomic_files import save_safetensors_atomic
 from .config import ADAPTER_FILENAME, AdapterConfig, resolve_targets
 from .lokr import export_lokr
 from .lora import lora_state_dict

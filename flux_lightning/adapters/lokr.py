@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpointing import save_safetensors_atomic
+from ..atomic_files import save_safetensors_atomic
 from .config import ADAPTER_FILENAME, AdapterConfig, resolve_targets
 
 NETWORK_ATTR = "lycoris"  # the LyCORIS network is registered on the transformer under this name

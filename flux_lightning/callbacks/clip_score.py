@@ -16,8 +16,8 @@ import torch
 
 from ..errors import ConfigError
 from ..memory import park
+from ..rng import preserved_rng
 from ..tiny import resolve_tiny_source
-from .isolation import preserved_rng
 
 log = logging.getLogger(__name__)
 

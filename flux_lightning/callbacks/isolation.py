@@ -1,27 +1,14 @@
-"""Run evaluation work without touching the training trajectory: RNG streams and train/eval modes."""
+"""Run evaluation work without touching the training trajectory: RNG streams (:mod:`flux_lightning.rng`)
+and train/eval modes."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
-
-@contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Save every RNG stream training draws from (torch CPU and all CUDA devices, Python ``random``,
-    NumPy) and put it back on exit, whatever happened inside."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=cuda):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+from ..rng import preserved_rng
 
 
 @contextmanager

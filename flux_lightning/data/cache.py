@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..checkpointing import save_safetensors_atomic
+from ..atomic_files import save_safetensors_atomic
 from ..errors import CacheEntryError, DataError
 
 log = logging.getLogger(__name__)

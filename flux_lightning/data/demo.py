@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..checkpointing import build_folder_once
+from ..atomic_files import build_folder_once
 
 COLOURS = {
     "red": (220, 40, 40),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from ..checkpointing import build_folder_once
+from ..atomic_files import build_folder_once
 from .config import DatasetConfig, ImageBackendConfig
 from .discovery import IMAGE_EXTENSIONS
 

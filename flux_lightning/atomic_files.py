@@ -1,4 +1,10 @@
-"""Files written atomically (checkpoints, safetensors): a kill during a save leaves the previous file intact."""
+"""Files and folders written atomically: a kill during a save leaves the previous file intact.
+
+A file is written to a temporary name in its own folder and renamed onto its path (``os.replace``):
+Lightning checkpoints (:class:`AtomicCheckpointIO`), safetensors files (:func:`save_safetensors_atomic`)
+and whole folders built once (:func:`build_folder_once`, e.g. the tiny model or the demo data). A full,
+read-only or unwritable folder raises a one-line :class:`~flux_lightning.errors.StorageError`.
+"""
 
 from __future__ import annotations
 
@@ -101,25 +107,6 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: di
         os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
     return path
-
-
-def checkpoint_step(path) -> int:
-    """The ``global_step`` of a Lightning checkpoint, reading only its pickle (tensors are mapped,
-    not read): a cheap check that the file is a complete checkpoint before Lightning loads it.
-
-    Raises:
-        ValueError: the file is empty, truncated, corrupt or not a Lightning checkpoint (the reason).
-    """
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise ValueError("empty file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated zip, bad pickle, not a torch file
-        raise ValueError(f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}") from None
-    if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError("not a Lightning checkpoint (no global_step/state_dict)")
-    return int(ckpt["global_step"])
 
 
 def build_folder_once(folder, build: Callable[[Path], None], marker: str | None = None) -> Path:
