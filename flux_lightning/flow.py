@@ -81,6 +81,49 @@ def joint_attention_mask(text_mask: torch.Tensor, image_tokens: int, batch_size:
     return torch.cat([text, torch.ones(batch_size, image_tokens, dtype=torch.bool, device=text.device)], dim=1)
 
 
+def transformer_inputs(
+    noisy: torch.Tensor,
+    sigmas: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    guidance: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    reference_latents: torch.Tensor | None = None,
+) -> dict:
+    """Keyword arguments of diffusers' ``FluxTransformer2DModel`` for noisy latents ``(B, 16, H, W)``.
+
+    The image tokens are ``pack_latents(noisy)`` with ids ``(0, row, col)``; kontext's clean
+    ``reference_latents`` ``(B, 16, H_r, W_r)`` follow as more tokens with ids ``(1, row, col)``;
+    ``timestep = sigma`` (the model scales by 1000 itself); ``guidance`` ``(B,)`` only for
+    transformers with a guidance embedding (None otherwise); ``attention_mask`` ``(B, T)``, the T5
+    padding mask, becomes the joint ``[text, image]`` mask. Everything is cast to ``dtype``; the
+    prediction's first ``H/2 * W/2`` tokens are the image's.
+    """
+    b, _, h, w = noisy.shape
+    device = noisy.device
+    tokens = pack_latents(noisy)
+    ids = image_ids(h, w, device=device, dtype=dtype)
+    if reference_latents is not None:
+        rh, rw = reference_latents.shape[-2:]
+        tokens = torch.cat([tokens, pack_latents(reference_latents.to(noisy.dtype))], dim=1)
+        ids = torch.cat([ids, image_ids(rh, rw, device=device, dtype=dtype, index=1)], dim=0)
+    joint = None
+    if attention_mask is not None:
+        joint = {"attention_mask": joint_attention_mask(attention_mask.to(device), tokens.shape[1], b)}
+    return dict(
+        hidden_states=tokens.to(dtype),
+        timestep=sigmas.to(dtype),
+        guidance=None if guidance is None else guidance.to(dtype),
+        pooled_projections=pooled_prompt_embeds.to(dtype),
+        encoder_hidden_states=prompt_embeds.to(dtype),
+        txt_ids=text_ids(prompt_embeds.shape[1], device=device, dtype=dtype),
+        img_ids=ids,
+        joint_attention_kwargs=joint,
+    )
+
+
 def auto_shift(seq_len: int) -> float:
     """Resolution-dependent shift ``s = exp(mu)``, ``mu = m * seq_len + b`` (diffusers' calculate_shift)."""
     m = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)

@@ -31,12 +31,10 @@ from .flow import (
     TimestepConfig,
     flow_loss,
     flow_target,
-    image_ids,
     joint_attention_mask,
     noisy_latents,
-    pack_latents,
     sample_sigmas,
-    text_ids,
+    transformer_inputs,
     unpack_latents,
 )
 from .tread import TreadConfig, num_blocks, resolve_routes, routed_forward, tokens_in_mask
@@ -221,29 +219,14 @@ class FluxLoRAModule(L.LightningModule):
             guidance = torch.full((b,), self.model_cfg.training_guidance, device=device)
         elif not self.transformer.config.guidance_embeds:
             guidance = None
-        tokens = pack_latents(noisy)
-        ids = image_ids(h, w, device=device, dtype=dtype)
-        n_image = tokens.shape[1]
-        if reference_latents is not None:
-            rh, rw = reference_latents.shape[-2:]
-            tokens = torch.cat([tokens, pack_latents(reference_latents.to(noisy.dtype))], dim=1)
-            ids = torch.cat([ids, image_ids(rh, rw, device=device, dtype=dtype, index=1)], dim=0)
-            if keep_tokens is not None:  # reference tokens are always kept
-                extra = torch.ones(b, tokens.shape[1] - n_image, dtype=torch.bool, device=device)
-                keep_tokens = torch.cat([keep_tokens, extra], dim=1)
-        joint = None
-        if attention_mask is not None:
-            joint = {"attention_mask": joint_attention_mask(attention_mask.to(device), tokens.shape[1], b)}
-        inputs = dict(
-            hidden_states=tokens.to(dtype),
-            timestep=sigmas.to(dtype),
-            guidance=None if guidance is None else guidance.to(dtype),
-            pooled_projections=pooled_prompt_embeds.to(dtype),
-            encoder_hidden_states=prompt_embeds.to(dtype),
-            txt_ids=text_ids(prompt_embeds.shape[1], device=device, dtype=dtype),
-            img_ids=ids,
-            joint_attention_kwargs=joint,
+        inputs = transformer_inputs(
+            noisy, sigmas, prompt_embeds, pooled_prompt_embeds, dtype=dtype, guidance=guidance,
+            attention_mask=attention_mask, reference_latents=reference_latents,
         )
+        n_image = (h // 2) * (w // 2)
+        extra = inputs["hidden_states"].shape[1] - n_image
+        if keep_tokens is not None and extra:  # reference tokens are always kept
+            keep_tokens = torch.cat([keep_tokens, keep_tokens.new_ones(b, extra)], dim=1)
         if self.tread.routes and self.training and torch.is_grad_enabled():
             pred = routed_forward(self.transformer, self.tread.routes, keep_tokens=keep_tokens, **inputs)
         else:
