@@ -103,6 +103,9 @@ RUNNERS = {
     'dataset.instance_prompt="your trigger phrase"': _needs_hub_and_gpu,
     "python -m flux_lightning -m +experiment=krea_lora optimizer.lr=1e-4,4e-4 adapter.rank=4,16": _needs_hub_and_gpu,
     "python -m flux_lightning simpletuner_config=config/config.json [more overrides]": _simpletuner,
+    "python -m flux_lightning module._target_=my_pkg.MyModule data._target_=my_pkg.MyData": _covered_by(
+        "test_entry_point.py", "test_a_users_module_and_datamodule_subclasses_are_swapped_in_from_the_command_line"
+    ),
 }
 
 
