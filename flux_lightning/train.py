@@ -205,9 +205,9 @@ def sweep_metric(trainer: L.Trainer, module) -> tuple[str, float]:
 
 def summary_rows(trainer: L.Trainer, module, datamodule, output_dir: str) -> list[tuple[str, object]]:
     """The end-of-run table: the run's own rows, then every part's ``summary_rows()`` (the module,
-    the datamodule, each callback), so a part that is switched off adds nothing."""
+    each callback, the datamodule), so a part that is switched off adds nothing."""
     rows: list[tuple[str, object]] = [("run dir", output_dir), ("steps", trainer.global_step)]
-    for part in (module, datamodule, *trainer.callbacks):
+    for part in (module, *trainer.callbacks, datamodule):
         if hasattr(part, "summary_rows"):
             rows += list(part.summary_rows())
     return rows + [("logs", trainer.log_dir or "off")]
