@@ -1,10 +1,19 @@
-"""Reading the Lightning checkpoint a run resumes from, without loading it."""
+"""Where a run continues from: the checkpoint to resume (``resume_from_checkpoint``), its step
+(read without loading it), and whether the run dir's run already finished."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import torch
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"  # a finished run's outcome (flux_lightning.sweep.write_result)
 
 
 def checkpoint_step(path) -> int:
@@ -24,3 +33,61 @@ def checkpoint_step(path) -> int:
     if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
         raise ValueError("not a Lightning checkpoint (no global_step/state_dict)")
     return int(ckpt["global_step"])
+
+
+def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """``latest`` -> the newest readable checkpoint in the run dir's ``checkpoints/`` (normally
+    ``last.ckpt``; a ``step*.ckpt`` when the run died between writing it and ``last.ckpt``, or when
+    ``last.ckpt`` is missing, empty or truncated: each unreadable newer file is skipped with a
+    warning); a path stays a path, and must be readable.
+
+    Raises:
+        ConfigError: the path does not exist or is unreadable, or no checkpoint of the run dir is.
+    """
+    if value in (None, "", "none"):
+        return None
+    if value == "latest":
+        found = [p for p in (Path(output_dir) / "checkpoints").glob("*.ckpt") if p.is_file()]
+        found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+        bad = []
+        for path in found:
+            try:
+                checkpoint_step(path)
+            except ValueError as err:
+                bad.append(f"{path.name} ({err})")
+                continue
+            if bad:
+                log.warning("resume: skipping unreadable %s; resuming from %s, the newest readable checkpoint", ", ".join(bad), path.name)
+            return str(path)
+        if bad:
+            raise ConfigError(
+                f"resume_from_checkpoint: no checkpoint in {Path(output_dir) / 'checkpoints'} is readable "
+                f"({', '.join(bad)}); delete them to start afresh, or give another run's with resume_from_checkpoint=<path>"
+            )
+        return None
+    if not Path(value).is_file():
+        raise ConfigError(f"resume_from_checkpoint: {value} does not exist; give a .ckpt file, latest or null")
+    try:
+        checkpoint_step(value)
+    except ValueError as err:
+        raise ConfigError(f"resume_from_checkpoint: {value} is unreadable ({err}); give another .ckpt file, latest or null") from None
+    return value
+
+
+def announce_resume(ckpt: str | None, step: int | None) -> None:
+    """One line saying where training continues from (or nothing when it starts fresh)."""
+    if ckpt is not None:
+        print(f"resuming from {ckpt} (step {step}); resume_from_checkpoint=null starts afresh", flush=True)
+
+
+def finished_result(step: int | None, output_dir: str, max_steps: int | None) -> dict | None:
+    """The run dir's ``result.json`` when the run already finished: it exists, and the checkpoint to
+    resume from (at ``step``) is at ``trainer.max_steps`` and is the one that result was written for."""
+    path = Path(output_dir) / RESULT_FILE
+    if step is None or not max_steps or max_steps < 0 or not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if step >= max_steps and result.get("steps") == step else None

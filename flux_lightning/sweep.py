@@ -10,9 +10,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .resume import RESULT_FILE
+
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 
 
 def write_result(output_dir: str | Path, result: dict[str, Any]) -> Path:

@@ -9,12 +9,10 @@ end-of-run table), ``sweep_metric()`` (what a sweeper minimises) and ``set_run_c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 import hydra
 import lightning as L
@@ -28,13 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 from . import stopping
 from .atomic_files import AtomicCheckpointIO
 from .config import validate
-from .errors import USER_ERRORS, ConfigError, NonFiniteLossError, StopRequested
+from .errors import USER_ERRORS, NonFiniteLossError, StopRequested
 from .quiet import silence_third_party_noise
-from .resume import checkpoint_step
+from .resume import announce_resume, checkpoint_step, finished_result, resolve_checkpoint
 from .schema import config_dir, register
 from .simpletuner_cli import with_simpletuner_config
 from .stopping import GracefulStop
-from .sweep import RESULT_FILE, write_result
+from .sweep import write_result
 
 log = logging.getLogger(__name__)
 register()  # the config schema (train_schema) and the run_name resolver, before Hydra composes
@@ -69,64 +67,6 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     plugins = list(instantiate(cfg.trainer.get("plugins")) or []) + [AtomicCheckpointIO()]
     return _build(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, precision=precision)
-
-
-def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
-    """``latest`` -> the newest readable checkpoint in the run dir's ``checkpoints/`` (normally
-    ``last.ckpt``; a ``step*.ckpt`` when the run died between writing it and ``last.ckpt``, or when
-    ``last.ckpt`` is missing, empty or truncated: each unreadable newer file is skipped with a
-    warning); a path stays a path, and must be readable.
-
-    Raises:
-        ConfigError: the path does not exist or is unreadable, or no checkpoint of the run dir is.
-    """
-    if value in (None, "", "none"):
-        return None
-    if value == "latest":
-        found = [p for p in (Path(output_dir) / "checkpoints").glob("*.ckpt") if p.is_file()]
-        found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
-        bad = []
-        for path in found:
-            try:
-                checkpoint_step(path)
-            except ValueError as err:
-                bad.append(f"{path.name} ({err})")
-                continue
-            if bad:
-                log.warning("resume: skipping unreadable %s; resuming from %s, the newest readable checkpoint", ", ".join(bad), path.name)
-            return str(path)
-        if bad:
-            raise ConfigError(
-                f"resume_from_checkpoint: no checkpoint in {Path(output_dir) / 'checkpoints'} is readable "
-                f"({', '.join(bad)}); delete them to start afresh, or give another run's with resume_from_checkpoint=<path>"
-            )
-        return None
-    if not Path(value).is_file():
-        raise ConfigError(f"resume_from_checkpoint: {value} does not exist; give a .ckpt file, latest or null")
-    try:
-        checkpoint_step(value)
-    except ValueError as err:
-        raise ConfigError(f"resume_from_checkpoint: {value} is unreadable ({err}); give another .ckpt file, latest or null") from None
-    return value
-
-
-def announce_resume(ckpt: str | None, step: int | None) -> None:
-    """One line saying where training continues from (or nothing when it starts fresh)."""
-    if ckpt is not None:
-        print(f"resuming from {ckpt} (step {step}); resume_from_checkpoint=null starts afresh", flush=True)
-
-
-def finished_result(step: int | None, output_dir: str, max_steps: int | None) -> dict | None:
-    """The run dir's ``result.json`` when the run already finished: it exists, and the checkpoint to
-    resume from (at ``step``) is at ``trainer.max_steps`` and is the one that result was written for."""
-    path = Path(output_dir) / RESULT_FILE
-    if step is None or not max_steps or max_steps < 0 or not path.is_file():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return result if step >= max_steps and result.get("steps") == step else None
 
 
 def train(cfg: DictConfig) -> float:
