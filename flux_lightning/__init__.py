@@ -1,7 +1,11 @@
-"""flux_lightning: train Flux.1 LoRA adapters with PyTorch Lightning and Hydra."""
+"""flux_lightning: train Flux.1 LoRA and LoKr adapters with PyTorch Lightning and Hydra.
+
+The map of the package (layers, the data flow of a run, where each concept lives, how to add a
+flavour, an optimizer, a backend kind or a callback) is ``docs/architecture.md``.
+"""
 
 from .adapters import AdapterConfig
-from .components import ModelConfig
+from .model_config import ModelConfig
 from .data import DatasetConfig, FluxDataModule
 from .flow import TimestepConfig
 from .module import FluxLoRAModule

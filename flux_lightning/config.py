@@ -5,7 +5,8 @@ One pattern: each config dataclass checks its own fields in ``problems()``
 ``TimestepConfig``, ``OptimizerConfig``, ``LRSchedulerConfig``, ``TreadConfig``); this module
 types the nodes, adds the checks that need two groups at once (:func:`cross_group_problems`), the
 plain-dict groups' checks (:mod:`flux_lightning.run_checks`) and, optionally, the sources on disk
-or on the hub (:func:`source_problems`), and raises one :class:`~flux_lightning.errors.ConfigError`.
+or on the hub (:func:`source_problems`), and raises one :class:`~flux_lightning.errors.ConfigError`
+(docs/architecture.md, "Validation: one pattern").
 """
 
 from __future__ import annotations

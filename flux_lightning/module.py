@@ -1,4 +1,5 @@
-"""``FluxLoRAModule``: a frozen Flux transformer with a trainable LoRA, trained by flow matching."""
+"""``FluxLoRAModule``: a frozen Flux transformer with a trainable adapter (LoRA or LoKr), trained by flow
+matching (the math: :mod:`flux_lightning.flow`; the step in context: docs/architecture.md, "Data flow")."""
 
 from __future__ import annotations
 

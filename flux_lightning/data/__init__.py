@@ -1,4 +1,5 @@
-"""Datasets: config schema, discovery and captions, transforms, caches and the DataModule."""
+"""Datasets: config schema, discovery and captions, transforms, caches and the DataModule
+(docs/architecture.md: "Pairs are a backend kind", "Data flow of one run")."""
 
 from .config import DatasetConfig
 from .datamodule import FluxDataModule
