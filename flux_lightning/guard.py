@@ -3,7 +3,7 @@
 Every optimizer step runs as ``snapshot -> step -> mask``:
 
 * before the step, every tensor the step may change (the adapter weights and the optimizer state
-  held on their device) is copied;
+  held on their device) is copied (into buffers kept across steps);
 * after it, ``ok = isfinite(loss) & isfinite(grads) & isfinite(new weights)`` is computed on the
   device and each tensor becomes ``where(ok, new, saved)`` - bit-identical to the plain step when
   ``ok`` (``where`` selects, it does not compute), the state before the step when not. Gradient
@@ -46,15 +46,26 @@ _MISSING = object()
 
 
 class _Snapshot:
-    """What one optimizer step may change, split into what the device can select on and the rest."""
+    """What one optimizer step may change, split into what the device can select on and the rest.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, extra: Iterable[torch.Tensor] = ()):
+    The copies go into ``buffers`` (kept by the guard across steps, one per tensor, so a step
+    allocates nothing) with one ``_foreach_copy_`` per side.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        extra: Iterable[torch.Tensor] = (),
+        buffers: dict[int, torch.Tensor] | None = None,
+    ):
         self.optimizer = optimizer
         self.device = device
         self.device_tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.host_tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.values: list[tuple[dict, object, object]] = []  # (container, key, old value or _MISSING)
         self._seen: set[int] = set()
+        self._buffers = {} if buffers is None else buffers
         for t in extra:  # the module's own weights, where they are not the optimizer's (DeepSpeed's copies)
             self._tensor(t)
         for group in optimizer.param_groups:
@@ -62,13 +73,21 @@ class _Snapshot:
                 self._tensor(p)
                 self._dict(optimizer.state[p], p)
             self._dict(group, None, skip=("params",))
+        for key in set(self._buffers) - self._seen:  # tensors no longer in the step (replaced state)
+            del self._buffers[key]
+        with torch.no_grad():
+            for pairs in (self.device_tensors, self.host_tensors):
+                if pairs:
+                    torch._foreach_copy_([saved for _, saved in pairs], [t for t, _ in pairs])
 
     def _tensor(self, t: torch.Tensor) -> None:
         if id(t) in self._seen:
             return
         self._seen.add(id(t))
-        pair = (t, t.detach().clone())
-        (self.device_tensors if t.device == self.device else self.host_tensors).append(pair)
+        saved = self._buffers.get(id(t))
+        if saved is None or saved.shape != t.shape or saved.dtype != t.dtype or saved.device != t.device:
+            saved = self._buffers[id(t)] = torch.empty_like(t, memory_format=torch.preserve_format)
+        (self.device_tensors if t.device == self.device else self.host_tensors).append((t, saved))
 
     def _dict(self, d: dict, p, skip=()) -> None:
         self.values.append((d, _MISSING, set(d)))  # keys present before the step
@@ -92,8 +111,17 @@ class _Snapshot:
                 return True
         return False
 
-    def mask_device(self, ok: torch.Tensor) -> None:
+    def mask_device(self, ok: torch.Tensor, host_decides: bool = False) -> None:
+        """``t <- where(ok, t, saved)`` for every device tensor, on the device. With ``host_decides``
+        (the CPU, where reading ``ok`` waits for nothing) the flag is read instead and a healthy
+        step touches nothing; a bad one copies every tensor back."""
+        if not self.device_tensors:
+            return
         with torch.no_grad():
+            if host_decides:
+                if not bool(ok):
+                    torch._foreach_copy_([t for t, _ in self.device_tensors], [saved for _, saved in self.device_tensors])
+                return
             for t, saved in self.device_tensors:
                 t.copy_(torch.where(ok, t, saved))
 
@@ -119,6 +147,10 @@ class NonFiniteGuard:
     Args:
         max_consecutive: stop the run once this many consecutive steps were skipped.
 
+    Attributes:
+        host_decides: read the step's flag on the host and restore only a bad step (None = on the
+            CPU, where the read waits for nothing; accelerators select on the device, no read).
+
     Use: :meth:`observe` in every ``training_step`` (loss and the batch's inputs), :meth:`step`
     around ``optimizer.step``, :meth:`check` where a host read is affordable.
     """
@@ -131,6 +163,8 @@ class NonFiniteGuard:
         self._loss_ok: torch.Tensor | None = None
         self._inputs_ok: torch.Tensor | None = None
         self._pending: tuple[_Snapshot, torch.Tensor, object] | None = None
+        self._buffers: dict[int, torch.Tensor] = {}  # the snapshot's copies, reused every step
+        self.host_decides: bool | None = None
 
     def _counters(self, device) -> None:
         if self.skipped is None or self.skipped.device != device:
@@ -164,7 +198,7 @@ class NonFiniteGuard:
         inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         params = list({id(p): p for p in [*params, *(p for g in inner.param_groups for p in g["params"])]}.values())
         device = params[0].device if params else torch.device("cpu")
-        snapshot = _Snapshot(inner, device, params)
+        snapshot = _Snapshot(inner, device, params, self._buffers)
         out = run_step()
         ok = all_finite([p.grad for p in params if p.grad is not None] + params).to(device)
         if self._loss_ok is not None:
@@ -173,7 +207,7 @@ class NonFiniteGuard:
             ok = all_reduce(ok)
         inputs_ok = self._inputs_ok.to(device) if self._inputs_ok is not None else torch.ones((), dtype=torch.bool, device=device)
         self._loss_ok = self._inputs_ok = None
-        snapshot.mask_device(ok)
+        snapshot.mask_device(ok, host_decides=device.type == "cpu" if self.host_decides is None else self.host_decides)
         self._counters(device)
         bad = (~ok).float()
         self.skipped += bad

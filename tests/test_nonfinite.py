@@ -48,10 +48,11 @@ OPTIMIZERS = {
 }
 
 
-def run(cfg, data, *, steps, cls=FluxLoRAModule, optimizer="torch_adamw", skip=None, callbacks=(), **kw):
+def run(cfg, data, *, steps, cls=FluxLoRAModule, optimizer="torch_adamw", skip=None, callbacks=(), host_decides=None, **kw):
     L.seed_everything(0, verbose=False)
     module = cls(cfg, AdapterConfig(rank=4, dropout=0.0), optimizer=OPTIMIZERS[optimizer], **kw)
     module.skip = skip
+    module.nonfinite.host_decides = host_decides
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), callbacks=list(callbacks),
@@ -76,14 +77,16 @@ def test_healthy_steps_are_bit_identical_to_lightnings_plain_step(tiny_model_cfg
     assert guarded.skipped_nonfinite_steps() == 0
 
 
+@pytest.mark.parametrize("host_decides", [True, False], ids=["cpu_host_read", "device_select"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("bad_batch", [0, 1])  # 0: the first step (the optimizer has no state yet)
-def test_one_bad_batch_is_skipped_and_training_continues_bit_identically(tiny_model_cfg, bad_batch, optimizer):
+def test_one_bad_batch_is_skipped_and_training_continues_bit_identically(tiny_model_cfg, bad_batch, optimizer, host_decides):
     """Compared: the adapter weights and the whole optimizer state after 4 steps, against Lightning's
     plain step on the same data with the bad batch's update left out by hand (same noise draws for
-    every other batch, gradient clipping on in both)."""
+    every other batch, gradient clipping on in both). Both ways of applying the decision: read on the
+    host (the CPU's) and selected on the device (an accelerator's, forced here on the CPU)."""
     bad = {2 * bad_batch, 2 * bad_batch + 1}
-    guarded, t1 = run(tiny_model_cfg, items(8, bad), steps=4, optimizer=optimizer)
+    guarded, t1 = run(tiny_model_cfg, items(8, bad), steps=4, optimizer=optimizer, host_decides=host_decides)
     plain, t2 = run(tiny_model_cfg, items(8, bad), steps=4, optimizer=optimizer, cls=PlainStep, skip=bad_batch)
     assert same(weights(guarded), weights(plain))
     assert all(v.isfinite().all() for v in weights(guarded).values())
