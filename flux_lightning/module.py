@@ -299,8 +299,11 @@ class FluxLoRAModule(L.LightningModule):
         else:
             target = flow_target(x0, noise)
         loss = flow_loss(pred, target, mask).mean()
-        # prog_bar=True would make Lightning call .item() every step; LossProgressBar shows it instead
-        self.log("loss/train", loss, batch_size=b)
+        # prog_bar=True would make Lightning call .item() every step; LossProgressBar shows it instead.
+        # Lightning writes logs every trainer.log_every_n_steps: a value logged between is never seen.
+        self._log_now = self._logs_this_step()
+        if self._log_now:
+            self.log("loss/train", loss, batch_size=b)
         self._recent_losses.append(loss.detach())
         self.nonfinite.observe(loss, [x0, *text])
         return loss
@@ -326,8 +329,16 @@ class FluxLoRAModule(L.LightningModule):
         if step % max(1, self.trainer.log_every_n_steps) == 0 or step >= self.trainer.max_steps > 0:
             self.nonfinite.check(step, self.trainer.precision)  # a host read at logging steps only
 
+    def _logs_this_step(self) -> bool:
+        """Whether this optimizer step's values reach the loggers (every ``log_every_n_steps``-th
+        step and the last); ``self.log`` costs milliseconds, which a small model's step notices."""
+        if self._trainer is None:
+            return True
+        step = self.trainer.global_step + 1
+        return step % max(1, self.trainer.log_every_n_steps) == 0 or step >= self.trainer.max_steps > 0
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.nonfinite.skipped is not None:
+        if self.nonfinite.skipped is not None and getattr(self, "_log_now", True):
             self.log("train/skipped_nonfinite", self.nonfinite.skipped.clone(), on_step=True, on_epoch=False)
 
     def on_train_end(self) -> None:
