@@ -26,6 +26,9 @@ from .values import is_number
 
 log = logging.getLogger(__name__)
 
+TORCH_ADAMW = "torch.optim:AdamW"
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # torch's fused AdamW kernels
+
 # diffusers' get_scheduler names this config can build (piecewise_constant needs step_rules)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -43,6 +46,9 @@ class OptimizerConfig:
         kahan_sum: torch-optimi's Kahan-compensated updates (null = on for bf16 weights).
         min_8bit_size: bitsandbytes: tensors smaller than this keep 32-bit state.
         d_coef, use_bias_correction, safeguard_warmup: Prodigy's.
+        fused: torch's AdamW (``optimizer=adamw``) in one fused kernel per step; null = on wherever
+            torch has one (CPU and CUDA tensors), false = torch's own default (a loop over the
+            tensors on the CPU). Same update, several times faster for the many small LoRA tensors.
     """
 
     _target_: str = "flux_lightning.optim.build_optimizer"
@@ -57,6 +63,7 @@ class OptimizerConfig:
     d_coef: float | None = None
     use_bias_correction: bool | None = None
     safeguard_warmup: bool | None = None
+    fused: bool | None = None
 
     def problems(self) -> list[str]:
         """An unknown or missing optimizer, out-of-range hyper-parameters (torch would raise a
@@ -74,6 +81,8 @@ class OptimizerConfig:
             out.append(f"optimizer.eps={self.eps!r} must be > 0; e.g. optimizer.eps=1e-8")
         if self.d_coef is not None and (not is_number(self.d_coef) or self.d_coef <= 0):
             out.append(f"optimizer.d_coef={self.d_coef!r} must be > 0; e.g. optimizer.d_coef=1.0")
+        if self.fused and self.name in OPTIMIZERS and OPTIMIZERS[self.name].target != TORCH_ADAMW:
+            out.append(f"optimizer.fused applies to optimizer=adamw (torch's AdamW), not {self.name}; remove it")
         if self.min_8bit_size is not None and self.min_8bit_size < 0:
             out.append(f"optimizer.min_8bit_size={self.min_8bit_size} must be >= 0; e.g. optimizer.min_8bit_size=4096")
         return out
@@ -144,7 +153,7 @@ class OptimizerSpec:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
-        OptimizerSpec("adamw", "torch.optim:AdamW"),
+        OptimizerSpec("adamw", TORCH_ADAMW),
         OptimizerSpec("adamw_bf16", "optimi:AdamW", adapter_dtype="bf16", install="pip install torch-optimi"),
         OptimizerSpec("optimi_lion", "optimi:Lion", install="pip install torch-optimi"),
         OptimizerSpec("optimi_stableadamw", "optimi:StableAdamW", install="pip install torch-optimi"),
@@ -192,6 +201,10 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, **kwargs) -
     # Hydra passes ListConfig for betas & co.; plain tuples keep checkpoints loadable with weights_only
     kwargs = {k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in kwargs.items()}
     params = list(params)
+    if spec.target == TORCH_ADAMW and kwargs.get("fused") is None and "foreach" not in kwargs:
+        kwargs["fused"] = bool(params) and all(
+            p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES and type(p.data) is torch.Tensor for p in params
+        )
     if module == "optimi" and kwargs.get("triton") is None and not any(_on_cuda(p) for p in params):
         kwargs["triton"] = False  # optimi may pick its Triton kernels even for CPU tensors
     if name == "prodigy" and kwargs.get("lr", 1.0) < 0.1:
