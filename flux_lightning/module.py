@@ -357,7 +357,12 @@ class FluxLoRAModule(L.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+        """The adapter's parameters (found once per transformer: every step's guard needs them, and
+        walking every module of a Flux transformer costs milliseconds)."""
+        cached = self.__dict__.get("_trainable")
+        if cached is None or cached[0] is not self.transformer:
+            cached = self._trainable = (self.transformer, [p for p in self.parameters() if p.requires_grad])
+        return cached[1]
 
     @contextmanager
     def inference_adapters(self, text_attention_mask: torch.Tensor | None = None) -> Iterator[None]:
