@@ -27,6 +27,7 @@ from . import stopping, timings
 from .atomic_files import AtomicCheckpointIO
 from .config import validate
 from .errors import USER_ERRORS, NonFiniteLossError, StopRequested
+from .quantization import BNB_PRECISIONS
 from .quiet import silence_third_party_noise
 from .resume import announce_resume, checkpoint_step, finished_result, resolve_checkpoint
 from .schema import config_dir, register
@@ -191,7 +192,8 @@ def _print_summary(rows: list[tuple[str, object]]) -> None:
 def main(cfg: DictConfig) -> float:
     timings.mark("composed")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    silence_third_party_noise()  # Lightning's "Tip:" adverts, torch's LeafSpec FutureWarning (flux_lightning/quiet.py)
+    # Lightning's "Tip:" adverts, torch's LeafSpec FutureWarning, bitsandbytes' CPU-kernel warning (quiet.py)
+    silence_third_party_noise(keep_bnb_cpu_warning=cfg.model.quantization.base_model_precision in BNB_PRECISIONS)
     try:
         return train(cfg)
     except USER_ERRORS as err:
