@@ -5,7 +5,8 @@
 Runs the default command (tiny flavour, demo data, default callbacks) in a fresh working directory
 ``1 + --warm-runs`` times, all with one ``paths.cache_dir``: the first run fills the caches (the
 tiny model folder, the demo images, the VAE latents and text embeddings, the tiny CLIP), the others
-find them warm. Each run sets ``FLUX_LIGHTNING_TIMINGS`` (see :mod:`flux_lightning.timings`), so the
+find them warm (Python's bytecode cache included: ``PYTHONDONTWRITEBYTECODE`` is unset for the
+runs). Each run sets ``FLUX_LIGHTNING_TIMINGS`` (see :mod:`flux_lightning.timings`), so the
 process appends when each start-up phase ends; the script subtracts the moment it launched the
 command. Reported per run, in order: interpreter + imports, Hydra compose, validate, building the
 callbacks / datamodule / module / trainer, ``prepare_data``, ``setup``, the callbacks' ``setup``
@@ -13,7 +14,11 @@ callbacks / datamodule / module / trainer, ``prepare_data``, ``setup``, the call
 baselines of the default callbacks (validation images, their CLIP score, the eval loss: the README's
 default run does these before step 1, so they are counted, each on its own row), Lightning's own
 work between hooks, the first batch and the first optimizer step. The table gives the median of
-the warm runs and their spread (min-max).
+the warm runs and their spread (min-max). After each warm run a process that only imports the
+third-party packages the run needs before step 1 (:data:`FLOOR_IMPORTS`) is timed: the floor.
+``--without bitsandbytes`` adds, interleaved, warm runs as if bitsandbytes were not installed (peft
+imports it on every run, with ``torch.compile``'d kernels that import the inductor): what
+``pip uninstall bitsandbytes`` saves a user who needs neither NF4 nor 8-bit optimizers.
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ POINTS = {
     "first batch loaded": "first batch (dataloader)",
     "first optimizer step": "first optimizer step",
 }
+# What the default run imports before step 1 from third-party packages, nothing else: the floor no
+# change inside flux_lightning can go under (measured in its own process after each warm run).
+FLOOR_IMPORTS = (
+    "import torch, lightning, hydra, omegaconf, torch.utils.tensorboard, optimi, peft; "
+    "from diffusers import FluxTransformer2DModel, FluxPipeline, AutoencoderKL; "
+    "from transformers import CLIPModel, CLIPProcessor; "
+    "from torchmetrics.multimodal.clip_score import CLIPScore"
+)
 BEFORE_TRAINING = ("ValidationImages.on_train_start", "CLIPScoreCallback.on_validation_images", "EvalLoss.on_train_start")
 GLUE = "Lightning between hooks"
 
@@ -90,11 +103,24 @@ def breakdown(events: list[dict]) -> dict[str, float]:
     return dict(rows)
 
 
-def run_once(workdir: Path, cache: Path, steps: int, extra: list[str]) -> dict:
+def blocking_site(root: Path, packages: list[str]) -> str | None:
+    """A folder with a ``sitecustomize.py`` that makes ``packages`` unimportable (``sys.modules[name] =
+    None``), as if they were not installed: measures what uninstalling them would save. None if none."""
+    if not packages:
+        return None
+    folder = root / "without"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text("import sys\n" + "".join(f"sys.modules[{p!r}] = None\n" for p in packages))
+    return str(folder)
+
+
+def run_once(workdir: Path, cache: Path, steps: int, extra: list[str], site: str | None = None) -> dict:
     workdir.mkdir(parents=True)
     timings = workdir / "timings.jsonl"
     env = {**os.environ, "FLUX_LIGHTNING_TIMINGS": str(timings)}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # warm = bytecode cached too, as on a user's machine
+    paths = (site, str(REPO), os.environ.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     cmd = [sys.executable, "-m", "flux_lightning", f"trainer.max_steps={steps}", f"paths.cache_dir={cache}", *extra]
     launched = time.time()
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
@@ -106,6 +132,13 @@ def run_once(workdir: Path, cache: Path, steps: int, extra: list[str]) -> dict:
     events = read_timings(timings, launched)
     first = next(e["end"] for e in events if e["phase"] == "first optimizer step")
     return {"wall_s": round(wall, 3), "first_step_s": round(first, 3), "rows": breakdown(events), "events": events}
+
+
+def import_floor() -> float:
+    """Wall seconds of a process that only imports :data:`FLOOR_IMPORTS`."""
+    launched = time.time()
+    subprocess.run([sys.executable, "-c", FLOOR_IMPORTS], check=True, capture_output=True, timeout=300)
+    return time.time() - launched
 
 
 def import_profile(top: int = 12) -> list[tuple[str, float]]:
@@ -123,36 +156,54 @@ def import_profile(top: int = 12) -> list[tuple[str, float]]:
     return [(k, round(v, 3)) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
 
 
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+def _cell(st: dict[str, float], bold: bool = False) -> str:
+    median = f"**{st['median']:.2f}**" if bold else f"{st['median']:.2f}"
+    return f"{median} ({st['min']:.2f}-{st['max']:.2f})"
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median and spread of every row, of command -> first step, of the before-training baselines and
+    of the first step without them, over ``runs``."""
+    names = list(dict.fromkeys(n for r in runs for n in r["rows"]))
+    firsts = [r["first_step_s"] for r in runs]
+    baselines = [sum(r["rows"].get(n, 0.0) for n in BEFORE_TRAINING) for r in runs]
+    return {
+        "rows": {n: _stats([r["rows"].get(n, 0.0) for r in runs]) for n in names},
+        "first_step_s": _stats(firsts),
+        "baselines_s": _stats(baselines),
+        "first_step_without_baselines_s": _stats([f - b for f, b in zip(firsts, baselines)]),
+    }
+
+
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--warm-runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3, help="trainer.max_steps of each run")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed at the end)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--without", nargs="*", default=[], metavar="PACKAGE",
+                    help="also time each warm run as if these packages were not installed, interleaved "
+                    "(e.g. bitsandbytes, which peft imports on every run)")
+    ap.add_argument("--quick", action="store_true", help="skip the import floor and the import profile")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="flux-startup-"))
     cache = root / "cache"
+    site = blocking_site(root, args.without)
     load_before = os.getloadavg()
-    cold = run_once(root / "run0", cache, args.steps, args.overrides)
-    warm = [run_once(root / f"run{i}", cache, args.steps, args.overrides) for i in range(1, args.warm_runs + 1)]
+    cold = run_once(root / "cold", cache, args.steps, args.overrides)
+    warm, bare, floor = [], [], []
+    for i in range(1, args.warm_runs + 1):  # interleaved: outside load hits every variant alike
+        warm.append(run_once(root / f"warm{i}", cache, args.steps, args.overrides))
+        if site:
+            bare.append(run_once(root / f"without{i}", cache, args.steps, args.overrides, site))
+        if not args.quick:
+            floor.append(import_floor())
     load_after = os.getloadavg()
-    names = list(dict.fromkeys(n for r in [cold, *warm] for n in r["rows"]))
-    rows, summary = [], {}
-    for name in names:
-        values = [r["rows"].get(name, 0.0) for r in warm]
-        summary[name] = {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
-        mark = " (before-training baseline)" if name in BEFORE_TRAINING else ""
-        rows.append([name + mark, f"{cold['rows'].get(name, 0.0):.2f}", f"{summary[name]['median']:.2f}",
-                     f"{summary[name]['min']:.2f}-{summary[name]['max']:.2f}"])
-    firsts = [r["first_step_s"] for r in warm]
-    baselines = [sum(r["rows"].get(n, 0.0) for n in BEFORE_TRAINING) for r in warm]
-    rows.append(["**command -> first optimizer step**", f"{cold['first_step_s']:.2f}",
-                 f"**{statistics.median(firsts):.2f}**", f"{min(firsts):.2f}-{max(firsts):.2f}"])
-    without = [f - b for f, b in zip(firsts, baselines)]
-    rows.append(["of which before-training baselines", f"{sum(cold['rows'].get(n, 0.0) for n in BEFORE_TRAINING):.2f}",
-                 f"{statistics.median(baselines):.2f}", f"{min(baselines):.2f}-{max(baselines):.2f}"])
-    rows.append(["first step without the baselines", "", f"{statistics.median(without):.2f}", f"{min(without):.2f}-{max(without):.2f}"])
     result = {
         "machine": machine(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -160,15 +211,40 @@ def main() -> dict:
         "load_average_after": [round(x, 2) for x in load_after],
         "command": f"python -m flux_lightning trainer.max_steps={args.steps} paths.cache_dir=<shared> {' '.join(args.overrides)}".strip(),
         "cold": {k: cold[k] for k in ("wall_s", "first_step_s", "rows")},
-        "warm": [{k: r[k] for k in ("wall_s", "first_step_s", "rows")} for r in warm],
-        "warm_first_step_s_median": round(statistics.median(firsts), 3),
-        "warm_first_step_without_baselines_s_median": round(statistics.median(without), 3),
-        "warm_rows": summary,
-        "import_self_time_s": import_profile(),
+        "warm_runs": [{k: r[k] for k in ("wall_s", "first_step_s", "rows")} for r in warm],
+        "warm": summarize(warm),
+        "third_party_import_floor_s": _stats(floor) if floor else None,
+        "import_self_time_s": [] if args.quick else import_profile(),
     }
+    if site:
+        result["without"] = args.without
+        result["without_runs"] = [{k: r[k] for k in ("wall_s", "first_step_s", "rows")} for r in bare]
+        result["warm_without"] = summarize(bare)
+    header = ["phase", "cold s", f"warm s, median of {len(warm)} (min-max)"]
+    header += [f"warm without {'+'.join(args.without)}"] if site else []
+    rows = []
+    for name, st in result["warm"]["rows"].items():
+        row = [name + (" (before-training baseline)" if name in BEFORE_TRAINING else ""),
+               f"{cold['rows'].get(name, 0.0):.2f}", _cell(st)]
+        if site:
+            other = result["warm_without"]["rows"].get(name)
+            row.append(_cell(other) if other else "-")
+        rows.append(row)
+    totals = [
+        ("**command -> first optimizer step**", "first_step_s", f"{cold['first_step_s']:.2f}", True),
+        ("of which before-training baselines", "baselines_s", "", False),
+        ("first step without the baselines", "first_step_without_baselines_s", "", False),
+    ]
+    for label, key, cold_cell, bold in totals:
+        rows.append([label, cold_cell, _cell(result["warm"][key], bold)]
+                    + ([_cell(result["warm_without"][key], bold)] if site else []))
+    if floor:
+        rows.append(["floor: a process only importing the third-party packages the run needs", "",
+                     _cell(result["third_party_import_floor_s"])] + (["-"] if site else []))
     print(f"machine: {result['machine']}; load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
-    print(table(["phase", "cold s", f"warm s (median of {len(warm)})", "warm spread"], rows))
-    print("import self time by package (s):", ", ".join(f"{k} {v:.2f}" for k, v in result["import_self_time_s"]))
+    print(table(header, rows))
+    if result["import_self_time_s"]:
+        print("import self time by package (s):", ", ".join(f"{k} {v:.2f}" for k, v in result["import_self_time_s"]))
     save_json(args.json, result)
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
