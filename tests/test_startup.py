@@ -86,3 +86,24 @@ def test_timing_hook_changes_nothing_when_off_and_records_phases_when_on(tmp_pat
     events = [json.loads(line) for line in path.read_text().splitlines()]
     assert [e["phase"] for e in events] == ["datamodule.prepare_data", "datamodule.setup", "module.configure_model", "point"]
     assert all(e["end"] >= e["start"] for e in events) and events[-1]["start"] == events[-1]["end"]
+
+
+def test_tiny_clip_folder_lists_its_added_tokens_as_hub_clip_folders_do(tmp_path, tiny_folder):
+    """Without ``added_tokens_decoder`` in tokenizer_config.json (transformers 5 saves none), every load
+    parses the 3.6 MB tokenizer.json in Python (0.4 s before step 1 of the default run)."""
+    from transformers import CLIPProcessor, CLIPTokenizer
+
+    from flux_lightning.tiny import build_tiny_clip
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_folder / "tokenizer")
+    folder = build_tiny_clip(tmp_path / "clip", tokenizer=tokenizer)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    special = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    assert config["added_tokens_decoder"] == {
+        "49406": {"content": "<|startoftext|>", **special},
+        "49407": {"content": "<|endoftext|>", **special},
+    }
+    loaded = CLIPProcessor.from_pretrained(folder).tokenizer
+    assert loaded.added_tokens_decoder == tokenizer.added_tokens_decoder
+    for text in ("a red circle on a white background", "", "<|endoftext|> sks!!"):
+        assert loaded(text).input_ids == tokenizer(text).input_ids
