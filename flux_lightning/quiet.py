@@ -9,8 +9,12 @@
 - torch's ``FutureWarning`` "``isinstance(treespec, LeafSpec)`` is deprecated", raised when Lightning's
   ``CombinedLoader`` builds a ``LeafSpec`` (``lightning/pytorch/utilities/_pytree.py``) at every fit:
   ignored for that message from that module only.
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community ..." warning, logged when
+  it is imported, which happens on every run: peft imports bitsandbytes whenever it is installed
+  (``peft/helpers.py``: ``try: import bitsandbytes``), and diffusers imports peft. It concerns only
+  NF4 layers on the CPU, so it is dropped unless the run quantizes to NF4 (``keep_bnb_cpu_warning``).
 
-The entry point (:func:`flux_lightning.train.main`) installs both; the library itself changes no
+The entry point (:func:`flux_lightning.train.main`) installs them; the library itself changes no
 global logging or warning state on import.
 """
 
@@ -21,6 +25,8 @@ import warnings
 
 TIP_PREFIX = "💡 Tip:"
 LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_CPU_PREFIX = "Failed to load CPU gemm_4bit_forward"
 
 
 class DropLightningTips(logging.Filter):
@@ -30,12 +36,27 @@ class DropLightningTips(logging.Filter):
         return not str(record.msg).startswith(TIP_PREFIX)
 
 
-def silence_third_party_noise() -> None:
-    """Install the Lightning-tip filter and the LeafSpec warning filter (idempotent)."""
+class DropBnbCpuKernelWarning(logging.Filter):
+    """Drops bitsandbytes' warning about its optional CPU NF4 kernel; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(BNB_CPU_PREFIX)
+
+
+def _install(logger: logging.Logger, kind: type[logging.Filter], on: bool = True) -> None:
+    present = [f for f in logger.filters if isinstance(f, kind)]
+    if on and not present:
+        logger.addFilter(kind())
+    for f in present if not on else []:
+        logger.removeFilter(f)
+
+
+def silence_third_party_noise(keep_bnb_cpu_warning: bool = False) -> None:
+    """Install the Lightning-tip filter, the LeafSpec warning filter and, unless
+    ``keep_bnb_cpu_warning`` (an NF4 run), the bitsandbytes CPU-kernel filter (idempotent)."""
     for name in LIGHTNING_INFO_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, DropLightningTips) for f in logger.filters):
-            logger.addFilter(DropLightningTips())
+        _install(logging.getLogger(name), DropLightningTips)
+    _install(logging.getLogger(BNB_CPU_LOGGER), DropBnbCpuKernelWarning, on=not keep_bnb_cpu_warning)
     warnings.filterwarnings(
         "ignore",
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",

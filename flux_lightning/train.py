@@ -23,10 +23,11 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from . import stopping
+from . import stopping, timings
 from .atomic_files import AtomicCheckpointIO
 from .config import validate
 from .errors import USER_ERRORS, NonFiniteLossError, StopRequested
+from .quantization import BNB_PRECISIONS
 from .quiet import silence_third_party_noise
 from .resume import announce_resume, checkpoint_step, finished_result, resolve_checkpoint
 from .schema import config_dir, register
@@ -86,6 +87,7 @@ def train(cfg: DictConfig) -> float:
 
 def _train(cfg: DictConfig) -> float:
     run = validate(cfg)
+    timings.mark("validated")
     output_dir = cfg.paths.output_dir
     ckpt = resolve_checkpoint(cfg.get("resume_from_checkpoint"), output_dir)
     step = checkpoint_step(ckpt) if ckpt is not None else None  # read once: the file was checked above
@@ -102,10 +104,15 @@ def _train(cfg: DictConfig) -> float:
     for cb in callbacks:  # a callback that records the run's config (the model card)
         if hasattr(cb, "set_run_config"):
             cb.set_run_config(_resolved_yaml(cfg))
+    timings.mark("callbacks built")
     datamodule = _build(cfg.data, **run.data_parts())
+    timings.mark("datamodule built")
     module = _build(cfg.module, **run.module_parts())
+    timings.mark("module built")
     stop = GracefulStop()
+    callbacks += timings.instrument(datamodule, module, callbacks)  # FLUX_LIGHTNING_TIMINGS only
     trainer = build_trainer(cfg, [stop, *callbacks], _instantiate_all(cfg.get("logger")))
+    timings.mark("trainer built")
     if trainer.is_global_zero:
         announce_resume(ckpt, step)
     try:
@@ -183,8 +190,10 @@ def _print_summary(rows: list[tuple[str, object]]) -> None:
 @with_simpletuner_config  # `simpletuner_config=config.json` -> overrides (flux_lightning/simpletuner_cli.py)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
+    timings.mark("composed")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    silence_third_party_noise()  # Lightning's "Tip:" adverts, torch's LeafSpec FutureWarning (flux_lightning/quiet.py)
+    # Lightning's "Tip:" adverts, torch's LeafSpec FutureWarning, bitsandbytes' CPU-kernel warning (quiet.py)
+    silence_third_party_noise(keep_bnb_cpu_warning=cfg.model.quantization.base_model_precision in BNB_PRECISIONS)
     try:
         return train(cfg)
     except USER_ERRORS as err:

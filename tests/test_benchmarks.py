@@ -60,3 +60,18 @@ def test_soak_short_mode_samples_memory_fds_and_disk(tmp_path):
     assert result["steps"] == 30 and result["samples_training"] >= 2
     assert all(s["rss_mib"] > 0 and s["fds"] > 0 for s in result["samples"])
     assert result["summary"]["disk_mib"]["max"] > 0
+
+
+@pytest.mark.slow
+def test_startup_benchmark_breaks_down_command_to_first_step(tmp_path):
+    out = tmp_path / "startup.json"
+    proc = _run("startup.py", "--quick", "--warm-runs", "1", "--steps", "1", "--json", str(out), "--dir", str(tmp_path / "w"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| **command -> first optimizer step** |" in proc.stdout
+    result = json.loads(out.read_text())
+    rows = result["warm_runs"][0]["rows"]
+    for phase in ("interpreter + imports", "datamodule.prepare_data", "module.configure_model",
+                  "ValidationImages.on_train_start", "EvalLoss.on_train_start", "first optimizer step"):
+        assert rows[phase] >= 0, phase
+    first = result["warm_runs"][0]["first_step_s"]
+    assert abs(sum(rows.values()) - first) < 0.05 * first  # the rows add up to command -> first step
