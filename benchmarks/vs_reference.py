@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import resource
@@ -160,8 +161,10 @@ def environment(threads: int, device: str) -> dict[str, str]:
 def check_reference(path: Path | None) -> None:
     """Fail early, in one line, when the reference script or a package it imports is missing."""
     if path is None:
-        raise SystemExit("--reference is required (a copy of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py); "
-                         "or run --smoke for flux_lightning's side only")
+        raise SystemExit(
+            "--reference is required (a copy of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py); "
+            "or run --smoke for flux_lightning's side only"
+        )
     if not path.is_file():
         raise SystemExit(f"--reference {path}: no such file; get it from the diffusers repository "
                          "(examples/dreambooth/train_dreambooth_lora_flux.py)")
@@ -192,6 +195,17 @@ def run_once(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
         raise SystemExit(f"exit code {rc}{hint}: {' '.join(cmd)}\n--- last lines of {log} ---\n{text[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall_s": wall, "cpu_s": cpu, "load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
+def steps_done(trainer: str, out: Path, log: Path) -> int | None:
+    """Optimizer steps a finished run reports (None when its output format is not recognised)."""
+    if trainer == REFERENCE:  # its tqdm bar: "Steps: 100%|...| 220/220 [...]"
+        found = re.findall(r"Steps: +\d+%\|[^|]*\| *(\d+)/\d+", log.read_text(errors="replace"))
+        return int(found[-1]) if found else None
+    try:  # flux_lightning's run summary
+        return int(json.loads((out / "result.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def lora_signature(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -315,9 +329,12 @@ def main(argv=None) -> dict:
             out.mkdir(parents=True)
             log = work / "logs" / f"{trainer}-{steps}-r{r}.log"
             log.parent.mkdir(exist_ok=True)
-            runs[trainer, steps, r] = run_once(command(trainer, args, model, data, out, steps), out, env, log)
-            print(f"round {r + 1}/{args.pairs} {trainer:18s} {steps:4d} steps: {runs[trainer, steps, r]['wall_s']:7.1f} s "
-                  f"(load {runs[trainer, steps, r]['load_before']:.1f})", flush=True)
+            run = runs[trainer, steps, r] = run_once(command(trainer, args, model, data, out, steps), out, env, log)
+            done = run["steps_done"] = steps_done(trainer, out, log)
+            if done is not None and done != steps:
+                raise SystemExit(f"{trainer} ran {done} steps, not {steps} (log: {log})")
+            print(f"round {r + 1}/{args.pairs} {trainer:18s} {steps:4d} steps: {run['wall_s']:7.1f} s "
+                  f"(load {run['load_before']:.1f})", flush=True)
             if r == 0 and steps == args.n1:
                 signatures[trainer] = lora_signature(out)
             if not args.keep:
@@ -339,7 +356,8 @@ def main(argv=None) -> dict:
         "rounds": rounds,
         "runs": [{"trainer": t, "steps": n, "round": r, **v} for (t, n, r), v in runs.items()],
     }
-    print(f"\n{machine()}; load average {load_start[0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end")
+    print(f"\n{machine()}; {args.threads} thread(s) per trainer process; "
+          f"load average {load_start[0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end")
     print(markdown(summary, args.n1))
     save_json(args.json, result)
     if args.work is None and not args.keep:
