@@ -66,6 +66,7 @@ of the process tree; less sensitive to load than wall), and the load average aro
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -261,6 +262,7 @@ def summarise(rounds: dict[str, list[dict]], reference: str | None) -> dict:
                     [r["s_per_step"] / q["s_per_step"] for r, q in zip(rounds[trainer], rounds[reference])]
                 )
                 entry["startup_ratio"] = entry["startup_s"]["median"] / ref["startup_s"]["median"]
+                entry["cpu_ratio_of_medians"] = entry["cpu_s_per_step"]["median"] / ref["cpu_s_per_step"]["median"]
     return out
 
 
@@ -269,14 +271,41 @@ def markdown(summary: dict, n1: int) -> str:
     def cell(s: dict, digits: int) -> str:
         return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
+    def ratio(trainer: str, e: dict, key: str) -> str:
+        return f"{e[key]:.2f}x" if key in e else "1.00x" if trainer == REFERENCE else "-"
+
     rows = []
     for trainer, e in summary.items():
-        ratio = f"{e['ratio_of_medians']:.2f}x" if "ratio_of_medians" in e else "1.00x" if trainer == REFERENCE else "-"
-        rows.append([TRAINERS[trainer], cell(e["s_per_step"], 3), ratio, cell(e["startup_s"], 1),
-                     cell(e["short_wall_s"], 1), cell(e["cpu_s_per_step"], 3)])
+        rows.append([TRAINERS[trainer], cell(e["s_per_step"], 3), ratio(trainer, e, "ratio_of_medians"),
+                     cell(e["startup_s"], 1), cell(e["short_wall_s"], 1),
+                     f"{cell(e['cpu_s_per_step'], 3)}, {ratio(trainer, e, 'cpu_ratio_of_medians')}"])
     header = ["trainer", "s/step (min-max)", "ratio to reference", "start-up s", f"{n1}-step process wall s",
-              "CPU s/step"]
+              "CPU s/step, ratio"]
     return table(header, rows)
+
+
+def provenance(reference: Path | None) -> dict:
+    """What the numbers belong to: this checkout's commit, the reference file's hash, package versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "peft", "accelerate", "lightning"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "reference_sha256": hashlib.sha256(reference.read_bytes()).hexdigest() if reference else None,
+        "versions": versions,
+    }
 
 
 def prepare_inputs(work: Path, images: int) -> tuple[Path, Path]:
@@ -351,6 +380,7 @@ def main(argv=None) -> dict:
         "n1": args.n1, "n2": args.n2, "pairs": args.pairs, "images": args.images,
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "reference": str(args.reference) if REFERENCE in args.trainers else None,
+        **provenance(args.reference if REFERENCE in args.trainers else None),
         "command": " ".join(sys.argv) if argv is None else " ".join(argv),
         "summary": summary,
         "rounds": rounds,

@@ -115,12 +115,14 @@ def test_vs_reference_interleaves_rounds_and_reports_ratios():
     assert row["cpu_s_per_step"] == pytest.approx(0.09)
 
     def rounds_at(*per_step):
-        return [vs.per_round({"wall_s": 10.0, "cpu_s": 0}, {"wall_s": 10.0 + 200 * s, "cpu_s": 0}, 20, 220) for s in per_step]
+        return [vs.per_round({"wall_s": 10.0, "cpu_s": 9.0}, {"wall_s": 10.0 + 200 * s, "cpu_s": 9.0 + 100 * s}, 20, 220)
+                for s in per_step]
 
     summary = vs.summarise({"reference": rounds_at(0.2, 0.1, 0.3), "flux_lightning": rounds_at(0.1, 0.1, 0.1)}, "reference")
     assert summary["reference"]["s_per_step"] == pytest.approx({"median": 0.2, "min": 0.1, "max": 0.3})
     assert summary["flux_lightning"]["ratio_of_medians"] == pytest.approx(0.5)
     assert summary["flux_lightning"]["ratio_per_round"]["max"] == pytest.approx(1.0)
+    assert summary["flux_lightning"]["cpu_ratio_of_medians"] == pytest.approx(0.5)
     text = vs.markdown(summary, 20)
     label = vs.TRAINERS["flux_lightning"]
     assert f"| {label} | 0.100 (0.100-0.100) | 0.50x |" in text
