@@ -302,7 +302,8 @@ def provenance(reference: Path | None) -> dict:
             versions[package] = None
     return {
         "commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # changes to what runs (the library, its config tree, this script) since that commit
+        "uncommitted_changes": bool(git("status", "--porcelain", "--", "flux_lightning", "conf", "benchmarks/*.py")),
         "reference_sha256": hashlib.sha256(reference.read_bytes()).hexdigest() if reference else None,
         "versions": versions,
     }
@@ -348,6 +349,7 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     model, data = prepare_inputs(work, args.images)
     env = environment(args.threads, args.device)
+    origin = provenance(args.reference if REFERENCE in args.trainers else None)  # before anything can change
     runs: dict[tuple[str, int, int], dict] = {}
     load_start = os.getloadavg()
     for r, order in enumerate(schedule(args.trainers, args.pairs, args.n1, args.n2)):
@@ -380,7 +382,7 @@ def main(argv=None) -> dict:
         "n1": args.n1, "n2": args.n2, "pairs": args.pairs, "images": args.images,
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "reference": str(args.reference) if REFERENCE in args.trainers else None,
-        **provenance(args.reference if REFERENCE in args.trainers else None),
+        **origin,
         "command": " ".join(sys.argv) if argv is None else " ".join(argv),
         "summary": summary,
         "rounds": rounds,
