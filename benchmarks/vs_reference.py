@@ -57,6 +57,8 @@ no GPU (``--device cpu``, default; ``--device auto`` lets both see the GPUs), an
 flux_lightning first on ``PYTHONPATH``. Reported: medians with min/max over the rounds, the
 ratio of medians to the reference and the per-round ratios, CPU seconds per step (user + system
 of the process tree; less sensitive to load than wall), and the load average around every run.
+On a busy machine the start-up of a process swings by seconds, as much as 200 steps of the tiny
+model take: there, use ``--n2 1020`` (or more) so that the difference dwarfs the swing.
 
     PYTHONPATH=. python benchmarks/vs_reference.py --reference /tmp/ref/train_dreambooth_lora_flux.py \\
         --pairs 3 --json benchmarks/results/vs_reference.json
