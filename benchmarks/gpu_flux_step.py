@@ -11,7 +11,7 @@ The ``bf16_compiled`` case is the bf16 base with the blocks compiled in place
 in ``setup_s`` and the warm-up steps).
 Reports the median s/step after warm-up and the peak allocated VRAM of each case as JSON, and
 checks the targets (H100: >= 3 steps/s at 512 px bf16; peak <= 28 GB bf16, <= 17 GB int8,
-<= 10 GB NF4 at 512 px). All six cases take about 5 minutes on an H100.
+<= 10 GB NF4 at 512 px). All eight cases take about 6-7 minutes on an H100 (an estimate: not yet run).
 
     PYTHONPATH=. python benchmarks/gpu_flux_step.py [--json benchmarks/results/gpu_flux_step.json]
 
