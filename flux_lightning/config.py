@@ -92,9 +92,10 @@ def adapter_combination_problems(adapter: AdapterConfig, model: ModelConfig, cal
     return out
 
 
-def cross_group_problems(run: RunConfig, cfg: DictConfig) -> list[str]:
-    """Settings that are each valid but cannot run together (all checked before any load).
-    Call only with a known flavour (``run.model.flavour_problems()`` empty)."""
+def cross_group_problems(run: RunConfig, trainer: dict, callbacks: dict) -> list[str]:
+    """Settings that are each valid but cannot run together (all checked before any load);
+    ``trainer`` and ``callbacks`` are the plain-dict groups. Call only with a known flavour
+    (``run.model.flavour_problems()`` empty)."""
     out = []
     spec, model = run.model.spec, run.model
     name = spec.mimics or spec.name
@@ -122,8 +123,8 @@ def cross_group_problems(run: RunConfig, cfg: DictConfig) -> list[str]:
         blocks = None
     if blocks is not None and not run.tread.problems():  # route indices against the model's blocks
         out += run.tread.problems(total_blocks=blocks)
-    out += adapter_combination_problems(run.adapter, model, cfg.get("callbacks"))
-    out += schedule_length_problems(run.lr_scheduler, _plain(cfg.get("trainer")).get("max_steps", -1))
+    out += adapter_combination_problems(run.adapter, model, callbacks)
+    out += schedule_length_problems(run.lr_scheduler, trainer.get("max_steps", -1))
     return out
 
 
@@ -219,12 +220,11 @@ def _plain(node) -> dict:
     return out
 
 
-def loop_problems(cfg: DictConfig) -> list[str]:
+def loop_problems(cfg: DictConfig, trainer: dict, callbacks: dict) -> list[str]:
     """The plain-dict groups that reach Lightning untyped (see :mod:`flux_lightning.run_checks`):
     trainer kwargs, checkpoint/eval intervals, the non-finite guard's limit."""
-    trainer = _plain(cfg.get("trainer"))
     out = trainer_problems(trainer, allow_endless_run=bool(cfg.get("allow_endless_run", False)))
-    out += callback_interval_problems(_plain(cfg.get("callbacks")))
+    out += callback_interval_problems(callbacks)
     out += nonfinite_problems(cfg.get("nonfinite_max_consecutive", 10))
     return out
 
@@ -259,10 +259,11 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     if run.adapter.weight_dtype is None:
         run.adapter.weight_dtype = adapter_dtype(run.optimizer.name if run.optimizer is not None else None)
     flavour_known = not run.model.flavour_problems()
-    problems += group_problems(run) + loop_problems(cfg)
-    problems += eval_split_problems(_plain(cfg.get("callbacks")), run.dataset)
+    trainer, callbacks = _plain(cfg.get("trainer")), _plain(cfg.get("callbacks"))
+    problems += group_problems(run) + loop_problems(cfg, trainer, callbacks)
+    problems += eval_split_problems(callbacks, run.dataset)
     if flavour_known:
-        problems += cross_group_problems(run, cfg)
+        problems += cross_group_problems(run, trainer, callbacks)
         run.timesteps = run.timesteps.for_flavour(run.model.spec.fast_schedule)
     if check_sources and not problems:
         problems += source_problems(run)

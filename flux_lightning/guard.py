@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from .errors import NonFiniteLossError
 
@@ -40,6 +41,15 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
         return torch.tensor(True)
     norms = torch._foreach_norm(tensors, math.inf)  # max |x|: NaN and inf propagate
     return torch.stack([n.float() for n in norms]).amax().isfinite()
+
+
+def all_ranks_agree(flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` and-ed over every rank (a device-side all-reduce, no host read)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return flag
+    value = flag.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value.bool()
 
 
 _MISSING = object()

@@ -157,6 +157,19 @@ class ModelConfig:
     def training_guidance(self) -> float:
         return self.spec.guidance_value if self.guidance_value is None else self.guidance_value
 
+    def sample_guidance(self, batch_size: int, device=None) -> torch.Tensor | None:
+        """Per-sample embedded guidance ``(B,)`` for a training step (None without a guidance embedding).
+
+        ``constant``: every sample gets the training guidance value; ``random-range``: each draws
+        ``U(flux_guidance_min, flux_guidance_max)``.
+        """
+        if not self.spec.guidance_embeds:
+            return None
+        if self.flux_guidance_mode == "random-range":
+            low, high = self.flux_guidance_min, self.flux_guidance_max
+            return low + (high - low) * torch.rand(batch_size, device=device)
+        return torch.full((batch_size,), self.training_guidance, device=device)
+
     # -- validation ------------------------------------------------------------------------------
     def flavour_problems(self) -> list[str]:
         """An unknown ``flavour`` or ``tiny_like`` (then nothing that depends on the flavour can be checked)."""

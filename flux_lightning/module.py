@@ -24,7 +24,7 @@ from .adapters import (
     export_adapter,
 )
 from .components import ModelConfig, load_transformer, set_attention_backend, training_attention_backend
-from .guard import NonFiniteGuard, all_finite
+from .guard import NonFiniteGuard, all_finite, all_ranks_agree
 from .memory import GroupOffload, apply_group_offload, enable_gradient_checkpointing
 from .optim import ADAPTER_DTYPES
 from .rng import rng_states, set_rng_states
@@ -41,17 +41,6 @@ from .flow import (
 from .tread import TreadConfig, num_blocks, resolve_routes, routed_forward, tokens_in_mask
 
 log = logging.getLogger(__name__)
-
-
-def _all_ranks_agree(flag: torch.Tensor) -> torch.Tensor:
-    """``flag`` and-ed over every rank (a device-side all-reduce, no host read)."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return flag
-    value = flag.to(torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return value.bool()
 
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -123,6 +112,8 @@ class FluxLoRAModule(L.LightningModule):
         self.training_attention = self.model_cfg.attention_backend  # see configure_model
         self._recent_losses: deque[torch.Tensor] = deque(maxlen=50)
         self.nonfinite = NonFiniteGuard(nonfinite_max_consecutive)
+        self._log_now = True  # whether this step's values reach the loggers (set in training_step)
+        self._trainable: tuple[torch.nn.Module | None, list[torch.nn.Parameter]] | None = None
 
     # -- model -------------------------------------------------------------------------------
     @property
@@ -234,20 +225,6 @@ class FluxLoRAModule(L.LightningModule):
             pred = self.transformer(**inputs, return_dict=False)[0]
         return unpack_latents(pred[:, :n_image], h, w)
 
-    def sample_guidance(self, batch_size: int, device=None) -> torch.Tensor | None:
-        """Per-sample embedded guidance ``(B,)`` for a training step (None without a guidance embedding).
-
-        ``constant``: every sample gets the training guidance value; ``random-range``: each draws
-        ``U(flux_guidance_min, flux_guidance_max)``.
-        """
-        cfg = self.model_cfg
-        if not cfg.spec.guidance_embeds:
-            return None
-        if cfg.flux_guidance_mode == "random-range":
-            low, high = cfg.flux_guidance_min, cfg.flux_guidance_max
-            return low + (high - low) * torch.rand(batch_size, device=device)
-        return torch.full((batch_size,), cfg.training_guidance, device=device)
-
     def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The optional inputs this flavour takes from a batch (attention mask, reference latents)."""
         spec, out = self.model_cfg.spec, {}
@@ -289,7 +266,7 @@ class FluxLoRAModule(L.LightningModule):
         noise, sigmas = self.noise_and_sigmas(x0, batch_idx)
         noisy = noisy_latents(x0, noise, sigmas)
         text = (batch["prompt_embeds"], batch["pooled_prompt_embeds"])
-        extra = dict(guidance=self.sample_guidance(b, device=x0.device), **self.conditioning(batch))
+        extra = dict(guidance=self.model_cfg.sample_guidance(b, device=x0.device), **self.conditioning(batch))
         mask = batch.get("mask")  # (B, 1, H, W) at latent size: 1 = train, 0 = ignore
         keep = None if mask is None else tokens_in_mask(mask)  # TREAD never drops masked-in tokens
         pred = self(noisy, sigmas, *text, keep_tokens=keep, **extra)
@@ -323,22 +300,22 @@ class FluxLoRAModule(L.LightningModule):
             optimizer,
             lambda: optimizer.step(closure=optimizer_closure),
             params=self.trainable_parameters(),
-            all_reduce=_all_ranks_agree if self.trainer.world_size > 1 else None,
+            all_reduce=all_ranks_agree if self.trainer.world_size > 1 else None,
         )
-        step = self.global_step + 1  # Lightning counts the step once this hook returns
-        if step % max(1, self.trainer.log_every_n_steps) == 0 or step >= self.trainer.max_steps > 0:
-            self.nonfinite.check(step, self.trainer.precision)  # a host read at logging steps only
+        if self._logs_this_step():  # a host read at logging steps only
+            self.nonfinite.check(self.global_step + 1, self.trainer.precision)
 
     def _logs_this_step(self) -> bool:
-        """Whether this optimizer step's values reach the loggers (every ``log_every_n_steps``-th
-        step and the last); ``self.log`` costs milliseconds, which a small model's step notices."""
+        """Whether the optimizer step under way reaches the loggers (every ``log_every_n_steps``-th
+        step and the last); ``self.log`` costs milliseconds, which a small model's step notices.
+        Lightning counts the step once ``optimizer_step`` returns, hence ``global_step + 1``."""
         if self._trainer is None:
             return True
         step = self.trainer.global_step + 1
         return step % max(1, self.trainer.log_every_n_steps) == 0 or step >= self.trainer.max_steps > 0
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.nonfinite.skipped is not None and getattr(self, "_log_now", True):
+        if self.nonfinite.skipped is not None and self._log_now:
             self.log("train/skipped_nonfinite", self.nonfinite.skipped.clone(), on_step=True, on_epoch=False)
 
     def on_train_end(self) -> None:
@@ -359,10 +336,9 @@ class FluxLoRAModule(L.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The adapter's parameters (found once per transformer: every step's guard needs them, and
         walking every module of a Flux transformer costs milliseconds)."""
-        cached = self.__dict__.get("_trainable")
-        if cached is None or cached[0] is not self.transformer:
-            cached = self._trainable = (self.transformer, [p for p in self.parameters() if p.requires_grad])
-        return cached[1]
+        if self._trainable is None or self._trainable[0] is not self.transformer:
+            self._trainable = (self.transformer, list(self._trainable_named().values()))
+        return self._trainable[1]
 
     @contextmanager
     def inference_adapters(self, text_attention_mask: torch.Tensor | None = None) -> Iterator[None]:
@@ -424,20 +400,20 @@ class FluxLoRAModule(L.LightningModule):
         self._recent_losses.extend(torch.tensor(v, device=self.device) for v in checkpoint.get("recent_train_losses", []))
 
     # -- adapter-only state ------------------------------------------------------------------
-    def _trainable_names(self) -> set[str]:
-        return {n for n, p in self.named_parameters() if p.requires_grad}
+    def _trainable_named(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def state_dict(self, *args, **kwargs):
         """Only the trained adapter's tensors: the frozen (possibly quantized) base and the frozen
         assistant LoRA never enter a checkpoint."""
-        trainable = self._trainable_names()
+        trainable = self._trainable_named()
         full = super().state_dict(*args, **kwargs)
         return type(full)((k, v) for k, v in full.items() if k in trainable)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Copy adapter tensors into the trainable parameters (the base is never touched, so this
         also works on quantized bases)."""
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        params = self._trainable_named()
         missing = sorted(set(params) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(params))
         wrong = [k for k in state_dict if k in params and tuple(state_dict[k].shape) != tuple(params[k].shape)]
