@@ -83,8 +83,9 @@ class _Snapshot:
                 self._tensor(p)
                 self._dict(optimizer.state[p], p)
             self._dict(group, None, skip=("params",))
-        for key in set(self._buffers) - self._seen:  # tensors no longer in the step (replaced state)
-            del self._buffers[key]
+        if len(self._buffers) > len(self._seen):  # tensors no longer in the step (replaced state)
+            for key in set(self._buffers) - self._seen:
+                del self._buffers[key]
         with torch.no_grad():
             for pairs in (self.device_tensors, self.host_tensors):
                 if pairs:

@@ -26,8 +26,7 @@ from .values import is_number
 
 log = logging.getLogger(__name__)
 
-TORCH_ADAMW = "torch.optim:AdamW"
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # torch's fused AdamW kernels
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # torch's fused optimizer kernels
 
 # diffusers' get_scheduler names this config can build (piecewise_constant needs step_rules)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -81,7 +80,7 @@ class OptimizerConfig:
             out.append(f"optimizer.eps={self.eps!r} must be > 0; e.g. optimizer.eps=1e-8")
         if self.d_coef is not None and (not is_number(self.d_coef) or self.d_coef <= 0):
             out.append(f"optimizer.d_coef={self.d_coef!r} must be > 0; e.g. optimizer.d_coef=1.0")
-        if self.fused and self.name in OPTIMIZERS and OPTIMIZERS[self.name].target != TORCH_ADAMW:
+        if self.fused and self.name in OPTIMIZERS and not OPTIMIZERS[self.name].fusable:
             out.append(f"optimizer.fused applies to optimizer=adamw (torch's AdamW), not {self.name}; remove it")
         if self.min_8bit_size is not None and self.min_8bit_size < 0:
             out.append(f"optimizer.min_8bit_size={self.min_8bit_size} must be >= 0; e.g. optimizer.min_8bit_size=4096")
@@ -137,6 +136,7 @@ class OptimizerSpec:
         adapter_dtype: dtype the adapter weights are held in (``fp32`` or ``bf16``).
         install: pip hint when the package is missing.
         paged: uses paged (unified-memory) state; CUDA only, bitsandbytes falls back elsewhere.
+        fusable: a torch optimizer with a ``fused`` kernel, used unless ``optimizer.fused=false``.
     """
 
     name: str
@@ -144,6 +144,7 @@ class OptimizerSpec:
     adapter_dtype: str = "fp32"
     install: str | None = None
     paged: bool = False
+    fusable: bool = False
 
     @property
     def module(self) -> str:
@@ -153,7 +154,7 @@ class OptimizerSpec:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
-        OptimizerSpec("adamw", TORCH_ADAMW),
+        OptimizerSpec("adamw", "torch.optim:AdamW", fusable=True),
         OptimizerSpec("adamw_bf16", "optimi:AdamW", adapter_dtype="bf16", install="pip install torch-optimi"),
         OptimizerSpec("optimi_lion", "optimi:Lion", install="pip install torch-optimi"),
         OptimizerSpec("optimi_stableadamw", "optimi:StableAdamW", install="pip install torch-optimi"),
@@ -201,7 +202,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, **kwargs) -
     # Hydra passes ListConfig for betas & co.; plain tuples keep checkpoints loadable with weights_only
     kwargs = {k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in kwargs.items()}
     params = list(params)
-    if spec.target == TORCH_ADAMW and kwargs.get("fused") is None and "foreach" not in kwargs:
+    if spec.fusable and kwargs.get("fused") is None and "foreach" not in kwargs:
         kwargs["fused"] = bool(params) and all(
             p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES and type(p.data) is torch.Tensor for p in params
         )
