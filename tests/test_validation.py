@@ -99,6 +99,19 @@ def test_a_round_restores_rng_and_train_mode_exactly(tiny_model_cfg, tmp_path):
     assert [m.training for m in module.transformer.modules()] == flags
 
 
+def test_a_bf16_base_renders_its_validation_images(tiny_model_cfg, tmp_path):
+    """``+experiment=krea_lora`` holds the base in bf16 (``model.dtype: bf16``): the pipeline's
+    latents are bf16, so the VAE that decodes them must be too (it was fp32: a dtype error at the
+    first validation round, found running the experiment on a local folder)."""
+    from dataclasses import replace
+
+    module = _module(replace(tiny_model_cfg, dtype="bf16"))
+    assert module.compute_dtype == torch.bfloat16
+    cb = ValidationImages(str(tmp_path), validation_prompt="a red circle", validation_resolution=32)
+    records = cb.generate(_fake_trainer(_random_embeddings(cb.prompt_texts())), module)
+    assert [r.path.name for r in records] == ["validation_32x32.png"] and records[0].path.is_file()
+
+
 def test_kontext_flavour_renders_with_the_kontext_pipeline(tiny_folder, tmp_path):
     model_cfg = ModelConfig(flavour="kontext", pretrained_model_name_or_path=str(tiny_folder))
     module = _module(model_cfg)

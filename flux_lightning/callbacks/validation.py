@@ -286,7 +286,9 @@ class ValidationImages(L.Callback):
 
         model_cfg = pl_module.model_cfg
         if self._vae is None:
-            vae = load_vae(model_cfg)
+            # in the transformer's dtype, as a diffusers pipeline holds its parts: the latents it
+            # decodes come out of the transformer in that dtype (bf16 for a bf16 base)
+            vae = load_vae(model_cfg, dtype=pl_module.compute_dtype)
             if not self.reference_image:
                 vae.encoder = None  # decoding only (a reference image needs the encoder)
             self._vae, self._scheduler = vae, load_scheduler(model_cfg)
