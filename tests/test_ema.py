@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import partial
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -123,6 +124,20 @@ def test_validation_renders_with_the_ema_and_restores_the_live_weights_bit_for_b
         by_hand = render("by_hand", [])
     assert np.array_equal(with_ema, by_hand) and not np.array_equal(with_ema, plain)
     assert all(torch.equal(module.state_dict()[k], v) for k, v in live.items())
+
+
+def test_one_update_per_optimizer_step_under_accumulation_and_none_repeated_after_a_resume():
+    weight = torch.nn.Parameter(torch.zeros(2))
+    module = SimpleNamespace(named_parameters=lambda: [("w", weight)], device=torch.device("cpu"))
+    ema = AdapterEMA(decay=0.5)
+    trainer = SimpleNamespace(global_step=3)  # resumed from a checkpoint at step 3
+    ema.on_train_start(trainer, module)
+    for step, value in [(3, 9.0), (4, 1.0), (4, 7.0), (5, 3.0), (5, 7.0)]:  # two micro-batches a step
+        trainer.global_step = step
+        with torch.no_grad():
+            weight.fill_(value)
+        ema.on_train_batch_end(trainer, module, None, None, 0)
+    assert ema.updates == 2 and torch.equal(ema.ema["w"], torch.full((2,), 2.0))  # 0.5 * 1 + 0.5 * 3
 
 
 def test_off_by_default_and_bad_settings_name_the_field():

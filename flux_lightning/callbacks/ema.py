@@ -114,9 +114,13 @@ class AdapterEMA(L.Callback):
             torch._foreach_add_(ema, live, alpha=1.0 - self.decay)
         self.updates += 1
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a resumed run starts at the checkpoint's step, whose update (if any) the checkpoint holds
+        self._seen_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if not self.enabled or step == self._seen_step or step == 0:
+        if not self.enabled or step == self._seen_step:
             return
         self._seen_step = step  # with gradient accumulation several batches end at one step
         if step >= self.start_step and step % self.update_every == 0:
