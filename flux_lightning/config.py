@@ -78,8 +78,9 @@ def group_problems(run: RunConfig) -> list[str]:
 
 
 def adapter_combination_problems(adapter: AdapterConfig, model: ModelConfig, callbacks) -> list[str]:
-    """The adapter against the other groups: an init that rewrites the base on a quantized base, and
-    the export's ``lora_format`` against the targeted modules (so the export at the end cannot fail)."""
+    """The adapter against the other groups: an init that rewrites the base on a quantized base, the
+    export's ``lora_format`` against the targeted modules and against DoRA (so the export at the end
+    cannot fail), DoRA against leaf-level group offload."""
     out = []
     if model.quantization.quantized and adapter.init in BASE_MODIFYING_INITS:
         out.append(
@@ -89,6 +90,11 @@ def adapter_combination_problems(adapter: AdapterConfig, model: ModelConfig, cal
     export = (callbacks or {}).get("adapter_export")
     if export is not None:
         out += lora_format_problems(export.get("lora_format", "diffusers"), adapter)
+    if adapter.use_dora is True and model.enable_group_offload and model.group_offload_type == "leaf_level":
+        out.append(
+            "adapter.use_dora=true reads each base weight after the layer's forward, when leaf-level group "
+            "offloading has moved it back to the CPU; use model.group_offload_type=block_level or adapter.use_dora=false"
+        )
     return out
 
 

@@ -65,6 +65,10 @@ class AdapterConfig:
         factor: LoKr Kronecker factor (the smaller factor's side; -1 = as square as possible).
         ff_factor: LoKr factor for feed-forward modules with ``target=attention+ff``; null = factor.
         full_matrix: LoKr trains both Kronecker factors as full matrices (no low-rank split).
+        use_dora: DoRA (PEFT's ``LoraConfig(use_dora=True)``, LoRA only): each targeted weight
+            becomes ``m * (W + (alpha/r) B A) / ||W + (alpha/r) B A||`` (row norms), with the
+            magnitude ``m`` (starting at ``||W||``) trained beside ``A`` and ``B``. Exported in the
+            diffusers layout with ``lora_magnitude_vector`` tensors, which diffusers loads as DoRA.
     """
 
     type: str = "lora"
@@ -78,6 +82,7 @@ class AdapterConfig:
     factor: int = 16
     ff_factor: int | None = 8
     full_matrix: bool = True
+    use_dora: bool = False
 
     @property
     def lora_alpha(self) -> float:
@@ -105,6 +110,8 @@ class AdapterConfig:
                 "adapter.init=loftq needs a CUDA GPU and bitsandbytes (PEFT runs LoftQ's NF4 rounds on CUDA); "
                 "use adapter.init=default here"
             )
+        if self.use_dora:
+            out += self._dora_problems()
         if self.init_lora:
             if not Path(self.init_lora).expanduser().is_file():
                 out.append(
@@ -115,6 +122,21 @@ class AdapterConfig:
                     f"adapter.init_lora replaces the initial adapter weights; adapter.init={self.init} "
                     "would be discarded, use adapter.init=default"
                 )
+        return out
+
+    def _dora_problems(self) -> list[str]:
+        out = []
+        if not isinstance(self.use_dora, bool):
+            out.append(f"adapter.use_dora={self.use_dora!r} must be true or false")
+        if self.type != "lora":
+            out.append(f"adapter.use_dora=true is PEFT's DoRA of a LoRA; adapter.type={self.type} cannot take it, use adapter=lora")
+        if self.init != "default":
+            out.append(f"adapter.use_dora=true starts from adapter.init=default only (got adapter.init={self.init})")
+        if self.init_lora:
+            out.append(
+                "adapter.use_dora=true cannot continue from adapter.init_lora (a plain LoRA file has no DoRA "
+                "magnitudes); drop adapter.init_lora or adapter.use_dora"
+            )
         return out
 
     def _lokr_problems(self) -> list[str]:

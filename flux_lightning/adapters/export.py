@@ -10,6 +10,11 @@ reads alpha from the metadata (or from ``.alpha`` tensors), ComfyUI and kohya-st
 ``.alpha`` tensors, stores ``B' = (alpha / r) B`` and records ``alpha = r``: every loader, whatever it
 reads, applies ``B' A = (alpha / r) B A``. The ``comfyui`` and ``kohya`` layouts keep the trained
 alpha as tensors. ``lora_trained_alpha`` in the metadata records the alpha the run used.
+
+DoRA (``adapter.use_dora``): the weight is ``m * (W + s B A) / ||W + s B A||`` (row norms), so folding
+``s = alpha / r`` into ``B`` leaves it unchanged; the magnitudes are written as
+``transformer.<module>.lora_magnitude_vector`` (PEFT's key, which diffusers' loader recognises as DoRA),
+the ``diffusers`` layout only.
 """
 
 from __future__ import annotations
@@ -51,8 +56,10 @@ def export_lora(
     dtype: torch.dtype = torch.bfloat16,
     lora_format: str = "diffusers",
     extra_metadata: dict[str, str] | None = None,
+    filename: str = ADAPTER_FILENAME,
 ) -> Path:
-    """Write ``<directory>/pytorch_lora_weights.safetensors`` atomically and return its path.
+    """Write ``<directory>/<filename>`` (default ``pytorch_lora_weights.safetensors``) atomically and
+    return its path.
 
     ``lora_format`` picks the key layout (see :mod:`.lora_formats`); the ``diffusers``
     layout folds ``alpha / r`` into ``lora_B`` and records ``alpha = r`` (see the module doc). For PiSSA/OLoRA
@@ -61,6 +68,8 @@ def export_lora(
     equals the training model's weight.
     """
     state = lora_state_dict(transformer)
+    if lora_format != "diffusers" and any(".lora_magnitude_vector" in k for k in state):
+        raise ValueError(lora_format_problems(lora_format, cfg)[0] if cfg.use_dora else f"lora_format={lora_format} cannot carry DoRA magnitudes")
     rank, alpha = cfg.rank, cfg.lora_alpha
     initial = getattr(transformer, "_flux_lightning_initial_lora", {})
     if initial:
@@ -93,7 +102,7 @@ def export_lora(
         metadata["lora_adapter_metadata"] = json.dumps(
             {f"transformer.{k}": v for k, v in config.items()}, sort_keys=True, default=str
         )
-    return save_safetensors_atomic(tensors, Path(directory) / ADAPTER_FILENAME, metadata)
+    return save_safetensors_atomic(tensors, Path(directory) / filename, metadata)
 
 
 def lora_format_problems(lora_format: str, adapter: AdapterConfig) -> list[str]:
@@ -101,6 +110,12 @@ def lora_format_problems(lora_format: str, adapter: AdapterConfig) -> list[str]:
     checked before training so that the export at the end cannot fail on it."""
     if adapter.type != "lora" or lora_format not in LORA_FORMATS:  # LoKr ignores lora_format
         return []
+    if adapter.use_dora is True and lora_format != "diffusers":
+        return [
+            "adapter.use_dora=true is written in diffusers' layout only (lora_magnitude_vector tensors, which "
+            f"diffusers loads as DoRA); callbacks.adapter_export.lora_format={lora_format} has no DoRA keys its "
+            "loaders apply the same way: use callbacks.adapter_export.lora_format=diffusers or adapter.use_dora=false"
+        ]
     try:
         targets = resolve_targets(adapter.target)
     except ValueError:  # reported by AdapterConfig.problems

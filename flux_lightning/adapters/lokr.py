@@ -110,8 +110,10 @@ def export_lokr(
     *,
     dtype: torch.dtype = torch.bfloat16,
     extra_metadata: dict[str, str] | None = None,
+    filename: str = ADAPTER_FILENAME,
 ) -> Path:
-    """Write ``<directory>/pytorch_lora_weights.safetensors`` in the LyCORIS layout, atomically.
+    """Write ``<directory>/<filename>`` (default ``pytorch_lora_weights.safetensors``) in the LyCORIS
+    layout, atomically.
 
     The metadata says ``flux_lightning.adapter=lokr`` and carries the LoKr settings, so a reader
     knows the file is not a PEFT LoRA.
@@ -124,7 +126,7 @@ def export_lokr(
         "lycoris_config": json.dumps(asdict(cfg), sort_keys=True, default=str),
         **(extra_metadata or {}),
     }
-    return save_safetensors_atomic(tensors, Path(directory) / ADAPTER_FILENAME, metadata)
+    return save_safetensors_atomic(tensors, Path(directory) / filename, metadata)
 
 
 def load_lokr_weights(transformer: torch.nn.Module, source: str | os.PathLike) -> None:

@@ -53,6 +53,7 @@ def add_lora(transformer: torch.nn.Module, cfg: AdapterConfig) -> None:
         lora_dropout=cfg.dropout,
         target_modules=targets,
         init_lora_weights=INIT_TYPES[cfg.init],
+        use_dora=cfg.use_dora,
         **extra,
     )
     with warnings.catch_warnings():  # PEFT warns that a second adapter joins the assistant: intended

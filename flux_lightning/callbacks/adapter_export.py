@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 
 class AdapterExport(L.Callback):
-    """Keeps ``<dirpath>/pytorch_lora_weights.safetensors`` current (rank 0 only).
+    """Keeps ``<dirpath>/pytorch_lora_weights.safetensors`` current (rank 0 only), and any further file a
+    callback asks for through ``extra_exports(pl_module)`` (``callbacks.ema.export``:
+    ``pytorch_lora_weights_ema.safetensors``, the adapter EMA's weights in the same format and dtype).
 
     Exporting never costs a run: the format is checked against ``adapter.target`` in :meth:`setup`
     (before any weights load; ``train()`` checks it even earlier, in config validation), and an
@@ -64,6 +66,10 @@ class AdapterExport(L.Callback):
         target = self.dirpath / ADAPTER_FILENAME
         try:
             self.path = pl_module.export_adapter(self.dirpath, dtype=self.dtype, lora_format=self.lora_format)
+            for filename, weights in self._extra_exports(trainer, pl_module):
+                target = self.dirpath / filename
+                with weights:
+                    pl_module.export_adapter(self.dirpath, dtype=self.dtype, lora_format=self.lora_format, filename=filename)
         except Exception as err:  # disk full, permissions, a format error: never lose the run for it
             self.path = None
             self.error = f"writing {target} failed at step {trainer.global_step} ({type(err).__name__}: {err})"
@@ -71,6 +77,18 @@ class AdapterExport(L.Callback):
             log.error("callbacks.adapter_export: %s; training and checkpoints continue", self.error, exc_info=not isinstance(err, OSError))
             return
         self.error, self._exported_step = None, trainer.global_step
+
+    @staticmethod
+    def _extra_exports(trainer, pl_module) -> list:
+        """Further files from callbacks with ``extra_exports(pl_module)`` (the adapter EMA's
+        ``pytorch_lora_weights_ema.safetensors``): ``(file name, weights context)`` pairs, written in
+        the main file's format and dtype."""
+        out = []
+        for callback in trainer.callbacks:
+            hook = getattr(callback, "extra_exports", None)
+            if callable(hook):
+                out += hook(pl_module)
+        return out
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self.with_checkpoints:

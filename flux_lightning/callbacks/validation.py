@@ -148,7 +148,8 @@ class ValidationImages(L.Callback):
     """Generate images with the flavour's diffusers pipeline (``FluxPipeline``, or
     ``FluxKontextPipeline`` for kontext) before training, every n steps and at the end.
 
-    The pipeline gets the training transformer (LoRA active, dropout off), a VAE decoder and
+    The pipeline gets the training transformer (LoRA active, dropout off; the adapter EMA's weights
+    with ``callbacks.ema.use_for_validation``), a VAE decoder and
     prompt embeddings read from the datamodule's text cache; no text encoder is loaded. Each image
     starts from the same seeded noise, so steps are comparable. RNG state and train mode are
     restored afterwards, so validation never changes the training trajectory.
@@ -333,7 +334,7 @@ class ValidationImages(L.Callback):
         if not self.prompts or step == self._last_step or not trainer.is_global_zero:
             return []
         self._last_step = step
-        with isolated(pl_module.transformer):
+        with isolated(pl_module.transformer), self._weights(trainer, pl_module):
             records = self._render(trainer.datamodule, pl_module, step)
         self.last_records = records
         self._log_grid(trainer, records, step)
@@ -342,6 +343,18 @@ class ValidationImages(L.Callback):
             if callable(hook):
                 hook(trainer, pl_module, step, records)
         return records
+
+    @staticmethod
+    def _weights(trainer, pl_module):
+        """The adapter weights to render with: a callback's ``validation_weights(pl_module)`` context
+        (the adapter EMA with ``callbacks.ema.use_for_validation``; live weights restored bit for bit
+        on exit), else the live weights."""
+        for callback in trainer.callbacks:
+            hook = getattr(callback, "validation_weights", None)
+            weights = hook(pl_module) if callable(hook) else None
+            if weights is not None:
+                return weights
+        return nullcontext()
 
     def _render(self, datamodule, pl_module, step: int) -> list[ValidationRecord]:
         settings = self.sampling(pl_module.model_cfg.spec)
