@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import logging
+import sys
 from functools import partial
 
 import lightning as L
@@ -195,7 +196,7 @@ def test_huggingface_dataset_trains_with_buckets_captions_masks_and_reports_a_ba
     assert trainer.global_step == 3 and np.isfinite(module.recent_train_loss())
 
 
-def test_huggingface_hub_ids_and_bad_columns_are_refused(tiny_model_cfg, tmp_path):
+def test_huggingface_hub_ids_bad_columns_and_a_missing_library_are_refused(tiny_model_cfg, tmp_path, monkeypatch):
     hub = ImageBackendConfig(id="hf", type="huggingface", dataset_name="someone/photos", caption_strategy="huggingface")
     assert not hub.problems()
     assert "never downloaded" in source_problem(hub) and "save_to_disk" in source_problem(hub)
@@ -208,4 +209,8 @@ def test_huggingface_hub_ids_and_bad_columns_are_refused(tiny_model_cfg, tmp_pat
     saved, _ = _hf_dataset(tmp_path)
     wrong = ImageBackendConfig(id="hf", type="huggingface", dataset_name=str(saved), caption_strategy="huggingface")
     with pytest.raises(DataError, match=r"dataset.backends\[hf\].image_column: .* has no column 'image' \(its columns: img, text, m\)"):
+        FluxDataModule(DatasetConfig(backends=[wrong], cache_dir=str(tmp_path / "c")), tiny_model_cfg).samples()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    assert 'pip install "flux-lightning[huggingface]"' in source_problem(wrong)
+    with pytest.raises(DataError, match=r'pip install "flux-lightning\[huggingface\]"'):
         FluxDataModule(DatasetConfig(backends=[wrong], cache_dir=str(tmp_path / "c")), tiny_model_cfg).samples()

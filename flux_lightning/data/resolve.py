@@ -155,14 +155,15 @@ class SampleResolver:
                 backend.id, rec.path, rec.caption, size, placement, self.latent_key(digest, placement),
                 self.text_key(rec.caption), source=digest,
             )
-            if rec.mask is not None or backend.mask_from_alpha:
-                sample, why = self._with_mask(sample, rec.mask, backend, None) if rec.mask is not None else (
-                    self._with_alpha_mask(sample), None
-                )
-                if why:
-                    log.warning("skipping %s: %s", rec.path, why)
-                    skipped += 1
-                    continue
+            why = None
+            if rec.mask is not None:  # a huggingface backend's mask_column
+                sample, why = self._with_mask(sample, rec.mask, backend, None)
+            elif backend.mask_from_alpha:
+                sample = self._with_alpha_mask(sample)
+            if why:
+                log.warning("skipping %s: %s", rec.path, why)
+                skipped += 1
+                continue
             if link is not None:
                 found = index.find(rec.folder, rec.relative)
                 if found is None:
