@@ -206,6 +206,9 @@ def test_huggingface_hub_ids_bad_columns_and_a_missing_library_are_refused(tiny_
         "dataset.backends[x].caption_strategy: 'filename' does not apply to type: huggingface; use huggingface "
         "(caption_column) or instanceprompt"
     ]
+    assert ImageBackendConfig(id="z", instance_data_dir="x", mask_column="m").problems() == [
+        "dataset.backends[z].mask_column: is used by type: huggingface only; remove it (this backend is type: local)"
+    ]
     saved, _ = _hf_dataset(tmp_path)
     wrong = ImageBackendConfig(id="hf", type="huggingface", dataset_name=str(saved), caption_strategy="huggingface")
     with pytest.raises(DataError, match=r"dataset.backends\[hf\].image_column: .* has no column 'image' \(its columns: img, text, m\)"):

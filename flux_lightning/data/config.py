@@ -156,9 +156,9 @@ class ImageBackendConfig:
                 bad("instance_data_dir", "is missing; point it at a folder of images")
             if self.caption_strategy == "huggingface":
                 bad("caption_strategy", "huggingface needs type: huggingface; use filename, textfile, instanceprompt, parquet or csv")
-            for name in ("dataset_name", "mask_column"):
-                if getattr(self, name) is not None:
-                    bad(name, f"is used by type: huggingface only; remove it (this backend is type: {self.type})")
+            for key in ("dataset_name", "mask_column"):
+                if getattr(self, key) is not None:
+                    bad(key, f"is used by type: huggingface only; remove it (this backend is type: {self.type})")
         if self.mask_from_alpha and self.dataset_type != "image":
             bad("mask_from_alpha", "applies to image backends (dataset_type: image); remove it from this conditioning backend")
         if self.caption_strategy not in CAPTION_STRATEGIES:
