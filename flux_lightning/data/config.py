@@ -82,7 +82,8 @@ class ImageBackendConfig:
             backend (``conditioning_data``) or ``mask_column``.
         dataset_name: ``type: huggingface`` only: a local dataset: a folder written by
             ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, a parquet file, a folder of
-            parquet files (searched recursively) or a glob of them. Hub ids are refused (nothing is
+            parquet files (searched recursively) or a glob of them (converted once into ``datasets``'
+            Arrow cache under ``<dataset.cache_dir>/huggingface``). Hub ids are refused (nothing is
             downloaded): save the dataset locally first.
         split: ``type: huggingface``: the split of a saved ``DatasetDict``.
         image_column: ``type: huggingface``: the column holding the images (an ``Image``
