@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .adapters import BASE_MODIFYING_INITS, AdapterConfig, lora_format_problems
 from .components import check_source, resolve_source
 from .data.backend_file import resolve_dataset
+from .data import huggingface
 from .data.config import DatasetConfig, backend_field
 from .data.references import pairing_problems
 from .errors import ConfigError, DataError, ModelSourceError
@@ -155,6 +156,10 @@ def schedule_length_problems(sched: LRSchedulerConfig | None, max_steps) -> list
 def data_folder_problems(dataset: DatasetConfig) -> list[str]:
     out = []
     for b in dataset.image_backends():
+        if b.type == "huggingface":
+            problem = huggingface.source_problem(b)
+            out += [problem] if problem else []
+            continue
         field_name = backend_field(b.id, "instance_data_dir")
         what = "the reference images" if b.conditioning_type == "reference" and b.dataset_type == "conditioning" else "a folder of images"
         out += [

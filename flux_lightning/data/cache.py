@@ -43,9 +43,10 @@ def cache_key(**fields) -> str:
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-1 of a file's bytes (content identity, independent of name and mtime)."""
+    """SHA-1 of a file's bytes (content identity, independent of name and mtime); ``path`` may
+    also be an image that is not a file, with ``open()`` returning its bytes as a binary file."""
     h = hashlib.sha1()
-    with open(path, "rb") as f:
+    with open(path, "rb") if isinstance(path, (str, os.PathLike)) else path.open() as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -118,7 +118,7 @@ def cache_masks(samples: Sequence[Sample], caches: dict[str, TensorCache]) -> No
         cache = caches[s.backend]
         if s.mask_key is not None and s.mask_key not in cache:
             try:
-                mask = load_mask(s.mask_path, s.size, s.placement)
+                mask = load_mask(s.mask_path, s.size, s.placement, alpha=s.mask_alpha)
             except Exception as err:
                 log.warning("skipping %s: cannot read its mask %s (%s)", s.path, s.mask_path, err)
                 continue

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt", "parquet", "csv")
+CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt", "parquet", "csv", "huggingface")
+BACKEND_TYPES = ("local", "huggingface")
 CROP_STYLES = ("center", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
@@ -37,14 +38,18 @@ class ImageBackendConfig:
 
     Attributes:
         id: unique name, used in errors, logs and ``conditioning_data`` links.
-        type: storage type; ``local`` only.
+        type: storage type: ``local`` (image files under ``instance_data_dir``) or ``huggingface``
+            (the rows of a *local* Hugging Face ``datasets`` dataset named by ``dataset_name``; see
+            :mod:`flux_lightning.data.huggingface`; needs ``pip install "flux-lightning[huggingface]"``).
         dataset_type: ``image`` (trained on) or ``conditioning`` (e.g. masks linked from another backend).
         conditioning_type: for conditioning backends: ``mask`` (white = train, black = ignore) or
             ``reference`` (the reference image of an edit pair, for flavours that train on pairs:
             kontext; fitted into its training image's bucket, served as ``reference_latents``).
         instance_data_dir: the folder (or a list of folders), searched recursively.
         disabled: leave the backend out.
-        caption_strategy: ``filename``, ``textfile``, ``instanceprompt``, ``parquet`` or ``csv``.
+        caption_strategy: ``filename``, ``textfile``, ``instanceprompt``, ``parquet`` or ``csv``;
+            ``huggingface`` (the ``caption_column`` of a ``type: huggingface`` backend, which takes
+            only ``huggingface`` or ``instanceprompt``).
         metadata_file: for ``parquet``/``csv``: the table (default ``<folder>/metadata.<ext>``).
         metadata_filename_column / metadata_caption_column: the table's columns.
         instance_prompt: caption for ``instanceprompt``; replaces ``<token>`` in validation prompts.
@@ -69,7 +74,23 @@ class ImageBackendConfig:
             image uses the file of the same relative path (any image extension) in it; folder i of
             this backend pairs with folder i of that one when both list as many folders. An image
             without one is skipped (and counted).
-        metadata_backend: accepted for compatibility (``discovery``).
+        metadata_backend: accepted for compatibility (``discovery``, ``huggingface``).
+        mask_from_alpha: an image's alpha channel is its loss mask (opaque = train, transparent =
+            ignore, at latent size like a ``conditioning_type: mask`` backend's masks; an image
+            without alpha trains everywhere); the pixels are still composited on white for the
+            latent. False = transparency is only composited on white. Not with a linked mask
+            backend (``conditioning_data``) or ``mask_column``.
+        dataset_name: ``type: huggingface`` only: a local dataset: a folder written by
+            ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, a parquet file, a folder of
+            parquet files (searched recursively) or a glob of them (converted once into ``datasets``'
+            Arrow cache under ``<dataset.cache_dir>/huggingface``). Hub ids are refused (nothing is
+            downloaded): save the dataset locally first.
+        split: ``type: huggingface``: the split of a saved ``DatasetDict``.
+        image_column: ``type: huggingface``: the column holding the images (an ``Image``
+            feature, encoded bytes, or a file path relative to the dataset's folder).
+        caption_column: ``type: huggingface``: the column holding the captions.
+        mask_column: ``type: huggingface``: a column of loss-mask images (white = train, black =
+            ignore), as a mask backend's files; null = no mask.
     """
 
     id: str = "default"
@@ -101,6 +122,12 @@ class ImageBackendConfig:
     caption_dropout_probability: float | None = None
     conditioning_data: str | None = None
     metadata_backend: str = "discovery"
+    mask_from_alpha: bool = False
+    dataset_name: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    mask_column: str | None = None
 
     def __post_init__(self):
         if self.is_regularization_data and not self.is_regularisation_data:
@@ -117,14 +144,24 @@ class ImageBackendConfig:
         def bad(fld, msg):
             out.append(f"{name}.{fld}: {msg}")
 
-        if self.type != "local":
-            bad("type", f"{self.type!r} is not supported; use local")
+        if self.type not in BACKEND_TYPES:
+            bad("type", f"{self.type!r} is not supported; use {' or '.join(BACKEND_TYPES)}")
         if self.dataset_type not in DATASET_TYPES:
             bad("dataset_type", f"{self.dataset_type!r} is unknown; use {', '.join(DATASET_TYPES)}")
         if self.dataset_type == "conditioning" and self.conditioning_type not in CONDITIONING_TYPES:
             bad("conditioning_type", f"{self.conditioning_type!r} is unknown; use {' or '.join(CONDITIONING_TYPES)}")
-        if not self.folders():
-            bad("instance_data_dir", "is missing; point it at a folder of images")
+        if self.type == "huggingface":
+            self._huggingface_problems(bad)
+        else:
+            if not self.folders():
+                bad("instance_data_dir", "is missing; point it at a folder of images")
+            if self.caption_strategy == "huggingface":
+                bad("caption_strategy", "huggingface needs type: huggingface; use filename, textfile, instanceprompt, parquet or csv")
+            for key in ("dataset_name", "mask_column"):
+                if getattr(self, key) is not None:
+                    bad(key, f"is used by type: huggingface only; remove it (this backend is type: {self.type})")
+        if self.mask_from_alpha and self.dataset_type != "image":
+            bad("mask_from_alpha", "applies to image backends (dataset_type: image); remove it from this conditioning backend")
         if self.caption_strategy not in CAPTION_STRATEGIES:
             bad("caption_strategy", f"{self.caption_strategy!r} is unknown; use one of {', '.join(CAPTION_STRATEGIES)}")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
@@ -152,6 +189,24 @@ class ImageBackendConfig:
             bad("caption_dropout_probability", "must be within [0, 1]")
         return out
 
+    def _huggingface_problems(self, bad) -> None:
+        """The fields a ``type: huggingface`` backend needs or cannot use (reported through ``bad``)."""
+        if not self.dataset_name:
+            bad("dataset_name", "is missing; point it at a dataset saved with save_to_disk, or at parquet files")
+        if self.instance_data_dir is not None:
+            bad("instance_data_dir", "is not used by type: huggingface; put the dataset's folder in dataset_name")
+        if self.dataset_type != "image":
+            bad("dataset_type", "type: huggingface backends are image backends; give masks with mask_column")
+        if self.caption_strategy not in ("huggingface", "instanceprompt"):
+            bad("caption_strategy", f"{self.caption_strategy!r} does not apply to type: huggingface; use huggingface (caption_column) or instanceprompt")
+        if self.conditioning_data:
+            bad("conditioning_data", "is not supported by type: huggingface (rows have no file names to link); use mask_column or mask_from_alpha")
+        if self.mask_column and self.mask_from_alpha:
+            bad("mask_from_alpha", "and mask_column both give the loss mask; keep one")
+        for name in ("image_column", "caption_column"):
+            if not getattr(self, name):
+                bad(name, "is empty; name a column of the dataset")
+
 
 @dataclass
 class TextEmbedsConfig:
@@ -168,7 +223,7 @@ class TextEmbedsConfig:
 
 _SHORTHAND = (
     "instance_data_dir", "caption_strategy", "instance_prompt", "resolution", "crop_style", "minimum_image_size",
-    "conditioning_data_dir",
+    "conditioning_data_dir", "mask_from_alpha",
 )
 
 
@@ -215,6 +270,9 @@ class DatasetConfig:
             (smaller datasets train on every image; use ``eval_data_dir`` to evaluate them).
         eval_data_dir: a folder (or list) of separate eval images, captioned and sized like the
             first backend (label ``eval``); used alongside the held-out split.
+        mask_from_alpha: shorthand only: each image's alpha channel is its loss mask (see
+            :attr:`ImageBackendConfig.mask_from_alpha`); null = false (transparency is composited
+            on white).
     """
 
     backends: list[ImageBackendConfig] = field(default_factory=list)
@@ -239,6 +297,7 @@ class DatasetConfig:
     eval_fraction: float = 0.0
     eval_min_images: int = 50
     eval_data_dir: Any = None
+    mask_from_alpha: bool | None = None
 
     def uses_shorthand(self) -> bool:
         return not self.backends and self.backend_file is None
@@ -266,6 +325,7 @@ class DatasetConfig:
                     crop_style=self.crop_style or "center",
                     minimum_image_size=self.shorthand_minimum_size(),
                     conditioning_data=SHORTHAND_REFERENCE_ID if references else None,
+                    mask_from_alpha=bool(self.mask_from_alpha),
                 )
             ]
             if references:
@@ -365,6 +425,11 @@ class DatasetConfig:
                 out.append(
                     f"dataset.backends[{b.id}].conditioning_data: {link!r} is not an enabled backend "
                     "with dataset_type: conditioning"
+                )
+            elif link and b.mask_from_alpha and by_id[link].conditioning_type == "mask":
+                out.append(
+                    f"dataset.backends[{b.id}].mask_from_alpha: the linked backend {link!r} already gives the loss "
+                    "masks; use one: remove mask_from_alpha, or the conditioning_data link"
                 )
             elif link and len(by_id[link].folders()) not in (1, len(b.folders())):
                 out.append(

@@ -89,7 +89,11 @@ class FluxDataModule(L.LightningDataModule):
         first = next(b for b in self.backends if b.dataset_type == "image")
         dirs = dataset.eval_folders()
         self.eval_backend = (
-            replace(first, id="eval", instance_data_dir=dirs, repeats=0, conditioning_data=None) if dirs else None
+            replace(
+                first, id="eval", instance_data_dir=dirs, repeats=0, conditioning_data=None, type="local",
+                dataset_name=None, mask_column=None,
+                caption_strategy="filename" if first.caption_strategy == "huggingface" else first.caption_strategy,
+            ) if dirs else None
         )
         if self.eval_backend is not None:
             self.latent_caches["eval"] = self.latent_caches[first.id]

@@ -9,6 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import features
 
@@ -34,12 +35,15 @@ DATASET_FILE_EXTENSIONS = {".txt", ".csv", ".parquet", ".json", ".jsonl"}
 @dataclass(frozen=True)
 class ImageRecord:
     """One image of a backend: its file, its path relative to the backend folder, its caption and
-    the position of that folder in the backend's list."""
+    the position of that folder in the backend's list. For a ``type: huggingface`` backend,
+    ``path`` is a :class:`~flux_lightning.data.huggingface.RowImage`, ``relative`` the row index
+    and ``mask`` the row's mask image (``mask_column``), if any."""
 
     path: Path
     relative: str
     caption: str
     folder: int = 0
+    mask: Any = None
 
 
 @dataclass

@@ -46,7 +46,7 @@ def with_demo_references(backends: list[ImageBackendConfig]) -> list[ImageBacken
     backend with no folder: the datamodule fills it with grayscale copies of the demo images."""
     out = []
     for b in backends:
-        if b.dataset_type == "image" and b.instance_data_dir is None and not b.conditioning_data:
+        if b.dataset_type == "image" and b.type == "local" and b.instance_data_dir is None and not b.conditioning_data:
             ref = ImageBackendConfig(  # the same resolution: the same generated folder
                 id=f"{b.id}-reference", dataset_type="conditioning", conditioning_type="reference", resolution=b.resolution
             )

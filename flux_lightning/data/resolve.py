@@ -13,6 +13,7 @@ from .buckets import Placement, fit, place, size_metric
 from .cache import cache_key, file_digest
 from .config import DatasetConfig, ImageBackendConfig, backend_field
 from .discovery import discover, find_images
+from .huggingface import discover_rows
 from .transforms import upright_size
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,10 @@ MIN_SIDE = 16  # one 2x2 patch of 8x-downsampled latents: smaller images carry n
 class Sample:
     """One training image resolved to its cache entries; ``source`` is the file's content digest
     (the same for every crop, resolution and backend of one file). ``reference``: its reference
-    image (kontext pairs) as a sample of the reference backend, placed in this sample's bucket."""
+    image (kontext pairs) as a sample of the reference backend, placed in this sample's bucket.
+    ``mask_alpha``: the mask is the alpha channel of ``mask_path`` (the image itself,
+    ``mask_from_alpha``). ``path``/``mask_path`` are a
+    :class:`~flux_lightning.data.huggingface.RowImage` for ``type: huggingface`` backends."""
 
     backend: str
     path: Path
@@ -38,6 +42,7 @@ class Sample:
     mask_key: str | None = None
     source: str = ""
     reference: Sample | None = None
+    mask_alpha: bool = False
 
 
 class ConditioningIndex:
@@ -120,8 +125,12 @@ class SampleResolver:
 
     def resolve(self, backend: ImageBackendConfig) -> tuple[list[Sample], int]:
         """Usable images of ``backend`` and the number skipped (each skip is logged with its reason)."""
-        folders = self.folders(backend)
-        records, skipped = discover(backend, folders)
+        if backend.type == "huggingface":
+            folders = []
+            records, skipped = discover_rows(backend, Path(self.cfg.cache_dir).expanduser() / "huggingface")
+        else:
+            folders = self.folders(backend)
+            records, skipped = discover(backend, folders)
         link = self.by_id.get(backend.conditioning_data) if backend.conditioning_data else None
         index = None
         if link is not None:
@@ -146,6 +155,15 @@ class SampleResolver:
                 backend.id, rec.path, rec.caption, size, placement, self.latent_key(digest, placement),
                 self.text_key(rec.caption), source=digest,
             )
+            why = None
+            if rec.mask is not None:  # a huggingface backend's mask_column
+                sample, why = self._with_mask(sample, rec.mask, backend, None)
+            elif backend.mask_from_alpha:
+                sample = self._with_alpha_mask(sample)
+            if why:
+                log.warning("skipping %s: %s", rec.path, why)
+                skipped += 1
+                continue
             if link is not None:
                 found = index.find(rec.folder, rec.relative)
                 if found is None:
@@ -174,6 +192,12 @@ class SampleResolver:
             return None, f"its mask {mask} exceeds dataset.max_image_pixels={self.cfg.max_image_pixels}"
         key = cache_key(kind="mask", v=CACHE_VERSION, file=file_digest(mask), size=sample.size, placement=sample.placement)
         return replace(sample, mask_path=mask, mask_key=key), None
+
+    def _with_alpha_mask(self, sample: Sample) -> Sample:
+        """``sample`` whose loss mask is its own alpha channel (``mask_from_alpha``): keyed apart from
+        any mask file's entry, so toggling the option never serves another kind's mask."""
+        key = cache_key(kind="mask", v=CACHE_VERSION, alpha=True, file=sample.source, size=sample.size, placement=sample.placement)
+        return replace(sample, mask_path=sample.path, mask_key=key, mask_alpha=True)
 
     def _with_reference(self, sample: Sample, ref: Path, backend, link) -> tuple[Sample | None, str | None]:
         """``sample`` with its reference fitted (cover-resize, centre crop) into the sample's bucket;

@@ -1,7 +1,12 @@
-"""Image and mask loading, resize and crop to a :class:`~flux_lightning.data.buckets.Placement`."""
+"""Image and mask loading, resize and crop to a :class:`~flux_lightning.data.buckets.Placement`.
+
+An image is a file path, or any object with ``open()`` returning a binary file (a row of a
+Hugging Face dataset: :class:`~flux_lightning.data.huggingface.RowImage`).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +17,17 @@ from PIL import Image, ImageOps
 from .buckets import Placement
 
 _EXIF_ORIENTATION = 0x0112
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def open_image(src) -> Image.Image:
+    """``Image.open`` of a path, or of ``src.open()`` for an image that is not a file."""
+    return Image.open(src if isinstance(src, (str, os.PathLike)) else src.open())
 
 
 def upright_size(path: Path) -> tuple[int, int]:
     """Image size after EXIF rotation, read from the header only."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         w, h = im.size
         if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
             w, h = h, w
@@ -53,7 +64,7 @@ def _white(im: Image.Image) -> float | None:
 def _open_8bit(path: Path) -> Image.Image:
     """The image upright (EXIF rotation applied), deep images scaled to 8-bit ``L``:
     ``round(v * 255 / white)`` clipped to ``[0, 255]`` (white from :func:`_white`)."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         white = _white(im)  # before the transpose, which drops the TIFF tags
         im = ImageOps.exif_transpose(im)
         if white is not None:
@@ -71,11 +82,22 @@ def load_rgb(path: Path) -> Image.Image:
     grayscale, palette and CMYK are converted. Animated files (GIF, WebP) give their first frame.
     """
     im = _open_8bit(path)
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+    if _has_alpha(im):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info)
+
+
+def _alpha(im: Image.Image) -> Image.Image:
+    """The alpha channel as ``L`` (255 = opaque); an image without transparency is opaque everywhere."""
+    if _has_alpha(im):
+        return im.convert("RGBA").getchannel("A")
+    return Image.new("L", im.size, 255)
 
 
 def _place(image: Image.Image, placement: Placement, resample) -> Image.Image:
@@ -90,12 +112,16 @@ def to_pixels(image: Image.Image, placement: Placement) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def load_mask(path: Path, image_size: tuple[int, int], placement: Placement, factor: int = 8) -> torch.Tensor:
+def load_mask(
+    path: Path, image_size: tuple[int, int], placement: Placement, factor: int = 8, *, alpha: bool = False
+) -> torch.Tensor:
     """A loss mask at latent size ``(1, H/factor, W/factor)`` in [0, 1]: white = train, black = ignore.
 
     The mask gets the same geometry as its image (scaled to the image's size first), then each
-    latent cell takes the mean of its ``factor x factor`` pixels.
+    latent cell takes the mean of its ``factor x factor`` pixels. ``alpha``: ``path`` is the
+    training image itself and its alpha channel is the mask (opaque = train), placed the same way.
     """
-    im = _open_8bit(path).convert("L").resize(image_size, Image.Resampling.BILINEAR)
+    im = _open_8bit(path)
+    im = (_alpha(im) if alpha else im.convert("L")).resize(image_size, Image.Resampling.BILINEAR)
     arr = np.asarray(_place(im, placement, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     return F.avg_pool2d(torch.from_numpy(arr)[None, None], factor)[0]

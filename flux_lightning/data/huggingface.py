@@ -1,0 +1,193 @@
+"""Backends of ``type: huggingface``: images and captions from the rows of a *local* Hugging Face
+``datasets`` dataset (a folder written by ``save_to_disk``, or parquet files). Nothing is ever
+downloaded: a hub id is refused with the command that saves it locally.
+
+Each row becomes an :class:`~flux_lightning.data.discovery.ImageRecord` whose ``path`` is a
+:class:`RowImage` (the image bytes of that row, opened on demand) and whose ``relative`` name is the
+row index, so the rest of the pipeline -- size checks from the header, buckets, content-addressed
+cache keys (from the image bytes), masks, skip reports -- is the one local folders use.
+The ``datasets`` library is imported here only, when such a backend is read.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import io
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from .config import ImageBackendConfig, backend_field
+from .discovery import ImageRecord
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "flux-lightning[huggingface]"'
+_SAVED_MARKERS = ("state.json", "dataset_dict.json")  # Dataset / DatasetDict.save_to_disk
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class RowImage:
+    """The image in ``column`` of row ``index`` of a loaded dataset; it stands where a file path
+    stands elsewhere: ``open()`` gives its bytes as a binary file, ``str()`` names it in messages.
+
+    The cell may hold an ``Image`` feature (``{"bytes", "path"}``), encoded bytes, or a file path
+    (relative to ``root``, the dataset's folder).
+    """
+
+    dataset: str
+    index: int
+    column: str
+    rows: Any = field(compare=False, repr=False)
+    root: Path | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"row-{self.index}-{self.column}"
+
+    def __str__(self) -> str:
+        return f"{self.dataset} row {self.index} (column {self.column!r})"
+
+    def read_bytes(self) -> bytes:
+        value = self.rows[self.index][self.column]
+        data, path = None, None
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+        elif isinstance(value, (bytes, bytearray)):
+            data = bytes(value)
+        elif isinstance(value, str):
+            path = value
+        elif value is not None:
+            raise ValueError(f"a {type(value).__name__} is not an image (encoded bytes, an Image feature or a file path)")
+        if data:
+            return data
+        if path:
+            file = Path(path).expanduser()
+            if not file.is_absolute() and self.root is not None:
+                file = self.root / file
+            return file.read_bytes()
+        raise ValueError("the row holds no image")
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self.read_bytes())
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"type: huggingface backends are read with the `datasets` library: {INSTALL_HINT}") from None
+    return datasets
+
+
+def _saved(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in _SAVED_MARKERS)
+
+
+def parquet_files(name: str) -> list[Path]:
+    """The parquet files ``dataset_name`` names: a file, a folder (recursive) or a glob."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(path.rglob("*.parquet"))
+    return sorted(Path(p) for p in glob.glob(os.path.expanduser(name), recursive=True) if p.endswith(".parquet") and Path(p).is_file())
+
+
+def source_problem(backend: ImageBackendConfig) -> str | None:
+    """Why ``backend.dataset_name`` cannot be read, or None; only looks at the file system."""
+    name = backend.dataset_name
+    if not name:
+        return None  # ImageBackendConfig.problems() reports it
+    key = backend_field(backend.id, "dataset_name")
+    path = Path(name).expanduser()
+    if _saved(path) or parquet_files(name):
+        if importlib.util.find_spec("datasets") is None:
+            return f"{key}: reading '{name}' needs the `datasets` library: {INSTALL_HINT}"
+        return None
+    if path.is_dir():
+        return (
+            f"{key}: folder '{name}' holds neither a dataset saved with save_to_disk ({' or '.join(_SAVED_MARKERS)}) "
+            "nor parquet files; point it at one"
+        )
+    if _HUB_ID.fullmatch(name) and not name.startswith((".", "~")):
+        return (
+            f"{key}: '{name}' is not a local folder or parquet file, and hub datasets are never downloaded "
+            f"by this trainer; save it once (datasets.load_dataset('{name}', split='train').save_to_disk('<folder>')) "
+            "and point dataset_name at <folder>"
+        )
+    return f"{key}: '{name}' is no saved dataset folder, parquet file or glob of parquet files; fix the path"
+
+
+def load_rows(backend: ImageBackendConfig, cache_dir: Path):
+    """The backend's dataset (a ``datasets.Dataset``) with its image columns left encoded.
+
+    Parquet files are converted once into ``datasets``' memory-mapped Arrow cache under ``cache_dir``.
+    """
+    problem = source_problem(backend)
+    if problem:
+        raise DataError(problem)
+    lib = _datasets()
+    path = Path(backend.dataset_name).expanduser()
+    if _saved(path):
+        rows = lib.load_from_disk(str(path))
+        if isinstance(rows, lib.DatasetDict):
+            if backend.split not in rows:
+                raise DataError(
+                    f"{backend_field(backend.id, 'split')}: '{backend.split}' is not a split of {backend.dataset_name} "
+                    f"(it has {', '.join(sorted(rows))}); choose one"
+                )
+            rows = rows[backend.split]
+    else:
+        rows = lib.Dataset.from_parquet([str(p) for p in parquet_files(backend.dataset_name)], cache_dir=str(cache_dir))
+    wanted = ["image_column"] + (["caption_column"] if backend.caption_strategy == "huggingface" else [])
+    wanted += ["mask_column"] if backend.mask_column else []
+    for name in wanted:
+        column = getattr(backend, name)
+        if column not in rows.column_names:
+            raise DataError(
+                f"{backend_field(backend.id, name)}: {backend.dataset_name} has no column {column!r} "
+                f"(its columns: {', '.join(rows.column_names)}); name one of them"
+            )
+        if isinstance(rows.features[column], lib.Image) and rows.features[column].decode:
+            rows = rows.cast_column(column, lib.Image(decode=False))  # the bytes: decoded (and checked) later
+    return rows
+
+
+def _caption(value) -> str:
+    if isinstance(value, (list, tuple)):  # several captions: the first non-empty one
+        value = next((v for v in value if v is not None and str(v).strip()), "")
+    return "" if value is None else str(value).strip()
+
+
+def discover_rows(backend: ImageBackendConfig, cache_dir: Path) -> tuple[list[ImageRecord], int]:
+    """Captioned rows of a ``type: huggingface`` backend and the number skipped (each skip is
+    logged with its row index and reason); images are read later, like files."""
+    rows = load_rows(backend, cache_dir)
+    if len(rows) == 0:
+        raise DataError(f"{backend_field(backend.id, 'dataset_name')}: {backend.dataset_name} holds no rows")
+    path = Path(backend.dataset_name).expanduser()
+    root = path if path.is_dir() else path.parent
+    if backend.caption_strategy == "huggingface":
+        captions = [_caption(c) for c in rows[backend.caption_column]]
+    else:
+        captions = [backend.instance_prompt] * len(rows)
+    records, skipped = [], 0
+    for i, caption in enumerate(captions):
+        image = RowImage(backend.dataset_name, i, backend.image_column, rows, root)
+        if not caption:
+            log.warning(
+                "skipping %s: empty caption in column %r (write one; for unconditional training use "
+                "caption_dropout_probability)", image, backend.caption_column,
+            )
+            skipped += 1
+            continue
+        mask = RowImage(backend.dataset_name, i, backend.mask_column, rows, root) if backend.mask_column else None
+        records.append(ImageRecord(image, str(i), caption, 0, mask))
+    return records, skipped
