@@ -3,6 +3,9 @@ torch.linalg.svd and the ComfyUI loader stand-in (tests/comfy_loader.py), on the
 
 from __future__ import annotations
 
+import runpy
+import sys
+
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -187,6 +190,20 @@ def test_an_ai_toolkit_file_loads(linears, tmp_path, prefix):
                                lora["transformer_blocks.0.attn.to_out.0"].delta())
 
 
+def test_an_untrained_fused_module_is_kept_and_a_partly_trained_one_keeps_its_parts(linears, tmp_path):
+    lora = random_lora(linears, rank=2, modules=["transformer_blocks.0.attn.to_q"])
+    width = lora["transformer_blocks.0.attn.to_q"].up.shape[0]
+    up = torch.zeros(3 * width, 2)
+    zero = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 32),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up}
+    save_file(zero, tmp_path / "zero.safetensors")
+    assert sorted(read_lora(tmp_path / "zero.safetensors").modules) == [
+        "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v"]
+    up[:width] = lora["transformer_blocks.0.attn.to_q"].up
+    save_file({**zero, "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up}, tmp_path / "q.safetensors")
+    assert list(read_lora(tmp_path / "q.safetensors").modules) == ["transformer_blocks.0.attn.to_q"]
+
+
 # -- resize ----------------------------------------------------------------------------------------
 def test_resize_reproduces_a_lora_of_lower_true_rank_and_keeps_the_layout(linears, tmp_path):
     lora = random_lora(linears, rank=8, alpha=4.0, seed=3)
@@ -261,7 +278,12 @@ def test_user_errors_name_the_file_and_exit_2(linears, tiny_folder, tmp_path, ca
             assert w in err, err
 
     missing = str(tmp_path / "missing.safetensors")
-    fails(["convert", "--lora", missing, "--to", "kohya", "--out", str(tmp_path / "o.safetensors")], missing, "no such")
+    argv = ["flux_lightning.lora", "convert", "--lora", missing, "--to", "kohya", "--out", "o.safetensors"]
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as exit_:  # the module as `python -m` runs it
+        mp.setattr(sys, "argv", argv)
+        runpy.run_module("flux_lightning.lora", run_name="__main__")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {missing}: no such LoRA file; pass the path of a .safetensors file"
     save_file({"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.ones(2, 2)}, tmp_path / "lokr.safetensors")
     save_file({"model.layers.0.weight": torch.ones(2, 2)}, tmp_path / "full.safetensors")
     fails(["resize", "--lora", str(tmp_path / "full.safetensors"), "--rank", "2", "--out", str(tmp_path / "o.safetensors")],

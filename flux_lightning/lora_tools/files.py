@@ -83,9 +83,10 @@ def file_layout(path, tensors: dict[str, torch.Tensor]) -> str:
     keys = list(tensors)
     if not keys:
         raise LoraFileError(f"{path}: the file holds no tensors; pass a LoRA file ({_READS})")
-    if any(k.startswith(("lora_te", "text_encoder", "text_encoders")) for k in keys):
+    text = [k for k in keys if k.startswith(("lora_te", "text_encoder"))]
+    if text:
         raise LoraFileError(
-            f"{path}: holds a text-encoder LoRA (e.g. {next(k for k in keys if 'te' in k.split('.')[0])!r}); "
+            f"{path}: holds a text-encoder LoRA (e.g. {text[0]!r}); "
             "these tools handle the transformer's LoRA only: remove the text-encoder keys first"
         )
     stripped = [_strip(k) for k in keys]
@@ -172,10 +173,15 @@ def _read_kohya(path, tensors) -> dict[str, LoraModule]:
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
     tensors = {_kohya_name(k): v for k, v in tensors.items()}
+    extra = [k for k, v in tensors.items() if k.endswith((".diff", ".diff_b", ".dora_scale")) and v.any()]
+    if extra:  # diffusers' converter would drop these with a log line
+        raise LoraFileError(f"{path}: holds {extra[0]!r}, a full-weight diff or DoRA scale; these tools carry LoRA only")
     modules: dict[str, LoraModule] = {}
     for key in [k for k in tensors if re.fullmatch(r"lora_unet_single_blocks_\d+_linear1\.lora_down\.weight", k)]:
         base = key.removesuffix(".lora_down.weight")
-        down, up = tensors.pop(key), tensors.pop(f"{base}.lora_up.weight")
+        down, up = tensors.pop(key), tensors.pop(f"{base}.lora_up.weight", None)
+        if up is None:
+            raise LoraFileError(f"{path}: {base}.lora_up.weight is missing; the file is incomplete")
         alpha = tensors.pop(f"{base}.alpha", None)
         alpha = float(alpha.item()) if alpha is not None else float(down.shape[0])
         inner = up.shape[0] // 7  # Flux: q, k, v of width inner, then the MLP of width 4 * inner
@@ -184,20 +190,31 @@ def _read_kohya(path, tensors) -> dict[str, LoraModule]:
         block = base.split("_")[4]
         row = 0
         for name, width in (("attn.to_q", inner), ("attn.to_k", inner), ("attn.to_v", inner), ("proj_mlp", 4 * inner)):
-            part = LoraModule(down, up[row : row + width], alpha)
+            modules[f"single_transformer_blocks.{block}.{name}"] = LoraModule(down, up[row : row + width], alpha)
             row += width
-            part = _drop_zero_columns(part)
-            if part is not None:
-                modules[f"single_transformer_blocks.{block}.{name}"] = part
     try:
         converted = _convert_kohya_flux_lora_to_diffusers(dict(tensors))
     except (ValueError, AssertionError, KeyError) as err:
         raise LoraFileError(f"{path}: diffusers cannot read this kohya file ({err}); pass {_READS}") from None
-    for name, module in _read_peft(path, converted, {}).items():  # alpha folded by diffusers (scale 1)
-        module = _drop_zero_columns(module)
-        if module is not None:
-            modules[name] = module
-    return dict(sorted(modules.items()))
+    modules.update(_read_peft(path, converted, {}))  # alpha folded by diffusers (scale 1)
+    # a fused module (qkv, linear1) split into its parts: each part keeps only its own rank components,
+    # and parts without any update are dropped (unless the whole fused module is zero, e.g. untrained)
+    fused: dict[str, list[str]] = {}
+    for name in modules:
+        try:
+            fused.setdefault(kohya_name(name)[0], []).append(name)
+        except ValueError:
+            fused.setdefault(name, []).append(name)
+    out = {}
+    for members in fused.values():
+        if all(not modules[m].up.any() for m in members):
+            out.update({m: modules[m] for m in members})
+            continue
+        for m in members:
+            part = _drop_zero_columns(modules[m])
+            if part is not None:
+                out[m] = part
+    return dict(sorted(out.items()))
 
 
 def _drop_zero_columns(module: LoraModule) -> LoraModule | None:
