@@ -286,6 +286,8 @@ def test_user_errors_name_the_file_and_exit_2(linears, tiny_folder, tmp_path, ca
     assert capsys.readouterr().err.strip() == f"error: {missing}: no such LoRA file; pass the path of a .safetensors file"
     save_file({"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.ones(2, 2)}, tmp_path / "lokr.safetensors")
     save_file({"model.layers.0.weight": torch.ones(2, 2)}, tmp_path / "full.safetensors")
+    fails(["convert", "--lora", str(tmp_path / "lokr.safetensors"), "--to", "kohya", "--out", str(tmp_path / "o.safetensors")],
+          "lokr.safetensors", "unknown LoRA format", "LyCORIS")
     fails(["resize", "--lora", str(tmp_path / "full.safetensors"), "--rank", "2", "--out", str(tmp_path / "o.safetensors")],
           "full.safetensors", "unknown LoRA format")
     other = {"text_model.layers.0.q.lora_A.weight": torch.ones(2, 8), "text_model.layers.0.q.lora_B.weight": torch.ones(8, 2)}

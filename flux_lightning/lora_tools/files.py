@@ -89,13 +89,15 @@ def file_layout(path, tensors: dict[str, torch.Tensor]) -> str:
             f"{path}: holds a text-encoder LoRA (e.g. {text[0]!r}); "
             "these tools handle the transformer's LoRA only: remove the text-encoder keys first"
         )
-    stripped = [_strip(k) for k in keys]
-    if any(k.startswith("lora_unet_") or _BFL.match(k) for k in stripped):
-        return "kohya"
-    bad = [k for k in keys if not re.search(r"\.(lora_[AB]\.weight|lora_(down|up)\.weight|alpha)$", k)]
+    kohya = any(k.startswith("lora_unet_") or _BFL.match(_strip(k)) for k in keys)
+    # kohya files may carry .diff / .diff_b / .dora_scale: refused below unless all zero (diffusers drops those)
+    known = r"\.(lora_[AB]\.weight|lora_(down|up)\.weight|alpha" + (r"|diff|diff_b|dora_scale)$" if kohya else r")$")
+    bad = [k for k in keys if not re.search(known, k)]
     if bad:
         hint = " (a LoKr/LoHa file: apply it with LyCORIS)" if any("lokr" in k or "hada" in k for k in bad) else ""
         raise LoraFileError(f"{path}: unknown LoRA format, key {bad[0]!r} is not a LoRA key{hint}; pass {_READS}")
+    if kohya:
+        return "kohya"
     return "comfyui" if any(k.endswith(".alpha") for k in keys) else "diffusers"
 
 
@@ -118,12 +120,15 @@ def read_lora(path) -> LoraFile:
     return LoraFile(path, layout, modules, metadata)
 
 
-def metadata_alphas(metadata: dict[str, str], modules: dict[str, int]) -> dict[str, float]:
+def metadata_alphas(metadata: dict[str, str], modules: dict[str, int], path="the LoRA") -> dict[str, float]:
     """Alpha of each module (name -> rank) from diffusers' ``lora_adapter_metadata`` (``lora_alpha``,
     ``alpha_pattern``, ``use_rslora``), or ``alpha = r`` when the file does not say, as diffusers loads it."""
     config = {}
     if "lora_adapter_metadata" in metadata:
-        raw = json.loads(metadata["lora_adapter_metadata"])
+        try:
+            raw = json.loads(metadata["lora_adapter_metadata"])
+        except json.JSONDecodeError:
+            raise LoraFileError(f"{path}: its lora_adapter_metadata is not JSON; re-export the LoRA") from None
         config = {k.removeprefix("transformer."): v for k, v in raw.items()}
     out = {}
     for name, rank in modules.items():
@@ -151,7 +156,7 @@ def _read_peft(path, tensors, metadata) -> dict[str, LoraModule]:
     incomplete = [m for m, p in parts.items() if not {"down", "up"} <= p.keys()]
     if incomplete:
         raise LoraFileError(f"{path}: module {incomplete[0]!r} lacks its down or up matrix; the file is incomplete")
-    alphas = metadata_alphas(metadata, {m: p["down"].shape[0] for m, p in parts.items()})
+    alphas = metadata_alphas(metadata, {m: p["down"].shape[0] for m, p in parts.items()}, path)
     return {
         m: LoraModule(p["down"], p["up"], float(p["alpha"].item()) if "alpha" in p else alphas[m])
         for m, p in sorted(parts.items())
@@ -195,7 +200,8 @@ def _read_kohya(path, tensors) -> dict[str, LoraModule]:
     try:
         converted = _convert_kohya_flux_lora_to_diffusers(dict(tensors))
     except (ValueError, AssertionError, KeyError) as err:
-        raise LoraFileError(f"{path}: diffusers cannot read this kohya file ({err}); pass {_READS}") from None
+        reason = " ".join(str(err).split())[:300]
+        raise LoraFileError(f"{path}: diffusers cannot read this kohya file ({reason}); pass {_READS}") from None
     modules.update(_read_peft(path, converted, {}))  # alpha folded by diffusers (scale 1)
     # a fused module (qkv, linear1) split into its parts: each part keeps only its own rank components,
     # and parts without any update are dropped (unless the whole fused module is zero, e.g. untrained)

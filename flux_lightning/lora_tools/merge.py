@@ -48,7 +48,8 @@ def layer_problems(lora: LoraFile, transformer: torch.nn.Module, base: Path) -> 
     linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = [m for m in lora.modules if m not in linears]
     if missing:
-        what = "match no layer" if len(missing) == len(lora.modules) else f"{len(missing)} of {len(lora.modules)} modules match no layer"
+        n, total = len(missing), len(lora.modules)
+        what = "match no layer" if n == total else f"{n} of {total} modules match no layer"
         return (
             f"{lora.path}: its keys {what} of the base {base} (e.g. {missing[0]!r}); merge it into the model "
             "it was trained for"

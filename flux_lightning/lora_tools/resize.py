@@ -4,10 +4,11 @@ Each module's update ``delta = alpha / r * up @ down`` is replaced by its best r
 (Eckart-Young: the ``k`` largest singular values), ``k = min(rank, r)``. The SVD is taken through QR
 factors of ``up`` and ``down^T`` (an ``r x r`` SVD instead of one of the full ``out x in`` update), in
 float64. The new factors are ``up = U sqrt(S)``, ``down = sqrt(S) Vh`` at scale 1: ``.alpha`` tensors
-become ``k``; rows (columns) of the update that are exactly zero stay exactly zero (the untrained
-parts of a fused kohya module: a reader then sees no update for them); a file without them (diffusers layout) loads at ``alpha = r``, so its
+become ``k``; a file without them (diffusers layout) loads at ``alpha = r``, so its
 ``lora_adapter_metadata`` (which would state the old rank) is dropped and ``lora_rank``/``lora_alpha``
-say the new rank. Keys, key names and dtypes stay as they were in the input file.
+say the new rank. Rows (columns) of the update that are exactly zero stay exactly zero (the untrained
+parts of a fused kohya module: a reader then sees no update for them). Keys, key names and dtypes stay
+as they were in the input file.
 
 Retained energy of a module: ``sum(S[:k]**2) / sum(S**2)`` (the share of the update's squared
 Frobenius norm kept); overall: the same sums over every module.
@@ -63,7 +64,7 @@ def resize_tensors(
     if missing:
         raise LoraFileError(f"{path}: {missing[0]!r} is missing; the file is incomplete")
     has_alpha = {b: f"{b}.alpha" in tensors for b in bases}
-    alphas = metadata_alphas(metadata, {b: tensors[b + s].shape[0] for b, s in bases.items()})
+    alphas = metadata_alphas(metadata, {b: tensors[b + s].shape[0] for b, s in bases.items()}, path)
     out = dict(tensors)
     report = []
     for base, suffix in sorted(bases.items()):
