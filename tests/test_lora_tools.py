@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MODULES = [
     f"transformer_blocks.{i}.attn.{m}" for i in (0, 1) for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_v_proj", "to_out.0")
 ] + ["transformer_blocks.0.ff.net.2", "single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
-     "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.1.proj_mlp", "single_transformer_blocks.1.proj_out"]
+     "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.1.proj_mlp", "single_transformer_blocks.1.proj_out",
+     "proj_out"]  # kohya's final_layer_linear: diffusers' converter drops its alpha, files.py folds it
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,7 @@ def _sd_scripts_file(lora: dict[str, LoraModule], linears, path):
     put("single_blocks_1_linear2", mod.down, mod.up, mod.alpha)
     mod = lora["transformer_blocks.0.ff.net.2"]
     put("double_blocks_0_img_mlp_2", mod.down, mod.up, mod.alpha)
+    put("final_layer_linear", lora["proj_out"].down, lora["proj_out"].up, lora["proj_out"].alpha)
     save_file(tensors, path)
 
 
@@ -261,6 +263,10 @@ def test_merge_equals_the_pipeline_with_the_lora_loaded(linears, pipe, tiny_fold
         pipe.unload_lora_weights()
     merged = FluxPipeline.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.transformer.named_parameters())
+    # PEFT also wraps single_transformer_blocks.0.proj_out (it matches the target "proj_out" by suffix):
+    # a layer outside the LoRA keeps the base's weight
+    torch.testing.assert_close(merged.transformer.single_transformer_blocks[0].proj_out.weight,
+                               pipe.transformer.single_transformer_blocks[0].proj_out.weight, atol=0, rtol=0)
     assert (expected - base).abs().max() > 1e-3
     torch.testing.assert_close(_predict(merged.transformer), expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(_predict(pipe.transformer), base)  # the shared pipeline is clean again

@@ -8,7 +8,8 @@ and diffusers/PEFT/ai-toolkit files (``transformer.<module>.lora_A.weight``, opt
 diffusers' ``lora_adapter_metadata``, else ``alpha = r``). Kohya names go through diffusers' own
 ``_convert_kohya_flux_lora_to_diffusers``, except single-block ``linear1``: diffusers splits it at
 FLUX.1's fixed widths (3072/12288), so it is split here at the file's own width (Flux's
-``linear1`` rows are ``3 * inner`` for q, k, v plus ``4 * inner`` for the MLP).
+``linear1`` rows are ``3 * inner`` for q, k, v plus ``4 * inner`` for the MLP), and the final layer's
+alpha, which diffusers' converter discards (``proj_out``, ``norm_out``), is folded in here first.
 Written: with our own writer (:func:`flux_lightning.adapters.lora_formats.convert`).
 """
 
@@ -197,6 +198,12 @@ def _read_kohya(path, tensors) -> dict[str, LoraModule]:
         for name, width in (("attn.to_q", inner), ("attn.to_k", inner), ("attn.to_v", inner), ("proj_mlp", 4 * inner)):
             modules[f"single_transformer_blocks.{block}.{name}"] = LoraModule(down, up[row : row + width], alpha)
             row += width
+    for key in [k for k in tensors if k.startswith("lora_unet_final_layer_") and k.endswith(".alpha")]:
+        # diffusers' converter discards the final layer's alpha (proj_out, norm_out): fold it into up here
+        base, alpha = key.removesuffix(".alpha"), tensors.pop(key).item()
+        if f"{base}.lora_down.weight" in tensors and f"{base}.lora_up.weight" in tensors:
+            up = tensors[f"{base}.lora_up.weight"]
+            tensors[f"{base}.lora_up.weight"] = (up.float() * (alpha / tensors[f"{base}.lora_down.weight"].shape[0])).to(up.dtype)
     try:
         converted = _convert_kohya_flux_lora_to_diffusers(dict(tensors))
     except (ValueError, AssertionError, KeyError) as err:
