@@ -37,6 +37,11 @@ class AdapterExportError(RuntimeError):
     """The adapter file could not be written; raised only after training and the final checkpoint."""
 
 
+class LoraFileError(ValueError):
+    """A LoRA file (or the base model it is merged into) cannot be used by ``python -m flux_lightning.lora``:
+    missing, of an unknown format, or for layers the base does not have; one line naming the file and the fix."""
+
+
 class StorageError(OSError):
     """A file of the run could not be written (disk full, read-only or not permitted); the message
     is one line naming the folder, and the file it would have replaced is left as it was."""
@@ -81,4 +86,4 @@ class StopRequested(BaseException):
 
 
 # exit code of the command line for each error kind (train.main)
-USER_ERRORS = (ConfigError, DataError, ModelSourceError, AdapterExportError, StorageError)
+USER_ERRORS = (ConfigError, DataError, ModelSourceError, AdapterExportError, StorageError, LoraFileError)

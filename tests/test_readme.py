@@ -92,6 +92,22 @@ def _simpletuner(cmd: str, tmp_path: Path) -> None:
     assert (cfg.model.flavour, cfg.adapter.rank, cfg.optimizer.lr, cfg.trainer.max_steps) == ("krea", 4, 2e-4, 7)
 
 
+def _lora_tool(test_name: str):
+    """The README's LoRA-tool command parses with the tool's own parser (every verb and flag exists) and
+    the named test of tests/test_lora_tools.py runs that verb on real files."""
+
+    def check(cmd: str, tmp_path: Path) -> None:
+        from flux_lightning.lora_tools.cli import parser
+
+        args = shlex.split(cmd)
+        assert args[:3] == ["python", "-m", "flux_lightning.lora"], cmd
+        parsed = parser().parse_args(args[3:])
+        assert parsed.verb in test_name
+        _covered_by("test_lora_tools.py", test_name)(cmd, tmp_path)
+
+    return check
+
+
 # README command -> how it is proven (exact text after whitespace normalisation)
 RUNNERS = {
     'pip install -e ".[dev]"': _ci_runs_it,
@@ -106,6 +122,12 @@ RUNNERS = {
     "python -m flux_lightning module._target_=my_pkg.MyModule data._target_=my_pkg.MyData": _covered_by(
         "test_entry_point.py", "test_a_users_module_and_datamodule_subclasses_are_swapped_in_from_the_command_line"
     ),
+    "python -m flux_lightning.lora merge --base /path/to/FLUX.1-dev --lora pytorch_lora_weights.safetensors "
+    "--out FLUX.1-dev-merged --scale 1.0": _lora_tool("test_merge_equals_the_pipeline_with_the_lora_loaded"),
+    "python -m flux_lightning.lora resize --lora pytorch_lora_weights.safetensors --rank 8 --out lora_r8.safetensors":
+        _lora_tool("test_resize_is_the_best_rank_r_approximation_and_prints_its_energy"),
+    "python -m flux_lightning.lora convert --lora pytorch_lora_weights.safetensors --to comfyui "
+    "--out lora_comfyui.safetensors": _lora_tool("test_converted_files_apply_in_comfyui_as_the_update"),
 }
 
 

@@ -1,0 +1,20 @@
+"""``convert``: a LoRA file in another layout (``diffusers`` / ``comfyui`` / ``kohya``), same update.
+
+Reads every layout :mod:`.files` reads (ours, sd-scripts/kohya, ComfyUI, ai-toolkit/diffusers) and
+writes with the project's own writer (``adapters/lora_formats.py``), so a converted file is exactly
+what a training run would have exported in that layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .files import LoraFile, check_flux_modules, read_lora, write_lora
+
+
+def convert_file(lora, to: str, out) -> tuple[LoraFile, Path]:
+    """Write the LoRA file ``lora`` in layout ``to`` as ``out``; returns the file as read and ``out``."""
+    adapter = read_lora(lora)
+    check_flux_modules(adapter)
+    path = write_lora(adapter.modules, to, out, {"lora_converted_from": adapter.layout})
+    return adapter, path
