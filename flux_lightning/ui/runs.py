@@ -508,7 +508,7 @@ class RunStore:
                 "overrides": overrides,
                 "command": command_line(overrides),
                 "devices": devices,
-                "env": dict(env or {}),
+                "env": {str(k): str(v) for k, v in (env or {}).items()},
                 "max_steps": facts.get("max_steps"),
                 "queued_at": time.time(),
             }
