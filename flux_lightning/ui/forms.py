@@ -12,11 +12,14 @@ before any weights load).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import os
 import re
 import shlex
 import threading
+import types
 import typing
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -99,7 +102,7 @@ def _choices() -> dict[str, list]:
 
 def _kind(tp) -> tuple[str, bool]:
     """(form type, nullable) of a dataclass field annotation; ``""`` for fields a form cannot hold."""
-    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) else (tp,)
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     nullable = type(None) in args
     args = [a for a in args if a is not type(None)]
     tp = args[0] if len(args) == 1 else Any
@@ -221,6 +224,12 @@ def _first_sentences(text: str, n: int = 2) -> str:
 
 
 def form_spec() -> dict:
+    """The form (a copy: the config tree does not change while the process runs); see :func:`_form_spec`."""
+    return copy.deepcopy(_form_spec())
+
+
+@functools.lru_cache(maxsize=1)
+def _form_spec() -> dict:
     """The form: ``{"groups": [{"name", "options", "default_option", "fields": [...]}], "experiments": [...]}``.
 
     A field is ``{"key", "type": str|int|float|bool|choice|list, "nullable", "default", "doc",

@@ -86,6 +86,8 @@ def lock_holder(run_dir: str | os.PathLike) -> int | None:
         import fcntl
     except ImportError:  # pragma: no cover - no POSIX locks
         return None
+    if not sys.platform.startswith("linux"):  # struct flock's layout differs: the pid RunDirLock wrote, if alive
+        return _written_pid(path)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -100,6 +102,15 @@ def lock_holder(run_dir: str | os.PathLike) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def _written_pid(path: Path) -> int | None:  # pragma: no cover - non-Linux fallback
+    try:
+        pid = int(path.read_text().strip() or 0)
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid or None
 
 
 class RunStore:
