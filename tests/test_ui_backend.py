@@ -19,7 +19,7 @@ from PIL import Image
 
 from flux_lightning.errors import RunDirInUse
 from flux_lightning.ui.dataset_check import check_dataset
-from flux_lightning.ui.forms import compose_run, form_spec
+from flux_lightning.ui.forms import coerce, compose_run, field_index, form_spec
 from flux_lightning.ui.runs import RunStore, lock_holder
 
 # Stands in for `python -m flux_lightning <overrides>`: takes the run dir's lock like RunDirLock,
@@ -104,6 +104,9 @@ def test_compose_run_reports_problems_by_field_and_its_command_is_the_run(tmp_pa
     fields = {p["field"]: p["message"] for p in bad["problems"]}
     assert "adapter.rank=0" in fields["adapter.rank"]  # the library's own check (AdapterConfig.problems)
     assert "integer" in fields["trainer.max_steps"]  # a form value that is not of the field's type
+    devices = field_index()["trainer.devices"]
+    assert [coerce(v, devices) for v in ("2", "auto", "0,1", "[3]")] == [2, "auto", [0, 1], [3]]
+    assert coerce("1e-3", field_index()["optimizer.lr"]) == 1e-3 and coerce("null", field_index()["adapter.alpha"]) is None
     unknown = compose_run({"model": "turbo"}, {}, workdir=tmp_path)
     assert [p["field"] for p in unknown["problems"]] == ["model"] and "tiny" in unknown["problems"][0]["message"]
 

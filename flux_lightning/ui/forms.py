@@ -336,6 +336,8 @@ def coerce(value, spec: dict | None):
             return None
         if text == "" and kind in ("int", "float", "bool"):
             raise ValueError(f"{key} needs a value")
+    if key == "trainer.devices" and isinstance(value, str):
+        return _devices(value)
     if value is None:
         if spec is not None and not nullable:
             raise ValueError(f"{key} cannot be null; give a value")
@@ -376,6 +378,20 @@ def coerce(value, spec: dict | None):
             return _parse_hydra_value(text, key)
         return [_parse_hydra_value(v.strip(), key) for v in text.split(",") if v.strip()]
     return value
+
+
+def _devices(text: str):
+    """``trainer.devices`` as typed: a count (``2``, ``-1``), ``auto``, or device indices
+    (``0,1`` or ``[0,1]``) as a list, the forms Lightning takes."""
+    text = text.strip()
+    items = [t.strip() for t in text.strip("[]").split(",") if t.strip()]
+    if "," in text or text.startswith("["):
+        if items and all(t.isdigit() for t in items):
+            return [int(t) for t in items]
+        raise ValueError(f"trainer.devices={text!r} must be a count, auto, or device indices like 0,1")
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return text
 
 
 def _parse_hydra_value(text: str, key: str):
