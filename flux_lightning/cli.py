@@ -16,8 +16,7 @@ def main() -> None:
     elif command == "configure":
         from .configure import main as configure_main
 
-        sys.argv = [f"{sys.argv[0]} configure", *sys.argv[2:]]
-        configure_main()
+        sys.exit(configure_main(sys.argv[2:]))
     else:
         from .train import main as train_main
 

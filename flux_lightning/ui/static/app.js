@@ -451,8 +451,13 @@ function lossChart(metrics) {
     const y = y0 + ((y1 - y0) * i) / 4;
     el("line", { x1: L, x2: W - R, y1: sy(y), y2: sy(y), stroke: "#eceef3" });
     el("text", { x: L - 6, y: sy(y) + 4, "text-anchor": "end", "font-size": 10, fill: "#6b7385" }, y.toPrecision(3));
-    const x = x0 + ((x1 - x0) * i) / 4;
-    el("text", { x: sx(x), y: H - 10, "text-anchor": "middle", "font-size": 10, fill: "#6b7385" }, String(Math.round(x)));
+  }
+  // step ticks: whole steps, 1/2/5 x 10^k apart, about five of them
+  const raw = (x1 - x0) / 5, mag = 10 ** Math.floor(Math.log10(Math.max(raw, 1)));
+  const every = Math.max(1, [1, 2, 5, 10].map((m) => m * mag).find((v) => v >= raw) || 10 * mag);
+  for (let x = Math.ceil(x0 / every) * every; x <= x1; x += every) {
+    el("line", { x1: sx(x), x2: sx(x), y1: H - B, y2: H - B + 4, stroke: "#b9bfcc" });
+    el("text", { x: sx(x), y: H - 10, "text-anchor": "middle", "font-size": 10, fill: "#6b7385" }, String(x));
   }
   for (const s of series) {
     if (!s.points.length) continue;
@@ -537,6 +542,8 @@ async function refreshRun() {
   ];
   root.textContent = "";
   root.append(...frag);
+  const row = document.querySelector(`[data-testid="run-row-${safeId(id)}"] .badge`);
+  if (row && row.textContent !== status) { row.textContent = status; row.className = "badge " + status; }
   const logEl = $("#log-tail");
   if (atBottom) logEl.scrollTop = logEl.scrollHeight;
   else if (keepScroll !== null) logEl.scrollTop = keepScroll;
