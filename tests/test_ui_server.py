@@ -152,3 +152,32 @@ def test_the_dataset_check_refuses_a_folder_outside_the_roots(layout):
     assert response.status_code == 403 and "--data-root" in response.json()["error"]
     response = _client(layout).post("/api/dataset/check", json={"path": str(data / ".." / "outside")})
     assert response.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("argv", "called", "passed"),
+    [
+        (["flux-lightning", "ui", "--port", "9"], "ui", ["--port", "9"]),
+        (["flux-lightning", "configure", "--name", "x"], "configure", ["--name", "x"]),
+        (["flux-lightning", "+experiment=krea_lora", "adapter.rank=4"], "train", ["flux-lightning", "+experiment=krea_lora", "adapter.rank=4"]),
+        (["flux-lightning"], "train", ["flux-lightning"]),
+    ],
+)
+def test_the_console_script_dispatches_ui_and_configure_and_leaves_the_rest_to_hydra(monkeypatch, argv, called, passed):
+    import sys
+
+    import flux_lightning.configure
+    import flux_lightning.train
+    import flux_lightning.ui.__main__
+    from flux_lightning import cli
+
+    calls = []
+    monkeypatch.setattr(flux_lightning.ui.__main__, "main", lambda args: calls.append(("ui", args)))
+    monkeypatch.setattr(flux_lightning.configure, "main", lambda args: calls.append(("configure", args)) or 0)
+    monkeypatch.setattr(flux_lightning.train, "main", lambda: calls.append(("train", list(sys.argv))))  # Hydra reads sys.argv
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        cli.main()
+    except SystemExit as stop:
+        assert stop.code == 0
+    assert calls == [(called, passed)]
