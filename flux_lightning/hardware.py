@@ -122,15 +122,15 @@ class DeviceChoice:
 
 
 def _choice(count: int, env: dict[str, str] | None = None) -> DeviceChoice:
-    """``count`` GPUs (0 = the CPU), written the project's way: ``trainer=ddp`` (conf/trainer/ddp.yaml)
-    with ``trainer.devices=N`` on several GPUs, the default trainer on one."""
+    """``count`` GPUs (0 = the CPU). The overrides say ``trainer.devices=auto`` (what
+    ``conf/trainer/ddp.yaml`` says too), which the run resolves itself
+    (:func:`resolve_trainer_devices`, among the GPUs ``env`` leaves visible): so a trainer the user
+    chose (``trainer=fsdp``, ``trainer=deepspeed``) keeps its strategy, where a ``trainer=ddp``
+    override would silently replace it."""
+    env = dict(env or {})
     if count == 0:
-        return DeviceChoice(1, "auto", "cpu", dict(env or {}), ["trainer.accelerator=cpu", "trainer.devices=1"])
-    if count == 1:
-        return DeviceChoice(1, "auto", "gpu", dict(env or {}), ["trainer.accelerator=gpu", "trainer.devices=1"])
-    return DeviceChoice(
-        count, "ddp", "gpu", dict(env or {}), ["trainer=ddp", "trainer.accelerator=gpu", f"trainer.devices={count}"]
-    )
+        return DeviceChoice(1, "auto", "cpu", env, ["trainer.accelerator=cpu", "trainer.devices=auto"])
+    return DeviceChoice(count, "ddp" if count > 1 else "auto", "gpu", env, ["trainer.devices=auto"])
 
 
 def choose_devices(
@@ -174,20 +174,21 @@ def resolve_trainer_devices(trainer: Mapping[str, Any], count: int | None = None
     With ``accelerator`` auto/gpu/cuda: every visible GPU (``count``, default :func:`gpu_count`),
     strategy ``ddp`` when more than one and a single device without DDP (a ``ddp`` strategy, e.g.
     ``trainer=ddp`` on a one-GPU machine, becomes ``auto``); the CPU (1 device) when there is none.
-    Other strategies (deepspeed, FSDP) are kept. With ``accelerator=cpu``: one CPU device.
+    Other strategies (deepspeed, FSDP) are kept. With ``accelerator=cpu``: one CPU device, no DDP.
     """
     if trainer.get("devices") != "auto":
         return {}
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator == "cpu":
-        return {"devices": 1}
-    if accelerator not in ("auto", "gpu", "cuda"):
+        out: dict[str, Any] = {"accelerator": "cpu", "devices": 1}
+    elif accelerator in ("auto", "gpu", "cuda"):
+        n = gpu_count() if count is None else count
+        out = {"accelerator": "gpu" if n else "cpu", "devices": max(n, 1)}
+    else:
         return {}  # mps, tpu, ...: Lightning's own meaning of auto
-    n = gpu_count() if count is None else count
     strategy = trainer.get("strategy", "auto")
-    out: dict[str, Any] = {"accelerator": "gpu" if n else "cpu", "devices": max(n, 1)}
     if isinstance(strategy, str) and strategy in AUTO_STRATEGIES:
-        out["strategy"] = "ddp" if n > 1 else "auto"
+        out["strategy"] = "ddp" if out["devices"] > 1 else "auto"
     return out
 
 

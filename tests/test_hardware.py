@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from flux_lightning import hardware, train as train_mod
+from flux_lightning import train as train_mod
 from flux_lightning.hardware import (
     GIB,
     Accelerator,
@@ -56,9 +56,9 @@ def test_detect_and_auto_choice_for_0_1_4_gpus(gpus, monkeypatch, n):
     assert found == [Accelerator(i, "NVIDIA H100 80GB HBM3", H100) for i in range(n)]
     choice = choose_devices("auto")
     expected = {
-        0: (1, "auto", "cpu", ["trainer.accelerator=cpu", "trainer.devices=1"], "CPU"),
-        1: (1, "auto", "gpu", ["trainer.accelerator=gpu", "trainer.devices=1"], "1 GPU, no DDP"),
-        4: (4, "ddp", "gpu", ["trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=4"], "4 GPUs, strategy ddp"),
+        0: (1, "auto", "cpu", ["trainer.accelerator=cpu", "trainer.devices=auto"], "CPU"),
+        1: (1, "auto", "gpu", ["trainer.devices=auto"], "1 GPU, no DDP"),
+        4: (4, "ddp", "gpu", ["trainer.devices=auto"], "4 GPUs, strategy ddp"),
     }[n]
     assert (choice.devices, choice.strategy, choice.accelerator, choice.overrides, choice.describe()) == expected
     assert choice.env == {}
@@ -91,12 +91,24 @@ def _compose(*overrides):
         return compose("train", overrides=["paths.output_dir=/nonexistent/run", "paths.cache_dir=/nonexistent/cache", *overrides])
 
 
-def test_choice_overrides_compose_to_the_trainer_they_name():
-    four = hardware._choice(4)
-    cfg = _compose(*four.overrides)
-    assert (cfg.trainer.devices, cfg.trainer.strategy, cfg.trainer.accelerator) == (4, "ddp", "gpu")
-    cpu = _compose(*hardware._choice(0).overrides)
-    assert (cpu.trainer.devices, cpu.trainer.accelerator, cpu.trainer.get("strategy", "auto")) == (1, "cpu", "auto")
+@pytest.mark.parametrize("mode, selected, n, expected", [
+    ("auto", None, 4, {"accelerator": "gpu", "devices": 4, "strategy": "ddp"}),
+    ("auto", None, 1, {"accelerator": "gpu", "devices": 1, "strategy": "auto"}),
+    ("manual", [1, 3], 2, {"accelerator": "gpu", "devices": 2, "strategy": "ddp"}),  # the run sees 2 of 4
+    ("off", None, 0, {"accelerator": "cpu", "devices": 1, "strategy": "auto"}),
+])
+def test_a_choice_is_what_the_run_resolves(gpus, monkeypatch, mode, selected, n, expected):
+    """The UI's choice, as the run's process gets it (its overrides on the composed config, the GPUs
+    its env leaves visible), resolves to the devices and strategy the choice names."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpus(n if mode == "auto" else 4)
+    choice = choose_devices(mode, selected)
+    assert (choice.devices, choice.strategy, choice.accelerator) == (expected["devices"], expected["strategy"], expected["accelerator"])
+    for trainer in ("default", "ddp"):
+        cfg = _compose(f"trainer={trainer}", *choice.overrides)
+        assert resolve_trainer_devices(cfg.trainer, count=n) == expected
+    fsdp = _compose("trainer=fsdp", *choice.overrides)  # a chosen strategy is kept
+    assert "strategy" not in resolve_trainer_devices(fsdp.trainer, count=n) and fsdp.trainer.strategy._target_
 
 
 @pytest.mark.parametrize(
@@ -120,7 +132,9 @@ def test_trainer_devices_auto_resolves_before_the_trainer_is_built(gpus, monkeyp
     train_mod.build_trainer(cfg, [], [])
     assert {k: seen[k] for k in expected} == expected
     assert resolve_trainer_devices({"devices": 2}) == {}, "an explicit count is left alone"
-    assert resolve_trainer_devices({"devices": "auto", "accelerator": "cpu"}) == {"devices": 1}
+    assert resolve_trainer_devices({"devices": "auto", "accelerator": "cpu", "strategy": "ddp"}) == {
+        "accelerator": "cpu", "devices": 1, "strategy": "auto"
+    }
 
 
 def test_summary_names_the_devices_and_strategy(gpus):
