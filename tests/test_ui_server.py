@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("starlette", reason="the web UI needs the ui extra: pip install -e '.[ui]'")
 pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx")
+pytest.importorskip("uvicorn", reason="the web UI needs the ui extra: pip install -e '.[ui]'")
 from starlette.testclient import TestClient  # noqa: E402
 
 from flux_lightning.ui import server  # noqa: E402
@@ -39,7 +40,7 @@ def layout(tmp_path):
 
 def _client(layout, **kw) -> TestClient:
     workdir, data, _ = layout
-    return TestClient(create_app(workdir, data_roots=[data], **kw))
+    return TestClient(create_app(workdir, data_roots=[data], **kw), base_url="http://127.0.0.1:8001")
 
 
 def test_beyond_loopback_every_request_needs_the_token(layout):
@@ -88,7 +89,20 @@ def test_the_command_prints_a_url_with_a_generated_token_beyond_loopback(layout,
     monkeypatch.setenv(server.TOKEN_ENV, "from-env")
     main(["--host", "127.0.0.1", "--workdir", str(layout[0])])
     assert capsys.readouterr().out.rstrip().endswith("?token=from-env")
-    assert TestClient(served["app"]).get("/api/runs").status_code == 401
+    assert TestClient(served["app"], base_url="http://127.0.0.1:8001").get("/api/runs").status_code == 401
+
+
+def test_other_sites_cannot_reach_or_drive_a_loopback_ui(layout):
+    """No token on loopback, so: no DNS-rebinding Host, no cross-site or non-JSON change."""
+    client = _client(layout)
+    assert client.get("/api/runs", headers={"Host": "evil.example:8001"}).status_code == 403
+    for host in ("127.0.0.1:8001", "localhost:8001", "[::1]:8001", "localhost"):
+        assert client.get("/api/runs", headers={"Host": host}).status_code == 200, host
+    launch = {"selection": {}, "values": {}, "extra": "callbacks.evil._target_=os.system"}
+    assert client.post("/api/runs", json=launch, headers={"Origin": "https://evil.example"}).status_code == 403
+    simple = client.post("/api/runs", content=b'{"selection": {}}', headers={"Content-Type": "text/plain"})
+    assert simple.status_code == 415  # a "simple" cross-site request (no preflight) cannot launch
+    assert client.post("/api/runs/runs/demo/stop", json={}, headers={"Origin": "http://127.0.0.1:8001"}).status_code == 409
 
 
 RUN_FILE_ESCAPES = [

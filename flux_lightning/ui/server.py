@@ -80,13 +80,22 @@ def _error(status: int, message: str, **extra) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-class _TokenGate:
-    """ASGI middleware: every HTTP request must carry the token (header, query or cookie)."""
+class _Gate:
+    """ASGI middleware in front of every HTTP request.
 
-    def __init__(self, app, token: str | None):
-        self.app, self.token = app, token
+    - With a token: the request must carry it (header, query or the page's cookie).
+    - Changes (POST) must be JSON, from this page: a ``Content-Type`` other than
+      ``application/json`` or an ``Origin`` naming another site is refused, so no other web page
+      open in the same browser can launch runs (a cross-site JSON request needs a CORS preflight,
+      which this server never grants).
+    - Bound to loopback, the ``Host`` header must be a loopback name, so a DNS-rebinding page
+      cannot reach the UI under its own name.
+    """
 
-    def _ok(self, request: Request) -> tuple[bool, bool]:
+    def __init__(self, app, token: str | None, loopback: bool):
+        self.app, self.token, self.loopback = app, token, loopback
+
+    def _token_ok(self, request: Request) -> tuple[bool, bool]:
         """(accepted, came through the query string)."""
         header = request.headers.get("authorization", "")
         candidates = [
@@ -99,11 +108,28 @@ class _TokenGate:
                 return True, from_query
         return False, False
 
+    def _refusal(self, request: Request) -> JSONResponse | None:
+        host = request.headers.get("host", "")
+        if self.loopback and not is_loopback(host.rsplit(":", 1)[0] if not host.endswith("]") else host):
+            return _error(403, f"Host {host!r} is not this machine's loopback name; open http://127.0.0.1:<port>/")
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            origin = request.headers.get("origin")
+            if origin and origin.split("://", 1)[-1] != host:
+                return _error(403, f"a request from {origin} (another site) cannot change anything here")
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                return _error(415, "send JSON (Content-Type: application/json)")
+        return None
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.token is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request = Request(scope)
-        ok, from_query = self._ok(request)
+        refused = self._refusal(request)
+        if refused is not None:
+            return await refused(scope, receive, send)
+        if self.token is None:
+            return await self.app(scope, receive, send)
+        ok, from_query = self._token_ok(request)
         if not ok:
             response = _error(401, "this UI needs its token: open the URL printed at start (…/?token=<token>) "
                                    "or send 'Authorization: Bearer <token>'")
@@ -401,7 +427,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(_TokenGate, token=token)],
+        middleware=[Middleware(_Gate, token=token, loopback=is_loopback(host))],
         lifespan=lifespan,
     )
     app.state.ui = ui

@@ -26,6 +26,7 @@ function withToken(url) {
 }
 
 async function api(path, { method = "GET", body } = {}) {
+  if (method !== "GET" && body === undefined) body = {};  // changes are JSON (the server refuses others)
   const headers = {};
   if (token()) headers["Authorization"] = "Bearer " + token();
   if (body !== undefined) headers["Content-Type"] = "application/json";
