@@ -195,3 +195,48 @@ def test_the_console_script_dispatches_ui_and_configure_and_leaves_the_rest_to_h
     except SystemExit as stop:
         assert stop.code == 0
     assert calls == [(called, passed)]
+
+
+class _RecordingStore:
+    """Stands in for RunStore where only the wiring of the routes is under test."""
+
+    def __init__(self):
+        self.calls = []
+
+    def poll(self):
+        return []
+
+    def runs(self):
+        return []
+
+    def launch(self, overrides, *, devices=None, env=None):
+        self.calls.append(("launch", list(overrides), devices, env))
+        return "runs/demo"
+
+    def stop(self, run_id):
+        self.calls.append(("stop", run_id))
+        return {"id": run_id, "pid": 1}
+
+    def resume(self, run_id, checkpoint=None):
+        self.calls.append(("resume", run_id, checkpoint))
+        return run_id
+
+
+def test_launch_refuses_a_run_with_problems_and_starts_the_composed_command(layout, cache_root, tiny_folder, monkeypatch):
+    from flux_lightning.hardware import choose_devices
+
+    monkeypatch.setenv("FLUX_LIGHTNING_CACHE", str(cache_root))  # validation probes the (built) tiny model
+    store = _RecordingStore()
+    client = TestClient(create_app(layout[0], store=store), base_url="http://127.0.0.1:8001")
+    bad = client.post("/api/runs", json={"values": {"adapter.rank": "0"}, "hardware": {"mode": "off"}})
+    assert bad.status_code == 422 and any(p["field"] == "adapter.rank" for p in bad.json()["problems"])
+    assert store.calls == []
+    good = client.post("/api/runs", json={"values": {"adapter.rank": "4"}, "extra": "trainer.max_steps=3", "hardware": {"mode": "off"}})
+    assert good.status_code == 200 and good.json()["id"] == "runs/demo"
+    (_, overrides, devices, env), = store.calls
+    assert overrides == ["adapter.rank=4", *choose_devices("off").overrides, "trainer.max_steps=3"]
+    assert devices == [] and env == {"CUDA_VISIBLE_DEVICES": ""}
+    assert good.json()["command"] == "CUDA_VISIBLE_DEVICES='' python -m flux_lightning " + " ".join(overrides)
+    assert client.post("/api/runs/runs/demo/stop", json={}).json()["ok"]
+    client.post("/api/runs/runs/demo/resume", json={"checkpoint": "checkpoints/step000002.ckpt"})
+    assert store.calls[1:] == [("stop", "runs/demo"), ("resume", "runs/demo", "checkpoints/step000002.ckpt")]
