@@ -181,7 +181,8 @@ def interview(
         plan.alpha = q.number("LoRA alpha (= rank: scale 1)", float(plan.rank), float, low=0)
     else:
         plan.factor = q.number("LoKr factor (-1 = as square as possible)", 16, low=-1)
-    default_opt = hint["optimizer"] or ("adamw_bf16" if plan.adapter == "lora" else "adamw")
+    suggested = hint["optimizer"] if plan.quantization == hint["quantization"] else None
+    default_opt = suggested or ("adamw_bf16" if plan.adapter == "lora" else "adamw")
     plan.optimizer = q.choice("Optimizer", list(OPTIMIZERS), default_opt)
     plan.lr = q.number("Learning rate", suggested_lr(plan.adapter, plan.optimizer, plan.flavour), float, low=0)
     warn()
@@ -244,7 +245,13 @@ def experiment_problems(config_dir: Path, name: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux_lightning.configure", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m flux_lightning.configure",
+        description=(
+            "Interactive wizard: asks about the model, GPU, data, adapter and schedule, writes "
+            "<config-dir>/experiment/<name>.yaml, validates it and prints the command that trains it."
+        ),
+    )
     parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="where experiment/<name>.yaml is written")
     parser.add_argument("--name", default=None, help="the experiment's name (asked when not given)")
     args = parser.parse_args(argv)

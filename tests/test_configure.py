@@ -76,7 +76,7 @@ def test_wizard_in_a_terminal_writes_an_experiment_that_trains(tmp_path, cache_r
     # two steps (a CLI subprocess would import everything again)
     overrides = [
         f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={cache_root}", "trainer.max_steps=2",
-        "callbacks.clip_score=null", "logger=csv",
+        "callbacks.clip_score=null", "callbacks.validation.before_training=false", "logger=csv",
     ]
     train(compose_experiment(tmp_path / "my_configs", "wiz", overrides))
     run_dir = tmp_path / "run"
