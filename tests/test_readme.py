@@ -92,6 +92,23 @@ def _simpletuner(cmd: str, tmp_path: Path) -> None:
     assert (cfg.model.flavour, cfg.adapter.rank, cfg.optimizer.lr, cfg.trainer.max_steps) == ("krea", 4, 2e-4, 7)
 
 
+def _runs_a_wizard_experiment(cmd: str, tmp_path: Path) -> None:
+    """The README's run of a wizard-written experiment: the file in the user's config dir is found
+    through ``--config-dir`` and composed with the project's config."""
+    from flux_lightning.configure import write_experiment
+    from flux_lightning.configure_plan import Plan
+    from flux_lightning.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", count=4, size=32)
+    plan = Plan(name="my_lora", flavour="tiny", data_dir=str(data), image_count=4, resolution=64, lr=3e-4, max_steps=7)
+    write_experiment(plan, tmp_path / "flux_lightning_configs")
+    out = _run(cmd + " --cfg job", tmp_path)
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert (cfg.model.flavour, cfg.optimizer.lr, cfg.trainer.max_steps) == ("tiny", 3e-4, 7)
+    assert cfg.dataset.instance_data_dir == str(data)
+
+
 def _ui_extra(cmd: str, tmp_path: Path) -> None:
     """The ``ui`` extra names the server's packages, and ``dev`` (what CI installs) has them too."""
     tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
@@ -158,6 +175,8 @@ RUNNERS = {
     'dataset.instance_prompt="your trigger phrase"': _needs_hub_and_gpu,
     "python -m flux_lightning -m +experiment=krea_lora optimizer.lr=1e-4,4e-4 adapter.rank=4,16": _needs_hub_and_gpu,
     "python -m flux_lightning simpletuner_config=config/config.json [more overrides]": _simpletuner,
+    "python -m flux_lightning.configure": _covered_by("test_configure.py", "test_wizard_in_a_terminal_writes_an_experiment_that_trains"),
+    "python -m flux_lightning --config-dir flux_lightning_configs +experiment=my_lora": _runs_a_wizard_experiment,
     'pip install -e ".[ui]"': _ui_extra,
     "python -m flux_lightning.ui": _serves_the_ui,
     "python -m flux_lightning.ui --host 0.0.0.0 --port 8001": _serves_the_ui,
