@@ -27,6 +27,7 @@ from . import stopping, timings
 from .atomic_files import AtomicCheckpointIO
 from .config import validate
 from .errors import USER_ERRORS, NonFiniteLossError, StopRequested
+from .hardware import device_summary_rows, resolve_trainer_devices
 from .quantization import BNB_PRECISIONS
 from .quiet import silence_third_party_noise
 from .resume import announce_resume, checkpoint_step, finished_result, resolve_checkpoint
@@ -59,15 +60,23 @@ def _instantiate_all(node: DictConfig | None) -> list:
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """``cfg.trainer`` (``lightning.Trainer`` or a subclass) with the run's callbacks, loggers and
-    the atomic checkpoint writer; ``precision: null`` = bf16-mixed on GPU, fp32 on CPU."""
+    the atomic checkpoint writer; ``precision: null`` = bf16-mixed on GPU, fp32 on CPU;
+    ``devices: auto`` = every visible GPU with DDP, one without, the CPU when there is none
+    (:func:`flux_lightning.hardware.resolve_trainer_devices`)."""
+    devices = resolve_trainer_devices(cfg.trainer)
+    if devices and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        log.info("trainer.devices=auto: %s", ", ".join(f"{k}={v}" for k, v in devices.items()))
     precision = cfg.trainer.get("precision")
     if precision is None:
-        gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
+        accelerator = devices.get("accelerator", cfg.trainer.get("accelerator"))
+        gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
         precision = "bf16-mixed" if gpu else "32-true"
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback when the bar is off
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     plugins = list(instantiate(cfg.trainer.get("plugins")) or []) + [AtomicCheckpointIO()]
-    return _build(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, precision=precision)
+    return _build(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, precision=precision, **devices
+    )
 
 
 def train(cfg: DictConfig) -> float:
@@ -154,6 +163,7 @@ def summary_rows(trainer: L.Trainer, module, datamodule, output_dir: str) -> lis
     """The end-of-run table: the run's own rows, then every part's ``summary_rows()`` (the module,
     each callback, the datamodule), so a part that is switched off adds nothing."""
     rows: list[tuple[str, object]] = [("run dir", output_dir), ("steps", trainer.global_step)]
+    rows += device_summary_rows(trainer)
     for part in (module, *trainer.callbacks, datamodule):
         if hasattr(part, "summary_rows"):
             rows += list(part.summary_rows())

@@ -108,6 +108,78 @@ def _lora_tool(test_name: str):
     return check
 
 
+def _runs_a_wizard_experiment(cmd: str, tmp_path: Path) -> None:
+    """The README's run of a wizard-written experiment: the file in the user's config dir is found
+    through ``--config-dir`` and composed with the project's config."""
+    from flux_lightning.configure import write_experiment
+    from flux_lightning.configure_plan import Plan
+    from flux_lightning.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", count=4, size=32)
+    plan = Plan(name="my_lora", flavour="tiny", data_dir=str(data), image_count=4, resolution=64, lr=3e-4, max_steps=7)
+    write_experiment(plan, tmp_path / "flux_lightning_configs")
+    out = _run(cmd + " --cfg job", tmp_path)
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert (cfg.model.flavour, cfg.optimizer.lr, cfg.trainer.max_steps) == ("tiny", 3e-4, 7)
+    assert cfg.dataset.instance_data_dir == str(data)
+
+
+def _ui_extra(cmd: str, tmp_path: Path) -> None:
+    """The ``ui`` extra names the server's packages, and ``dev`` (what CI installs) has them too."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=\[ ]", dep)[0] for dep in extras["ui"]}
+    assert {"starlette", "uvicorn"} <= names
+    assert names <= {re.split(r"[<>=\[ ]", dep)[0] for dep in extras["dev"]}
+
+
+def _serves_the_ui(cmd: str, tmp_path: Path) -> None:
+    """The UI command serves the page on the port it prints (a free one here, not 8001); beyond
+    loopback the printed URL carries the token, and a request without it is refused."""
+    import select
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = shlex.split(re.sub(r"--port \d+", "", cmd)) + ["--port", str(port)]
+    args[0] = sys.executable
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("FLUX_LIGHTNING_UI_TOKEN", None)
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "the UI printed no URL within 120 s"
+        line = proc.stdout.readline()
+        url = line.split("http://", 1)[1].split()[0]
+        assert f":{port}/" in url, line
+        base = f"http://127.0.0.1:{port}"
+
+        def get(path: str, token: str | None = None) -> int:
+            request = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+            for _ in range(100):  # uvicorn binds just after the line is printed
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as response:
+                        return response.status
+                except urllib.error.HTTPError as err:
+                    return err.code
+                except urllib.error.URLError:
+                    time.sleep(0.1)
+            raise AssertionError(f"nothing answers on {base}")
+
+        if "--host 0.0.0.0" in cmd:
+            token = url.split("?token=", 1)[1]
+            assert get("/api/runs") == 401 and get("/api/runs", token) == 200 and get("/", token) == 200
+        else:
+            assert "token" not in url and get("/") == 200 and get("/api/runs") == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 # README command -> how it is proven (exact text after whitespace normalisation)
 RUNNERS = {
     'pip install -e ".[dev]"': _ci_runs_it,
@@ -119,6 +191,11 @@ RUNNERS = {
     'dataset.instance_prompt="your trigger phrase"': _needs_hub_and_gpu,
     "python -m flux_lightning -m +experiment=krea_lora optimizer.lr=1e-4,4e-4 adapter.rank=4,16": _needs_hub_and_gpu,
     "python -m flux_lightning simpletuner_config=config/config.json [more overrides]": _simpletuner,
+    "python -m flux_lightning.configure": _covered_by("test_configure.py", "test_wizard_in_a_terminal_writes_an_experiment_that_trains"),
+    "python -m flux_lightning --config-dir flux_lightning_configs +experiment=my_lora": _runs_a_wizard_experiment,
+    'pip install -e ".[ui]"': _ui_extra,
+    "python -m flux_lightning.ui": _serves_the_ui,
+    "python -m flux_lightning.ui --host 0.0.0.0 --port 8001": _serves_the_ui,
     "python -m flux_lightning module._target_=my_pkg.MyModule data._target_=my_pkg.MyData": _covered_by(
         "test_entry_point.py", "test_a_users_module_and_datamodule_subclasses_are_swapped_in_from_the_command_line"
     ),

@@ -1,0 +1,151 @@
+"""The dataset check: what training would make of a folder or a ``multidatabackend.json``, before
+any model loads.
+
+The library's own pieces do the work, so the answer is what a run would do: the config's
+``problems()``, :func:`~flux_lightning.data.backend_file.resolve_dataset` (the JSON file),
+:class:`~flux_lightning.data.resolve.SampleResolver` (discovery, captions, the size checks from the
+file headers, buckets) and :func:`~flux_lightning.data.discovery.scan_folder` (files not used).
+The files a run skips are the ones it reports: the resolver's ``skipping <file>: <reason>``
+warnings are collected as they are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from ..data.backend_file import resolve_dataset
+from ..data.config import DatasetConfig, ImageBackendConfig
+from ..data.discovery import scan_folder
+from ..data.resolve import SampleResolver
+from ..errors import DataError
+
+_LOGGER = "flux_lightning.data"
+
+
+class _Skips(logging.Handler):
+    """Collects this thread's ``skipping <file>: <reason>`` warnings of the data package."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.skipped: list[dict] = []
+        self.notes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return
+        message = record.getMessage()
+        if record.msg.startswith("skipping %s") and record.args:
+            path = str(record.args[0])
+            reason = message[len(f"skipping {path}: ") :] if message.startswith(f"skipping {path}: ") else message
+            self.skipped.append({"file": path, "reason": reason})
+        else:
+            self.notes.append(message)
+
+
+def _absolute(backend: ImageBackendConfig, workdir: Path | None) -> ImageBackendConfig:
+    if workdir is None or backend.instance_data_dir is None:
+        return backend
+    folders = [str(workdir / Path(d).expanduser()) if not Path(d).expanduser().is_absolute() else d for d in backend.folders()]
+    return replace(backend, instance_data_dir=folders if isinstance(backend.instance_data_dir, list) else folders[0])
+
+
+def dataset_config(path: str | os.PathLike, *, resolution: int = 1024, caption_strategy: str | None = None,
+                   instance_prompt: str | None = None) -> DatasetConfig:
+    """The dataset config a run would have for ``path``: a folder is the single-folder shorthand
+    (``dataset.instance_data_dir=<folder>``), a ``.json`` file is ``dataset.backend_file=<file>``."""
+    path = Path(path).expanduser()
+    if path.is_file() or path.suffix.lower() == ".json":
+        return DatasetConfig(backend_file=str(path))
+    return DatasetConfig(
+        instance_data_dir=str(path), resolution=resolution, caption_strategy=caption_strategy, instance_prompt=instance_prompt
+    )
+
+
+def check_dataset(
+    path: str | os.PathLike,
+    *,
+    resolution: int = 1024,
+    caption_strategy: str | None = None,
+    instance_prompt: str | None = None,
+    limit_samples: int = 5,
+    workdir: str | os.PathLike | None = None,
+) -> dict:
+    """What training would use of ``path`` (a folder, or a ``multidatabackend.json`` whose relative
+    folders are relative to ``workdir``, default the current dir), without loading any model.
+
+    Returns:
+        ``{"backends": [{"id", "kind", "folders", "images", "buckets": [{"width", "height", "count"}],
+        "samples": [{"file", "caption", "size", "bucket"}], "skipped": [{"file", "reason"}],
+        "ignored": [{"file", "reason"}]}], "problems": [...], "notes": [...]}``: ``images`` counts the
+        usable images, ``skipped`` the image files a run skips (with its reason), ``ignored`` other
+        files it does not use; ``problems`` are what stops a run (one line each, naming the field).
+    """
+    base = Path(workdir).resolve() if workdir is not None else None
+    path = Path(path).expanduser()
+    path = (base / path if base is not None and not path.is_absolute() else path).absolute()
+    cfg = dataset_config(path, resolution=resolution, caption_strategy=caption_strategy, instance_prompt=instance_prompt)
+    problems: list[str] = []
+    out = {"backends": [], "problems": problems, "notes": []}
+    handler = _Skips()
+    logger = logging.getLogger(_LOGGER)
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        try:
+            cfg = resolve_dataset(cfg)
+        except DataError as err:
+            problems += [ln.strip() for ln in str(err).split("\n  - ") if ln.strip()]
+            return out
+        problems += cfg.problems()
+        backends = [_absolute(b, base) for b in cfg.image_backends()]
+        resolver = SampleResolver(cfg, backends, lambda b: b.folders(), lambda caption: "", {})
+        for backend in backends:
+            out["backends"].append(_check_backend(resolver, backend, handler, problems, limit_samples))
+        out["notes"] = handler.notes
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return out
+
+
+def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handler: _Skips, problems: list[str], limit: int) -> dict:
+    kind = backend.dataset_type if backend.dataset_type == "image" else f"conditioning/{backend.conditioning_type}"
+    entry = {"id": backend.id, "kind": kind, "folders": backend.folders(), "images": 0, "buckets": [],
+             "samples": [], "skipped": [], "ignored": []}
+    for folder in backend.folders():
+        try:
+            entry["ignored"] += [{"file": str(p), "reason": why} for p, why in scan_folder(folder).ignored]
+        except DataError:
+            pass  # reported by resolve() below, naming the backend's field
+    first = len(handler.skipped)
+    if backend.dataset_type != "image":
+        found = []
+        for folder in backend.folders():
+            try:
+                found += scan_folder(folder).images
+            except DataError as err:
+                problems.append(str(err))
+        entry["images"] = len(found)
+        return entry
+    try:
+        samples, _ = resolver.resolve(backend)
+    except DataError as err:
+        problems.append(str(err))
+        samples = []
+    entry["skipped"] = handler.skipped[first:]
+    entry["images"] = len(samples)
+    counts = Counter(s.placement.bucket for s in samples)
+    entry["buckets"] = [{"width": w, "height": h, "count": n} for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    entry["samples"] = [
+        {"file": str(s.path), "caption": s.caption, "size": list(s.size), "bucket": list(s.placement.bucket)}
+        for s in samples[: max(0, limit)]
+    ]
+    return entry

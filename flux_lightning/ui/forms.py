@@ -1,0 +1,608 @@
+"""The "New run" form, generated from the config schemas, and its check with the library's own
+validation.
+
+:func:`form_spec` lists the config groups (their options from the ``conf/`` tree, the option the
+defaults list picks) and the fields of each (type, default, choices, the doc line from the class
+docstring's ``Attributes:``/``Args:`` section). :func:`compose_run` turns the form's choices into the
+Hydra overrides a user would type, composes them with Hydra exactly as ``python -m flux_lightning``
+does and validates the result with :func:`flux_lightning.config.validate`; every problem comes
+back next to the field it names. Nothing is loaded (validation probes sources, as the CLI does
+before any weights load).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+import re
+import shlex
+import threading
+import types
+import typing
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..schema import GROUP_SCHEMAS, config_dir, register
+
+PROGRAM = "python -m flux_lightning"
+_NULLS = ("null", "none", "~")
+
+# Only one Hydra composition at a time in this process: GlobalHydra and HydraConfig are singletons.
+_HYDRA_LOCK = threading.RLock()
+
+
+# -- docs and types ---------------------------------------------------------------------------
+def docstring_fields(obj, section: str = "Attributes") -> dict[str, str]:
+    """``name -> text`` from the ``Attributes:`` (or ``Args:``) section of ``obj``'s docstring;
+    ``a / b: text`` documents both names; continuation lines are joined."""
+    doc = (obj.__doc__ or "") if not isinstance(obj, str) else obj
+    lines = doc.expandtabs().splitlines()
+    out: dict[str, str] = {}
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == f"{section}:"), None)
+    if start is None:
+        return out
+    indent, names = None, []
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            continue
+        width = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = width
+        if width < indent:
+            break
+        match = re.match(r"^([\w.]+(?:\s*[/,]\s*[\w.]+)*)\s*(?:\([^)]*\))?:\s*(.*)$", line.strip()) if width == indent else None
+        if match:
+            names = [n.strip() for n in re.split(r"[/,]", match.group(1))]
+            for n in names:
+                out[n] = match.group(2).strip()
+        elif names:
+            for n in names:
+                out[n] = f"{out[n]} {line.strip()}".strip()
+    return out
+
+
+def _choices() -> dict[str, list]:
+    """The known values of fields that take one of a fixed set (the library's own tables)."""
+    from ..adapters.config import ADAPTER_TYPES, INIT_TYPES, LYCORIS_PRESETS, TARGET_PRESETS
+    from ..data.config import CAPTION_STRATEGIES, CROP_STYLES
+    from ..flavours import FLAVOURS
+    from ..flow import WEIGHTINGS
+    from ..model_config import ATTENTION_BACKENDS, DTYPES, GROUP_OFFLOAD_TYPES, GUIDANCE_MODES
+    from ..optim import ADAPTER_DTYPES, LR_SCHEDULERS, OPTIMIZERS
+    from ..quantization import DEFAULT_DTYPES, PRECISIONS, QUANTIZE_VIA, TEXT_ENCODER_PRECISIONS
+    from ..run_checks import PRECISIONS as TRAINER_PRECISIONS
+
+    return {
+        "model.flavour": list(FLAVOURS),
+        "model.tiny_like": list(FLAVOURS),
+        "model.dtype": ["auto", *DTYPES],
+        "model.attention_backend": list(ATTENTION_BACKENDS),
+        "model.flux_guidance_mode": list(GUIDANCE_MODES),
+        "model.group_offload_type": list(GROUP_OFFLOAD_TYPES),
+        "model.quantization.base_model_precision": list(PRECISIONS),
+        "model.quantization.quantize_via": list(QUANTIZE_VIA),
+        "model.quantization.base_model_default_dtype": list(DEFAULT_DTYPES),
+        "model.quantization.text_encoder_precision": list(TEXT_ENCODER_PRECISIONS),
+        "adapter.type": list(ADAPTER_TYPES),
+        "adapter.init": list(INIT_TYPES),
+        "adapter.target": [*TARGET_PRESETS, *LYCORIS_PRESETS],
+        "adapter.weight_dtype": list(ADAPTER_DTYPES),
+        "dataset.caption_strategy": list(CAPTION_STRATEGIES),
+        "dataset.crop_style": list(CROP_STYLES),
+        "timesteps.weighting": list(WEIGHTINGS),
+        "optimizer.name": list(OPTIMIZERS),
+        "lr_scheduler.name": list(LR_SCHEDULERS),
+        "trainer.precision": [p for p in TRAINER_PRECISIONS if isinstance(p, str)],
+    }
+
+
+def _kind(tp) -> tuple[str, bool]:
+    """(form type, nullable) of a dataclass field annotation; ``""`` for fields a form cannot hold."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    nullable = type(None) in args
+    args = [a for a in args if a is not type(None)]
+    tp = args[0] if len(args) == 1 else Any
+    if tp is Any:
+        return "str", True  # a path or a list of paths (instance_data_dir), a preset or a list (target)
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return ("list", nullable) if item in (int, float, str, Any) else ("", nullable)
+    if tp in (bool, int, float, str):
+        return tp.__name__, nullable
+    return "", nullable
+
+
+# The plain-dict groups' fields on the form: (key, type, nullable); docs from the class they configure.
+_TRAINER_FIELDS = [
+    ("max_steps", "int", False),
+    ("devices", "str", False),
+    ("precision", "choice", True),
+    ("accumulate_grad_batches", "int", False),
+    ("gradient_clip_val", "float", True),
+    ("log_every_n_steps", "int", False),
+]
+_VALIDATION_FIELDS = [
+    ("validation_prompt", "str", True),
+    ("every_n_steps", "int", False),
+    ("validation_resolution", "str", False),
+    ("validation_num_inference_steps", "int", True),
+    ("validation_seed", "int", False),
+]
+# group name -> (where its fields live in the config, the schema dataclass or None)
+_TYPED_GROUPS = {
+    "model": ("model", GROUP_SCHEMAS["model"]),
+    "quantization": ("model.quantization", None),
+    "adapter": ("adapter", GROUP_SCHEMAS["adapter"]),
+    "dataset": ("dataset", GROUP_SCHEMAS["dataset"]),
+    "timesteps": ("timesteps", GROUP_SCHEMAS["timesteps"]),
+    "optimizer": ("optimizer", GROUP_SCHEMAS["optimizer"]),
+    "lr_scheduler": ("lr_scheduler", GROUP_SCHEMAS["lr_scheduler"]),
+}
+GROUP_ORDER = ["model", "quantization", "adapter", "dataset", "timesteps", "optimizer", "lr_scheduler", "trainer", "callbacks", "logger"]
+
+
+def _schema_fields(prefix: str, schema, choices: dict) -> list[dict]:
+    docs = docstring_fields(schema)
+    hints = typing.get_type_hints(schema)
+    out = []
+    for f in dataclasses.fields(schema):
+        if f.name.startswith("_"):
+            continue
+        kind, nullable = _kind(hints[f.name])
+        if not kind:
+            continue
+        key = f"{prefix}.{f.name}"
+        if key in choices and kind == "str":
+            kind = "choice"
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        )
+        out.append({
+            "key": key, "type": kind, "nullable": nullable, "default": _jsonable(default),
+            "doc": docs.get(f.name, ""), "choices": choices.get(key),
+        })
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (list, dict, str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _options(group: str) -> list[str]:
+    folder = Path(config_dir()) / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _default_options() -> dict[str, str]:
+    """group -> the option ``conf/train.yaml``'s defaults list picks."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for entry in OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "train.yaml"))["defaults"]:
+        if isinstance(entry, dict):
+            for group, option in entry.items():
+                if not str(group).startswith("optional") and isinstance(option, str) and "$" not in option:
+                    out[str(group)] = option
+    return out
+
+
+def _fields() -> list[dict]:
+    """Every field of the form, in group order (the schema defaults; see :func:`form_spec`)."""
+    from lightning import Trainer
+
+    from ..callbacks.validation import ValidationImages
+    from ..quantization import QuantizationConfig
+
+    choices = _choices()
+    fields = []
+    for group, (prefix, schema) in _TYPED_GROUPS.items():
+        fields += [dict(f, group=group) for f in _schema_fields(prefix, schema or QuantizationConfig, choices)]
+    fields = [f for f in fields if f["key"] != "model.quantization"]
+    trainer_docs = docstring_fields(Trainer.__init__, "Args")
+    for name, kind, nullable in _TRAINER_FIELDS:
+        key = f"trainer.{name}"
+        fields.append({"key": key, "type": kind, "nullable": nullable, "default": None,
+                       "doc": _first_sentences(trainer_docs.get(name, "")), "choices": choices.get(key), "group": "trainer"})
+    val_docs = docstring_fields(ValidationImages, "Args")
+    for name, kind, nullable in _VALIDATION_FIELDS:
+        fields.append({"key": f"callbacks.validation.{name}", "type": kind, "nullable": nullable, "default": None,
+                       "doc": val_docs.get(name, ""), "choices": None, "group": "callbacks"})
+    return fields
+
+
+def _first_sentences(text: str, n: int = 2) -> str:
+    parts = re.split(r"(?<=\.)\s+", text)
+    return " ".join(parts[:n])
+
+
+def form_spec() -> dict:
+    """The form (a copy: the config tree does not change while the process runs); see :func:`_form_spec`."""
+    return copy.deepcopy(_form_spec())
+
+
+@functools.lru_cache(maxsize=1)
+def _form_spec() -> dict:
+    """The form: ``{"groups": [{"name", "options", "default_option", "fields": [...]}], "experiments": [...]}``.
+
+    A field is ``{"key", "type": str|int|float|bool|choice|list, "nullable", "default", "doc",
+    "choices"}``; ``default`` is the value ``python -m flux_lightning`` (no overrides) runs with,
+    ``schema_default`` the dataclass's own default. The ``experiment`` group has no default option.
+    """
+    fields = _fields()
+    composed = form_values({})
+    defaults = _default_options()
+    groups = [{"name": "experiment", "options": _options("experiment"), "default_option": None, "fields": []}]
+    for name in GROUP_ORDER:
+        groups.append({
+            "name": name,
+            "options": _options(name),
+            "default_option": defaults.get(name),
+            "fields": [
+                dict({k: v for k, v in f.items() if k != "group"}, schema_default=f["default"], default=composed.get(f["key"], f["default"]))
+                for f in fields if f["group"] == name
+            ],
+        })
+    return {"groups": groups, "experiments": _options("experiment"), "command_prefix": PROGRAM}
+
+
+def field_index() -> dict[str, dict]:
+    """key -> field spec, for every field of the form."""
+    return {f["key"]: f for f in _fields()}
+
+
+# -- composing ----------------------------------------------------------------------------------
+@contextmanager
+def hydra_compose_context(workdir: str | os.PathLike | None = None) -> Iterator[None]:
+    """Hydra initialised on the config tree for one composition, in ``workdir`` (the launch dir, so
+    relative paths mean what they mean to the CLI); the process's previous Hydra state (and cwd) is
+    restored afterwards, so a long-lived server can compose again and again."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    register()
+    with _HYDRA_LOCK:
+        backup = get_gh_backup()
+        hydra_cfg = HydraConfig.instance().cfg
+        cwd = os.getcwd()
+        GlobalHydra.instance().clear()
+        try:
+            if workdir is not None and os.path.abspath(workdir) != cwd:
+                os.chdir(workdir)
+            with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
+                yield
+        finally:
+            os.chdir(cwd)
+            HydraConfig.instance().cfg = hydra_cfg
+            restore_gh_from_backup(backup)
+
+
+def compose_overrides(overrides: Iterable[str], workdir: str | os.PathLike | None = None):
+    """The run's config as ``python -m flux_lightning <overrides>`` in ``workdir`` composes it, with
+    its ``hydra`` node (run dir resolved; ``paths.output_dir`` is the run dir). Call inside
+    :func:`hydra_compose_context`.
+
+    Raises:
+        hydra.errors.HydraException: an override Hydra refuses (unknown key or option, bad value).
+    """
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.runtime.cwd = os.getcwd()
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} and the run_name resolver resolve
+    run_dir = os.path.abspath(str(cfg.hydra.run.dir))
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.runtime.output_dir = run_dir
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_dir_of(overrides: Iterable[str], workdir: str | os.PathLike) -> tuple[Path, dict]:
+    """The run dir (absolute) that ``python -m flux_lightning <overrides>`` run in ``workdir`` uses,
+    and a few facts of its config (``max_steps``, ``devices``)."""
+    with hydra_compose_context(workdir):
+        cfg = compose_overrides(overrides, workdir)
+        facts = {"max_steps": cfg.trainer.get("max_steps"), "devices": _plain_value(cfg.trainer.get("devices"))}
+        return Path(cfg.hydra.runtime.output_dir), facts
+
+
+def _plain_value(value):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+# -- values -------------------------------------------------------------------------------------
+def coerce(value, spec: dict | None):
+    """A form value (often a string) as the field's type. Raises ValueError with the fix."""
+    kind = spec["type"] if spec else None
+    nullable = spec.get("nullable", True) if spec else True
+    key = spec["key"] if spec else "value"
+    if isinstance(value, str) and spec is not None:
+        text = value.strip()
+        if nullable and (text.lower() in _NULLS or (text == "" and kind != "str")):
+            return None
+        if text == "" and kind in ("int", "float", "bool"):
+            raise ValueError(f"{key} needs a value")
+    if key == "trainer.devices" and isinstance(value, str):
+        return _devices(value)
+    if value is None:
+        if spec is not None and not nullable:
+            raise ValueError(f"{key} cannot be null; give a value")
+        return None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise ValueError(f"{key}={value!r} must be true or false")
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} must be an integer")
+        try:
+            number = float(str(value).strip()) if isinstance(value, str) else value
+            if isinstance(number, float) and number.is_integer() and "." not in str(value) and "e" not in str(value).lower():
+                return int(number)
+            if isinstance(number, int):
+                return number
+        except ValueError:
+            pass
+        raise ValueError(f"{key}={value!r} must be an integer, e.g. {spec.get('default') if spec and spec.get('default') is not None else 1}")
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} must be a number")
+        try:
+            return float(value) if isinstance(value, str) else value if isinstance(value, (int, float)) else float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r} must be a number, e.g. 1e-4") from None
+    if kind == "list":
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        text = str(value).strip()
+        if text.startswith("["):
+            return _parse_hydra_value(text, key)
+        return [_parse_hydra_value(v.strip(), key) for v in text.split(",") if v.strip()]
+    return value
+
+
+def _devices(text: str):
+    """``trainer.devices`` as typed: a count (``2``, ``-1``), ``auto``, or device indices
+    (``0,1`` or ``[0,1]``) as a list, the forms Lightning takes."""
+    text = text.strip()
+    items = [t.strip() for t in text.strip("[]").split(",") if t.strip()]
+    if "," in text or text.startswith("["):
+        if items and all(t.isdigit() for t in items):
+            return [int(t) for t in items]
+        raise ValueError(f"trainer.devices={text!r} must be a count, auto, or device indices like 0,1")
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def _parse_hydra_value(text: str, key: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(f"{key}={text}").value()
+    except Exception as err:  # noqa: BLE001 - Hydra's grammar errors
+        raise ValueError(f"{key}={text!r} is not a value Hydra reads ({str(err).splitlines()[0]})") from None
+
+
+def hydra_value(value) -> str:
+    """``value`` written as a Hydra override value that reads back as the same value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if _reads_back(text, text):
+        return text
+    for quoted in ("'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'", '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'):
+        if _reads_back(quoted, text):
+            return quoted
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def _reads_back(written: str, value: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_override(f"k={written}").value()
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(parsed, str) and parsed == value
+
+
+def command_line(overrides: Iterable[str]) -> str:
+    """The shell command a user types for these overrides."""
+    return " ".join([PROGRAM, *(shlex.quote(o) for o in overrides)])
+
+
+# -- problems -----------------------------------------------------------------------------------
+def field_of(line: str, keys: Iterable[str]) -> str | None:
+    """The field a problem line names: the key (or its last two or more components, e.g.
+    ``quantization.base_model_default_dtype``) found earliest in the line; else a dotted key the
+    line starts with (``dataset.backends[x].resolution``); else None."""
+    best = None
+    for key in keys:
+        parts = key.split(".")
+        for i in range(len(parts) - 1 if len(parts) > 1 else 1):
+            name = ".".join(parts[i:])
+            m = re.search(rf"(?<![\w.\[]){re.escape(name)}(?![\w\[])", line)
+            if m and (best is None or (m.start(), -len(name)) < (best[0], -best[2])):
+                best = (m.start(), key, len(name))
+    if best is not None:
+        return best[1]
+    m = re.match(r"^([a-z_]+(?:\.[\w\[\]\-]+)+)", line.strip())
+    return m.group(1).rstrip(":") if m else None
+
+
+def _problem_lines(err: Exception) -> list[str]:
+    text = str(err)
+    lines = [ln.strip()[2:].strip() if ln.strip().startswith("- ") else ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and ln != "invalid config:"]
+    return lines or [text]
+
+
+def _compose_problem(err: Exception, overrides: list[str], keys: list[str]) -> dict:
+    """A Hydra composition error as a problem naming the field or group the failing override sets."""
+    text = str(err).strip()
+    cause = err.__cause__ or err.__context__
+    why = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+    field = None
+    for override in overrides:
+        key = re.split(r"[=@]", override.lstrip("+~"), maxsplit=1)[0]
+        if f"'{key}'" in text or f" {override}" in text or f"'{key}/" in text:
+            field = key
+            break
+    if field is None:
+        m = re.search(r"Could not find '([\w]+)/", text)
+        if m:
+            field = m.group(1)
+    if field is None:
+        field = field_of(text, keys) if keys else None
+    if field == "+experiment" or field == "experiment":
+        field = "experiment"
+    first = text.splitlines()[0]
+    options = [ln.strip() for ln in text.split("Config search path")[0].splitlines()[1:] if ln.startswith("\t")]
+    message = f"{first} (options: {', '.join(options)})" if options else first
+    if why and why not in message:
+        message = f"{message} {why}"
+    return {"field": field, "message": message}
+
+
+# -- the API ------------------------------------------------------------------------------------
+def selection_overrides(selection: dict, base: Iterable[str] = (), workdir=None) -> list[str]:
+    """``+experiment=<name>`` and ``group=option`` for each chosen option that differs from the one
+    the composition would pick anyway (the defaults list, or the experiment's own choice)."""
+    out = []
+    experiment = selection.get("experiment")
+    if experiment:
+        out.append(f"+experiment={experiment}")
+    chosen = {g: o for g, o in selection.items() if g != "experiment" and o not in (None, "")}
+    if not chosen:
+        return out
+    with hydra_compose_context(workdir):
+        try:
+            picked = compose_overrides([*out, *base]).hydra.runtime.choices
+        except Exception:  # noqa: BLE001 - compose_run reports it
+            picked = {}
+    return out + [f"{g}={o}" for g, o in chosen.items() if picked.get(g) != o]
+
+
+def form_values(selection: dict, *, workdir=None) -> dict:
+    """key -> the value each form field has after composing ``selection`` (nothing else changed)."""
+    try:
+        overrides = selection_overrides(selection, workdir=workdir)
+        with hydra_compose_context(workdir):
+            cfg = compose_overrides(overrides)
+            return _values_of(cfg, [f["key"] for f in _fields()])
+    except Exception:  # noqa: BLE001 - an unknown option: no values to show
+        return {}
+
+
+def _values_of(cfg, keys: Iterable[str]) -> dict:
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in keys:
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+            out[key] = _jsonable(_plain_value(value))
+        except Exception:  # noqa: BLE001 - an interpolation that only resolves in a run
+            try:
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(cfg, parent)
+                out[key] = OmegaConf.to_container(node, resolve=False).get(leaf)
+            except Exception:  # noqa: BLE001
+                out[key] = None
+    return out
+
+
+def compose_run(
+    selection: dict,
+    values: dict,
+    *,
+    base_overrides: Iterable[str] = (),
+    extra: Iterable[str] = (),
+    workdir: str | os.PathLike | None = None,
+    check_sources: bool = True,
+) -> dict:
+    """The run the form describes, checked as the CLI checks it.
+
+    Args:
+        selection: group -> option (``{"experiment": "krea_lora", "model": "krea", ...}``).
+        values: field key -> value the user changed (strings are read as the field's type).
+        base_overrides / extra: raw Hydra overrides added after the group choices / after the values
+            (e.g. the hardware page's ``trainer.devices=...``).
+        workdir: the launch dir (relative data folders and ``outputs/`` are relative to it);
+            default the current dir.
+        check_sources: also probe data folders and the model source (as the CLI does before loading).
+
+    Returns:
+        ``{"overrides", "command", "ok", "problems": [{"field", "message"}], "values", "run_dir"}``:
+        ``values`` is every form field's value in the composed config, ``run_dir`` the run dir
+        relative to ``workdir`` when it is inside it.
+    """
+    from ..config import validate
+    from ..errors import USER_ERRORS
+
+    index = field_index()
+    problems: list[dict] = []
+    base, extra = list(base_overrides), list(extra)
+    overrides = selection_overrides(selection, base, workdir)
+    for key, value in values.items():
+        spec = index.get(key)
+        try:
+            if spec is None and isinstance(value, str):
+                written = value.strip()
+            else:
+                written = hydra_value(coerce(value, spec))
+        except ValueError as err:
+            problems.append({"field": key, "message": str(err)})
+            continue
+        base.append(f"{key}={written}")
+    overrides += base + extra
+    keys = list(index) + [k for k in values if k not in index]
+    result = {"overrides": overrides, "command": command_line(overrides), "values": {}, "run_dir": None}
+    with hydra_compose_context(workdir):
+        try:
+            cfg = compose_overrides(overrides)
+        except Exception as err:  # noqa: BLE001 - Hydra's composition errors
+            problems.append(_compose_problem(err, overrides, keys))
+            cfg = None
+        if cfg is not None:
+            result["values"] = _values_of(cfg, index)
+            run_dir = Path(cfg.hydra.runtime.output_dir)
+            base_dir = Path(os.getcwd())
+            result["run_dir"] = run_dir.relative_to(base_dir).as_posix() if run_dir.is_relative_to(base_dir) else str(run_dir)
+            try:
+                validate(cfg, check_sources=check_sources)
+            except USER_ERRORS as err:
+                problems += [{"field": field_of(line, keys), "message": line} for line in _problem_lines(err)]
+            except Exception as err:  # noqa: BLE001 - an interpolation or value the config cannot resolve
+                problems.append({"field": field_of(str(err), keys), "message": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
+    result["ok"] = not problems
+    result["problems"] = problems
+    return result

@@ -1,0 +1,434 @@
+"""The web UI's HTTP side: a Starlette app serving the page (``static/``) and a JSON API over the
+library's own pieces (``forms``, ``runs``, ``dataset_check``, ``hardware``).
+
+Security model: the server reads files only through two checked doors -- a run's files through
+``RunStore.file`` (inside the run dir) and dataset previews through :func:`inside_roots` (inside the
+workdir or a ``data_roots`` folder, symlinks resolved first). When a token is set (always when bound
+beyond loopback: ``create_app`` refuses to build such an app without one) every request must carry
+it: ``Authorization: Bearer <token>``, ``?token=<token>`` or the cookie the page gets when it is
+opened with ``?token=`` (so ``<img>`` tags and the page's own assets pass too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+import re
+import shlex
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.convertors import Convertor, register_url_convertor
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+COOKIE = "flux_lightning_ui_token"
+TOKEN_ENV = "FLUX_LIGHTNING_UI_TOKEN"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+RUN_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=,+-]*$")  # one folder of a run id (runs/demo, multirun/.../0)
+POLL_SECONDS = 1.0
+
+
+def is_loopback(host: str) -> bool:
+    """True for the names and addresses that only this machine can reach."""
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def inside_roots(path: str | Path, roots: list[Path]) -> Path:
+    """``path`` resolved (symlinks followed, ``..`` folded) if it lies inside one of ``roots``;
+    a relative path is taken relative to the first root (the workdir). Raises PermissionError."""
+    raw = Path(path).expanduser()
+    target = (raw if raw.is_absolute() else roots[0] / raw).resolve()
+    for root in roots:
+        if target == root or target.is_relative_to(root):
+            return target
+    shown = ", ".join(str(r) for r in roots)
+    raise PermissionError(f"{path} is outside the folders this UI may read ({shown}); start the UI with --data-root <folder>")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able form of the helpers' results (dataclasses, paths, tuples)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+class _Gate:
+    """ASGI middleware in front of every HTTP request.
+
+    - With a token: the request must carry it (header, query or the page's cookie).
+    - Changes (POST) must be JSON, from this page: a ``Content-Type`` other than
+      ``application/json`` or an ``Origin`` naming another site is refused, so no other web page
+      open in the same browser can launch runs (a cross-site JSON request needs a CORS preflight,
+      which this server never grants).
+    - Bound to loopback, the ``Host`` header must be a loopback name, so a DNS-rebinding page
+      cannot reach the UI under its own name.
+    """
+
+    def __init__(self, app, token: str | None, loopback: bool):
+        self.app, self.token, self.loopback = app, token, loopback
+
+    def _token_ok(self, request: Request) -> tuple[bool, bool]:
+        """(accepted, came through the query string)."""
+        header = request.headers.get("authorization", "")
+        candidates = [
+            (header[7:].strip() if header.lower().startswith("bearer ") else "", False),
+            (request.query_params.get("token", ""), True),
+            (request.cookies.get(COOKIE, ""), False),
+        ]
+        for given, from_query in candidates:
+            if given and hmac.compare_digest(given.encode(), self.token.encode()):
+                return True, from_query
+        return False, False
+
+    def _refusal(self, request: Request) -> JSONResponse | None:
+        host = request.headers.get("host", "")
+        if self.loopback and not is_loopback(host.rsplit(":", 1)[0] if not host.endswith("]") else host):
+            return _error(403, f"Host {host!r} is not this machine's loopback name; open http://127.0.0.1:<port>/")
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            origin = request.headers.get("origin")
+            if origin and origin.split("://", 1)[-1] != host:
+                return _error(403, f"a request from {origin} (another site) cannot change anything here")
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                return _error(415, "send JSON (Content-Type: application/json)")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        refused = self._refusal(request)
+        if refused is not None:
+            return await refused(scope, receive, send)
+        if self.token is None:
+            return await self.app(scope, receive, send)
+        ok, from_query = self._token_ok(request)
+        if not ok:
+            response = _error(401, "this UI needs its token: open the URL printed at start (…/?token=<token>) "
+                                   "or send 'Authorization: Bearer <token>'")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return await response(scope, receive, send)
+        if from_query and scope["path"] == "/":
+            # the page keeps it: a cookie for its assets and <img> tags (the token leaves the URL bar)
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class UI:
+    """The API's state: the run store, the readable roots, the hardware and form helpers."""
+
+    def __init__(self, workdir: Path, data_roots, store, python: str):
+        from .runs import RunStore
+
+        self.workdir = Path(workdir).resolve()
+        self.roots = [self.workdir, *(Path(r).expanduser().resolve() for r in data_roots)]
+        self.store = store if store is not None else RunStore(self.workdir, python=python)
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    async def body(request: Request) -> dict:
+        try:
+            data = await request.json()
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def run_id(request: Request) -> str:
+        run_id = request.path_params["run_id"]
+        if not all(RUN_PART.match(part) and ".." not in part for part in run_id.split("/")):
+            raise PermissionError(f"not a run id: {run_id!r}")
+        return run_id
+
+    @staticmethod
+    def device_choice(hardware: dict | None):
+        """The hardware page's choice -> (hardware.DeviceChoice, the GPU indices the run occupies);
+        (None, None) without a choice (the run's own config decides)."""
+        if not hardware:
+            return None, None
+        from flux_lightning.hardware import choose_devices, detect_accelerators
+
+        mode = hardware.get("mode", "auto")
+        selected = [int(i) for i in hardware.get("selected") or []]
+        found = detect_accelerators() if mode != "off" else []
+        choice = choose_devices(mode, selected or None, accelerators=found)
+        gpus = [] if mode == "off" else selected if mode == "manual" else [a.index for a in found]
+        return choice, gpus
+
+    def compose(self, data: dict) -> dict:
+        """compose_run + the hardware choice + the free-form extra overrides, as one result."""
+        from .forms import compose_run
+
+        extra = [line.strip() for line in str(data.get("extra") or "").splitlines() if line.strip()]
+        values = dict(data.get("values") or {})
+        try:
+            choice, gpus = self.device_choice(data.get("hardware"))
+            hardware_problem = None
+        except ValueError as err:  # e.g. manual with no GPU ticked: a problem of the form, not a 500
+            choice, gpus, hardware_problem = None, None, f"hardware: {err}"
+        added = [*(choice.overrides if choice else []), *extra]
+        result = _plain(compose_run(dict(data.get("selection") or {}), values, extra=added, workdir=self.workdir))
+        if hardware_problem:
+            result["ok"] = False
+            result.setdefault("problems", []).append({"field": None, "message": hardware_problem})
+        env = dict(choice.env) if choice else {}
+        result["env"] = env
+        result["devices"] = gpus
+        if env:
+            prefix = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
+            result["command"] = f"{prefix} {result['command']}"
+        return result
+
+    # -- routes --------------------------------------------------------------------------------
+    async def index(self, request: Request):
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def form(self, request: Request):
+        from .forms import form_spec
+
+        return JSONResponse(_plain(await asyncio.to_thread(form_spec)))
+
+    async def compose_route(self, request: Request):
+        return JSONResponse(await asyncio.to_thread(self.compose, await self.body(request)))
+
+    async def dataset(self, request: Request):
+        from .dataset_check import check_dataset
+
+        data = await self.body(request)
+        path = str(data.get("path") or "").strip()
+        if not path:
+            return _error(400, "give a folder or a multidatabackend.json")
+        try:
+            target = inside_roots(path, self.roots)
+        except PermissionError as err:
+            return _error(403, str(err))
+        if not target.exists():
+            return _error(404, f"{path} does not exist")
+        kwargs = {"resolution": int(data["resolution"])} if data.get("resolution") else {}
+        result = _plain(await asyncio.to_thread(check_dataset, target, **kwargs))
+        result["path"] = str(target)
+        for backend in result.get("backends", []):  # a multidatabackend.json may name folders elsewhere
+            outside = [f for f in backend.get("folders") or [] if not self._readable(f)]
+            if outside:
+                backend.update(samples=[], skipped=[], ignored=[], folders=[])
+                result.setdefault("problems", []).append(
+                    f"backend {backend.get('id')}: {', '.join(outside)} is outside the folders this UI may read; "
+                    "start the UI with --data-root <folder> to preview it"
+                )
+        return JSONResponse(result)
+
+    def _readable(self, path) -> bool:
+        try:
+            inside_roots(path, self.roots)
+            return True
+        except PermissionError:
+            return False
+
+    async def dataset_file(self, request: Request):
+        try:
+            target = inside_roots(request.query_params.get("path", ""), self.roots)
+        except PermissionError as err:
+            return _error(403, str(err))
+        if target.suffix.lower() not in IMAGE_SUFFIXES:
+            return _error(403, f"{target.name} is not an image; only images are previewed")
+        if not target.is_file():
+            return _error(404, f"{target} is not a file")
+        return FileResponse(target)
+
+    async def hardware(self, request: Request):
+        from flux_lightning.hardware import detect_accelerators
+
+        accelerators = _plain(await asyncio.to_thread(detect_accelerators))
+        return JSONResponse({"accelerators": accelerators})
+
+    async def hardware_choice(self, request: Request):
+        data = await self.body(request)
+        try:
+            choice, gpus = self.device_choice({"mode": data.get("mode", "auto"), "selected": data.get("selected")})
+            return JSONResponse({**_plain(choice), "gpus": gpus, "summary": choice.describe()})
+        except (ValueError, TypeError) as err:
+            return _error(422, str(err))
+
+    async def runs(self, request: Request):
+        return JSONResponse(_plain(await asyncio.to_thread(self.store.runs)))
+
+    async def launch(self, request: Request):
+        composed = await asyncio.to_thread(self.compose, await self.body(request))
+        if not composed.get("ok"):
+            return JSONResponse(composed, status_code=422)
+        run_id = await asyncio.to_thread(
+            self.store.launch, composed["overrides"], devices=composed["devices"], env=composed["env"] or None
+        )
+        return JSONResponse({**composed, "id": run_id})
+
+    async def run(self, request: Request):
+        return JSONResponse(_plain(await asyncio.to_thread(self.store.run, self.run_id(request))))
+
+    async def stop(self, request: Request):
+        await asyncio.to_thread(self.store.stop, self.run_id(request))
+        return JSONResponse({"ok": True})
+
+    async def resume(self, request: Request):
+        data = await self.body(request)
+        run_id = await asyncio.to_thread(self.store.resume, self.run_id(request), data.get("checkpoint"))
+        return JSONResponse({"ok": True, "id": run_id or self.run_id(request)})
+
+    async def run_file(self, request: Request):
+        run_id, relpath = self.run_id(request), request.path_params["relpath"]
+        path = await asyncio.to_thread(self.store.file, run_id, relpath)
+        headers = {"Cache-Control": "no-store"}
+        if request.query_params.get("download") or path.suffix in (".safetensors", ".ckpt"):
+            name = f"{run_id}_{path.name}" if path.suffix == ".safetensors" else path.name
+            return FileResponse(path, filename=name, headers=headers)
+        media = "text/plain; charset=utf-8" if path.suffix in (".log", ".txt", ".yaml", ".json", "") else None
+        return FileResponse(path, media_type=media, headers=headers)
+
+    async def log_file(self, request: Request):
+        """The run's whole log: the file the store names for it (never a path from the request)."""
+        run_id = self.run_id(request)
+        info = await asyncio.to_thread(self.store.run, run_id)
+        if not info.get("log") or not Path(info["log"]).is_file():
+            return _error(404, f"run {run_id} has no log yet")
+        return FileResponse(info["log"], media_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-store"})
+
+    async def lora(self, request: Request):
+        run_id = self.run_id(request)
+        info = await asyncio.to_thread(self.store.run, run_id)
+        relpath = info.get("lora") if isinstance(info, dict) else None
+        if not relpath:
+            return _error(404, f"run {run_id} has no adapter file yet (it is written at the end of the run)")
+        path = await asyncio.to_thread(self.store.file, run_id, relpath)
+        return FileResponse(path, filename=f"{run_id}_{path.name}")
+
+
+def _response_for(request: Request, exc: Exception) -> JSONResponse:
+    """An exception of a helper -> the HTTP answer (403 for a refused path, 404 for a missing one)."""
+    if isinstance(exc, PermissionError):
+        return _error(403, str(exc))
+    from flux_lightning.errors import RunDirInUse
+
+    if isinstance(exc, (ProcessLookupError, RunDirInUse)):
+        return _error(409, str(exc))
+    if isinstance(exc, (FileNotFoundError, KeyError, LookupError)):
+        return _error(404, str(exc).strip("'\""))
+    if isinstance(exc, (ValueError, TypeError)):
+        return _error(422, str(exc))
+    log.exception("UI request failed: %s %s", request.method, request.url.path)
+    return _error(500, f"{type(exc).__name__}: {exc}")
+
+
+class _RunIdConvertor(Convertor):
+    """A run id in a URL: one or more folders, the shortest that lets the rest of the route match."""
+
+    regex = r"[^/].*?"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("runid", _RunIdConvertor())
+
+
+def _guarded(handler):
+    async def route(request: Request):
+        try:
+            return await handler(request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON answer
+            return _response_for(request, exc)
+
+    return route
+
+
+def create_app(
+    workdir: Path,
+    *,
+    token: str | None = None,
+    data_roots: list[Path] | tuple = (),
+    host: str = "127.0.0.1",
+    store=None,
+    python: str = sys.executable,
+    poll_seconds: float = POLL_SECONDS,
+) -> Starlette:
+    """The UI app for runs under ``workdir`` (``RunStore``), previews under ``workdir`` and
+    ``data_roots``. ``host`` is where it will be bound: beyond loopback a ``token`` is required.
+    A background task calls ``store.poll()`` every ``poll_seconds`` (queue, finished runs)."""
+    if token is None and not is_loopback(host):
+        raise ValueError(f"binding the UI to {host} (beyond loopback) needs a token: pass --token or set {TOKEN_ENV}")
+    ui = UI(Path(workdir), list(data_roots), store, python)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async def poll():
+            while True:
+                try:
+                    await asyncio.to_thread(ui.store.poll)
+                except Exception:  # noqa: BLE001 - a failed poll is logged; the next one tries again
+                    log.exception("polling the runs failed")
+                await asyncio.sleep(poll_seconds)
+
+        task = asyncio.create_task(poll())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # a run id is its dir under outputs/ (``runs/demo``): slashes included, matched shortest-first
+    routes = [
+        Route("/", _guarded(ui.index)),
+        Route("/api/form", _guarded(ui.form)),
+        Route("/api/compose", _guarded(ui.compose_route), methods=["POST"]),
+        Route("/api/dataset/check", _guarded(ui.dataset), methods=["POST"]),
+        Route("/api/dataset/file", _guarded(ui.dataset_file)),
+        Route("/api/hardware", _guarded(ui.hardware)),
+        Route("/api/hardware/choice", _guarded(ui.hardware_choice), methods=["POST"]),
+        Route("/api/runs", _guarded(ui.runs)),
+        Route("/api/runs", _guarded(ui.launch), methods=["POST"]),
+        Route("/api/runs/{run_id:runid}/stop", _guarded(ui.stop), methods=["POST"]),
+        Route("/api/runs/{run_id:runid}/resume", _guarded(ui.resume), methods=["POST"]),
+        Route("/api/runs/{run_id:runid}/lora", _guarded(ui.lora)),
+        Route("/api/runs/{run_id:runid}/log", _guarded(ui.log_file)),
+        Route("/api/runs/{run_id:runid}/files/{relpath:path}", _guarded(ui.run_file)),
+        Route("/api/runs/{run_id:path}", _guarded(ui.run)),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(_Gate, token=token, loopback=is_loopback(host))],
+        lifespan=lifespan,
+    )
+    app.state.ui = ui
+    return app

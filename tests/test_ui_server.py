@@ -1,0 +1,245 @@
+"""The web UI's server: the token rule and the doors to files (run files, dataset previews).
+
+Starlette's TestClient, no browser, no training: a run dir is laid out by hand as the CLI writes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette", reason="the web UI needs the ui extra: pip install -e '.[ui]'")
+pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx")
+pytest.importorskip("uvicorn", reason="the web UI needs the ui extra: pip install -e '.[ui]'")
+from starlette.testclient import TestClient  # noqa: E402
+
+from flux_lightning.ui import server  # noqa: E402
+from flux_lightning.ui.server import create_app  # noqa: E402
+
+SECRET = b"\x89PNG secret outside every run and data dir"
+
+
+@pytest.fixture
+def layout(tmp_path):
+    """workdir/outputs/runs/demo (a run dir with a validation image, a LoRA and a log), a data root
+    beside it, and a secret file outside both, reachable by a symlink from inside each."""
+    workdir, data, outside = tmp_path / "work", tmp_path / "data", tmp_path / "outside"
+    run = workdir / "outputs" / "runs" / "demo"
+    for d in (run / "validation" / "step_2", run / "lora", run / "checkpoints", data / "set", outside):
+        d.mkdir(parents=True)
+    (run / "validation" / "step_2" / "circle_64x64.png").write_bytes(b"\x89PNG inside")
+    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"lora bytes")
+    (outside / "secret.png").write_bytes(SECRET)
+    (run / "validation" / "step_2" / "escape.png").symlink_to(outside / "secret.png")
+    (data / "set" / "ok.png").write_bytes(b"\x89PNG data")
+    (data / "set" / "escape.png").symlink_to(outside / "secret.png")
+    (workdir / "notes.txt").write_text("not an image")
+    return workdir, data, outside
+
+
+def _client(layout, **kw) -> TestClient:
+    workdir, data, _ = layout
+    return TestClient(create_app(workdir, data_roots=[data], **kw), base_url="http://127.0.0.1:8001")
+
+
+def test_beyond_loopback_every_request_needs_the_token(layout):
+    workdir, _, _ = layout
+    with pytest.raises(ValueError, match="needs a token"):
+        create_app(workdir, host="0.0.0.0")
+    client = _client(layout, token="s3cret", host="0.0.0.0")
+    for path in ("/", "/api/runs", "/api/form", "/static/app.js", "/api/runs/runs/demo/files/lora/pytorch_lora_weights.safetensors"):
+        refused = client.get(path)
+        assert refused.status_code == 401, path
+        assert b"lora bytes" not in refused.content
+    assert client.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/api/runs?token=wrong").status_code == 401
+    assert client.post("/api/runs", json={}).status_code == 401  # no launch without it
+    assert client.get("/api/runs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/api/runs?token=s3cret").status_code == 200
+    # the page opened with ?token= keeps it as a cookie, for its assets and <img> tags
+    opened = client.get("/?token=s3cret", follow_redirects=False)
+    assert opened.status_code == 303 and "httponly" in opened.headers["set-cookie"].lower()
+    assert client.get("/static/app.js").status_code == 200  # (the client now sends the cookie)
+    assert client.get("/").status_code == 200
+
+
+def test_on_loopback_no_token_is_needed_unless_one_is_given(layout):
+    assert _client(layout).get("/api/runs").status_code == 200
+    assert _client(layout).get("/").status_code == 200
+    assert _client(layout, token="t").get("/api/runs").status_code == 401
+
+
+def test_the_command_prints_a_url_with_a_generated_token_beyond_loopback(layout, monkeypatch, capsys):
+    import uvicorn
+
+    from flux_lightning.ui.__main__ import main
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: served.update(app=app, host=host, port=port))
+    monkeypatch.delenv(server.TOKEN_ENV, raising=False)
+    main(["--host", "0.0.0.0", "--port", "8123", "--workdir", str(layout[0])])
+    url = capsys.readouterr().out.split("http://", 1)[1].split()[0]
+    token = url.split("?token=")[1]
+    assert url.startswith("localhost:8123/?token=") and len(token) >= 20 and served["port"] == 8123
+    client = TestClient(served["app"])
+    assert client.get("/api/runs").status_code == 401
+    assert client.get(f"/api/runs?token={token}").status_code == 200
+
+    monkeypatch.setenv(server.TOKEN_ENV, "from-env")
+    main(["--host", "127.0.0.1", "--workdir", str(layout[0])])
+    assert capsys.readouterr().out.rstrip().endswith("?token=from-env")
+    assert TestClient(served["app"], base_url="http://127.0.0.1:8001").get("/api/runs").status_code == 401
+
+
+def test_other_sites_cannot_reach_or_drive_a_loopback_ui(layout):
+    """No token on loopback, so: no DNS-rebinding Host, no cross-site or non-JSON change."""
+    client = _client(layout)
+    assert client.get("/api/runs", headers={"Host": "evil.example:8001"}).status_code == 403
+    for host in ("127.0.0.1:8001", "localhost:8001", "[::1]:8001", "localhost"):
+        assert client.get("/api/runs", headers={"Host": host}).status_code == 200, host
+    launch = {"selection": {}, "values": {}, "extra": "callbacks.evil._target_=os.system"}
+    assert client.post("/api/runs", json=launch, headers={"Origin": "https://evil.example"}).status_code == 403
+    simple = client.post("/api/runs", content=b'{"selection": {}}', headers={"Content-Type": "text/plain"})
+    assert simple.status_code == 415  # a "simple" cross-site request (no preflight) cannot launch
+    assert client.post("/api/runs/runs/demo/stop", json={}, headers={"Origin": "http://127.0.0.1:8001"}).status_code == 409
+
+
+RUN_FILE_ESCAPES = [
+    "/api/runs/runs/demo/files/%2e%2e/%2e%2e/%2e%2e/%2e%2e/outside/secret.png",
+    "/api/runs/runs/demo/files/..%2f..%2f..%2f..%2foutside%2fsecret.png",
+    "/api/runs/runs/demo/files/validation/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/outside/secret.png",
+    "/api/runs/runs/demo/files/{outside}/secret.png",  # absolute (files//tmp/...)
+    "/api/runs/runs/demo/files/{outside_encoded}%2Fsecret.png",  # absolute, encoded
+    "/api/runs/runs/demo/files/validation/step_2/escape.png",  # symlink out of the run dir
+    "/api/runs/%2e%2e/files/outside/secret.png",  # the run id itself
+    "/api/runs/..%2f..%2f..%2foutside/files/secret.png",
+    "/api/runs/runs/%2e%2e/%2e%2e/%2e%2e/outside/files/secret.png",
+    "/api/runs/runs/demo/files/../../../../outside/secret.png",  # (the client folds these: another route)
+]
+
+
+@pytest.mark.parametrize("url", RUN_FILE_ESCAPES)
+def test_no_run_file_route_reads_outside_the_run_dir(layout, url):
+    outside = layout[2]
+    url = url.format(outside=outside, outside_encoded=str(outside).replace("/", "%2F"))
+    response = _client(layout).get(url)
+    folded = "/../" in url  # the client folds literal dots before sending: no route, 404
+    assert response.status_code == (404 if folded else 403), (url, response.status_code, response.text)
+    assert SECRET not in response.content
+
+
+def test_run_files_are_served_and_the_lora_is_an_attachment(layout):
+    client = _client(layout)
+    image = client.get("/api/runs/runs/demo/files/validation/step_2/circle_64x64.png")
+    assert image.status_code == 200 and image.content == b"\x89PNG inside"
+    lora = client.get("/api/runs/runs/demo/files/lora/pytorch_lora_weights.safetensors")
+    assert lora.status_code == 200 and lora.content == b"lora bytes"
+    assert "attachment" in lora.headers["content-disposition"]
+    assert client.get("/api/runs/runs/demo/files/validation/step_9/none.png").status_code == 404
+
+
+DATASET_ESCAPES = [
+    "{outside}/secret.png",  # absolute, outside every root
+    "{data}/../outside/secret.png",  # .. out of a data root
+    "{data}/set/escape.png",  # symlink out of a data root
+    "../outside/secret.png",  # relative to the workdir
+    "/etc/passwd",
+    "{work}/notes.txt",  # inside, but not an image
+]
+
+
+@pytest.mark.parametrize("path", DATASET_ESCAPES)
+def test_dataset_previews_read_only_images_under_the_workdir_and_data_roots(layout, path):
+    workdir, data, outside = layout
+    client = _client(layout)
+    path = path.format(outside=outside, data=data, work=workdir)
+    response = client.get("/api/dataset/file", params={"path": path})
+    assert response.status_code == 403, (path, response.status_code)
+    assert SECRET not in response.content
+    assert client.get("/api/dataset/file", params={"path": str(data / "set" / "ok.png")}).content == b"\x89PNG data"
+
+
+def test_the_dataset_check_refuses_a_folder_outside_the_roots(layout):
+    workdir, data, outside = layout
+    response = _client(layout).post("/api/dataset/check", json={"path": str(outside)})
+    assert response.status_code == 403 and "--data-root" in response.json()["error"]
+    response = _client(layout).post("/api/dataset/check", json={"path": str(data / ".." / "outside")})
+    assert response.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("argv", "called", "passed"),
+    [
+        (["flux-lightning", "ui", "--port", "9"], "ui", ["--port", "9"]),
+        (["flux-lightning", "configure", "--name", "x"], "configure", ["--name", "x"]),
+        (["flux-lightning", "lora", "resize", "--rank", "4"], "lora", ["resize", "--rank", "4"]),
+        (["flux-lightning", "+experiment=krea_lora", "adapter.rank=4"], "train", ["flux-lightning", "+experiment=krea_lora", "adapter.rank=4"]),
+        (["flux-lightning"], "train", ["flux-lightning"]),
+    ],
+)
+def test_the_console_script_dispatches_ui_configure_and_lora_and_leaves_the_rest_to_hydra(monkeypatch, argv, called, passed):
+    import sys
+
+    import flux_lightning.configure
+    import flux_lightning.lora_tools.cli
+    import flux_lightning.train
+    import flux_lightning.ui.__main__
+    from flux_lightning import cli
+
+    calls = []
+    monkeypatch.setattr(flux_lightning.ui.__main__, "main", lambda args: calls.append(("ui", args)))
+    monkeypatch.setattr(flux_lightning.configure, "main", lambda args: calls.append(("configure", args)) or 0)
+    monkeypatch.setattr(flux_lightning.lora_tools.cli, "main", lambda args: calls.append(("lora", args)) or 0)
+    monkeypatch.setattr(flux_lightning.train, "main", lambda: calls.append(("train", list(sys.argv))))  # Hydra reads sys.argv
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        cli.main()
+    except SystemExit as stop:
+        assert stop.code == 0
+    assert calls == [(called, passed)]
+
+
+class _RecordingStore:
+    """Stands in for RunStore where only the wiring of the routes is under test."""
+
+    def __init__(self):
+        self.calls = []
+
+    def poll(self):
+        return []
+
+    def runs(self):
+        return []
+
+    def launch(self, overrides, *, devices=None, env=None):
+        self.calls.append(("launch", list(overrides), devices, env))
+        return "runs/demo"
+
+    def stop(self, run_id):
+        self.calls.append(("stop", run_id))
+        return {"id": run_id, "pid": 1}
+
+    def resume(self, run_id, checkpoint=None):
+        self.calls.append(("resume", run_id, checkpoint))
+        return run_id
+
+
+def test_launch_refuses_a_run_with_problems_and_starts_the_composed_command(layout, cache_root, tiny_folder, monkeypatch):
+    from flux_lightning.hardware import choose_devices
+
+    monkeypatch.setenv("FLUX_LIGHTNING_CACHE", str(cache_root))  # validation probes the (built) tiny model
+    store = _RecordingStore()
+    client = TestClient(create_app(layout[0], store=store), base_url="http://127.0.0.1:8001")
+    bad = client.post("/api/runs", json={"values": {"adapter.rank": "0"}, "hardware": {"mode": "off"}})
+    assert bad.status_code == 422 and any(p["field"] == "adapter.rank" for p in bad.json()["problems"])
+    assert store.calls == []
+    good = client.post("/api/runs", json={"values": {"adapter.rank": "4"}, "extra": "trainer.max_steps=3", "hardware": {"mode": "off"}})
+    assert good.status_code == 200 and good.json()["id"] == "runs/demo"
+    (_, overrides, devices, env), = store.calls
+    assert overrides == ["adapter.rank=4", *choose_devices("off").overrides, "trainer.max_steps=3"]
+    assert devices == [] and env == {"CUDA_VISIBLE_DEVICES": ""}
+    assert good.json()["command"] == "CUDA_VISIBLE_DEVICES='' python -m flux_lightning " + " ".join(overrides)
+    assert client.post("/api/runs/runs/demo/stop", json={}).json()["ok"]
+    client.post("/api/runs/runs/demo/resume", json={"checkpoint": "checkpoints/step000002.ckpt"})
+    assert store.calls[1:] == [("stop", "runs/demo"), ("resume", "runs/demo", "checkpoints/step000002.ckpt")]
