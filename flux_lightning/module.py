@@ -313,10 +313,12 @@ class FluxLoRAModule(L.LightningModule):
     def rolled_out(self, noisy, x0, noise, sigmas, batch_idx, text, extra) -> torch.Tensor:
         """``noisy`` with the rolled-out samples replaced: each is noised to its source sigma and
         denoised by the current weights (no gradient, adapters on, dropout off, the step's
-        conditioning ``extra``) along the grid down to its training sigma."""
+        conditioning ``extra``) along the grid down to its training sigma. Reads the batch's sigmas on
+        the host (the paths are Python lists), only in a step where some sample rolls out."""
         b, _, h, w = x0.shape
         cfg = self.scheduled_sampling
-        offsets = rollout_offsets(cfg, self.global_step if self._trainer is not None else 0, self.rollout_generators(b, batch_idx))
+        step = self.global_step if self._trainer is not None else 0
+        offsets = rollout_offsets(cfg, step, self.rollout_generators(b, batch_idx))
         if not any(offsets):
             return noisy
         grid = sigma_grid(cfg, self.timesteps, (h // 2) * (w // 2))
