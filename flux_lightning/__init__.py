@@ -7,10 +7,11 @@ flavour, an optimizer, a backend kind or a callback) is ``docs/architecture.md``
 from .adapters import AdapterConfig
 from .model_config import ModelConfig
 from .data import DatasetConfig, FluxDataModule
-from .flow import TimestepConfig
+from .flow import LossConfig, TimestepConfig
 from .module import FluxLoRAModule
 from .optim import LRSchedulerConfig, OptimizerConfig
 from .quantization import QuantizationConfig
+from .rollout import ScheduledSamplingConfig
 from .tread import TreadConfig, TreadRoute
 
 __all__ = [
@@ -19,9 +20,11 @@ __all__ = [
     "FluxDataModule",
     "FluxLoRAModule",
     "LRSchedulerConfig",
+    "LossConfig",
     "ModelConfig",
     "OptimizerConfig",
     "QuantizationConfig",
+    "ScheduledSamplingConfig",
     "TimestepConfig",
     "TreadConfig",
     "TreadRoute",

@@ -24,9 +24,10 @@ from .data import huggingface
 from .data.config import DatasetConfig, backend_field
 from .data.references import pairing_problems
 from .errors import ConfigError, DataError, ModelSourceError
-from .flow import TimestepConfig
+from .flow import LossConfig, TimestepConfig
 from .model_config import ModelConfig
 from .optim import LRSchedulerConfig, OptimizerConfig, adapter_dtype
+from .rollout import ScheduledSamplingConfig
 from .run_checks import callback_interval_problems, nonfinite_problems, trainer_problems
 from .tread import TreadConfig, known_num_blocks
 from .values import is_int
@@ -46,10 +47,15 @@ class RunConfig:
     compile: bool = False
     optimizer: OptimizerConfig | None = None
     lr_scheduler: LRSchedulerConfig | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)
 
     def module_parts(self) -> dict:
         """Keyword arguments of :class:`~flux_lightning.module.FluxLoRAModule` (and subclasses)."""
-        return {"model": self.model, "adapter": self.adapter, "timesteps": self.timesteps, "tread": self.tread}
+        return {
+            "model": self.model, "adapter": self.adapter, "timesteps": self.timesteps, "tread": self.tread,
+            "loss": self.loss, "scheduled_sampling": self.scheduled_sampling,
+        }  # fmt: skip
 
     def data_parts(self) -> dict:
         """Keyword arguments of :class:`~flux_lightning.data.FluxDataModule` (and subclasses)."""
@@ -71,6 +77,7 @@ def group_problems(run: RunConfig) -> list[str]:
     """Each group's own ``problems()``; nothing that depends on the flavour when it is unknown."""
     out = run.model.problems() + run.adapter.problems()
     out += run.dataset.problems() + run.timesteps.problems() + run.tread.problems()
+    out += run.loss.problems() + run.scheduled_sampling.problems()
     for node in (run.optimizer, run.lr_scheduler):
         out += node.problems() if node is not None else []
     if not isinstance(run.compile, bool):
@@ -112,6 +119,12 @@ def cross_group_problems(run: RunConfig, trainer: dict, callbacks: dict) -> list
             f"flavour {name} trains with its fast schedule but timesteps.weighting={weighting}; "
             "drop the timesteps override (schnell picks schnell_fast itself) or add "
             "timesteps.force_schedule=true to train with it anyway"
+        )
+    scheme = run.timesteps.weighting_scheme
+    if spec.fast_schedule and scheme != "none" and not run.timesteps.force_schedule:
+        out.append(
+            f"flavour {name} trains with its fast schedule but timesteps.weighting_scheme={scheme}; "
+            "drop it or add timesteps.force_schedule=true to train with it anyway"
         )
     if model.quantization.base_model_default_dtype == "fp32" and run.adapter.weight_dtype == "bf16":
         out.append(
@@ -255,6 +268,8 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
         dataset=_typed(DatasetConfig, cfg.dataset, "dataset", problems),
         timesteps=_typed(TimestepConfig, cfg.timesteps, "timesteps", problems),
         tread=_typed(TreadConfig, cfg.get("tread_config"), "tread_config", problems),
+        loss=_typed(LossConfig, cfg.get("loss"), "loss", problems),
+        scheduled_sampling=_typed(ScheduledSamplingConfig, cfg.get("scheduled_sampling"), "scheduled_sampling", problems),
         compile=cfg.get("compile", False),
         optimizer=_typed(OptimizerConfig, cfg.optimizer, "optimizer", problems) if cfg.get("optimizer") is not None else None,
         lr_scheduler=(

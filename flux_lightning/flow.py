@@ -137,6 +137,10 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 WEIGHTINGS = ("sigmoid", "uniform", "schnell_fast")
+# diffusers' SD3/Flux schemes (diffusers.training_utils): logit_normal and mode shape the sigma draw,
+# cosmap and sigma_sqrt draw uniformly and weight each sample's loss.
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
+MODE_SCALE_RANGE = (-1.0, 2 / (math.pi - 2))  # where the SD3 paper's f_mode is monotone
 
 
 @dataclass
@@ -152,6 +156,16 @@ class TimestepConfig:
         flow_schedule_auto_shift: use the resolution-dependent shift instead of the static one.
         force_schedule: allow a schedule other than the flavour's own (schnell trains with
             ``schnell_fast``; an explicit other ``weighting`` is refused unless this is true).
+        weighting_scheme: ``none`` (default) draws sigma by ``weighting``; any other scheme replaces
+            that draw with diffusers' ``compute_density_for_timestep_sampling`` (its ``u`` is used as
+            sigma, the SD3 paper's t) and the shifts still apply: ``logit_normal`` draws
+            ``sigmoid(N(logit_mean, logit_std))``, ``mode`` the SD3 paper's mode density
+            (``mode_scale``), ``cosmap`` and ``sigma_sqrt`` draw U(0, 1) and weight each sample's loss by
+            ``compute_loss_weighting_for_sd3`` (``2 / (pi (1 - 2 sigma + 2 sigma^2))`` resp.
+            ``sigma^-2``). It excludes an explicit ``weighting`` (leave that null).
+        logit_mean: the mean of ``logit_normal``'s normal draw (> 0 moves mass toward noise).
+        logit_std: its standard deviation (> 0).
+        mode_scale: ``mode``'s scale s, within [-1, 2/(pi-2)] (0 = uniform; SD3 used 1.29).
     """
 
     weighting: str | None = None
@@ -159,10 +173,34 @@ class TimestepConfig:
     flow_schedule_shift: float | None = None
     flow_schedule_auto_shift: bool = False
     force_schedule: bool = False
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
 
     def problems(self) -> list[str]:
-        """An unknown ``weighting``, a sigmoid scale or shift that is not a positive number."""
+        """An unknown ``weighting`` or ``weighting_scheme``, both chosen at once, a sigmoid scale or shift
+        that is not a positive number, a bad ``logit_std`` / ``mode_scale``."""
         out = []
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            out.append(
+                f"timesteps.weighting_scheme={self.weighting_scheme!r} is unknown; use {', '.join(WEIGHTING_SCHEMES)}"
+            )
+        elif self.weighting_scheme != "none" and self.weighting is not None:
+            out.append(
+                f"timesteps.weighting={self.weighting} and timesteps.weighting_scheme={self.weighting_scheme} both "
+                "choose how sigma is drawn; keep one (timesteps.weighting=null or timesteps.weighting_scheme=none)"
+            )
+        if not self.logit_std > 0:
+            out.append(f"timesteps.logit_std={self.logit_std} must be > 0; e.g. timesteps.logit_std=1.0")
+        if not math.isfinite(self.logit_mean):
+            out.append(f"timesteps.logit_mean={self.logit_mean} must be a finite number; e.g. 0.0")
+        lo, hi = MODE_SCALE_RANGE
+        if not lo <= self.mode_scale <= hi:
+            out.append(
+                f"timesteps.mode_scale={self.mode_scale} must lie in [{lo}, {hi:.3f}] (the mode density is "
+                "monotone there); e.g. timesteps.mode_scale=1.29"
+            )
         if self.weighting not in (None, *WEIGHTINGS):
             out.append(f"timesteps.weighting={self.weighting!r} is unknown; use {', '.join(WEIGHTINGS)} or null")
         if not self.sigmoid_scale > 0:
@@ -176,8 +214,9 @@ class TimestepConfig:
 
     def for_flavour(self, fast_schedule: bool) -> TimestepConfig:
         """This config with ``weighting`` resolved: null becomes the flavour's own schedule
-        (``schnell_fast`` when ``fast_schedule``, else ``sigmoid``)."""
-        if self.weighting is not None:
+        (``schnell_fast`` when ``fast_schedule``, else ``sigmoid``); with a ``weighting_scheme`` it stays
+        null (the scheme draws sigma)."""
+        if self.weighting is not None or self.weighting_scheme != "none":
             return self
         return replace(self, weighting="schnell_fast" if fast_schedule else "sigmoid")
 
@@ -196,6 +235,13 @@ def sample_sigmas(
     sync in the training hot path); with one, on the generator's device, then moved.
     """
     draw = dict(generator=generator, device=generator.device if generator is not None else device)
+    if config.weighting_scheme != "none":
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        sigmas = compute_density_for_timestep_sampling(
+            config.weighting_scheme, batch_size, config.logit_mean, config.logit_std, config.mode_scale, **draw
+        )
+        return shift_like_training(sigmas, config, seq_len).to(device)
     weighting = config.weighting or "sigmoid"  # unresolved (no flavour known here): the usual schedule
     if weighting == "schnell_fast":
         idx = torch.randint(len(SCHNELL_FAST_SIGMAS), (batch_size,), **draw)
@@ -224,6 +270,16 @@ def shift_like_training(sigmas: torch.Tensor, config: TimestepConfig, seq_len: i
     return sigmas
 
 
+def loss_weights(config: TimestepConfig, sigmas: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample loss weights ``(B,)`` of ``config.weighting_scheme`` at ``sigmas`` (diffusers'
+    ``compute_loss_weighting_for_sd3``), or None where every weight is 1 (the loss is left as it is)."""
+    if config.weighting_scheme not in ("cosmap", "sigma_sqrt"):
+        return None
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(config.weighting_scheme, sigmas.float())
+
+
 def _per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return sigmas.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
@@ -239,15 +295,51 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+
+
+@dataclass
+class LossConfig:
+    """The per-element training loss (SimpleTuner's ``loss_type`` / ``huber_c``).
+
+    Attributes:
+        loss_type: ``l2`` (default) the squared error ``d^2``, ``d = pred - target``; ``huber`` the
+            pseudo-Huber loss ``2c (sqrt(d^2 + c^2) - c)`` (about ``d^2`` for ``|d| << c``, ``2c|d|``
+            beyond: outliers pull less); ``smooth_l1`` ``2 (sqrt(d^2 + c^2) - c)`` (``d^2 / c`` near
+            0, ``2|d|`` beyond).
+        huber_c: ``c``, where the loss turns from quadratic to linear (> 0; SimpleTuner's default 0.1).
+            Constant over sigma (SimpleTuner's ``huber_schedule: constant``).
+    """
+
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.loss_type not in LOSS_TYPES:
+            out.append(f"loss.loss_type={self.loss_type!r} is unknown; use {', '.join(LOSS_TYPES)}")
+        if not (isinstance(self.huber_c, (int, float)) and math.isfinite(self.huber_c) and self.huber_c > 0):
+            out.append(f"loss.huber_c={self.huber_c} must be a number > 0; e.g. loss.huber_c=0.1")
+        return out
+
+
 def flow_loss(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    loss: LossConfig | None = None,
 ) -> torch.Tensor:
-    """MSE in fp32, averaged per sample and then over the batch.
+    """The per-element loss of ``loss`` (default: squared error) in fp32, averaged per sample.
 
     ``mask`` (broadcastable to ``pred``, values in [0, 1]) multiplies the per-element loss.
     Returns the per-sample losses ``(B,)``; call ``.mean()`` for the batch loss.
     """
-    err = (pred.float() - target.float()) ** 2
+    if loss is None or loss.loss_type == "l2":
+        err = (pred.float() - target.float()) ** 2
+    else:
+        c = float(loss.huber_c)
+        root = torch.sqrt((pred.float() - target.float()) ** 2 + c * c) - c
+        err = 2 * c * root if loss.loss_type == "huber" else 2 * root
     if mask is not None:
         err = err * mask.float()
     return err.flatten(1).mean(dim=1)

@@ -29,15 +29,18 @@ from .memory import GroupOffload, apply_group_offload, enable_gradient_checkpoin
 from .optim import ADAPTER_DTYPES
 from .rng import rng_states, set_rng_states
 from .flow import (
+    LossConfig,
     TimestepConfig,
     flow_loss,
     flow_target,
     joint_attention_mask,
+    loss_weights,
     noisy_latents,
     sample_sigmas,
     transformer_inputs,
     unpack_latents,
 )
+from .rollout import ScheduledSamplingConfig, euler_rollout, rollout_offsets, rollout_path, sigma_grid
 from .tread import TreadConfig, num_blocks, resolve_routes, routed_forward, tokens_in_mask
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,9 @@ class FluxLoRAModule(L.LightningModule):
         tread: TREAD token routing during training (see :mod:`flux_lightning.tread`); default off.
         compile: regional ``torch.compile`` of the transformer blocks (see
             :func:`flux_lightning.compilation.compile_blocks`); falls back to eager where unsupported.
+        loss: the per-element loss (l2, huber, smooth_l1; see :class:`~flux_lightning.flow.LossConfig`).
+        scheduled_sampling: rollout of some samples with the current weights before the step (see
+            :mod:`flux_lightning.rollout`); default off.
         nonfinite_max_consecutive: a step with a non-finite loss, gradient or result is skipped and
             counted (``train/skipped_nonfinite``); this many in a row stop the run with
             :class:`~flux_lightning.guard.NonFiniteLossError` (see :mod:`flux_lightning.guard`).
@@ -88,6 +94,8 @@ class FluxLoRAModule(L.LightningModule):
         tread: TreadConfig | None = None,
         compile: bool = False,
         nonfinite_max_consecutive: int = 10,
+        loss: LossConfig | None = None,
+        scheduled_sampling: ScheduledSamplingConfig | None = None,
     ):
         super().__init__()
         self.model_cfg = model or ModelConfig()
@@ -95,6 +103,8 @@ class FluxLoRAModule(L.LightningModule):
         self.timesteps = (timesteps or TimestepConfig()).for_flavour(self.model_cfg.spec.fast_schedule)
         self.tread = tread or TreadConfig()
         self.compile_blocks = compile
+        self.loss_cfg = loss or LossConfig()
+        self.scheduled_sampling = scheduled_sampling or ScheduledSamplingConfig()
         self.save_hyperparameters(
             {
                 "model": asdict(self.model_cfg),
@@ -102,6 +112,8 @@ class FluxLoRAModule(L.LightningModule):
                 "timesteps": asdict(self.timesteps),
                 "tread": asdict(self.tread),
                 "compile": compile,
+                "loss": asdict(self.loss_cfg),
+                "scheduled_sampling": asdict(self.scheduled_sampling),
             }
         )
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
@@ -267,6 +279,8 @@ class FluxLoRAModule(L.LightningModule):
         noisy = noisy_latents(x0, noise, sigmas)
         text = (batch["prompt_embeds"], batch["pooled_prompt_embeds"])
         extra = dict(guidance=self.model_cfg.sample_guidance(b, device=x0.device), **self.conditioning(batch))
+        if self.scheduled_sampling.enabled:
+            noisy = self.rolled_out(noisy, x0, noise, sigmas, batch_idx, text, extra)
         mask = batch.get("mask")  # (B, 1, H, W) at latent size: 1 = train, 0 = ignore
         keep = None if mask is None else tokens_in_mask(mask)  # TREAD never drops masked-in tokens
         pred = self(noisy, sigmas, *text, keep_tokens=keep, **extra)
@@ -275,7 +289,9 @@ class FluxLoRAModule(L.LightningModule):
                 target = self(noisy, sigmas, *text, **extra).float()
         else:
             target = flow_target(x0, noise)
-        loss = flow_loss(pred, target, mask).mean()
+        loss = flow_loss(pred, target, mask, self.loss_cfg)
+        weights = loss_weights(self.timesteps, sigmas)  # None unless timesteps.weighting_scheme weights the loss
+        loss = (loss if weights is None else loss * weights.to(loss.device)).mean()
         # prog_bar=True would make Lightning call .item() every step; LossProgressBar shows it instead.
         # Lightning writes logs every trainer.log_every_n_steps: a value logged between is never seen.
         self._log_now = self._logs_this_step()
@@ -284,6 +300,42 @@ class FluxLoRAModule(L.LightningModule):
         self._recent_losses.append(loss.detach())
         self.nonfinite.observe(loss, [x0, *text])
         return loss
+
+    # -- scheduled sampling (flux_lightning/rollout.py) ------------------------------------------
+    def rollout_generators(self, b: int, batch_idx: int) -> list[torch.Generator]:
+        """One generator per sample for the rollout decision, keyed like :meth:`noise_and_sigmas`'
+        (plus ``:rollout``): a resume rolls out what the uninterrupted run did, DDP as one process."""
+        epoch = self.current_epoch if self._trainer is not None else 0
+        first = (self.global_rank if self._trainer is not None else 0) * b
+        keys = (f"{self.noise_seed}:{epoch}:{batch_idx}:{first + j}:rollout" for j in range(b))
+        return [torch.Generator().manual_seed(int(hashlib.sha256(k.encode()).hexdigest()[:15], 16)) for k in keys]
+
+    def rolled_out(self, noisy, x0, noise, sigmas, batch_idx, text, extra) -> torch.Tensor:
+        """``noisy`` with the rolled-out samples replaced: each is noised to its source sigma and
+        denoised by the current weights (no gradient, adapters on, dropout off, the step's
+        conditioning ``extra``) along the grid down to its training sigma. Reads the batch's sigmas on
+        the host (the paths are Python lists), only in a step where some sample rolls out."""
+        b, _, h, w = x0.shape
+        cfg = self.scheduled_sampling
+        step = self.global_step if self._trainer is not None else 0
+        offsets = rollout_offsets(cfg, step, self.rollout_generators(b, batch_idx))
+        if not any(offsets):
+            return noisy
+        grid = sigma_grid(cfg, self.timesteps, (h // 2) * (w // 2))
+        paths = [rollout_path(grid, s, k) for s, k in zip(sigmas.tolist(), offsets)]
+        source = torch.tensor([p[0] for p in paths], device=x0.device, dtype=sigmas.dtype)
+
+        def velocity(x, s, rows):
+            picked = {k: v[rows] if torch.is_tensor(v) else v for k, v in extra.items()}
+            return self(x, s, text[0][rows], text[1][rows], **picked)
+
+        was_training = self.transformer.training
+        self.transformer.eval()
+        try:
+            with torch.no_grad():
+                return euler_rollout(velocity, noisy_latents(x0, noise, source), paths).to(noisy.dtype)
+        finally:
+            self.transformer.train(was_training)
 
     def recent_train_loss(self) -> float:
         """Mean finite training loss over the last (up to) 50 steps; NaN before the first (finite) step."""

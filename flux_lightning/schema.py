@@ -18,8 +18,9 @@ from typing import Any
 from .adapters import AdapterConfig
 from .components import ModelConfig
 from .data.config import DatasetConfig
-from .flow import TimestepConfig
+from .flow import LossConfig, TimestepConfig
 from .optim import LRSchedulerConfig, OptimizerConfig
+from .rollout import ScheduledSamplingConfig
 from .tread import TreadConfig
 
 # Wiring between nodes (not defaults of the dataclasses): caches live under paths.cache_dir, the
@@ -66,6 +67,8 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     tread_config: TreadConfig = field(default_factory=TreadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)
     seed: int = 42
     compile: bool = False
     nonfinite_max_consecutive: int = 10
@@ -88,6 +91,8 @@ GROUP_SCHEMAS: dict[str, type] = {
     "timesteps": TimestepConfig,
     "optimizer": OptimizerConfig,
     "lr_scheduler": LRSchedulerConfig,
+    "loss": LossConfig,
+    "scheduled_sampling": ScheduledSamplingConfig,
 }
 
 

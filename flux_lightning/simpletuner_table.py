@@ -274,6 +274,24 @@ def _validation_disable(key, v, out):
         out.set("callbacks.clip_score", None, key)
 
 
+def _huber_schedule(key, v, out):
+    """Only a constant ``huber_c`` here (flow matching has no SNR schedule of its own)."""
+    if name_of(v) == "constant":
+        out.no_effect[key] = "huber_c is constant here (the only schedule)"
+    elif name_of(out.settings.get("loss_type", "l2")) in ("huber", "smooth_l1"):
+        raise ValueError("has no equivalent here; use constant (loss.huber_c stays fixed over sigma)")
+    else:
+        out.no_effect[key] = "only used with loss_type huber or smooth_l1"
+
+
+def _rollout_strategy(key, v, out):
+    if name_of(v) != "uniform":
+        raise ValueError("has no equivalent here; use uniform (rollout lengths are drawn uniformly from 1..max_step_offset)")
+    out.no_effect[key] = "rollout lengths are drawn uniformly here"
+
+
+_SS = "scheduled_sampling."
+
 _ATTENTION = {"diffusers": "sdpa", "native": "sdpa", "sageattention": "sageattention", "flash-attn": "flash",
               "flash-attn-2": "flash", "flex": "flex", "xformers": "xformers"}  # fmt: skip
 _M, _Q = "model.", "model.quantization."
@@ -335,6 +353,19 @@ RULES: dict[str, Rule] = {
     "flow_schedule_auto_shift": read_by("flux_fast_schedule"),
     "flow_sigmoid_scale": read_by("flux_fast_schedule"),
     "flow_use_uniform_schedule": read_by("flux_fast_schedule"),
+    # loss and scheduled sampling (rollout)
+    "loss_type": one_of("loss.loss_type", "l2", "huber", "smooth_l1"),
+    "huber_c": value("loss.huber_c", as_float),
+    "huber_schedule": _huber_schedule,
+    "scheduled_sampling_max_step_offset": value(_SS + "max_step_offset", as_int),
+    "scheduled_sampling_probability": value(_SS + "probability", as_float),
+    "scheduled_sampling_ramp_steps": value(_SS + "ramp_steps", as_int),
+    "scheduled_sampling_prob_start": value(_SS + "prob_start", as_float),
+    "scheduled_sampling_prob_end": value(_SS + "prob_end", as_float),
+    "scheduled_sampling_sampler": choice(
+        _SS + "sampler", {"euler": "euler"}, "use euler (the multistep unipc/dpm solvers cannot stop at a training sigma)"
+    ),
+    "scheduled_sampling_strategy": _rollout_strategy,
     # optimisation
     "optimizer": choice("optimizer", OPTIMIZERS),
     "learning_rate": value("optimizer.lr", as_float),

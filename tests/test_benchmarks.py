@@ -140,3 +140,16 @@ def test_vs_reference_interleaves_rounds_and_reports_ratios():
     text = vs.markdown(summary, 20)
     label = vs.TRAINERS["flux_lightning"]
     assert f"| {label} | 0.100 (0.100-0.100) | 0.50x |" in text
+
+
+def test_rollout_benchmark_runs_in_process(tmp_path, monkeypatch, capsys):
+    """benchmarks/rollout.py on 16 image tokens, one timed step per setting (in this process: cheap)."""
+    import runpy
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["rollout.py", "--tokens", "16", "--steps", "1", "--json", str(out)])
+    runpy.run_path(str(BENCH / "rollout.py"), run_name="__main__")
+    assert "| 16 | 1 |" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["ratio"] > 0 and result["rollout"]["max_step_offset"] == 5 and result["rollout"]["probability"] == 0.5

@@ -236,6 +236,10 @@ EVERY_KEY = {
     "user_prompt_library": "prompts.json", "validation_preview": False, "validation_preview_steps": 5,
     "disable_benchmark": True, "validation_disable": False, "validation_guidance_rescale": 0.0,
     "validation_torch_compile": False,
+    "loss_type": "huber", "huber_c": 0.2, "huber_schedule": "constant",
+    "scheduled_sampling_max_step_offset": 5, "scheduled_sampling_probability": 0.5,
+    "scheduled_sampling_ramp_steps": 100, "scheduled_sampling_prob_start": 0.1, "scheduled_sampling_prob_end": 0.6,
+    "scheduled_sampling_sampler": "euler", "scheduled_sampling_strategy": "uniform",
 }  # fmt: skip
 
 
