@@ -2,8 +2,8 @@
 
 The small Flux of ``step_overhead.py`` (4 double + 8 single blocks, width 256, 64 text tokens;
 rank-16 LoRA on `all`, gradient checkpointing on) trains once plainly and once with the issue's
-rollout setting ``scheduled_sampling.max_step_offset=5 probability=0.5`` (Euler, the default
-28-step grid): half of the samples are first denoised by the current weights over 1..5 grid steps
+rollout setting ``scheduled_sampling.max_step_offset=5 probability=0.5`` (Euler; unipc/dpm make the same
+model calls plus a per-sample scheduler step; the default 28-step grid): half of the samples are first denoised by the current weights over 1..5 grid steps
 (uniform), i.e. about 1.5 extra no-gradient forward passes per sample on average (fewer where a
 training sigma lies near the top of the grid). A step is ``FluxLoRAModule.training_step`` +
 backward + AdamW step; both modules see the same batch and batch index at each step, so they draw
@@ -32,7 +32,7 @@ from flux_lightning.rollout import ScheduledSamplingConfig, rollout_offsets, rol
 
 warnings.filterwarnings("ignore", message=".*self.trainer. reference is not registered")
 
-ROLLOUT = ScheduledSamplingConfig(max_step_offset=5, probability=0.5)
+ROLLOUT = ScheduledSamplingConfig(max_step_offset=5, probability=0.5, sampler="euler")
 
 
 class Trainee:

@@ -40,7 +40,7 @@ from .flow import (
     transformer_inputs,
     unpack_latents,
 )
-from .rollout import ScheduledSamplingConfig, euler_rollout, rollout_offsets, rollout_path, sigma_grid
+from .rollout import ScheduledSamplingConfig, rollout, rollout_offsets, rollout_path, sigma_grid
 from .tread import TreadConfig, num_blocks, resolve_routes, routed_forward, tokens_in_mask
 
 log = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ class FluxLoRAModule(L.LightningModule):
         self.transformer.eval()
         try:
             with torch.no_grad():
-                return euler_rollout(velocity, noisy_latents(x0, noise, source), paths).to(noisy.dtype)
+                return rollout(velocity, noisy_latents(x0, noise, source), paths, cfg.sampler).to(noisy.dtype)
         finally:
             self.transformer.train(was_training)
 

@@ -40,9 +40,10 @@ class ScheduledSamplingConfig:
         prob_start: the chance at step 0 of the ramp (SimpleTuner's default 0.0).
         prob_end: the chance from step ``ramp_steps`` on (SimpleTuner's default 0.5).
         sampler: the solver of the rollout steps: ``euler`` (diffusers' FlowMatchEulerDiscreteScheduler
-            step ``x + (sigma_next - sigma) v``). ``unipc`` and ``dpm`` are refused: diffusers'
-            multistep solvers step a whole schedule down to sigma 0 and cannot stop at a sample's
-            training sigma.
+            step ``x + (sigma_next - sigma) v``), ``unipc`` (diffusers' UniPCMultistepScheduler) or
+            ``dpm`` (diffusers' DPMSolverMultistepScheduler, DPM-Solver++ 2M), both on flow sigmas with
+            flow predictions and given the sample's own path, which ends at its training sigma. A
+            one-step rollout is the same Euler step for all three. Default ``unipc``, SimpleTuner's.
         grid_steps: N, the number of steps of the rollout grid (the sampler's N-step schedule; 28 as
             Flux.1-dev's pipeline default). A step offset of k starts k grid points above sigma_t.
     """
@@ -52,7 +53,7 @@ class ScheduledSamplingConfig:
     ramp_steps: int = 0
     prob_start: float = 0.0
     prob_end: float = 0.5
-    sampler: str = "euler"
+    sampler: str = "unipc"
     grid_steps: int = 28
 
     @property
@@ -73,12 +74,7 @@ class ScheduledSamplingConfig:
         if isinstance(self.grid_steps, bool) or not isinstance(self.grid_steps, int) or self.grid_steps < 1:
             out.append(f"{f}grid_steps={self.grid_steps!r} must be a whole number >= 1; e.g. {f}grid_steps=28")
         if self.sampler not in SAMPLERS:
-            out.append(f"{f}sampler={self.sampler!r} is unknown; use euler")
-        elif self.sampler != "euler":
-            out.append(
-                f"{f}sampler={self.sampler} is not available: diffusers' multistep {self.sampler} solver steps a whole "
-                f"schedule to sigma 0 and cannot stop at a sample's training sigma; use {f}sampler=euler"
-            )
+            out.append(f"{f}sampler={self.sampler!r} is unknown; use {', '.join(SAMPLERS)}")
         if not out and self.enabled and self.ramp_steps == 0 and self.probability == 0:
             out.append(
                 f"{f}max_step_offset={self.max_step_offset} rolls nothing out with {f}probability=0; set "
@@ -145,7 +141,53 @@ def euler_rollout(velocity: Velocity, x: torch.Tensor, paths: list[list[float]])
     return x
 
 
+def multistep_scheduler(sampler: str, path: list[float]):
+    """A diffusers multistep solver (``unipc``: UniPCMultistepScheduler, ``dpm``: DPMSolverMultistepScheduler
+    with DPM-Solver++ 2M) on flow sigmas with flow predictions, set to step exactly along ``path``
+    (descending sigmas; the last one is where it stops, not 0). diffusers' ``set_timesteps`` always ends
+    a schedule at 0 (or sigma_min), so the schedule's sigmas and timesteps are set to the path after it."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    flow = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
+    if sampler == "unipc":
+        scheduler = UniPCMultistepScheduler(**flow)
+    elif sampler == "dpm":
+        scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **flow)
+    else:
+        raise ValueError(f"scheduled_sampling.sampler={sampler!r} is not a multistep solver; use unipc or dpm")
+    steps = len(path) - 1
+    scheduler.set_timesteps(num_inference_steps=steps)
+    scheduler.sigmas = torch.tensor(path, dtype=torch.float32)
+    scheduler.timesteps = torch.tensor(path[:-1], dtype=torch.float32) * scheduler.config.num_train_timesteps
+    scheduler.num_inference_steps = steps
+    return scheduler
+
+
+def rollout(velocity: Velocity, x: torch.Tensor, paths: list[list[float]], sampler: str = "euler") -> torch.Tensor:
+    """Step each sample of ``x`` along its own path of sigmas with ``sampler`` (see
+    :class:`ScheduledSamplingConfig`); ``euler`` is :func:`euler_rollout`. The multistep solvers keep one
+    diffusers scheduler per sample (their history is per sample); the model is still called once per
+    step for all samples still stepping. Computes in fp32, returns ``x``'s dtype."""
+    if sampler == "euler":
+        return euler_rollout(velocity, x, paths)
+    out = x.float().clone()
+    solvers = {b: multistep_scheduler(sampler, p) for b, p in enumerate(paths) if len(p) > 1}
+    longest = max((len(p) for p in paths), default=1)
+    for i in range(longest - 1):
+        rows = [b for b, p in enumerate(paths) if len(p) - 1 > i]
+        idx = torch.tensor(rows, device=out.device)
+        sigma = torch.tensor([paths[b][i] for b in rows], device=out.device, dtype=torch.float32)
+        v = velocity(out[idx], sigma, idx).float()
+        for j, b in enumerate(rows):
+            solver = solvers[b]
+            # a copy: the solvers keep the sample they were given (UniPC's corrector reads it next step)
+            out[b] = solver.step(v[j : j + 1], solver.timesteps[i], out[b : b + 1].clone()).prev_sample[0]
+    return out.to(x.dtype)
+
+
 __all__ = [
+    "multistep_scheduler",
+    "rollout",
     "SAMPLERS",
     "ScheduledSamplingConfig",
     "euler_rollout",

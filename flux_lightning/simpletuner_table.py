@@ -362,9 +362,7 @@ RULES: dict[str, Rule] = {
     "scheduled_sampling_ramp_steps": value(_SS + "ramp_steps", as_int),
     "scheduled_sampling_prob_start": value(_SS + "prob_start", as_float),
     "scheduled_sampling_prob_end": value(_SS + "prob_end", as_float),
-    "scheduled_sampling_sampler": choice(
-        _SS + "sampler", {"euler": "euler"}, "use euler (the multistep unipc/dpm solvers cannot stop at a training sigma)"
-    ),
+    "scheduled_sampling_sampler": choice(_SS + "sampler", {"euler": "euler", "unipc": "unipc", "dpm": "dpm"}),
     "scheduled_sampling_strategy": _rollout_strategy,
     # optimisation
     "optimizer": choice("optimizer", OPTIMIZERS),

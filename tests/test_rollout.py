@@ -1,5 +1,5 @@
 """Scheduled sampling (rollout): off is the plain step, the Euler rollout is diffusers' Euler scheduler
-stepping the same model, probability and ramp roll out the expected share, and a short run trains."""
+stepping the same model, the multistep solvers follow a straight flow exactly, probability and ramp roll out the expected share, and a short run trains."""
 
 from dataclasses import replace
 from functools import partial
@@ -11,7 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from flux_lightning import FluxLoRAModule
 from flux_lightning.flow import LossConfig, TimestepConfig, noisy_latents
-from flux_lightning.rollout import ScheduledSamplingConfig, rollout_offsets, rollout_path, sigma_grid
+from flux_lightning.rollout import ScheduledSamplingConfig, euler_rollout, rollout, rollout_offsets, rollout_path, sigma_grid
 
 from .helpers import BatchDataset, batch, lora, trainer
 
@@ -42,7 +42,7 @@ def test_rollout_off_or_never_drawn_is_the_plain_step_bit_for_bit(tiny_model_cfg
 
 
 def test_euler_rollout_is_diffusers_euler_scheduler_stepping_the_same_model(tiny_model_cfg):
-    ss = ScheduledSamplingConfig(max_step_offset=4, probability=1.0, grid_steps=10)
+    ss = ScheduledSamplingConfig(max_step_offset=4, probability=1.0, grid_steps=10, sampler="euler")
     m = _module(tiny_model_cfg, scheduled_sampling=ss)
     m.transformer.train()
     b = {k: v for k, v in batch(b=3).items() if k != "reference_latents"}
@@ -71,6 +71,28 @@ def test_euler_rollout_is_diffusers_euler_scheduler_stepping_the_same_model(tiny
             x = scheduler.step(v, t, x).prev_sample
         torch.testing.assert_close(rolled[i : i + 1], x, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(rolled[i : i + 1], noisy_latents(x0, noise, sigmas)[i : i + 1])
+
+
+@pytest.mark.parametrize("sampler", ["unipc", "dpm"])
+def test_multistep_solvers_follow_a_straight_flow_exactly_and_start_with_an_euler_step(sampler):
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 6, 6, generator=g), torch.randn(3, 4, 6, 6, generator=g)
+    paths = [[0.9, 0.8, 0.65, 0.5, 0.42], [0.7, 0.3], [0.5]]  # 4 steps, 1 step, none
+
+    def straight(x, sigma, rows):  # the exact velocity of x_s = (1 - s) x0 + s noise
+        return noise[rows] - x0[rows]
+
+    start = noisy_latents(x0, noise, torch.tensor([p[0] for p in paths]))
+    out = rollout(straight, start, paths, sampler)
+    end = noisy_latents(x0, noise, torch.tensor([p[-1] for p in paths]))
+    torch.testing.assert_close(out, end, rtol=0, atol=2e-6)  # every sample lands on its training sigma
+
+    def curved(x, sigma, rows):
+        return torch.sin(3 * x) * sigma.view(-1, 1, 1, 1) + noise[rows]
+
+    multi, euler = rollout(curved, start, paths, sampler), euler_rollout(curved, start, paths)
+    torch.testing.assert_close(multi[1:], euler[1:], rtol=0, atol=1e-6)  # one step: the Euler step
+    assert (multi[0] - euler[0]).abs().max() > 1e-3  # several steps: a higher-order solver, not Euler
 
 
 def test_rollout_path_lies_on_the_grid_up_to_the_offset():
@@ -114,13 +136,12 @@ def test_rollout_draws_are_keyed_like_the_noise(tiny_model_cfg):
 
 def test_problems_name_the_field_and_the_fix():
     assert ScheduledSamplingConfig().problems() == []
-    lines = ScheduledSamplingConfig(max_step_offset=-1, probability=1.5, sampler="unipc", grid_steps=0).problems()
+    lines = ScheduledSamplingConfig(max_step_offset=-1, probability=1.5, sampler="heun", grid_steps=0).problems()
     assert lines == [
         "scheduled_sampling.max_step_offset=-1 must be a whole number >= 0; e.g. scheduled_sampling.max_step_offset=5",
         "scheduled_sampling.probability=1.5 must lie in [0, 1]; e.g. scheduled_sampling.probability=0.5",
         "scheduled_sampling.grid_steps=0 must be a whole number >= 1; e.g. scheduled_sampling.grid_steps=28",
-        "scheduled_sampling.sampler=unipc is not available: diffusers' multistep unipc solver steps a whole schedule "
-        "to sigma 0 and cannot stop at a sample's training sigma; use scheduled_sampling.sampler=euler",
+        "scheduled_sampling.sampler='heun' is unknown; use euler, unipc, dpm",
     ]
     assert "rolls nothing out" in ScheduledSamplingConfig(max_step_offset=3).problems()[0]
 
@@ -133,7 +154,7 @@ def test_a_short_run_with_a_scheme_huber_and_rollout_trains(tiny_model_cfg):
         TimestepConfig(weighting_scheme="cosmap", flow_schedule_shift=2.0),
         optimizer=partial(torch.optim.AdamW, lr=1e-2),
         loss=LossConfig(loss_type="huber", huber_c=0.2),
-        scheduled_sampling=ScheduledSamplingConfig(max_step_offset=3, probability=0.5, grid_steps=8),
+        scheduled_sampling=ScheduledSamplingConfig(max_step_offset=3, probability=0.5, grid_steps=8, sampler="dpm"),
     )
     loader = torch.utils.data.DataLoader(BatchDataset(), batch_size=2)
     trainer(2).fit(module, loader)
