@@ -12,7 +12,9 @@ import errno
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -51,16 +53,30 @@ os.umask(_UMASK)
 
 
 @contextmanager
+def _signals_held():
+    """SIGINT/SIGTERM wait (blocked in this thread, delivered on exit) while a temporary file is
+    created or removed: the run's stop handler raises at once before training, and an exception that
+    lands between ``mkstemp`` and the cleanup would leave the half-written file behind."""
+    held = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if held else None
+    try:
+        yield
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+@contextmanager
 def _temporary_beside(path: Path, prefix: str):
     """A temporary file in ``path``'s folder, renamed onto ``path`` when the block succeeds and removed
-    otherwise; any OSError (or a writer's error caused by one) becomes a one-line :class:`StorageError`."""
+    otherwise (also when a stop signal's exception interrupts it); any OSError (or a writer's error
+    caused by one) becomes a one-line :class:`StorageError`."""
+    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would give (0644 usually)
-    except OSError as err:
-        raise _unwritable(path, err) from None
-    try:
+        with _signals_held():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would give (0644 usually)
         yield fd, tmp
         os.replace(tmp, path)
     except Exception as err:
@@ -68,8 +84,9 @@ def _temporary_beside(path: Path, prefix: str):
             raise _unwritable(path, err) from None
         raise
     finally:
-        with suppress(OSError):
-            os.remove(tmp)
+        if tmp is not None:
+            with _signals_held(), suppress(OSError):
+                os.remove(tmp)
 
 
 def _caused_by_oserror(err: BaseException | None) -> bool:

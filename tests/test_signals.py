@@ -336,3 +336,43 @@ def test_safetensors_write_errors_are_one_line(tmp_path):
     with pytest.raises(StorageError, match=r"cannot write x.safetensors in .*file-not-dir \(File exists\)"):
         save_safetensors_atomic({"a": torch.zeros(2)}, bad / "x.safetensors")
     assert load_file(target)["a"].shape == (2,)
+
+
+@pytest.mark.parametrize("when", ["created", "written"])
+def test_a_stop_signal_while_a_temporary_file_is_created_or_written_leaves_no_tmp(tmp_path, monkeypatch, when):
+    """The stop handler raises at once before training (caching); a signal that lands just after
+    mkstemp (seen under load: a .tmp left in the VAE cache) or during the write removes the file."""
+    import os as os_
+
+    from flux_lightning import atomic_files
+
+    class Stop(BaseException):
+        pass
+
+    def raise_stop(signum, frame):
+        raise Stop()
+
+    previous = signal.signal(signal.SIGINT, raise_stop)
+    try:
+        if when == "created":
+            real_fchmod = os_.fchmod
+
+            def fchmod_then_signal(fd, mode):
+                real_fchmod(fd, mode)
+                os_.kill(os_.getpid(), signal.SIGINT)  # delivered right here unless held
+
+            monkeypatch.setattr(atomic_files.os, "fchmod", fchmod_then_signal)
+        else:
+            import safetensors.torch
+
+            def save_file_then_signal(tensors, filename, metadata=None):
+                with open(filename, "wb") as f:
+                    f.write(b"half")
+                os_.kill(os_.getpid(), signal.SIGINT)
+
+            monkeypatch.setattr(safetensors.torch, "save_file", save_file_then_signal)
+        with pytest.raises(Stop):
+            save_safetensors_atomic({"a": torch.zeros(2)}, tmp_path / "entry.safetensors")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
