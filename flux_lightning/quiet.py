@@ -13,6 +13,11 @@
   it is imported, which happens on every run: peft imports bitsandbytes whenever it is installed
   (``peft/helpers.py``: ``try: import bitsandbytes``), and diffusers imports peft. It concerns only
   NF4 layers on the CPU, so it is dropped unless the run quantizes to NF4 (``keep_bnb_cpu_warning``).
+- Lightning's "You're resuming from a checkpoint that ended before the epoch ended and your dataloader
+  is not resumable" warning on every mid-epoch resume: Lightning looks for ``state_dict`` on the
+  dataloader, but the run's position lives in ``BucketBatchSampler`` (restored from the checkpoint:
+  a mid-epoch resume continues with the next batch, bit for bit; tests/test_resume.py), so the
+  warning is false here.
 
 The entry point (:func:`flux_lightning.train.main`) installs them; the library itself changes no
 global logging or warning state on import.
@@ -27,6 +32,7 @@ TIP_PREFIX = "💡 Tip:"
 LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_CPU_PREFIX = "Failed to load CPU gemm_4bit_forward"
+RESUME_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable"
 
 
 class DropLightningTips(logging.Filter):
@@ -52,7 +58,7 @@ def _install(logger: logging.Logger, kind: type[logging.Filter], on: bool = True
 
 
 def silence_third_party_noise(keep_bnb_cpu_warning: bool = False) -> None:
-    """Install the Lightning-tip filter, the LeafSpec warning filter and, unless
+    """Install the Lightning-tip filter, the LeafSpec and mid-epoch-resume warning filters and, unless
     ``keep_bnb_cpu_warning`` (an NF4 run), the bitsandbytes CPU-kernel filter (idempotent)."""
     for name in LIGHTNING_INFO_LOGGERS:
         _install(logging.getLogger(name), DropLightningTips)
@@ -63,3 +69,4 @@ def silence_third_party_noise(keep_bnb_cpu_warning: bool = False) -> None:
         category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
     )
+    warnings.filterwarnings("ignore", message=RESUME_WARNING)

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 
 from flux_lightning.data import DataError, DatasetConfig, FluxDataModule
 from flux_lightning.data import caching
-from flux_lightning.data import datamodule as dm_mod
 from flux_lightning.data.cache import CacheEntryError, TensorCache, latent_spec, mask_spec, text_spec
 from flux_lightning.data.config import ImageBackendConfig
 

@@ -17,7 +17,6 @@ from flux_lightning import AdapterConfig, FluxLoRAModule
 from flux_lightning.config import validate
 from flux_lightning.data import DataError, DatasetConfig, FluxDataModule
 from flux_lightning.data import caching
-from flux_lightning.data import datamodule as dm_mod
 from flux_lightning.data.backend_file import load_backend_file
 from flux_lightning.data.config import ImageBackendConfig
 from flux_lightning.train import config_dir

@@ -16,7 +16,6 @@ from flux_lightning.errors import LoraFileError, ModelSourceError
 from flux_lightning.lora_tools.cli import main
 from flux_lightning.lora_tools.convert import convert_file
 from flux_lightning.lora_tools.files import LoraModule, read_lora, write_lora
-from flux_lightning.lora_tools.merge import merge
 from flux_lightning.lora_tools.resize import low_rank_svd, overall_energy, resize_file
 
 from .comfy_loader import comfyui_apply

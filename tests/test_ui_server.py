@@ -5,7 +5,6 @@ Starlette's TestClient, no browser, no training: a run dir is laid out by hand a
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 
 from ..adapters import ADAPTER_FILENAME, LORA_FORMATS, lora_format_problems
-from ..components import DTYPES
+from ..model_config import DTYPES
 from ..errors import AdapterExportError, ConfigError
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..atomic_files import save_safetensors_atomic
-from ..errors import CacheEntryError, DataError
+from ..errors import CacheEntryError
 
 log = logging.getLogger(__name__)
 
