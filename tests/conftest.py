@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs on two workers (pyproject addopts) on two cores: one thread per process, here and in
+# every CLI subprocess a test starts (the tiny model's matmuls are fastest single-threaded anyway).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
