@@ -262,15 +262,19 @@ class FluxLoRAModule(L.LightningModule):
         draws exactly what the uninterrupted run drew.
         """
         b, _, h, w = x0.shape
-        epoch = self.current_epoch if self._trainer is not None else 0
-        first = (self.global_rank if self._trainer is not None else 0) * b
         noise, sigmas = [], []
-        for j in range(b):
-            key = f"{self.noise_seed}:{epoch}:{batch_idx}:{first + j}"
-            g = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
+        for g in self.sample_generators(b, batch_idx):
             noise.append(torch.randn(x0.shape[1:], generator=g))
             sigmas.append(sample_sigmas(1, self.timesteps, seq_len=(h // 2) * (w // 2), generator=g))
         return torch.stack(noise).to(x0.device, non_blocking=True), torch.cat(sigmas).to(x0.device)
+
+    def sample_generators(self, b: int, batch_idx: int, purpose: str = "") -> list[torch.Generator]:
+        """One CPU generator per sample of the batch, seeded by ``(seed, epoch, batch_idx, global sample
+        index)`` (+ ``:purpose`` for draws other than the noise and sigma, e.g. ``rollout``)."""
+        epoch = self.current_epoch if self._trainer is not None else 0
+        first = (self.global_rank if self._trainer is not None else 0) * b
+        keys = (f"{self.noise_seed}:{epoch}:{batch_idx}:{first + j}" + (f":{purpose}" if purpose else "") for j in range(b))
+        return [torch.Generator().manual_seed(int(hashlib.sha256(k.encode()).hexdigest()[:15], 16)) for k in keys]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x0 = batch["latents"].float()
@@ -303,12 +307,9 @@ class FluxLoRAModule(L.LightningModule):
 
     # -- scheduled sampling (flux_lightning/rollout.py) ------------------------------------------
     def rollout_generators(self, b: int, batch_idx: int) -> list[torch.Generator]:
-        """One generator per sample for the rollout decision, keyed like :meth:`noise_and_sigmas`'
-        (plus ``:rollout``): a resume rolls out what the uninterrupted run did, DDP as one process."""
-        epoch = self.current_epoch if self._trainer is not None else 0
-        first = (self.global_rank if self._trainer is not None else 0) * b
-        keys = (f"{self.noise_seed}:{epoch}:{batch_idx}:{first + j}:rollout" for j in range(b))
-        return [torch.Generator().manual_seed(int(hashlib.sha256(k.encode()).hexdigest()[:15], 16)) for k in keys]
+        """The rollout decision's generators, keyed like the noise (plus ``:rollout``): a resume rolls
+        out what the uninterrupted run did, DDP as one process."""
+        return self.sample_generators(b, batch_idx, "rollout")
 
     def rolled_out(self, noisy, x0, noise, sigmas, batch_idx, text, extra) -> torch.Tensor:
         """``noisy`` with the rolled-out samples replaced: each is noised to its source sigma and
