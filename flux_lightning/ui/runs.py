@@ -13,9 +13,7 @@ the running processes (by pid and start time) and the queue again.
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
 import re
 import signal
@@ -32,39 +30,13 @@ from ..errors import ConfigError, RunDirInUse
 from ..resume import RESULT_FILE, checkpoint_step
 from ..rundir import LOCK_NAME
 from .forms import command_line, hydra_value, run_dir_of
+from .run_files import data_file, finite_or_none, inside, log_tail, mtime, mtime_or0, newest, read_csv_metrics
 
 SUPERVISE = Path(__file__).with_name("supervise.py")
 STATUSES = ("queued", "running", "finished", "failed", "stopped", "interrupted")
 STOP_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}
-LOG_TAIL_LINES = 200
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 _MARKERS = (".hydra", LOCK_NAME, "checkpoints", RESULT_FILE)
-
-
-# -- paths --------------------------------------------------------------------------------------
-def inside(root: str | os.PathLike, relpath: str) -> Path:
-    """The file ``relpath`` under ``root``, resolved (symlinks followed).
-
-    Raises:
-        PermissionError: an absolute path, a ``..`` part, or a path (or symlink) that leads outside ``root``.
-        FileNotFoundError: no such file.
-    """
-    root = Path(root).resolve()
-    text = str(relpath).replace("\\", "/")
-    rel = PurePosixPath(text)
-    if not text or rel.is_absolute() or ".." in rel.parts or re.match(r"^[A-Za-z]:", text):
-        raise PermissionError(f"{relpath!r}: only paths inside {root.name}/ can be read (no absolute paths, no '..')")
-    target = (root / rel).resolve()
-    if not target.is_relative_to(root):
-        raise PermissionError(f"{relpath!r} leads outside {root.name}/ (a symlink); it cannot be read here")
-    if not target.is_file():
-        raise FileNotFoundError(f"{relpath} does not exist in {root.name}/")
-    return target
-
-
-def data_file(root: str | os.PathLike, relpath: str) -> Path:
-    """A dataset file for a preview, with the rule of :func:`inside`."""
-    return inside(root, relpath)
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -325,7 +297,7 @@ class RunStore:
     def _metrics(self, run_dir: Path) -> dict[str, list]:
         series: dict[str, list] = {}
         for path in sorted((run_dir / "csv").glob("**/metrics.csv")):
-            for tag, points in (self._cached("csv", path, lambda p=path: _read_csv(p)) or {}).items():
+            for tag, points in (self._cached("csv", path, lambda p=path: read_csv_metrics(p)) or {}).items():
                 series.setdefault(tag, points)
         for folder in sorted({p.parent for p in (run_dir / "tensorboard").glob("**/events.out.tfevents.*")}):
             for tag, points in self._tensorboard(folder).items():
@@ -344,7 +316,7 @@ class RunStore:
             self._accumulators[str(folder)] = acc
         try:
             acc.Reload()
-            return {tag: [[e.step, _finite(e.value)] for e in acc.Scalars(tag)] for tag in acc.Tags().get("scalars", [])}
+            return {tag: [[e.step, finite_or_none(e.value)] for e in acc.Scalars(tag)] for tag in acc.Tags().get("scalars", [])}
         except Exception:  # noqa: BLE001 - a file being written, or corrupt
             return {}
 
@@ -379,7 +351,7 @@ class RunStore:
         state = self._launch_state(rec)
         holder = lock_holder(run_dir) if run_dir.is_dir() else None
         result = self._result(run_dir) if run_dir.is_dir() else None
-        result_time = _mtime(run_dir / RESULT_FILE)
+        result_time = mtime(run_dir / RESULT_FILE)
         info["exit_code"] = state["rc"]
         if holder or state["alive"]:
             status = "running"
@@ -413,7 +385,7 @@ class RunStore:
             queued = {q["id"]: q for q in queue}
             out = [self._summary(i, records.get(i), queued.get(i), stops) for i in ids]
             order = {q["id"]: n for n, q in enumerate(queue)}
-            out.sort(key=lambda r: (r["status"] != "running", r["status"] != "queued", order.get(r["id"], 0), -_mtime_or0(Path(r["dir"]))))
+            out.sort(key=lambda r: (r["status"] != "running", r["status"] != "queued", order.get(r["id"], 0), -mtime_or0(Path(r["dir"]))))
             return out
 
     def run(self, run_id: str) -> dict:
@@ -435,9 +407,9 @@ class RunStore:
             overrides = source["overrides"] if source else (self._cli_overrides(run_dir) or [])
             info["overrides"] = overrides
             info["command"] = command_line(overrides)
-            log = Path(rec["log"]) if rec and rec.get("log") else _newest(run_dir.glob("*.log")) if run_dir.is_dir() else None
+            log = Path(rec["log"]) if rec and rec.get("log") else newest(run_dir.glob("*.log")) if run_dir.is_dir() else None
             info["log"] = str(log) if log else None
-            info["log_tail"] = _tail(log) if log else ""
+            info["log_tail"] = log_tail(log) if log else ""
             exists = run_dir.is_dir()
             info["metrics"] = self._metrics(run_dir) if exists else {"loss/train": [], "loss/val": [], "clip/mean": []}
             info["images"] = self._images(run_dir) if exists else []
@@ -627,70 +599,3 @@ class RunStore:
         if devices is None and rec:
             devices = rec.get("devices")
         return self.launch(keep, devices=devices, env=(rec or {}).get("env") or None)
-
-
-# -- helpers ----------------------------------------------------------------------------------
-def _finite(value) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _read_csv(path: Path) -> dict[str, list]:
-    """tag -> [[step, value], ...] of a Lightning ``metrics.csv`` (a step that goes back, after a
-    resume from an older checkpoint, replaces the points from there on, as TensorBoard does)."""
-    series: dict[str, list] = {}
-    try:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    step = int(float(row.get("step") or 0))
-                except ValueError:
-                    continue
-                for tag, text in row.items():
-                    if tag in ("step", "epoch") or text in (None, ""):
-                        continue
-                    try:
-                        value = _finite(text)
-                    except ValueError:
-                        continue
-                    points = series.setdefault(tag, [])
-                    while points and points[-1][0] >= step:
-                        points.pop()
-                    points.append([step, value])
-    except OSError:
-        return {}
-    return series
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log; a progress bar's carriage-return redraws keep their last."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 256 * 1024))
-            data = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    out = [ln.rstrip("\r").split("\r")[-1] for ln in data.split("\n")]
-    if size > 256 * 1024 and out:
-        out = out[1:]
-    while out and not out[-1]:
-        out.pop()
-    return "\n".join(out[-lines:])
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
-
-
-def _mtime_or0(path: Path) -> float:
-    return _mtime(path) or 0.0
-
-
-def _newest(paths) -> Path | None:
-    paths = [p for p in paths if p.is_file()]
-    return max(paths, key=_mtime_or0) if paths else None
