@@ -125,7 +125,7 @@ class FluxLoRAModule(L.LightningModule):
         self._recent_losses: deque[torch.Tensor] = deque(maxlen=50)
         self.nonfinite = NonFiniteGuard(nonfinite_max_consecutive)
         self._log_now = True  # whether this step's values reach the loggers (set in training_step)
-        self._trainable: tuple[torch.nn.Module | None, list[torch.nn.Parameter]] | None = None
+        self._trainable: tuple[torch.nn.Module, dict[str, torch.nn.Parameter], list[torch.nn.Parameter]] | None = None
 
     # -- model -------------------------------------------------------------------------------
     @property
@@ -386,12 +386,19 @@ class FluxLoRAModule(L.LightningModule):
         ]
 
     # -- optimisation ------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The adapter's parameters (found once per transformer: every step's guard needs them, and
-        walking every module of a Flux transformer costs milliseconds)."""
+    def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Name -> parameter of the adapter's trainable tensors, found once per transformer: every
+        step's guard (and an EMA) needs them, and walking every module of a Flux transformer costs
+        milliseconds."""
         if self._trainable is None or self._trainable[0] is not self.transformer:
-            self._trainable = (self.transformer, list(self._trainable_named().values()))
+            named = self._trainable_named()
+            self._trainable = (self.transformer, named, list(named.values()))
         return self._trainable[1]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The adapter's parameters (:meth:`trainable_named_parameters`' values, as a list)."""
+        self.trainable_named_parameters()
+        return self._trainable[2]
 
     @contextmanager
     def inference_adapters(self, text_attention_mask: torch.Tensor | None = None) -> Iterator[None]:

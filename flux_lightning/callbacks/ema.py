@@ -86,7 +86,10 @@ class AdapterEMA(L.Callback):
     # -- the average ---------------------------------------------------------------------------
     @staticmethod
     def _params(pl_module) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        """The trainable parameters by name: ``FluxLoRAModule.trainable_named_parameters`` (cached),
+        else a walk of any LightningModule's parameters."""
+        cached = getattr(pl_module, "trainable_named_parameters", None)
+        return cached() if cached is not None else {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def _target_device(self, pl_module) -> torch.device:
         return torch.device("cpu") if self.device == "cpu" else pl_module.device
