@@ -85,7 +85,8 @@ def test_form_spec_lists_groups_options_and_the_defaults_a_plain_run_has():
     # the default is what `python -m flux_lightning` runs with (the demo's lr), next to the schema's own
     assert fields["optimizer.lr"]["default"] == 1e-3 and fields["optimizer.lr"]["schema_default"] == 1e-4
     assert fields["trainer.max_steps"]["default"] == 300 and fields["trainer.max_steps"]["doc"]
-    assert fields["trainer.devices"]["default"] == 1
+    assert "trainer.devices" not in fields  # one device control: the Hardware page
+    assert "Default:" not in fields["trainer.log_every_n_steps"]["doc"]  # Lightning's default is not this project's
     assert fields["callbacks.validation.validation_prompt"]["default"] == "a red circle on a white background"
     assert fields["callbacks.validation.every_n_steps"]["default"] == 100
     assert "tiny" in fields["model.flavour"]["choices"]
@@ -104,7 +105,7 @@ def test_compose_run_reports_problems_by_field_and_its_command_is_the_run(tmp_pa
     fields = {p["field"]: p["message"] for p in bad["problems"]}
     assert "adapter.rank=0" in fields["adapter.rank"]  # the library's own check (AdapterConfig.problems)
     assert "integer" in fields["trainer.max_steps"]  # a form value that is not of the field's type
-    devices = field_index()["trainer.devices"]
+    devices = {"key": "trainer.devices", "type": "str", "nullable": False}
     assert [coerce(v, devices) for v in ("2", "auto", "0,1", "[3]")] == [2, "auto", [0, 1], [3]]
     assert coerce("1e-3", field_index()["optimizer.lr"]) == 1e-3 and coerce("null", field_index()["adapter.alpha"]) is None
     unknown = compose_run({"model": "turbo"}, {}, workdir=tmp_path)

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as err:
         sys.exit(f"error: the web UI needs the ui extra ({err.name} is missing): pip install \"flux-lightning[ui]\"")
     if args.no_token and not is_loopback(args.host):
-        sys.exit(f"error: --no-token serves this machine only; drop it to bind {args.host} (a token is then required)")
+        sys.exit(f"error: --no-token serves this machine only (loopback); drop it to bind {args.host}, where a token is required")
     token = read_token(args)
     workdir = Path(args.workdir).resolve()
     app = create_app(

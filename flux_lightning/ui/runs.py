@@ -457,9 +457,11 @@ class RunStore:
             return info
 
     def _attempts(self, run_id: str, run_dir: Path) -> list[dict]:
-        """Every launch of the run from the UI, oldest first (each keeps its own log), or the run
-        dir's own log for a CLI run: ``[{"key", "launched_at", "command", "rc", "log"}]``."""
+        """Every launch of the run from the UI, oldest first (each keeps its own log), after the run
+        dir's own log when there is one (``run-dir``: Hydra's ``<job>.log``, appended to by every
+        attempt, the CLI's included): ``[{"key", "label", "launched_at", "command", "rc", "log"}]``."""
         out = []
+        own = newest(run_dir.glob("*.log")) if run_dir.is_dir() else None
         for path in sorted(self.launch_dir.glob("*.json")):
             if path.name.endswith(".status.json"):
                 continue
@@ -469,6 +471,11 @@ class RunStore:
                 out.append({"key": rec["key"], "launched_at": rec.get("launched_at"), "command": rec.get("command"),
                             "rc": status.get("rc"), "log": bool(rec.get("log")) and Path(rec["log"]).is_file()})
         out.sort(key=lambda a: a["launched_at"] or 0)
+        for n, attempt in enumerate(out, 1):
+            attempt["label"] = f"launch {n} from the UI" + ("" if attempt["rc"] is None else f" (exit {attempt['rc']})")
+        if own is not None:
+            out.insert(0, {"key": "run-dir", "label": f"{own.name}: every attempt, the CLI's too", "launched_at": None,
+                           "command": None, "rc": None, "log": True})
         return out
 
     def attempt_log(self, run_id: str, key: str) -> Path:
@@ -477,6 +484,12 @@ class RunStore:
         Raises:
             FileNotFoundError: no such launch of that run, or it has no log.
         """
+        if key == "run-dir":
+            run_dir = self._run_dir(run_id)
+            own = newest(run_dir.glob("*.log")) if run_dir.is_dir() else None
+            if own is None:
+                raise FileNotFoundError(f"run {run_id} has no log of its own")
+            return own
         if not re.fullmatch(r"[A-Za-z0-9_.=,+-]+", str(key)):
             raise FileNotFoundError(f"no attempt {key!r} of run {run_id}")
         rec = self._read_json(self.launch_dir / f"{key}.json", None)
