@@ -101,11 +101,12 @@ def _wizard_experiment(work: Path) -> Path:
     return write_experiment(plan, work / "flux_lightning_configs")
 
 
-def _shot(page, name: str) -> None:
+def _shot(page, name: str, full_page: bool = True) -> None:
+    """``full_page=False``: the window as seen (the New-run form's sticky Validate/Launch bar at its foot)."""
     if os.environ.get("FLUX_LIGHTNING_SCREENSHOTS") == "1":
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
 def _demo_images(folder: Path) -> None:
@@ -139,7 +140,7 @@ def test_compose_validate_launch_watch_and_download_a_tiny_run(served, tiny_fold
             problem = page.get_by_test_id("problem-adapter-rank")
             problem.filter(has_text="adapter.rank").wait_for()
             assert "adapter.rank=0" in page.get_by_test_id("command").inner_text()
-            _shot(page, "new_run")
+            _shot(page, "new_run", full_page=False)
             rank.fill("4")
             page.get_by_test_id("validate").click()
             page.get_by_test_id("compose-status").filter(has_text="ready to launch").wait_for()

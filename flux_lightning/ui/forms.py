@@ -124,6 +124,11 @@ _TRAINER_FIELDS = [
     ("gradient_clip_val", "float", True),
     ("log_every_n_steps", "int", False),
 ]
+# where Lightning's own doc would mislead here (this project's rules differ)
+_TRAINER_DOCS = {
+    "max_steps": "Stop training after this number of optimizer steps. An endless run (-1, no max_epochs "
+                 "or max_time) needs allow_endless_run=true.",
+}
 _VALIDATION_FIELDS = [
     ("validation_prompt", "str", True),
     ("every_n_steps", "int", False),
@@ -209,7 +214,7 @@ def _fields() -> list[dict]:
     for name, kind, nullable in _TRAINER_FIELDS:
         key = f"trainer.{name}"
         fields.append({"key": key, "type": kind, "nullable": nullable, "default": None,
-                       "doc": _first_sentences(trainer_docs.get(name, "")), "choices": choices.get(key), "group": "trainer"})
+                       "doc": _TRAINER_DOCS.get(name) or _first_sentences(trainer_docs.get(name, "")), "choices": choices.get(key), "group": "trainer"})
     val_docs = docstring_fields(ValidationImages, "Args")
     for name, kind, nullable in _VALIDATION_FIELDS:
         fields.append({"key": f"callbacks.validation.{name}", "type": kind, "nullable": nullable, "default": None,
@@ -219,8 +224,8 @@ def _fields() -> list[dict]:
 
 def _first_sentences(text: str, n: int = 2) -> str:
     """The first ``n`` sentences of a Lightning argument's doc, without its ``Default: ...`` sentence
-    (Lightning's own default, which this project's config may not share: the field shows the real one)."""
-    parts = [p for p in re.split(r"(?<=\.)\s+", text) if not p.lstrip().lower().startswith("default:")]
+    (any sentence naming a default: Lightning's, which this project's config may not share; the field shows the real one)."""
+    parts = [p for p in re.split(r"(?<=\.)\s+", text) if not re.search(r"\bdefault", p, re.I)]
     return " ".join(parts[:n])
 
 

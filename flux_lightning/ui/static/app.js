@@ -307,7 +307,11 @@ async function compose(validateNow = true) {
     }
   }
   if (validateNow) showProblems(data);
-  else $("#command").textContent = data.command || $("#command").textContent;
+  else {
+    $("#command").textContent = data.command || $("#command").textContent;
+    const status = $("#compose-status");
+    if (status.textContent === "composing…") { status.textContent = "not validated yet"; status.className = "status-line"; }
+  }
   return data;
 }
 
@@ -485,7 +489,8 @@ function lossChart(metrics) {
     { name: "eval", key: "loss/val", color: "var(--val)" },
   ].map((s) => ({ ...s, points: (metrics[s.key] || []).filter((p) => p && isFinite(p[1])) }));
   const all = series.flatMap((s) => s.points);
-  const W = 560, H = 260, L = 64, R = 12, T = 12, B = 44;
+  // drawn near its shown size (a card ~360 px wide), so 12-13 px labels stay 12-13 px on screen
+  const W = 380, H = 240, L = 60, R = 10, T = 10, B = 42;
   const NS = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(NS, "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
@@ -634,7 +639,7 @@ function attemptPicker(id, attempts) {
     }
     refreshRun();
   } }, attempts.map((a, i) => h("option", { value: i === attempts.length - 1 ? "" : a.key,
-    text: (a.label || `attempt ${i + 1}`) + (i === attempts.length - 1 ? " (latest, live)" : "") })));
+    text: (a.label || `attempt ${i + 1}`) + (i === attempts.length - 1 ? " (latest)" : "") })));
   sel.value = chosen;
   return h("div", { class: "attempts" }, sel);
 }
