@@ -429,3 +429,13 @@ def test_stop_never_signals_a_process_that_reused_a_recorded_pid_and_resume_is_n
         gate.touch()
         sleeper.kill()
         sleeper.wait()
+
+
+def test_the_help_is_plain_text(capsys):
+    from flux_lightning.ui.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert "--token-file" in shown and "--no-token" in shown and "--config-dir" in shown
+    assert "``" not in shown and ":func:" not in shown and "--token T" not in shown
