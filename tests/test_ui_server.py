@@ -378,6 +378,13 @@ def test_a_backend_file_naming_folders_outside_the_roots_reveals_nothing_of_them
     text = answer.text
     assert "private_" not in text and "does not exist" not in text and "nothing_here" in text  # named, not probed
 
+    # a symlink inside a data root that leads out of it: its files are neither counted nor named
+    (data / "set" / "link").symlink_to(outside, target_is_directory=True)
+    answer = _client(layout).post("/api/dataset/check", json={"path": str(data / "set"), "resolution": 64})
+    report = answer.json()
+    assert report["backends"][0]["images"] == 1 and "private_" not in answer.text
+    assert any("lead outside" in p for p in report["problems"])
+
 
 def test_stop_never_signals_a_process_that_reused_a_recorded_pid_and_resume_is_not_blocked(layout, tmp_path):
     """Attack (or a reboot / OOM kill): status.json names the pid of another process (a sleep)."""

@@ -123,7 +123,8 @@ def check_dataset(
                 out["backends"].append({"id": backend.id, "kind": "outside", "folders": [], "images": None, "buckets": [],
                                         "samples": [], "skipped": [], "ignored": []})
                 continue
-            out["backends"].append(_check_backend(resolver, backend, handler, problems, limit_samples))
+            entry = _check_backend(resolver, backend, handler, problems, limit_samples, readable)
+            out["backends"].append(entry)
         out["notes"] = [n for n in handler.notes if not any(p in n for p in hidden)]
     finally:
         logger.removeHandler(handler)
@@ -141,7 +142,8 @@ def _paths(backend: ImageBackendConfig) -> list[str]:
     return [str(p) for p in paths]
 
 
-def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handler: _Skips, problems: list[str], limit: int) -> dict:
+def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handler: _Skips, problems: list[str], limit: int,
+                   readable=None) -> dict:
     kind = backend.dataset_type if backend.dataset_type == "image" else f"conditioning/{backend.conditioning_type}"
     entry = {"id": backend.id, "kind": kind, "folders": backend.folders(), "images": 0, "buckets": [],
              "samples": [], "skipped": [], "ignored": []}
@@ -158,7 +160,7 @@ def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handle
                 found += scan_folder(folder).images
             except DataError as err:
                 problems.append(str(err))
-        entry["images"] = len(found)
+        entry["images"] = len([f for f in found if readable is None or readable(f)])
         return entry
     try:
         samples, _ = resolver.resolve(backend)
@@ -166,6 +168,14 @@ def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handle
         problems.append(str(err))
         samples = []
     entry["skipped"] = handler.skipped[first:]
+    if readable is not None:  # a symlink inside a root may lead out of it: such files are neither counted nor named
+        kept = [s for s in samples if readable(s.path)]
+        kept_skipped = [s for s in entry["skipped"] if readable(s["file"])]
+        kept_ignored = [i for i in entry["ignored"] if readable(i["file"])]
+        if len(kept) + len(kept_skipped) + len(kept_ignored) < len(samples) + len(entry["skipped"]) + len(entry["ignored"]):
+            problems.append(f"backend {backend.id}: some files lead outside the folders this UI may read (symlinks); "
+                            "they are not counted here (training would use them); start the UI with --data-root <folder> to check them")
+        samples, entry["skipped"], entry["ignored"] = kept, kept_skipped, kept_ignored
     entry["images"] = len(samples)
     counts = Counter(s.placement.bucket for s in samples)
     entry["buckets"] = [{"width": w, "height": h, "count": n} for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
