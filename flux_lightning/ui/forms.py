@@ -225,7 +225,7 @@ def _fields() -> list[dict]:
 def _first_sentences(text: str, n: int = 2) -> str:
     """The first ``n`` sentences of a Lightning argument's doc, without its ``Default: ...`` sentence
     (any sentence naming a default: Lightning's, which this project's config may not share; the field shows the real one)."""
-    parts = [p for p in re.split(r"(?<=\.)\s+", text) if not re.search(r"\bdefault", p, re.I)]
+    parts = [p for p in re.split(r"(?<=\.)\s+", text) if not re.search(r"\bdefault", p, re.IGNORECASE)]
     return " ".join(parts[:n])
 
 
