@@ -685,10 +685,21 @@ class RunStore:
             pid = self._is_running(run_id, rec)
             if not pid:
                 raise ProcessLookupError(f"run {run_id} is not running")
-            stops = self._stops()
-            stops[run_id] = time.time()
-            self._write_json(self.state_dir / "stops.json", stops)
-            os.kill(pid, signal.SIGTERM)
+            # a pidfd pins the process: checked again through it, the signal cannot reach a successor
+            pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+            try:
+                if self._is_running(run_id, rec) != pid:
+                    raise ProcessLookupError(f"run {run_id} is not running")
+                stops = self._stops()
+                stops[run_id] = time.time()
+                self._write_json(self.state_dir / "stops.json", stops)
+                if pidfd is not None:
+                    signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                else:  # pragma: no cover - no pidfd (not Linux)
+                    os.kill(pid, signal.SIGTERM)
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
             return {"id": run_id, "pid": pid}
 
     def resume(self, run_id: str, checkpoint: str | None = None, *, devices: list[int] | None = None, check=None) -> str:
