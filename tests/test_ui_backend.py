@@ -85,7 +85,8 @@ def test_form_spec_lists_groups_options_and_the_defaults_a_plain_run_has():
     # the default is what `python -m flux_lightning` runs with (the demo's lr), next to the schema's own
     assert fields["optimizer.lr"]["default"] == 1e-3 and fields["optimizer.lr"]["schema_default"] == 1e-4
     assert fields["trainer.max_steps"]["default"] == 300 and fields["trainer.max_steps"]["doc"]
-    assert fields["trainer.devices"]["default"] == 1
+    assert "trainer.devices" not in fields  # one device control: the Hardware page
+    assert "Default:" not in fields["trainer.log_every_n_steps"]["doc"]  # Lightning's default is not this project's
     assert fields["callbacks.validation.validation_prompt"]["default"] == "a red circle on a white background"
     assert fields["callbacks.validation.every_n_steps"]["default"] == 100
     assert "tiny" in fields["model.flavour"]["choices"]
@@ -104,7 +105,7 @@ def test_compose_run_reports_problems_by_field_and_its_command_is_the_run(tmp_pa
     fields = {p["field"]: p["message"] for p in bad["problems"]}
     assert "adapter.rank=0" in fields["adapter.rank"]  # the library's own check (AdapterConfig.problems)
     assert "integer" in fields["trainer.max_steps"]  # a form value that is not of the field's type
-    devices = field_index()["trainer.devices"]
+    devices = {"key": "trainer.devices", "type": "str", "nullable": False}
     assert [coerce(v, devices) for v in ("2", "auto", "0,1", "[3]")] == [2, "auto", [0, 1], [3]]
     assert coerce("1e-3", field_index()["optimizer.lr"]) == 1e-3 and coerce("null", field_index()["adapter.alpha"]) is None
     unknown = compose_run({"model": "turbo"}, {}, workdir=tmp_path)
@@ -334,3 +335,97 @@ def test_check_dataset_reports_counts_buckets_captions_and_what_training_skips(t
     assert {s["caption"] for s in backend["samples"]} == {"sks thing"}
     assert [Path(s["file"]).name for s in backend["skipped"]] == ["broken.png"]
     assert "does not exist" in check_dataset(tmp_path / "nowhere")["problems"][0]
+
+
+# -- what you pick is what runs -----------------------------------------------------------------
+def test_an_experiment_composes_its_own_groups_and_only_changes_are_overrides(tmp_path):
+    from flux_lightning.ui.forms import composed_form, experiments
+
+    krea = composed_form({"experiment": "krea_lora"}, workdir=tmp_path)
+    assert krea["choices"]["model"] == "krea" and krea["values"]["model.flavour"] == "krea"
+    int8 = composed_form({"experiment": "krea_int8_lora"}, workdir=tmp_path)
+    assert int8["choices"]["quantization"] != "none"
+    # the page sends the experiment and what the user changed; the experiment's own choices stay out
+    sent = compose_run({"experiment": "krea_int8_lora", **int8["choices"]}, {}, workdir=tmp_path, check_sources=False)
+    assert sent["overrides"] == ["+experiment=krea_int8_lora"], sent["overrides"]
+    assert sent["values"]["model.quantization.base_model_precision"] == int8["values"]["model.quantization.base_model_precision"]
+
+    wizard = tmp_path / "my_configs"
+    (wizard / "experiment").mkdir(parents=True)
+    (wizard / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\n# my tiny run, written by hand\n#   python -m flux_lightning --config-dir my_configs +experiment=mine\n"
+        "adapter:\n  rank: 3\n"
+    )
+    offered = {(e["name"], e["config_dir"]): e for e in experiments([wizard])}
+    assert offered[("mine", str(wizard.resolve()))]["description"] == "my tiny run, written by hand"
+    assert "FLUX.1-Krea-dev" in offered[("krea_lora", None)]["description"]
+    mine = compose_run({"experiment": "mine"}, {}, workdir=tmp_path, check_sources=False, config_dir=wizard)
+    assert mine["overrides"][:2] == ["--config-dir=my_configs", "+experiment=mine"] and mine["values"]["adapter.rank"] == 3
+    assert mine["command"].startswith("python -m flux_lightning --config-dir=my_configs +experiment=mine")
+
+
+def test_a_cli_run_with_a_config_dir_is_resumed_with_it(tmp_path):
+    run = _cli_run(tmp_path / "outputs")
+    (run / "result.json").unlink()  # interrupted after its last checkpoint
+    (tmp_path / "cfgs").mkdir()
+    (run / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  runtime:\n    config_sources:\n    - {path: hydra.conf, schema: pkg, provider: hydra}\n"
+        f"    - {{path: {tmp_path / 'cfgs'}, schema: file, provider: command-line}}\n"
+    )
+    store = RunStore(tmp_path)
+    info = store.run("runs/demo")
+    assert info["status"] == "interrupted"
+    assert info["command"] == f"python -m flux_lightning --config-dir={tmp_path / 'cfgs'} trainer.max_steps=4 logger=tensorboard_csv"
+    seen = []
+
+    def refuse(args):
+        seen.append(args)
+        raise PermissionError("refused")
+
+    with pytest.raises(PermissionError):
+        store.resume("runs/demo", check=refuse)  # the server's rule sees the --config-dir before anything starts
+    assert seen[0][0] == f"--config-dir={tmp_path / 'cfgs'}"
+    assert store.runs()[0]["status"] == "interrupted"
+
+
+def test_cpu_runs_queue_one_at_a_time_by_default(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    gates = {n: tmp_path / f"gate_{n}" for n in "ab"}
+    try:
+        store = RunStore(work, python=str(fake))
+        a = store.launch(["run_name=a"], devices=[], env={"FAKE_GATE": gates["a"]})
+        b = store.launch(["run_name=b"], devices=[], env={"FAKE_GATE": gates["b"]})
+        wait_until(lambda: lock_holder(work / "outputs/runs/a"), what="a to start")
+        assert [by_id(store)[i]["status"] for i in (a, b)] == ["running", "queued"]
+        assert store.poll() == []
+        gates["a"].touch()
+        wait_until(lambda: by_id(store)[a]["status"] == "finished", what="a to finish")
+        assert store.poll() == [b]
+        two = RunStore(work, python=str(fake), max_cpu_runs=2)
+        c = two.launch(["run_name=c"], devices=[], env={"FAKE_GATE": gates["b"]})
+        assert by_id(two)[c]["status"] == "running"  # a second slot
+    finally:
+        for gate in gates.values():
+            gate.touch()
+        for run in (work / "outputs" / "runs").glob("*"):
+            pid = lock_holder(run)
+            if pid:
+                os.kill(pid, 9)
+
+
+def test_check_dataset_takes_the_caption_strategy_and_reports_notes(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (256, 256), "red").save(folder / "img_001.png")
+    (folder / "img_001.txt").write_text("a red square, photographed")
+    (folder / "orphan.txt").write_text("a caption file without an image")
+    report = check_dataset(folder, resolution=256, caption_strategy="textfile")
+    (backend,) = report["backends"]
+    assert [s["caption"] for s in backend["samples"]] == ["a red square, photographed"]
+    assert check_dataset(folder, resolution=256)["backends"][0]["samples"][0]["caption"] == "img 001"
+    shown = report["notes"] + [i["file"] + " " + i["reason"] for i in backend["ignored"]]
+    assert any("orphan.txt" in line for line in shown), shown

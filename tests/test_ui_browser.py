@@ -1,8 +1,10 @@
 """The web UI driven by a real headless browser (Debian's chromium through Playwright; no browser is
 downloaded): compose a tiny run, see a validation problem next to its field, fix it, launch, watch
 the run finish, see the loss curve and the validation images, download the LoRA through the page and
-load it with diffusers. Also takes the README's screenshots (``docs/screenshots/<page>.png``), which
-are rewritten only with ``FLUX_LIGHTNING_SCREENSHOTS=1``.
+load it with diffusers; pick a built-in experiment and a wizard-written one (the form follows them,
+the command is what runs); resume a CLI run made with ``--config-dir``. Also takes the README's
+screenshots (``docs/screenshots/<page>.png``), which are rewritten only with
+``FLUX_LIGHTNING_SCREENSHOTS=1``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ RUN_OVERRIDES = [
     "callbacks.adapter_export.dtype=fp32",
 ]
 
+TOKEN = "browser-test-token"
 pytestmark = pytest.mark.slow
 
 
@@ -67,9 +70,12 @@ def served(tmp_path, cache_root, tiny_folder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = tmp_path / "data"
     data.mkdir()
-    (tmp_path / "work").mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    _wizard_experiment(work)  # <workdir>/flux_lightning_configs: an experiment dir the UI offers
     port = _free_port()
-    config = uvicorn.Config(create_app(tmp_path / "work", data_roots=[data]), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(work, token=TOKEN, data_roots=[data])
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -84,11 +90,23 @@ def served(tmp_path, cache_root, tiny_folder, monkeypatch):
         thread.join(10)
 
 
-def _shot(page, name: str) -> None:
+def _wizard_experiment(work: Path) -> Path:
+    """``<work>/flux_lightning_configs/experiment/my_lora.yaml`` as the wizard writes it (tiny, 64 px)."""
+    from flux_lightning.configure import write_experiment
+    from flux_lightning.configure_plan import Plan
+    from flux_lightning.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(work / "wizard_data", count=4, size=32)
+    plan = Plan(name="my_lora", flavour="tiny", data_dir=str(data), image_count=4, resolution=64, lr=3e-4, max_steps=40)
+    return write_experiment(plan, work / "flux_lightning_configs")
+
+
+def _shot(page, name: str, full_page: bool = True) -> None:
+    """``full_page=False``: the window as seen (the New-run form's sticky Validate/Launch bar at its foot)."""
     if os.environ.get("FLUX_LIGHTNING_SCREENSHOTS") == "1":
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
 def _demo_images(folder: Path) -> None:
@@ -112,7 +130,7 @@ def test_compose_validate_launch_watch_and_download_a_tiny_run(served, tiny_fold
             page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
+            page.goto(url + f"/?token={TOKEN}")  # the printed URL: the page keeps the token as a cookie
 
             # New run: a bad field is reported next to it, with the command line
             rank = page.get_by_test_id("field-adapter-rank")
@@ -122,7 +140,7 @@ def test_compose_validate_launch_watch_and_download_a_tiny_run(served, tiny_fold
             problem = page.get_by_test_id("problem-adapter-rank")
             problem.filter(has_text="adapter.rank").wait_for()
             assert "adapter.rank=0" in page.get_by_test_id("command").inner_text()
-            _shot(page, "new_run")
+            _shot(page, "new_run", full_page=False)
             rank.fill("4")
             page.get_by_test_id("validate").click()
             page.get_by_test_id("compose-status").filter(has_text="ready to launch").wait_for()
@@ -202,3 +220,87 @@ def _loads_in_diffusers_and_changes_the_output(tiny_folder: Path, lora: Path) ->
         adapted = pipe.transformer(**inputs)[0]
     assert pipe.get_list_adapters()["transformer"], "no LoRA was loaded into the transformer"
     assert not torch.allclose(base, adapted), "the downloaded LoRA does not change the transformer's output"
+
+
+def _composed(command: str, workdir: Path):
+    """The config ``command`` (as the page shows it) composes to, run in ``workdir``."""
+    import shlex
+
+    from flux_lightning.ui.forms import compose_overrides, hydra_compose_context
+
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "flux_lightning"], command
+    with hydra_compose_context(workdir):
+        return compose_overrides(argv[3:])
+
+
+def test_experiments_recompose_the_form_and_a_cli_config_dir_run_resumes(served, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    url, _, sync_playwright = served
+    work = tmp_path / "work"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + f"/?token={TOKEN}")
+            command = page.get_by_test_id("command")
+
+            # a built-in experiment: the groups and fields follow it; only what the user changes is sent
+            page.get_by_test_id("experiment").select_option("krea_lora")
+            page.wait_for_function("document.querySelector('[data-testid=option-model]').value === 'krea'")
+            assert page.get_by_test_id("field-model-flavour").input_value() == "krea"
+            assert "Krea" in page.locator("#experiment-doc").inner_text()
+            command.filter(has_text="+experiment=krea_lora").wait_for()
+            page.wait_for_timeout(800)  # the preview settles
+            shown = command.inner_text()
+            assert "model=" not in shown and "dataset=" not in shown and "optimizer=" not in shown, shown
+            cfg = _composed(shown, work)
+            assert (cfg.model.flavour, cfg.adapter.rank) == ("krea", 16)
+            page.get_by_test_id("option-optimizer").select_option("prodigy")  # a change is sent
+            command.filter(has_text="optimizer=prodigy").wait_for()
+            assert _composed(command.inner_text(), work).optimizer.name == "prodigy"
+
+            # a wizard-written experiment from <workdir>/flux_lightning_configs
+            page.get_by_test_id("experiment").select_option(label="my_lora")
+            command.filter(has_text="+experiment=my_lora").wait_for()
+            page.wait_for_function("document.querySelector('[data-testid=field-trainer-max_steps]').value === '40'")
+            page.wait_for_timeout(800)
+            shown = command.inner_text()
+            assert shown.startswith("python -m flux_lightning --config-dir=flux_lightning_configs +experiment=my_lora"), shown
+            assert "optimizer=prodigy" not in shown  # the new experiment's own choice
+            cfg = _composed(shown, work)
+            assert (cfg.model.flavour, cfg.trainer.max_steps, cfg.optimizer.lr) == ("tiny", 40, 3e-4)
+            page.get_by_test_id("validate").click()
+            page.get_by_test_id("compose-status").filter(has_text="ready to launch").wait_for(timeout=60_000)
+
+            # a CLI run of it (--config-dir), stopped from the terminal, resumed from the page
+            cli = subprocess.Popen(
+                [sys.executable, "-m", "flux_lightning", "--config-dir", "flux_lightning_configs", "+experiment=my_lora",
+                 "run_name=cli", "trainer.log_every_n_steps=1", "callbacks.validation.every_n_steps=1000"],
+                cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            try:
+                page.get_by_test_id("tab-runs").click()
+                page.get_by_test_id("run-row-runs-cli").click()
+                page.get_by_test_id("run-status").filter(has_text="running").wait_for(timeout=240_000)
+                page.wait_for_function("parseInt(document.querySelector('[data-testid=run-step]').textContent) >= 1", timeout=240_000)
+            finally:
+                cli.send_signal(signal.SIGTERM)  # as Ctrl+C or a scheduler would
+                assert cli.wait(120) == 128 + signal.SIGTERM
+            page.get_by_test_id("run-status").filter(has_text="interrupted").wait_for()
+            assert "--config-dir flux_lightning_configs" not in page.get_by_test_id("run-command").inner_text()
+            assert "--config-dir=" in page.get_by_test_id("run-command").inner_text()
+            page.get_by_test_id("resume").click()
+            page.get_by_test_id("run-status").filter(has_text="starting").wait_for(timeout=5_000)  # at once
+            page.get_by_test_id("run-status").filter(has_text="finished").wait_for(timeout=240_000)
+            assert page.get_by_test_id("resume").is_disabled()  # nothing to resume in a finished run
+            assert "(step 40)" in page.get_by_test_id("lora-download").inner_text()
+            page.get_by_test_id("log-attempt").wait_for()  # the CLI attempt and the page's
+            assert not errors, errors
+        finally:
+            browser.close()

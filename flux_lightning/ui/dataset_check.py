@@ -75,6 +75,7 @@ def check_dataset(
     instance_prompt: str | None = None,
     limit_samples: int = 5,
     workdir: str | os.PathLike | None = None,
+    readable=None,
 ) -> dict:
     """What training would use of ``path`` (a folder, or a ``multidatabackend.json`` whose relative
     folders are relative to ``workdir``, default the current dir), without loading any model.
@@ -85,6 +86,10 @@ def check_dataset(
         "ignored": [{"file", "reason"}]}], "problems": [...], "notes": [...]}``: ``images`` counts the
         usable images, ``skipped`` the image files a run skips (with its reason), ``ignored`` other
         files it does not use; ``problems`` are what stops a run (one line each, naming the field).
+
+    ``readable(path) -> bool`` (the web UI's data roots): a backend with a path it refuses (folder,
+    metadata table, dataset) is not looked at, and the answer says nothing of those paths but that
+    they are outside (no counts, no existence).
     """
     base = Path(workdir).resolve() if workdir is not None else None
     path = Path(path).expanduser()
@@ -104,19 +109,41 @@ def check_dataset(
         except DataError as err:
             problems += [ln.strip() for ln in str(err).split("\n  - ") if ln.strip()]
             return out
-        problems += cfg.problems()
         backends = [_absolute(b, base) for b in cfg.image_backends()]
+        outside = {b.id: [p for p in _paths(b) if not readable(p)] for b in backends} if readable else {}
+        hidden = [p for paths in outside.values() for p in paths]
+        problems += [line for line in cfg.problems() if not any(p in line for p in hidden)]
         resolver = SampleResolver(cfg, backends, lambda b: b.folders(), lambda caption: "", {})
         for backend in backends:
-            out["backends"].append(_check_backend(resolver, backend, handler, problems, limit_samples))
-        out["notes"] = handler.notes
+            if outside.get(backend.id):
+                problems.append(
+                    f"backend {backend.id}: {', '.join(outside[backend.id])} is outside the folders this UI may read; "
+                    "start the UI with --data-root <folder> to check it"
+                )
+                out["backends"].append({"id": backend.id, "kind": "outside", "folders": [], "images": None, "buckets": [],
+                                        "samples": [], "skipped": [], "ignored": []})
+                continue
+            entry = _check_backend(resolver, backend, handler, problems, limit_samples, readable)
+            out["backends"].append(entry)
+        out["notes"] = [n for n in handler.notes if not any(p in n for p in hidden)]
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
     return out
 
 
-def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handler: _Skips, problems: list[str], limit: int) -> dict:
+def _paths(backend: ImageBackendConfig) -> list[str]:
+    """Every path the check would follow for ``backend``: its folders, its metadata table, its dataset."""
+    paths = list(backend.folders())
+    for name in ("metadata_file", "dataset_name"):
+        value = getattr(backend, name, None)
+        if isinstance(value, str) and value and (name != "dataset_name" or getattr(backend, "type", "local") == "huggingface"):
+            paths.append(value)
+    return [str(p) for p in paths]
+
+
+def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handler: _Skips, problems: list[str], limit: int,
+                   readable=None) -> dict:
     kind = backend.dataset_type if backend.dataset_type == "image" else f"conditioning/{backend.conditioning_type}"
     entry = {"id": backend.id, "kind": kind, "folders": backend.folders(), "images": 0, "buckets": [],
              "samples": [], "skipped": [], "ignored": []}
@@ -133,7 +160,7 @@ def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handle
                 found += scan_folder(folder).images
             except DataError as err:
                 problems.append(str(err))
-        entry["images"] = len(found)
+        entry["images"] = len([f for f in found if readable is None or readable(f)])
         return entry
     try:
         samples, _ = resolver.resolve(backend)
@@ -141,6 +168,14 @@ def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handle
         problems.append(str(err))
         samples = []
     entry["skipped"] = handler.skipped[first:]
+    if readable is not None:  # a symlink inside a root may lead out of it: such files are neither counted nor named
+        kept = [s for s in samples if readable(s.path)]
+        kept_skipped = [s for s in entry["skipped"] if readable(s["file"])]
+        kept_ignored = [i for i in entry["ignored"] if readable(i["file"])]
+        if len(kept) + len(kept_skipped) + len(kept_ignored) < len(samples) + len(entry["skipped"]) + len(entry["ignored"]):
+            problems.append(f"backend {backend.id}: some files lead outside the folders this UI may read (symlinks); "
+                            "they are not counted here (training would use them); start the UI with --data-root <folder> to check them")
+        samples, entry["skipped"], entry["ignored"] = kept, kept_skipped, kept_ignored
     entry["images"] = len(samples)
     counts = Counter(s.placement.bucket for s in samples)
     entry["buckets"] = [{"width": w, "height": h, "count": n} for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]

@@ -119,12 +119,16 @@ def _kind(tp) -> tuple[str, bool]:
 # The plain-dict groups' fields on the form: (key, type, nullable); docs from the class they configure.
 _TRAINER_FIELDS = [
     ("max_steps", "int", False),
-    ("devices", "str", False),
     ("precision", "choice", True),
     ("accumulate_grad_batches", "int", False),
     ("gradient_clip_val", "float", True),
     ("log_every_n_steps", "int", False),
 ]
+# where Lightning's own doc would mislead here (this project's rules differ)
+_TRAINER_DOCS = {
+    "max_steps": "Stop training after this number of optimizer steps. An endless run (-1, no max_epochs "
+                 "or max_time) needs allow_endless_run=true.",
+}
 _VALIDATION_FIELDS = [
     ("validation_prompt", "str", True),
     ("every_n_steps", "int", False),
@@ -210,7 +214,7 @@ def _fields() -> list[dict]:
     for name, kind, nullable in _TRAINER_FIELDS:
         key = f"trainer.{name}"
         fields.append({"key": key, "type": kind, "nullable": nullable, "default": None,
-                       "doc": _first_sentences(trainer_docs.get(name, "")), "choices": choices.get(key), "group": "trainer"})
+                       "doc": _TRAINER_DOCS.get(name) or _first_sentences(trainer_docs.get(name, "")), "choices": choices.get(key), "group": "trainer"})
     val_docs = docstring_fields(ValidationImages, "Args")
     for name, kind, nullable in _VALIDATION_FIELDS:
         fields.append({"key": f"callbacks.validation.{name}", "type": kind, "nullable": nullable, "default": None,
@@ -219,7 +223,9 @@ def _fields() -> list[dict]:
 
 
 def _first_sentences(text: str, n: int = 2) -> str:
-    parts = re.split(r"(?<=\.)\s+", text)
+    """The first ``n`` sentences of a Lightning argument's doc, without its ``Default: ...`` sentence
+    (any sentence naming a default: Lightning's, which this project's config may not share; the field shows the real one)."""
+    parts = [p for p in re.split(r"(?<=\.)\s+", text) if not re.search(r"\bdefault", p, re.IGNORECASE)]
     return " ".join(parts[:n])
 
 
@@ -298,7 +304,7 @@ def compose_overrides(overrides: Iterable[str], workdir: str | os.PathLike | Non
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict, read_write
 
-    cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    cfg = compose("train", overrides=with_search_path(overrides), return_hydra_config=True)
     with read_write(cfg.hydra), open_dict(cfg.hydra):
         cfg.hydra.runtime.cwd = os.getcwd()
     HydraConfig.instance().set_config(cfg)  # so ${hydra:...} and the run_name resolver resolve
@@ -307,6 +313,64 @@ def compose_overrides(overrides: Iterable[str], workdir: str | os.PathLike | Non
         cfg.hydra.runtime.output_dir = run_dir
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def with_search_path(args: Iterable[str]) -> list[str]:
+    """CLI arguments -> compose() overrides: each ``--config-dir=DIR`` (the form the UI stores) becomes
+    an entry of ``hydra.searchpath`` (what ``--config-dir`` does for the CLI), relative to the cwd."""
+    from .policy import config_dir_arg
+
+    args = [str(a) for a in args]
+    dirs = [config_dir_arg(a) for a in args]
+    rest = [a for a, d in zip(args, dirs) if d is None]
+    paths = [os.path.abspath(os.path.expanduser(d)) for d in dirs if d]
+    if not paths:
+        return rest
+    return ["hydra.searchpath=[" + ",".join(hydra_value(f"file://{p}") for p in paths) + "]", *rest]
+
+
+def config_dir_args(config_dir: str | os.PathLike | None, workdir: str | os.PathLike | None) -> list[str]:
+    """``["--config-dir=<dir>"]`` for an experiment dir (relative to ``workdir`` when inside it), or []."""
+    if not config_dir:
+        return []
+    path = Path(config_dir).expanduser().resolve()
+    base = Path(workdir or os.getcwd()).resolve()
+    return [f"--config-dir={path.relative_to(base).as_posix() if path.is_relative_to(base) else path}"]
+
+
+def experiment_description(path: str | os.PathLike) -> str:
+    """The opening comment of an experiment file (after ``# @package``), up to its example command."""
+    lines = []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:]
+        if body.strip().startswith("@package") or not body.strip():
+            continue
+        if body.startswith("   "):  # the indented command lines
+            break
+        lines.append(body.strip())
+    return " ".join(lines)
+
+
+def experiments(config_dirs: Iterable[str | os.PathLike] = ()) -> list[dict]:
+    """The experiments the form offers: the built-in ones, then each experiment dir's
+    (``<dir>/experiment/<name>.yaml``, e.g. what ``python -m flux_lightning.configure`` writes):
+    ``[{"value", "name", "config_dir" (None: built in), "description"}]``."""
+    out = []
+    for name in _options("experiment"):
+        out.append({"value": name, "name": name, "config_dir": None,
+                    "description": experiment_description(Path(config_dir()) / "experiment" / f"{name}.yaml")})
+    for folder in config_dirs:
+        folder = Path(folder).expanduser().resolve()
+        for path in sorted((folder / "experiment").glob("*.yaml")):
+            out.append({"value": f"{path.stem} @ {folder}", "name": path.stem, "config_dir": str(folder),
+                        "description": experiment_description(path)})
+    return out
 
 
 def run_dir_of(overrides: Iterable[str], workdir: str | os.PathLike) -> tuple[Path, dict]:
@@ -493,10 +557,11 @@ def _compose_problem(err: Exception, overrides: list[str], keys: list[str]) -> d
 
 
 # -- the API ------------------------------------------------------------------------------------
-def selection_overrides(selection: dict, base: Iterable[str] = (), workdir=None) -> list[str]:
+def selection_overrides(selection: dict, base: Iterable[str] = (), workdir=None, config_dir=None) -> list[str]:
     """``+experiment=<name>`` and ``group=option`` for each chosen option that differs from the one
-    the composition would pick anyway (the defaults list, or the experiment's own choice)."""
-    out = []
+    the composition would pick anyway (the defaults list, or the experiment's own choice); first
+    ``--config-dir=<dir>`` when the experiment comes from an experiment dir."""
+    out = config_dir_args(config_dir, workdir)
     experiment = selection.get("experiment")
     if experiment:
         out.append(f"+experiment={experiment}")
@@ -514,12 +579,24 @@ def selection_overrides(selection: dict, base: Iterable[str] = (), workdir=None)
 def form_values(selection: dict, *, workdir=None) -> dict:
     """key -> the value each form field has after composing ``selection`` (nothing else changed)."""
     try:
-        overrides = selection_overrides(selection, workdir=workdir)
-        with hydra_compose_context(workdir):
-            cfg = compose_overrides(overrides)
-            return _values_of(cfg, [f["key"] for f in _fields()])
+        return composed_form(selection, workdir=workdir)["values"]
     except Exception:  # noqa: BLE001 - an unknown option: no values to show
         return {}
+
+
+def composed_form(selection: dict, *, config_dir=None, workdir=None) -> dict:
+    """The form as ``selection`` (an experiment, maybe group options) composes it: ``{"choices":
+    group -> the option picked (the experiment's own choices included), "values": key -> value}``.
+    The page resets its groups and unchanged fields to these when an experiment or option is picked.
+
+    Raises:
+        hydra.errors.HydraException: an unknown experiment or option.
+    """
+    overrides = selection_overrides(selection, workdir=workdir, config_dir=config_dir)
+    with hydra_compose_context(workdir):
+        cfg = compose_overrides(overrides)
+        choices = {g: o for g, o in cfg.hydra.runtime.choices.items() if g in GROUP_ORDER and isinstance(o, str)}
+        return {"choices": choices, "values": _values_of(cfg, [f["key"] for f in _fields()])}
 
 
 def _values_of(cfg, keys: Iterable[str]) -> dict:
@@ -548,6 +625,7 @@ def compose_run(
     extra: Iterable[str] = (),
     workdir: str | os.PathLike | None = None,
     check_sources: bool = True,
+    config_dir: str | os.PathLike | None = None,
 ) -> dict:
     """The run the form describes, checked as the CLI checks it.
 
@@ -559,6 +637,7 @@ def compose_run(
         workdir: the launch dir (relative data folders and ``outputs/`` are relative to it);
             default the current dir.
         check_sources: also probe data folders and the model source (as the CLI does before loading).
+        config_dir: an experiment dir (``--config-dir``) the experiment comes from.
 
     Returns:
         ``{"overrides", "command", "ok", "problems": [{"field", "message"}], "values", "run_dir"}``:
@@ -571,7 +650,7 @@ def compose_run(
     index = field_index()
     problems: list[dict] = []
     base, extra = list(base_overrides), list(extra)
-    overrides = selection_overrides(selection, base, workdir)
+    overrides = selection_overrides(selection, base, workdir, config_dir)
     for key, value in values.items():
         spec = index.get(key)
         try:

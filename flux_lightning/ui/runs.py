@@ -50,6 +50,18 @@ def _proc_start(pid: int) -> int | None:
     return None if fields[0] == "Z" else int(fields[19])
 
 
+def _cmdline(pid: int) -> str:
+    """The process's command line (arguments joined by spaces), '' when it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class NothingToResume(RuntimeError):
+    """Resume asked of a run that finished (or never started)."""
+
+
 def lock_holder(run_dir: str | os.PathLike) -> int | None:
     """The pid of the process holding ``<run_dir>/.lock`` (a running run), or None. Uses ``F_GETLK``:
     the lock is only tested, never taken, so a run starting meanwhile is never refused."""
@@ -94,9 +106,13 @@ class RunStore:
         python: the interpreter that runs ``-m flux_lightning``.
         state_dir: where launches (pid, overrides, devices, log) and the queue are kept; default
             ``<workdir>/outputs/.ui``.
+        max_cpu_runs: how many CPU launches (``devices=[]``) run at once; later ones queue
+            (None: no limit).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, python: str = sys.executable, state_dir: str | os.PathLike | None = None):
+    def __init__(self, workdir: str | os.PathLike, *, python: str = sys.executable, state_dir: str | os.PathLike | None = None,
+                 max_cpu_runs: int | None = 1):
+        self.max_cpu_runs = max_cpu_runs
         self.workdir = Path(workdir).resolve()
         self.outputs = self.workdir / "outputs"
         self.python = python
@@ -155,7 +171,10 @@ class RunStore:
         return latest
 
     # -- processes ------------------------------------------------------------------------------
-    def _alive(self, pid: int | None, start: int | None = None) -> bool:
+    def _alive(self, pid: int | None, start: int | None = None, command: str | None = None) -> bool:
+        """Whether ``pid`` is the process that was recorded: alive, started at ``start`` (/proc ticks)
+        and, when given, with ``command`` in its command line. A pid reused after a reboot or an OOM
+        kill fails the check, so it is never reported running, nor signalled."""
         if not pid:
             return False
         child = self._children.get(pid)
@@ -171,7 +190,9 @@ class RunStore:
                 pass
         if Path("/proc").is_dir():
             now = _proc_start(pid)
-            return now is not None and (start is None or now == start)
+            if now is None or (start is not None and now != start):
+                return False
+            return command is None or command in _cmdline(pid)
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -188,10 +209,10 @@ class RunStore:
         if "rc" in status:
             return {"alive": False, "pid": status.get("pid"), "rc": status["rc"]}
         pid = status.get("pid")
-        alive = self._alive(rec.get("supervisor_pid"), rec.get("supervisor_start")) or (
-            pid is not None and self._alive(pid, None)
-        )
-        return {"alive": alive, "pid": pid, "rc": None}
+        training = pid is not None and self._alive(pid, status.get("start"), "flux_lightning")
+        supervisor = self._alive(rec.get("supervisor_pid"), rec.get("supervisor_start"), SUPERVISE.name)
+        # the pid to signal: the training process, else its supervisor (which forwards the signal)
+        return {"alive": training or supervisor, "pid": pid if training else rec.get("supervisor_pid") if supervisor else None, "rc": None}
 
     # -- run dirs -------------------------------------------------------------------------------
     def _run_dir(self, run_id: str) -> Path:
@@ -270,11 +291,25 @@ class RunStore:
             from omegaconf import OmegaConf
 
             try:
-                return [str(o) for o in OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))]
+                overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))]
             except Exception:  # noqa: BLE001
                 return None
+            return [f"--config-dir={d}" for d in self._cli_config_dirs(run_dir)] + overrides
 
         return self._cached("overrides", run_dir / ".hydra" / "overrides.yaml", read)
+
+    @staticmethod
+    def _cli_config_dirs(run_dir: Path) -> list[str]:
+        """The ``--config-dir`` a CLI run was started with (Hydra records it in ``.hydra/hydra.yaml``
+        as a config source of the ``command-line`` provider)."""
+        import yaml
+
+        try:
+            hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+            sources = hydra["runtime"]["config_sources"]
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+            return []
+        return [str(s["path"]) for s in sources if isinstance(s, dict) and s.get("provider") == "command-line" and s.get("schema") == "file"]
 
     def _result(self, run_dir: Path) -> dict | None:
         return self._cached("result", run_dir / RESULT_FILE, lambda: self._read_json(run_dir / RESULT_FILE, {}))
@@ -417,7 +452,66 @@ class RunStore:
             lora = run_dir / "lora" / ADAPTER_FILENAME
             info["lora"] = f"lora/{ADAPTER_FILENAME}" if lora.is_file() else None
             info["result"] = self._result(run_dir) if exists else None
+            info["lora_step"] = self._lora_step(run_dir, info["checkpoints"], info["result"]) if info["lora"] else None
+            info["attempts"] = self._attempts(run_id, run_dir)
             return info
+
+    def _attempts(self, run_id: str, run_dir: Path) -> list[dict]:
+        """Every launch of the run from the UI, oldest first (each keeps its own log), after the run
+        dir's own log when there is one (``run-dir``: Hydra's ``<job>.log``, appended to by every
+        attempt, the CLI's included): ``[{"key", "label", "launched_at", "command", "rc", "log"}]``."""
+        out = []
+        own = newest(run_dir.glob("*.log")) if run_dir.is_dir() else None
+        for path in sorted(self.launch_dir.glob("*.json")):
+            if path.name.endswith(".status.json"):
+                continue
+            rec = self._read_json(path, None)
+            if isinstance(rec, dict) and rec.get("id") == run_id:
+                status = self._read_json(self.launch_dir / f"{rec['key']}.status.json", {})
+                out.append({"key": rec["key"], "launched_at": rec.get("launched_at"), "command": rec.get("command"),
+                            "rc": status.get("rc"), "log": bool(rec.get("log")) and Path(rec["log"]).is_file()})
+        out.sort(key=lambda a: a["launched_at"] or 0)
+        for n, attempt in enumerate(out, 1):
+            attempt["label"] = f"launch {n} from the UI" + ("" if attempt["rc"] is None else f" (exit {attempt['rc']})")
+        if own is not None:
+            out.insert(0, {"key": "run-dir", "label": f"{own.name}: every attempt, the CLI's too", "launched_at": None,
+                           "command": None, "rc": None, "log": True})
+        return out
+
+    def attempt_log(self, run_id: str, key: str) -> Path:
+        """The log file of one launch of ``run_id`` (by its key, from :meth:`run`'s ``attempts``).
+
+        Raises:
+            FileNotFoundError: no such launch of that run, or it has no log.
+        """
+        if key == "run-dir":
+            run_dir = self._run_dir(run_id)
+            own = newest(run_dir.glob("*.log")) if run_dir.is_dir() else None
+            if own is None:
+                raise FileNotFoundError(f"run {run_id} has no log of its own")
+            return own
+        if not re.fullmatch(r"[A-Za-z0-9_.=,+-]+", str(key)):
+            raise FileNotFoundError(f"no attempt {key!r} of run {run_id}")
+        rec = self._read_json(self.launch_dir / f"{key}.json", None)
+        if not isinstance(rec, dict) or rec.get("id") != run_id or not rec.get("log") or not Path(rec["log"]).is_file():
+            raise FileNotFoundError(f"no attempt {key!r} of run {run_id}")
+        return Path(rec["log"])
+
+    @staticmethod
+    def _lora_step(run_dir: Path, checkpoints: list[dict], result: dict | None) -> int | None:
+        """The step the exported LoRA holds: it is written with each checkpoint (just before the
+        checkpoint file) and at the end of training, so the first checkpoint written after it has
+        its step; none after it: the run's final step (result.json), else the newest checkpoint's."""
+        written = mtime(run_dir / "lora" / ADAPTER_FILENAME)
+        if written is None:
+            return None
+        later = [(mtime(run_dir / c["file"]) or 0, c["step"]) for c in checkpoints if c["step"] is not None]
+        after = sorted((t, step) for t, step in later if t >= written - 0.001)
+        if after:
+            return after[0][1]
+        if result and isinstance(result.get("steps"), int):
+            return result["steps"]
+        return max((step for _, step in later), default=None)
 
     def file(self, run_id: str, relpath: str) -> Path:
         """A file of a run (image, checkpoint, LoRA, log), resolved inside its run dir.
@@ -434,12 +528,29 @@ class RunStore:
     data_file = staticmethod(data_file)
 
     # -- launching ------------------------------------------------------------------------------
-    def _busy_devices(self, records: dict[str, dict]) -> set[int]:
-        busy = set()
+    def _busy_devices(self, records: dict[str, dict]) -> set:
+        """The GPUs live launches use, and ``"cpu<i>"`` for each live CPU launch (``devices=[]``)."""
+        busy, cpu = set(), 0
         for rec in records.values():
-            if rec.get("devices") and self._launch_state(rec)["alive"]:
+            if rec.get("devices") is not None and self._launch_state(rec)["alive"]:
                 busy |= set(rec["devices"])
+                if rec["devices"] == []:
+                    busy.add(f"cpu{cpu}")
+                    cpu += 1
         return busy
+
+    def _claim(self, devices: list[int] | None, busy: set) -> set:
+        """What a launch on ``devices`` needs free: its GPUs; a CPU launch, a free CPU slot
+        (``max_cpu_runs`` of them; the full set when none is free)."""
+        if devices is None:
+            return set()
+        if devices:
+            return set(devices)
+        if self.max_cpu_runs is None:
+            return set()
+        slots = [f"cpu{i}" for i in range(max(self.max_cpu_runs, 1))]
+        free = [s for s in slots if s not in busy]
+        return {free[0]} if free else set(slots)
 
     def _is_running(self, run_id: str, rec: dict | None) -> int | None:
         """The pid running ``run_id`` (its lock holder or a live launch), else None."""
@@ -495,8 +606,11 @@ class RunStore:
                 "max_steps": facts.get("max_steps"),
                 "queued_at": time.time(),
             }
-            claimed = self._busy_devices(records) | {d for q in queue for d in (q.get("devices") or [])}
-            if devices and claimed & set(devices):
+            claimed = self._busy_devices(records)
+            for q in queue:  # a launch waits behind those queued before it
+                claimed |= self._claim(q.get("devices"), claimed) or set()
+            wanted = self._claim(devices, claimed)
+            if wanted & claimed:
                 queue.append(entry)
                 self._save_queue(queue)
             else:
@@ -507,7 +621,8 @@ class RunStore:
         key = entry["key"]
         log = self.launch_dir / f"{key}.log"
         status = self.launch_dir / f"{key}.status.json"
-        command = [self.python, "-m", "flux_lightning", *entry["overrides"]]
+        args = [str(o) for o in entry["overrides"]]
+        command = [self.python, "-m", "flux_lightning", *[a for a in args if a.startswith("-")], *[a for a in args if not a.startswith("-")]]
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in (entry.get("env") or {}).items()})
         if entry.get("devices") is not None:
@@ -540,7 +655,7 @@ class RunStore:
             busy = self._busy_devices(records)
             waiting = []
             for entry in queue:
-                wanted = set(entry.get("devices") or [])
+                wanted = self._claim(entry.get("devices"), busy)
                 blocked = (wanted & busy) or self._is_running(entry["id"], records.get(entry["id"]))
                 if blocked:
                     waiting.append(entry)
@@ -570,23 +685,48 @@ class RunStore:
             pid = self._is_running(run_id, rec)
             if not pid:
                 raise ProcessLookupError(f"run {run_id} is not running")
-            stops = self._stops()
-            stops[run_id] = time.time()
-            self._write_json(self.state_dir / "stops.json", stops)
-            os.kill(pid, signal.SIGTERM)
+            # a pidfd pins the process: checked again through it, the signal cannot reach a successor
+            pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+            try:
+                if self._is_running(run_id, rec) != pid:
+                    raise ProcessLookupError(f"run {run_id} is not running")
+                stops = self._stops()
+                stops[run_id] = time.time()
+                self._write_json(self.state_dir / "stops.json", stops)
+                if pidfd is not None:
+                    signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                else:  # pragma: no cover - no pidfd (not Linux)
+                    os.kill(pid, signal.SIGTERM)
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
             return {"id": run_id, "pid": pid}
 
-    def resume(self, run_id: str, checkpoint: str | None = None, *, devices: list[int] | None = None) -> str:
+    def resume(self, run_id: str, checkpoint: str | None = None, *, devices: list[int] | None = None, check=None) -> str:
         """Launch the run's own overrides again: it resumes from its newest checkpoint, or from
         ``checkpoint`` (a ``.ckpt`` inside the run dir, e.g. ``checkpoints/step000500.ckpt``) via
-        ``resume_from_checkpoint=<path>``. Same devices as its last launch unless given."""
+        ``resume_from_checkpoint=<path>``. Same devices as its last launch unless given. A CLI run
+        started with ``--config-dir`` is resumed with it (from ``.hydra/hydra.yaml``). ``check``
+        (the server's rule on what may run) is called with the arguments before anything starts.
+
+        Raises:
+            NothingToResume: the run finished (a finished run starts no process; launch another).
+        """
         run_dir = self._run_dir(run_id)
         with self._lock:
-            rec = self._records().get(run_id)
+            records = self._records()
+            rec = records.get(run_id)
+            summary = self._summary(run_id, rec, None, self._stops())
+            if summary["status"] == "finished":
+                raise NothingToResume(
+                    f"run {run_id} finished (step {summary['step']}); there is nothing to resume: to train more, "
+                    "launch it again with a higher trainer.max_steps, or with run_name=<new name>"
+                )
             overrides = list(rec["overrides"]) if rec else self._cli_overrides(run_dir)
             if overrides is None:
                 raise FileNotFoundError(f"run {run_id} has no .hydra/overrides.yaml; it cannot be relaunched from here")
         keep = [o for o in overrides if not re.match(r"^\+{0,2}(resume_from_checkpoint|hydra\.run\.dir)=", o)]
+        keep = [o for o in keep if o.startswith("-")] + [o for o in keep if not o.startswith("-")]  # flags first
         if checkpoint:
             path = self.file(run_id, checkpoint)
             keep.append(f"resume_from_checkpoint={hydra_value(str(path))}")
@@ -598,4 +738,6 @@ class RunStore:
             keep.append(f"hydra.run.dir={hydra_value(os.path.relpath(run_dir, self.workdir))}")  # a sweep job's dir
         if devices is None and rec:
             devices = rec.get("devices")
+        if check is not None:
+            check(keep)
         return self.launch(keep, devices=devices, env=(rec or {}).get("env") or None)

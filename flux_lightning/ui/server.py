@@ -1,12 +1,19 @@
 """The web UI's HTTP side: a Starlette app serving the page (``static/``) and a JSON API over the
 library's own pieces (``forms``, ``runs``, ``dataset_check``, ``hardware``).
 
-Security model: the server reads files only through two checked doors -- a run's files through
-``RunStore.file`` (inside the run dir) and dataset previews through :func:`inside_roots` (inside the
-workdir or a ``data_roots`` folder, symlinks resolved first). When a token is set (always when bound
-beyond loopback: ``create_app`` refuses to build such an app without one) every request must carry
-it: ``Authorization: Bearer <token>``, ``?token=<token>`` or the cookie the page gets when it is
-opened with ``?token=`` (so ``<img>`` tags and the page's own assets pass too).
+Security model (a shared GPU machine is the normal case):
+
+- Every request carries the token: ``Authorization: Bearer <token>``, ``?token=<token>`` or the
+  cookie the page gets when it is opened with ``?token=`` (so ``<img>`` tags and the page's own
+  assets pass too). ``create_app`` builds no app without one unless ``no_token=True``, which only
+  loopback allows (a single-user machine).
+- Files are read only through checked doors: a run's files through ``RunStore.file`` (inside the run
+  dir), dataset previews and checks through :func:`inside_roots` (inside the workdir or a
+  ``data_roots`` folder, symlinks resolved first; a backend file's folders too).
+- What runs is checked by :mod:`policy`: no override naming code, no ``hydra.*``, no
+  ``--config-dir`` but the server's experiment dirs (unless ``allow_code=True``).
+- Request bodies: at most ``MAX_BODY`` bytes (413) and ``MAX_DEPTH`` levels of JSON (400).
+- Stop and Resume signal only a process whose start time and command match the recorded ones.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import json
 import logging
 import re
 import shlex
@@ -39,6 +47,24 @@ TOKEN_ENV = "FLUX_LIGHTNING_UI_TOKEN"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 RUN_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=,+-]*$")  # one folder of a run id (runs/demo, multirun/.../0)
 POLL_SECONDS = 1.0
+MAX_BODY = 1 << 20  # bytes of a request body
+MAX_DEPTH = 32  # nesting levels of its JSON
+
+
+class BadRequest(ValueError):
+    """A request the API cannot read (400)."""
+
+
+def json_depth(value) -> int:
+    """How deeply ``value`` nests (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack += [(v, depth) for v in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 def is_loopback(host: str) -> bool:
@@ -90,10 +116,11 @@ class _Gate:
       which this server never grants).
     - Bound to loopback, the ``Host`` header must be a loopback name, so a DNS-rebinding page
       cannot reach the UI under its own name.
+    - A body is read whole, up to ``max_body`` bytes; a larger one is refused (413) unread.
     """
 
-    def __init__(self, app, token: str | None, loopback: bool):
-        self.app, self.token, self.loopback = app, token, loopback
+    def __init__(self, app, token: str | None, loopback: bool, max_body: int = MAX_BODY):
+        self.app, self.token, self.loopback, self.max_body = app, token, loopback, max_body
 
     def _token_ok(self, request: Request) -> tuple[bool, bool]:
         """(accepted, came through the query string)."""
@@ -127,40 +154,115 @@ class _Gate:
         refused = self._refusal(request)
         if refused is not None:
             return await refused(scope, receive, send)
-        if self.token is None:
+        if self.token is not None:
+            ok, from_query = self._token_ok(request)
+            if not ok:
+                response = _error(401, "this UI needs its token: open the URL printed at start (…/?token=<token>) "
+                                       "or send 'Authorization: Bearer <token>'")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
+            if from_query and scope["path"] == "/":
+                # the page keeps it: a cookie for its assets and <img> tags (the token leaves the URL bar)
+                response = RedirectResponse("/", status_code=303)
+                response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+                return await response(scope, receive, send)
+        if request.method in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        ok, from_query = self._token_ok(request)
-        if not ok:
-            response = _error(401, "this UI needs its token: open the URL printed at start (…/?token=<token>) "
-                                   "or send 'Authorization: Bearer <token>'")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return await response(scope, receive, send)
-        if from_query and scope["path"] == "/":
-            # the page keeps it: a cookie for its assets and <img> tags (the token leaves the URL bar)
-            response = RedirectResponse("/", status_code=303)
-            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+        return await self._limited(scope, receive, send)
+
+    async def _limited(self, scope, receive, send):
+        """The request with its body read whole (at most ``max_body`` bytes) and handed on; 413 beyond."""
+        too_big = _error(413, f"the request body is larger than {self.max_body} bytes; this API takes small JSON objects")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await too_big(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return await too_big(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
 class UI:
     """The API's state: the run store, the readable roots, the hardware and form helpers."""
 
-    def __init__(self, workdir: Path, data_roots, store, python: str):
+    def __init__(self, workdir: Path, data_roots, store, python: str, *, config_dirs=(), allow_code: bool = False,
+                 max_cpu_runs: int | None = 1):
         from .runs import RunStore
 
         self.workdir = Path(workdir).resolve()
         self.roots = [self.workdir, *(Path(r).expanduser().resolve() for r in data_roots)]
-        self.store = store if store is not None else RunStore(self.workdir, python=python)
+        wizard = self.workdir / "flux_lightning_configs"  # the wizard's default dir, when there is one
+        dirs = [Path(d).expanduser() for d in config_dirs] + ([wizard] if wizard.is_dir() else [])
+        self.config_dirs = list(dict.fromkeys((d if d.is_absolute() else self.workdir / d).resolve() for d in dirs))
+        self.allow_code = allow_code
+        self.store = store if store is not None else RunStore(self.workdir, python=python, max_cpu_runs=max_cpu_runs)
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
     async def body(request: Request) -> dict:
-        try:
-            data = await request.json()
-        except ValueError:
+        """The request's JSON object. Raises BadRequest: not JSON, not an object, or too deep."""
+        raw = await request.body()
+        if not raw.strip():
             return {}
-        return data if isinstance(data, dict) else {}
+        try:
+            data = json.loads(raw)
+        except RecursionError:
+            raise BadRequest(f"the JSON body nests deeper than {MAX_DEPTH} levels") from None
+        except ValueError as err:
+            raise BadRequest(f"the body is not JSON ({err})") from None
+        if json_depth(data) > MAX_DEPTH:
+            raise BadRequest(f"the JSON body nests deeper than {MAX_DEPTH} levels")
+        if not isinstance(data, dict):
+            raise BadRequest("send a JSON object")
+        return data
+
+    def refusals(self, args: list[str], fields: list[str] | None = None) -> list[dict]:
+        """The arguments the UI will not run (see :mod:`policy`), as problems naming their field."""
+        if self.allow_code:
+            return []
+        from .policy import field_of_arg, refusal
+
+        out = []
+        for i, arg in enumerate(args):
+            why = refusal(arg, config_dirs=self.config_dirs, roots=self.roots, workdir=self.workdir)
+            if why:
+                out.append({"field": fields[i] if fields else field_of_arg(arg), "message": why, "refused": True})
+        return out
+
+    def check_args(self, args: list[str]) -> None:
+        """Raise PermissionError naming the first argument the UI will not run (resume)."""
+        refused = self.refusals(list(args))
+        if refused:
+            raise PermissionError(refused[0]["message"])
+
+    def config_dir_of(self, data: dict) -> str | None:
+        """The experiment dir a request names (``config_dir``): one the server knows, or PermissionError."""
+        folder = data.get("config_dir")
+        if not folder:
+            return None
+        path = Path(str(folder)).expanduser()
+        path = (path if path.is_absolute() else self.workdir / path).resolve()
+        if path not in self.config_dirs and not self.allow_code:
+            raise PermissionError(f"config_dir {folder} is not one of this UI's experiment dirs; start the UI with --config-dir {folder}")
+        return str(path)
 
     @staticmethod
     def run_id(request: Request) -> str:
@@ -185,18 +287,37 @@ class UI:
         return choice, gpus
 
     def compose(self, data: dict) -> dict:
-        """compose_run + the hardware choice + the free-form extra overrides, as one result."""
-        from .forms import compose_run
+        """compose_run + the hardware choice + the free-form extra overrides, as one result.
+        Arguments the UI will not run (:mod:`policy`) are refused before anything is composed."""
+        from .forms import command_line, compose_run, config_dir_args, hydra_value
+        from .policy import split_flags
 
-        extra = [line.strip() for line in str(data.get("extra") or "").splitlines() if line.strip()]
-        values = dict(data.get("values") or {})
+        extra = split_flags([line.strip() for line in str(data.get("extra") or "").splitlines() if line.strip()])
+        values = data.get("values") or {}
+        selection = data.get("selection") or {}
+        if not isinstance(values, dict) or not isinstance(selection, dict):
+            raise BadRequest("values and selection are JSON objects (field -> value, group -> option)")
         try:
-            choice, gpus = self.device_choice(data.get("hardware"))
+            config_dir = self.config_dir_of(data)
+        except PermissionError as err:
+            return {"ok": False, "problems": [{"field": "experiment", "message": str(err), "refused": True}],
+                    "overrides": [], "command": "", "values": {}, "run_dir": None, "env": {}, "devices": None}
+        # what would be asked for, checked first: group choices, the values (as written), the extra lines
+        asked = [(f"{'+' if g == 'experiment' else ''}{g}={o}", g) for g, o in selection.items() if o not in (None, "")]
+        asked += [(f"{k}={v if isinstance(v, str) else hydra_value(v)}", k) for k, v in values.items()]
+        asked += [(line, None) for line in extra]
+        refused = self.refusals([a for a, _ in asked], [f or _field(a) for a, f in asked])
+        if refused:
+            shown = config_dir_args(config_dir, self.workdir) + [a for a, _ in asked]
+            return {"ok": False, "problems": refused, "overrides": shown, "command": command_line(shown),
+                    "values": {}, "run_dir": None, "env": {}, "devices": None}
+        try:
+            choice, gpus = self.device_choice(data.get("hardware") or {"mode": "auto"})
             hardware_problem = None
         except ValueError as err:  # e.g. manual with no GPU ticked: a problem of the form, not a 500
             choice, gpus, hardware_problem = None, None, f"hardware: {err}"
         added = [*(choice.overrides if choice else []), *extra]
-        result = _plain(compose_run(dict(data.get("selection") or {}), values, extra=added, workdir=self.workdir))
+        result = _plain(compose_run(dict(selection), dict(values), extra=added, workdir=self.workdir, config_dir=config_dir))
         if hardware_problem:
             result["ok"] = False
             result.setdefault("problems", []).append({"field": None, "message": hardware_problem})
@@ -213,9 +334,29 @@ class UI:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     async def form(self, request: Request):
-        from .forms import form_spec
+        from .forms import experiments, form_spec
 
-        return JSONResponse(_plain(await asyncio.to_thread(form_spec)))
+        spec = await asyncio.to_thread(form_spec)
+        spec["experiment_sources"] = await asyncio.to_thread(experiments, self.config_dirs)
+        spec["config_dirs"] = [str(d) for d in self.config_dirs]
+        return JSONResponse(_plain(spec))
+
+    async def form_values(self, request: Request):
+        """The groups' options and the fields' values an experiment (and group options) compose to."""
+        from .forms import composed_form
+
+        data = await self.body(request)
+        selection = data.get("selection") or {}
+        if not isinstance(selection, dict):
+            raise BadRequest("selection is a JSON object (group -> option)")
+        config_dir = self.config_dir_of(data)
+        refused = self.refusals([f"{'+' if g == 'experiment' else ''}{g}={o}" for g, o in selection.items() if o], list(selection))
+        if refused:
+            return JSONResponse({"error": refused[0]["message"], "problems": refused}, status_code=422)
+        try:
+            return JSONResponse(_plain(await asyncio.to_thread(composed_form, selection, config_dir=config_dir, workdir=self.workdir)))
+        except Exception as err:  # noqa: BLE001 - Hydra's composition errors (an unknown option)
+            return _error(422, str(err).strip().splitlines()[0])
 
     async def compose_route(self, request: Request):
         return JSONResponse(await asyncio.to_thread(self.compose, await self.body(request)))
@@ -234,16 +375,12 @@ class UI:
         if not target.exists():
             return _error(404, f"{path} does not exist")
         kwargs = {"resolution": int(data["resolution"])} if data.get("resolution") else {}
-        result = _plain(await asyncio.to_thread(check_dataset, target, **kwargs))
+        for key in ("caption_strategy", "instance_prompt"):
+            if data.get(key):
+                kwargs[key] = str(data[key])
+        # a multidatabackend.json may name folders elsewhere: the check does not look at them
+        result = _plain(await asyncio.to_thread(check_dataset, target, workdir=self.workdir, readable=self._readable, **kwargs))
         result["path"] = str(target)
-        for backend in result.get("backends", []):  # a multidatabackend.json may name folders elsewhere
-            outside = [f for f in backend.get("folders") or [] if not self._readable(f)]
-            if outside:
-                backend.update(samples=[], skipped=[], ignored=[], folders=[])
-                result.setdefault("problems", []).append(
-                    f"backend {backend.get('id')}: {', '.join(outside)} is outside the folders this UI may read; "
-                    "start the UI with --data-root <folder> to preview it"
-                )
         return JSONResponse(result)
 
     def _readable(self, path) -> bool:
@@ -299,7 +436,7 @@ class UI:
 
     async def resume(self, request: Request):
         data = await self.body(request)
-        run_id = await asyncio.to_thread(self.store.resume, self.run_id(request), data.get("checkpoint"))
+        run_id = await asyncio.to_thread(self.store.resume, self.run_id(request), data.get("checkpoint"), check=self.check_args)
         return JSONResponse({"ok": True, "id": run_id or self.run_id(request)})
 
     async def run_file(self, request: Request):
@@ -315,6 +452,10 @@ class UI:
     async def log_file(self, request: Request):
         """The run's whole log: the file the store names for it (never a path from the request)."""
         run_id = self.run_id(request)
+        attempt = request.query_params.get("attempt")
+        if attempt:  # one launch's log (every attempt keeps its own)
+            path = await asyncio.to_thread(self.store.attempt_log, run_id, attempt)
+            return FileResponse(path, media_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-store"})
         info = await asyncio.to_thread(self.store.run, run_id)
         if not info.get("log") or not Path(info["log"]).is_file():
             return _error(404, f"run {run_id} has no log yet")
@@ -334,9 +475,13 @@ def _response_for(request: Request, exc: Exception) -> JSONResponse:
     """An exception of a helper -> the HTTP answer (403 for a refused path, 404 for a missing one)."""
     if isinstance(exc, PermissionError):
         return _error(403, str(exc))
+    if isinstance(exc, BadRequest):
+        return _error(400, str(exc))
     from flux_lightning.errors import RunDirInUse
 
-    if isinstance(exc, (ProcessLookupError, RunDirInUse)):
+    from .runs import NothingToResume
+
+    if isinstance(exc, (ProcessLookupError, RunDirInUse, NothingToResume)):
         return _error(409, str(exc))
     if isinstance(exc, (FileNotFoundError, KeyError, LookupError)):
         return _error(404, str(exc).strip("'\""))
@@ -361,6 +506,12 @@ class _RunIdConvertor(Convertor):
 register_url_convertor("runid", _RunIdConvertor())
 
 
+def _field(arg: str) -> str:
+    from .policy import field_of_arg
+
+    return field_of_arg(arg)
+
+
 def _guarded(handler):
     async def route(request: Request):
         try:
@@ -375,18 +526,30 @@ def create_app(
     workdir: Path,
     *,
     token: str | None = None,
+    no_token: bool = False,
     data_roots: list[Path] | tuple = (),
+    config_dirs: list[Path] | tuple = (),
+    allow_code: bool = False,
     host: str = "127.0.0.1",
     store=None,
     python: str = sys.executable,
     poll_seconds: float = POLL_SECONDS,
+    max_body: int = MAX_BODY,
+    max_cpu_runs: int | None = 1,
 ) -> Starlette:
     """The UI app for runs under ``workdir`` (``RunStore``), previews under ``workdir`` and
-    ``data_roots``. ``host`` is where it will be bound: beyond loopback a ``token`` is required.
-    A background task calls ``store.poll()`` every ``poll_seconds`` (queue, finished runs)."""
-    if token is None and not is_loopback(host):
-        raise ValueError(f"binding the UI to {host} (beyond loopback) needs a token: pass --token or set {TOKEN_ENV}")
-    ui = UI(Path(workdir), list(data_roots), store, python)
+    ``data_roots``, experiments from the built-in tree and ``config_dirs`` (and
+    ``<workdir>/flux_lightning_configs`` when it exists). Every request needs ``token``; only
+    ``no_token=True`` on a loopback ``host`` serves without one. ``allow_code`` lets requests carry
+    overrides that name code (:mod:`policy`). A background task calls ``store.poll()`` every
+    ``poll_seconds`` (queue, finished runs)."""
+    if token is None and not no_token:
+        raise ValueError(f"the UI needs a token: set {TOKEN_ENV}, or pass --token-file <file> (or --no-token on a single-user machine)")
+    if no_token and not is_loopback(host):
+        raise ValueError(f"--no-token serves this machine only; binding to {host} (beyond loopback) needs a token")
+    if no_token:
+        token = None
+    ui = UI(Path(workdir), list(data_roots), store, python, config_dirs=config_dirs, allow_code=allow_code, max_cpu_runs=max_cpu_runs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -410,6 +573,7 @@ def create_app(
     routes = [
         Route("/", _guarded(ui.index)),
         Route("/api/form", _guarded(ui.form)),
+        Route("/api/form/values", _guarded(ui.form_values), methods=["POST"]),
         Route("/api/compose", _guarded(ui.compose_route), methods=["POST"]),
         Route("/api/dataset/check", _guarded(ui.dataset), methods=["POST"]),
         Route("/api/dataset/file", _guarded(ui.dataset_file)),
@@ -427,7 +591,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(_Gate, token=token, loopback=is_loopback(host))],
+        middleware=[Middleware(_Gate, token=token, loopback=is_loopback(host), max_body=max_body)],
         lifespan=lifespan,
     )
     app.state.ui = ui

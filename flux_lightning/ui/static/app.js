@@ -3,7 +3,13 @@
 
 const state = {
   spec: null,            // form_spec()
-  selection: {},         // group -> option
+  selection: {},         // group -> option shown in its select
+  expChoices: {},        // group -> option the experiment (or the defaults list) picks: sent only when changed
+  configDir: null,       // the experiment dir (--config-dir) of the chosen experiment
+  sources: [],           // the experiments offered: {value, name, config_dir, description}
+  pending: {},           // run id -> {text, status}: Stop/Resume asked, not yet seen in the run's status
+  logAttempt: {},        // run id -> the attempt whose log is shown (null: the latest)
+  logCache: {},          // attempt key -> its log text
   base: {},              // field key -> its value (as text) in the composed config before the user's edits
   hardware: { mode: "auto", selected: [] },
   accelerators: [],
@@ -153,7 +159,7 @@ function renderGroups() {
     state.selection[group.name] = state.selection[group.name] ?? group.default_option;
     const select = options.length
       ? h("select", { id: "option-" + safeId(group.name), testid: "option-" + safeId(group.name),
-          onchange: (e) => { state.selection[group.name] = e.target.value; schedulePreview(); } },
+          onchange: (e) => { state.selection[group.name] = e.target.value; recompose(); } },
           options.map((o) => h("option", { value: o, text: o })))
       : null;
     if (select) select.value = state.selection[group.name] ?? "";
@@ -202,11 +208,50 @@ function collect() {
     const tag = document.getElementById("changed-" + safeId(group.name));
     if (tag) tag.textContent = changed ? `${changed} changed` : "";
   }
-  const selection = { ...state.selection };
-  const exp = $("#experiment").value;
-  if (exp) selection.experiment = exp;
-  return { selection, values, extra: $("#extra-overrides").value, hardware: state.hardware };
+  return { selection: sentSelection(), values, extra: $("#extra-overrides").value, hardware: state.hardware,
+    config_dir: state.configDir };
 }
+
+// the experiment, and only the group options the user changed from what it picks (what you pick is what runs)
+function sentSelection() {
+  const selection = {};
+  const source = state.sources.find((x) => x.value === $("#experiment").value);
+  if (source) selection.experiment = source.name;
+  for (const [g, o] of Object.entries(state.selection)) {
+    if (o && o !== state.expChoices[g]) selection[g] = o;
+  }
+  return selection;
+}
+
+// the groups and the untouched fields follow the composed config of the chosen experiment and options
+async function recompose(experimentChanged = false) {
+  const selection = experimentChanged ? {} : sentSelection();
+  const source = state.sources.find((x) => x.value === $("#experiment").value);
+  if (experimentChanged && source) selection.experiment = source.name;
+  const seq = ++recompose.seq;
+  $("#compose-status").textContent = "composing…";
+  $("#compose-status").className = "status-line";
+  const { ok, data } = await api("/api/form/values", { method: "POST", body: { selection, config_dir: state.configDir } });
+  if (seq !== recompose.seq) return;
+  if (!ok) { showProblems({ ok: false, problems: [{ field: "experiment", message: data.error }], command: $("#command").textContent }); return; }
+  if (experimentChanged) state.expChoices = { ...data.choices };
+  for (const [g, o] of Object.entries(data.choices || {})) {
+    state.selection[g] = o;
+    const sel = document.getElementById("option-" + safeId(g));
+    if (sel) sel.value = o;
+  }
+  for (const group of state.spec.groups) {
+    for (const field of group.fields || []) {
+      if (!(field.key in (data.values || {}))) continue;
+      const text = fieldText(data.values[field.key]);
+      if (fieldValue(field) === undefined) setField(field, text);  // untouched: follows; changed: kept
+      state.base[field.key] = text;
+    }
+  }
+  collect();
+  schedulePreview();
+}
+recompose.seq = 0;
 
 function showProblems(result) {
   for (const el of $$(".problem")) el.textContent = "";
@@ -262,7 +307,11 @@ async function compose(validateNow = true) {
     }
   }
   if (validateNow) showProblems(data);
-  else $("#command").textContent = data.command || $("#command").textContent;
+  else {
+    $("#command").textContent = data.command || $("#command").textContent;
+    const status = $("#compose-status");
+    if (status.textContent === "composing…") { status.textContent = "not validated yet"; status.className = "status-line"; }
+  }
   return data;
 }
 
@@ -287,7 +336,11 @@ async function launch() {
 function renderHardwareSummary() {
   const hw = state.hardware;
   const text = hw.mode === "manual" ? `manual: GPUs ${hw.selected.join(", ") || "(none ticked)"}` : hw.mode;
-  $("#hardware-summary").textContent = `Devices: ${text} — change on the Hardware page.`;
+  const box = $("#hardware-summary");
+  box.textContent = "";
+  box.append(`Devices: ${text} — set on the `,
+    h("a", { href: "#hardware", onclick: (e) => { e.preventDefault(); showTab("hardware"); } }, "Hardware page"),
+    " (the run's trainer.devices, strategy and CUDA_VISIBLE_DEVICES).");
 }
 
 async function loadForm() {
@@ -296,15 +349,20 @@ async function loadForm() {
   const exp = $("#experiment");
   exp.textContent = "";
   exp.append(h("option", { value: "", text: "none — the embedded tiny demo and the options below" }));
-  for (const e of data.experiments || []) {
-    const name = typeof e === "string" ? e : e.name;
-    exp.append(h("option", { value: name, text: name }));
+  state.sources = data.experiment_sources || [];
+  const builtIn = state.sources.filter((e) => !e.config_dir);
+  for (const e of builtIn) exp.append(h("option", { value: e.value, text: e.name }));
+  for (const dir of data.config_dirs || []) {
+    const mine = state.sources.filter((e) => e.config_dir === dir);
+    if (mine.length) exp.append(h("optgroup", { label: "--config-dir " + dir }, mine.map((e) => h("option", { value: e.value, text: e.name }))));
   }
   exp.addEventListener("change", () => {
-    const e = (data.experiments || []).find((x) => (typeof x === "string" ? x : x.name) === exp.value);
-    $("#experiment-doc").textContent = e && e.doc ? e.doc : "";
-    schedulePreview();
+    const e = state.sources.find((x) => x.value === exp.value);
+    state.configDir = e ? e.config_dir : null;
+    $("#experiment-doc").textContent = e ? e.description || "" : "";
+    recompose(true);
   });
+  for (const g of data.groups) if (g.default_option) state.expChoices[g.name] = g.default_option;
   renderGroups();
   renderHardwareSummary();
   compose(false);
@@ -320,7 +378,8 @@ async function checkDataset() {
   const out = $("#dataset-result");
   out.textContent = "";
   out.append(h("div", { class: "card muted", text: "checking…" }));
-  const body = { path: $("#dataset-path").value, resolution: Number($("#dataset-resolution").value) || null };
+  const body = { path: $("#dataset-path").value, resolution: Number($("#dataset-resolution").value) || null,
+    caption_strategy: $("#dataset-captions").value, instance_prompt: $("#dataset-prompt").value || null };
   const { ok, data } = await api("/api/dataset/check", { method: "POST", body });
   out.textContent = "";
   if (!ok) {
@@ -331,12 +390,16 @@ async function checkDataset() {
     out.append(h("div", { class: "card problems", testid: "dataset-problems" },
       h("ul", {}, data.problems.map((p) => h("li", { text: typeof p === "string" ? p : p.message || JSON.stringify(p) })))));
   }
+  if ((data.notes || []).length) {
+    out.append(h("div", { class: "card notes", testid: "dataset-notes" }, h("h3", { text: "Notes" }),
+      h("ul", {}, data.notes.map((n) => h("li", { text: n })))));
+  }
   for (const b of data.backends || []) {
     const most = Math.max(1, ...(b.buckets || []).map((x) => x.count));
     out.append(h("div", { class: "card backend", testid: "backend-" + safeId(b.id) },
       h("h2", {}, b.id, " ", h("span", { class: "badge", text: b.kind || "image" })),
       h("div", { class: "stats" },
-        h("div", { class: "stat" }, h("b", { testid: "backend-images", text: b.images }), h("span", { text: "images" })),
+        h("div", { class: "stat" }, h("b", { testid: "backend-images", text: b.images ?? "—" }), h("span", { text: "images" })),
         h("div", { class: "stat" }, h("b", { text: (b.buckets || []).length }), h("span", { text: "buckets" })),
         h("div", { class: "stat" }, h("b", { text: (b.skipped || []).length }), h("span", { text: "skipped" }))),
       h("h3", { text: "Aspect buckets" }),
@@ -351,6 +414,9 @@ async function checkDataset() {
         h("p", { text: s.caption || "(no caption)" })))),
       (b.skipped || []).length ? h("h3", { text: "Skipped" }) : null,
       h("ul", { class: "skipped", testid: "skipped" }, (b.skipped || []).map((s) =>
+        h("li", {}, h("span", { class: "mono", text: s.file }), " — ", h("span", { class: "reason", text: s.reason })))),
+      (b.ignored || []).length ? h("h3", { text: "Not used" }) : null,
+      h("ul", { class: "skipped", testid: "ignored" }, (b.ignored || []).map((s) =>
         h("li", {}, h("span", { class: "mono", text: s.file }), " — ", h("span", { class: "reason", text: s.reason }))))));
   }
 }
@@ -423,7 +489,8 @@ function lossChart(metrics) {
     { name: "eval", key: "loss/val", color: "var(--val)" },
   ].map((s) => ({ ...s, points: (metrics[s.key] || []).filter((p) => p && isFinite(p[1])) }));
   const all = series.flatMap((s) => s.points);
-  const W = 560, H = 240, L = 48, R = 12, T = 12, B = 28;
+  // drawn near its shown size (a card ~360 px wide), so 12-13 px labels stay 12-13 px on screen
+  const W = 380, H = 240, L = 60, R = 10, T = 10, B = 42;
   const NS = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(NS, "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
@@ -451,15 +518,18 @@ function lossChart(metrics) {
   for (let i = 0; i <= 4; i++) {
     const y = y0 + ((y1 - y0) * i) / 4;
     el("line", { x1: L, x2: W - R, y1: sy(y), y2: sy(y), stroke: "#eceef3" });
-    el("text", { x: L - 6, y: sy(y) + 4, "text-anchor": "end", "font-size": 10, fill: "#6b7385" }, y.toPrecision(3));
+    el("text", { x: L - 6, y: sy(y) + 4, "text-anchor": "end", "font-size": 12, fill: "#4a5163" }, y.toPrecision(3));
   }
   // step ticks: whole steps, 1/2/5 x 10^k apart, about five of them
   const raw = (x1 - x0) / 5, mag = 10 ** Math.floor(Math.log10(Math.max(raw, 1)));
   const every = Math.max(1, [1, 2, 5, 10].map((m) => m * mag).find((v) => v >= raw) || 10 * mag);
   for (let x = Math.ceil(x0 / every) * every; x <= x1; x += every) {
     el("line", { x1: sx(x), x2: sx(x), y1: H - B, y2: H - B + 4, stroke: "#b9bfcc" });
-    el("text", { x: sx(x), y: H - 10, "text-anchor": "middle", "font-size": 10, fill: "#6b7385" }, String(x));
+    el("text", { x: sx(x), y: H - B + 18, "text-anchor": "middle", "font-size": 12, fill: "#4a5163" }, String(x));
   }
+  el("text", { x: L + (W - L - R) / 2, y: H - 6, "text-anchor": "middle", "font-size": 13, fill: "#2b3142" }, "step");
+  el("text", { x: 14, y: T + (H - T - B) / 2, "text-anchor": "middle", "font-size": 13, fill: "#2b3142",
+    transform: `rotate(-90 14 ${T + (H - T - B) / 2})` }, "loss");
   for (const s of series) {
     if (!s.points.length) continue;
     const d = s.points.map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
@@ -486,8 +556,12 @@ async function refreshRun() {
   if (!ok) { root.textContent = ""; root.append(h("div", { class: "card problems", text: run.error || "run not found" })); return; }
   const keepScroll = $("#log-tail") ? $("#log-tail").scrollTop : null;
   const atBottom = $("#log-tail") ? $("#log-tail").scrollHeight - $("#log-tail").scrollTop - $("#log-tail").clientHeight < 20 : true;
-  const status = run.status || "?";
-  const live = status === "running" || status === "queued";
+  let status = run.status || "?";
+  const pending = state.pending[id];
+  if (pending && pending.from === status && Date.now() < pending.until) status = pending.text;  // asked, not seen yet
+  else delete state.pending[id];
+  const live = ["running", "queued", "stopping…", "starting…"].includes(status);
+  const finished = status === "finished";
   const metrics = run.metrics || {};
   const train = metrics["loss/train"] || [];
   const val = metrics["loss/val"] || [];
@@ -502,13 +576,15 @@ async function refreshRun() {
         h("h1", { text: runId(run) || id }),
         h("span", { class: "badge " + status, id: "run-status", testid: "run-status", text: status }),
         h("div", { class: "buttons" },
-          h("button", { class: "danger", id: "btn-stop", testid: "stop", disabled: !live,
-            onclick: async () => { const r = await api(`/api/runs/${idPath(id)}/stop`, { method: "POST" });
-              toast(r.ok ? "stopping: a checkpoint is written first" : r.data.error, !r.ok); refreshRuns(); } }, "Stop"),
-          h("button", { class: "secondary", id: "btn-resume", testid: "resume", disabled: live || !checkpoints.length,
-            onclick: () => resume(id, null) }, "Resume"),
+          h("button", { class: "danger", id: "btn-stop", testid: "stop", disabled: !live || status === "stopping…",
+            onclick: (e) => stop(id, run.status, e.target) }, "Stop"),
+          h("button", { class: "secondary", id: "btn-resume", testid: "resume", disabled: live || finished || !checkpoints.length,
+            title: finished ? "the run finished: nothing to resume (launch it again with a higher trainer.max_steps)" : null,
+            onclick: (e) => resume(id, null, run.status, e.target) }, "Resume"),
           h("a", { class: "download" + (run.lora ? "" : " disabled"), id: "lora-download", testid: "lora-download",
-            href: run.lora ? withToken(`/api/runs/${idPath(id)}/lora`) : "#", download: "" }, "Download LoRA"))),
+            title: run.lora ? "the adapter file exported with the checkpoint of that step" : "written with each checkpoint and at the end",
+            href: run.lora ? withToken(`/api/runs/${idPath(id)}/lora`) : "#", download: "" },
+            run.lora ? `Download LoRA${run.lora_step !== null && run.lora_step !== undefined ? " (step " + run.lora_step + ")" : ""}` : "Download LoRA"))),
       run.max_steps && step !== null ? h("div", { class: "progress" }, h("i", { style: `width:${Math.min(100, (100 * step) / run.max_steps)}%` })) : null,
       h("div", { class: "kv" },
         h("div", {}, h("span", { text: "step" }), h("b", { testid: "run-step", text: step === null ? "—" : `${step}${run.max_steps ? " / " + run.max_steps : ""}` })),
@@ -535,11 +611,12 @@ async function refreshRun() {
           ? h("ul", { testid: "checkpoints" }, checkpoints.map((c) => h("li", {},
               h("span", {}, h("span", { class: "mono", text: c.file.split("/").pop() }), " ",
                 h("span", { class: "muted", text: c.step !== null && c.step !== undefined ? `step ${c.step}` : "" })),
-              h("button", { class: "ghost small", testid: "resume-from-" + safeId(c.file.split("/").pop()), disabled: live,
-                onclick: () => resume(id, c.file) }, "Resume from here"))))
+              h("button", { class: "ghost small", testid: "resume-from-" + safeId(c.file.split("/").pop()), disabled: live || finished,
+                onclick: (e) => resume(id, c.file, run.status, e.target) }, "Resume from here"))))
           : h("p", { class: "muted", text: "none yet" })),
       h("div", { class: "card" }, h("h2", {}, "Log ", run.log ? h("a", { class: "small", href: withToken(`/api/runs/${idPath(id)}/log`), target: "_blank", text: "(full)" }) : null),
-        h("pre", { class: "log", id: "log-tail", testid: "log-tail", text: run.log_tail || "" }))),
+        attemptPicker(id, run.attempts || []),
+        h("pre", { class: "log", id: "log-tail", testid: "log-tail", text: logText(id, run) }))),
   ];
   root.textContent = "";
   root.append(...frag);
@@ -550,8 +627,46 @@ async function refreshRun() {
   else if (keepScroll !== null) logEl.scrollTop = keepScroll;
 }
 
-async function resume(id, checkpoint) {
+// every attempt (launch) keeps its log: the latest is followed live, an earlier one is shown whole
+function attemptPicker(id, attempts) {
+  if (attempts.length < 2) return null;
+  const chosen = state.logAttempt[id] || "";
+  const sel = h("select", { class: "small", testid: "log-attempt", onchange: async (e) => {
+    state.logAttempt[id] = e.target.value || null;
+    if (e.target.value && !(e.target.value in state.logCache)) {
+      const res = await fetch(withToken(`/api/runs/${idPath(id)}/log?attempt=${encodeURIComponent(e.target.value)}`));
+      state.logCache[e.target.value] = res.ok ? await res.text() : "(no log)";
+    }
+    refreshRun();
+  } }, attempts.map((a, i) => h("option", { value: i === attempts.length - 1 ? "" : a.key,
+    text: (a.label || `attempt ${i + 1}`) + (i === attempts.length - 1 ? " (latest)" : "") })));
+  sel.value = chosen;
+  return h("div", { class: "attempts" }, sel);
+}
+
+function logText(id, run) {
+  const key = state.logAttempt[id];
+  return key ? state.logCache[key] ?? "loading…" : run.log_tail || "";
+}
+
+// Stop/Resume answer at once: the badge says what was asked until the run's status changes (at most 15 s)
+async function stop(id, from, button) {
+  if (button) button.disabled = true;
+  state.pending[id] = { text: "stopping…", from, until: Date.now() + 15000 };
+  refreshRun();
+  const r = await api(`/api/runs/${idPath(id)}/stop`, { method: "POST" });
+  if (!r.ok) delete state.pending[id];
+  toast(r.ok ? "stopping: a checkpoint is written first" : r.data.error, !r.ok);
+  refreshRuns();
+}
+
+async function resume(id, checkpoint, from, button) {
+  if (button) button.disabled = true;
+  state.pending[id] = { text: "starting…", from, until: Date.now() + 15000 };
+  state.logAttempt[id] = null;
+  refreshRun();
   const r = await api(`/api/runs/${idPath(id)}/resume`, { method: "POST", body: { checkpoint } });
+  if (!r.ok) delete state.pending[id];
   toast(r.ok ? `resuming ${id}${checkpoint ? " from " + checkpoint.split("/").pop() : ""}` : r.data.error, !r.ok);
   refreshRuns();
 }
