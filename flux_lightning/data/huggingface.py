@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, Problem
 from .config import ImageBackendConfig, backend_field
 from .discovery import ImageRecord
 
@@ -100,7 +100,7 @@ def parquet_files(name: str) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(os.path.expanduser(name), recursive=True) if p.endswith(".parquet") and Path(p).is_file())
 
 
-def source_problem(backend: ImageBackendConfig) -> str | None:
+def source_problem(backend: ImageBackendConfig) -> Problem | None:
     """Why ``backend.dataset_name`` cannot be read, or None; only looks at the file system."""
     name = backend.dataset_name
     if not name:
@@ -109,20 +109,22 @@ def source_problem(backend: ImageBackendConfig) -> str | None:
     path = Path(name).expanduser()
     if _saved(path) or parquet_files(name):
         if importlib.util.find_spec("datasets") is None:
-            return f"{key}: reading '{name}' needs the `datasets` library: {INSTALL_HINT}"
+            return Problem(key, f"{key}: reading '{name}' needs the `datasets` library: {INSTALL_HINT}")
         return None
     if path.is_dir():
-        return (
+        return Problem(
+            key,
             f"{key}: folder '{name}' holds neither a dataset saved with save_to_disk ({' or '.join(_SAVED_MARKERS)}) "
             "nor parquet files; point it at one"
         )
     if _HUB_ID.fullmatch(name) and not name.startswith((".", "~")):
-        return (
+        return Problem(
+            key,
             f"{key}: '{name}' is not a local folder or parquet file, and hub datasets are never downloaded "
             f"by this trainer; save it once (datasets.load_dataset('{name}', split='train').save_to_disk('<folder>')) "
             "and point dataset_name at <folder>"
         )
-    return f"{key}: '{name}' is no saved dataset folder, parquet file or glob of parquet files; fix the path"
+    return Problem(key, f"{key}: '{name}' is no saved dataset folder, parquet file or glob of parquet files; fix the path")
 
 
 def load_rows(backend: ImageBackendConfig, cache_dir: Path):
