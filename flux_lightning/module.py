@@ -24,6 +24,7 @@ from .adapters import (
     export_adapter,
 )
 from .components import ModelConfig, load_transformer, set_attention_backend, training_attention_backend
+from .hooks import RendersImages, SummaryRows, TrainableParameters
 from .guard import NonFiniteGuard, all_finite, all_ranks_agree
 from .memory import GroupOffload, apply_group_offload, enable_gradient_checkpointing
 from .optim import ADAPTER_DTYPES
@@ -82,6 +83,8 @@ class FluxLoRAModule(L.LightningModule):
             counted (``train/skipped_nonfinite``); this many in a row stop the run with
             :class:`~flux_lightning.guard.NonFiniteLossError` (see :mod:`flux_lightning.guard`).
     """
+
+    implements = (SummaryRows, TrainableParameters, RendersImages)  # hooks.py; tests/test_hooks.py checks them
 
     def __init__(
         self,
