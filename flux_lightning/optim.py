@@ -138,6 +138,9 @@ class OptimizerSpec:
         install: pip hint when the package is missing.
         paged: uses paged (unified-memory) state; CUDA only, bitsandbytes falls back elsewhere.
         fusable: a torch optimizer with a ``fused`` kernel, used unless ``optimizer.fused=false``.
+        family: how it takes a learning rate: ``adamw`` (AdamW's scale), ``lion`` (sign updates:
+            3-10x lower), ``prodigy`` (estimates the step size; lr scales the estimate, keep 1.0).
+            The wizard's learning-rate advice is per family (``configure_plan.LR_RANGES``).
     """
 
     name: str
@@ -146,6 +149,7 @@ class OptimizerSpec:
     install: str | None = None
     paged: bool = False
     fusable: bool = False
+    family: str = "adamw"
 
     @property
     def module(self) -> str:
@@ -157,7 +161,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     for spec in (
         OptimizerSpec("adamw", "torch.optim:AdamW", fusable=True),
         OptimizerSpec("adamw_bf16", "optimi:AdamW", adapter_dtype="bf16", install="pip install torch-optimi"),
-        OptimizerSpec("optimi_lion", "optimi:Lion", install="pip install torch-optimi"),
+        OptimizerSpec("optimi_lion", "optimi:Lion", install="pip install torch-optimi", family="lion"),
         OptimizerSpec("optimi_stableadamw", "optimi:StableAdamW", install="pip install torch-optimi"),
         OptimizerSpec("adamw8bit", "bitsandbytes.optim:AdamW8bit", install="pip install 'flux-lightning[bnb]'"),
         OptimizerSpec(
@@ -165,10 +169,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "bitsandbytes.optim:PagedLion8bit",
             install="pip install 'flux-lightning[bnb]'",
             paged=True,
+            family="lion",
         ),
-        OptimizerSpec("prodigy", "prodigyopt:Prodigy", install="pip install 'flux-lightning[prodigy]'"),
+        OptimizerSpec("prodigy", "prodigyopt:Prodigy", install="pip install 'flux-lightning[prodigy]'", family="prodigy"),
     )
 }
+
+#: optimizer families (``OptimizerSpec.family``) as people name them
+OPTIMIZER_FAMILIES = {"adamw": "AdamW", "lion": "Lion", "prodigy": "Prodigy"}
 
 ADAPTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -131,7 +131,7 @@ class FluxDataModule(L.LightningDataModule):
                 if backend.dataset_type == "image":
                     found, n = self.resolver.resolve(backend)
                     samples += found
-                    skipped += n
+                    skipped += len(n)
             self._samples, self.skipped = samples, skipped
         return self._samples
 

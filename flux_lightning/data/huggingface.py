@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import DataError, Problem
 from .config import ImageBackendConfig, backend_field
-from .discovery import ImageRecord
+from .discovery import ImageRecord, Skip, skip
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +168,9 @@ def _caption(value) -> str:
     return "" if value is None else str(value).strip()
 
 
-def discover_rows(backend: ImageBackendConfig, cache_dir: Path) -> tuple[list[ImageRecord], int]:
-    """Captioned rows of a ``type: huggingface`` backend and the number skipped (each skip is
-    logged with its row index and reason); images are read later, like files."""
+def discover_rows(backend: ImageBackendConfig, cache_dir: Path) -> tuple[list[ImageRecord], list[Skip]]:
+    """Captioned rows of a ``type: huggingface`` backend and the rows skipped (each also logged with
+    its row index and reason); images are read later, like files."""
     rows = load_rows(backend, cache_dir)
     if len(rows) == 0:
         raise DataError(f"{backend_field(backend.id, 'dataset_name')}: {backend.dataset_name} holds no rows")
@@ -180,16 +180,13 @@ def discover_rows(backend: ImageBackendConfig, cache_dir: Path) -> tuple[list[Im
         captions = [_caption(c) for c in rows[backend.caption_column]]
     else:
         captions = [backend.instance_prompt] * len(rows)
-    records, skipped = [], 0
+    records, skips = [], []
     for i, caption in enumerate(captions):
         image = RowImage(backend.dataset_name, i, backend.image_column, rows, root)
         if not caption:
-            log.warning(
-                "skipping %s: empty caption in column %r (write one; for unconditional training use "
-                "caption_dropout_probability)", image, backend.caption_column,
-            )
-            skipped += 1
+            skip(skips, image, f"empty caption in column {backend.caption_column!r} (write one; for unconditional "
+                 "training use caption_dropout_probability)")
             continue
         mask = RowImage(backend.dataset_name, i, backend.mask_column, rows, root) if backend.mask_column else None
         records.append(ImageRecord(image, str(i), caption, 0, mask))
-    return records, skipped
+    return records, skips
