@@ -11,7 +11,7 @@ or on the hub (:func:`source_problems`), and raises one :class:`~flux_lightning.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
 from hydra.utils import get_class
@@ -34,34 +34,58 @@ from .run_checks import TARGET_CHECKS, nonfinite_problems, trainer_problems
 from .tread import TreadConfig, known_num_blocks
 from .values import is_int
 
-__all__ = ["ConfigError", "RunConfig", "validate"]
+__all__ = ["GROUPS", "ConfigError", "Group", "RunConfig", "validate"]
 
 
-@dataclass
-class RunConfig:
-    """The typed, validated parts of a run that the library's classes take."""
+@dataclass(frozen=True)
+class Group:
+    """One typed config group: the node ``name`` (``conf/<name>/``, ``model=krea``), its dataclass,
+    and which of the library's classes take it as a keyword argument of the same name."""
 
-    model: ModelConfig
-    adapter: AdapterConfig
-    dataset: DatasetConfig
-    timesteps: TimestepConfig
-    tread: TreadConfig = field(default_factory=TreadConfig)
-    compile: bool = False
-    optimizer: OptimizerConfig | None = None
-    lr_scheduler: LRSchedulerConfig | None = None
-    loss: LossConfig = field(default_factory=LossConfig)
-    scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)
+    name: str
+    schema: type
+    module: bool = False  # FluxLoRAModule(name=...) (RunConfig.module_parts)
+    data: bool = False  # FluxDataModule(name=...) (RunConfig.data_parts)
+    nullable: bool = False  # ``<name>=null`` is allowed (the run config holds None)
 
-    def module_parts(self) -> dict:
-        """Keyword arguments of :class:`~flux_lightning.module.FluxLoRAModule` (and subclasses)."""
-        return {
-            "model": self.model, "adapter": self.adapter, "timesteps": self.timesteps, "tread": self.tread,
-            "loss": self.loss, "scheduled_sampling": self.scheduled_sampling,
-        }  # fmt: skip
 
-    def data_parts(self) -> dict:
-        """Keyword arguments of :class:`~flux_lightning.data.FluxDataModule` (and subclasses)."""
-        return {"dataset": self.dataset, "model": self.model}
+#: Every typed group, once: schema.TrainConfig's typed nodes, RunConfig's fields, what validate()
+#: types and asks for problems(), and the typed arguments of the module and the datamodule are built
+#: from this list (docs/architecture.md, "How to add a group").
+GROUPS: tuple[Group, ...] = (
+    Group("model", ModelConfig, module=True, data=True),
+    Group("adapter", AdapterConfig, module=True),
+    Group("dataset", DatasetConfig, data=True),
+    Group("timesteps", TimestepConfig, module=True),
+    Group("optimizer", OptimizerConfig, nullable=True),
+    Group("lr_scheduler", LRSchedulerConfig, nullable=True),
+    Group("tread", TreadConfig, module=True),
+    Group("loss", LossConfig, module=True),
+    Group("scheduled_sampling", ScheduledSamplingConfig, module=True),
+)
+
+
+def _module_parts(self) -> dict:
+    """Keyword arguments of :class:`~flux_lightning.module.FluxLoRAModule` (and subclasses)."""
+    return {g.name: getattr(self, g.name) for g in GROUPS if g.module}
+
+
+def _data_parts(self) -> dict:
+    """Keyword arguments of :class:`~flux_lightning.data.FluxDataModule` (and subclasses)."""
+    return {g.name: getattr(self, g.name) for g in GROUPS if g.data}
+
+
+#: The typed, validated parts of a run that the library's classes take: one field per group of
+#: :data:`GROUPS` (None for a nullable group set to null), plus ``compile``.
+RunConfig = make_dataclass(
+    "RunConfig",
+    [
+        (g.name, g.schema | None, field(default=None)) if g.nullable else (g.name, g.schema, field(default_factory=g.schema))
+        for g in GROUPS
+    ]
+    + [("compile", bool, field(default=False))],
+    namespace={"module_parts": _module_parts, "data_parts": _data_parts, "__module__": __name__},
+)
 
 
 def _typed(schema, node, group: str, problems: list[Problem]):
@@ -77,10 +101,9 @@ def _typed(schema, node, group: str, problems: list[Problem]):
 
 def group_problems(run: RunConfig) -> list[Problem]:
     """Each group's own ``problems()``; nothing that depends on the flavour when it is unknown."""
-    out = run.model.problems() + run.adapter.problems()
-    out += run.dataset.problems() + run.timesteps.problems() + run.tread.problems()
-    out += run.loss.problems() + run.scheduled_sampling.problems()
-    for node in (run.optimizer, run.lr_scheduler):
+    out = []
+    for g in GROUPS:
+        node = getattr(run, g.name)
         out += node.problems() if node is not None else []
     if not isinstance(run.compile, bool):
         out.append(Problem("compile", f"compile={run.compile!r} must be true or false"))
@@ -263,22 +286,11 @@ def validate(cfg: DictConfig, *, check_sources: bool = True) -> RunConfig:
     are checked (:func:`source_problems`), all before any weights load.
     """
     problems: list[Problem] = []
-    run = RunConfig(
-        model=_typed(ModelConfig, cfg.model, "model", problems),
-        adapter=_typed(AdapterConfig, cfg.adapter, "adapter", problems),
-        dataset=_typed(DatasetConfig, cfg.dataset, "dataset", problems),
-        timesteps=_typed(TimestepConfig, cfg.timesteps, "timesteps", problems),
-        tread=_typed(TreadConfig, cfg.get("tread_config"), "tread_config", problems),
-        loss=_typed(LossConfig, cfg.get("loss"), "loss", problems),
-        scheduled_sampling=_typed(ScheduledSamplingConfig, cfg.get("scheduled_sampling"), "scheduled_sampling", problems),
-        compile=cfg.get("compile", False),
-        optimizer=_typed(OptimizerConfig, cfg.optimizer, "optimizer", problems) if cfg.get("optimizer") is not None else None,
-        lr_scheduler=(
-            _typed(LRSchedulerConfig, cfg.lr_scheduler, "lr_scheduler", problems)
-            if cfg.get("lr_scheduler") is not None
-            else None
-        ),
-    )
+    typed = {
+        g.name: None if g.nullable and cfg.get(g.name) is None else _typed(g.schema, cfg.get(g.name), g.name, problems)
+        for g in GROUPS
+    }
+    run = RunConfig(**typed, compile=cfg.get("compile", False))
     try:
         run.dataset = resolve_dataset(run.dataset)
     except DataError as err:

@@ -239,7 +239,7 @@ def routed_forward(
     t = transformer
     attention_kwargs = dict(joint_attention_kwargs) if joint_attention_kwargs else None
     if attention_kwargs and "ip_adapter_image_embeds" in attention_kwargs:
-        raise ValueError("TREAD routing does not support IP-Adapter inputs; train without tread_config")
+        raise ValueError("TREAD routing does not support IP-Adapter inputs; train without tread (tread.routes=[])")
     lora_scale = attention_kwargs.pop("scale", 1.0) if attention_kwargs else 1.0
     if lora_scale != 1.0:
         from diffusers.utils import scale_lora_layers, unscale_lora_layers
