@@ -114,7 +114,7 @@ def num_blocks(transformer: torch.nn.Module) -> int:
 
 
 def known_num_blocks(model) -> int | None:
-    """Block count of the transformer ``model`` (a :class:`~flux_lightning.components.ModelConfig`)
+    """Block count of the transformer ``model`` (a :class:`~flux_lightning.model_config.ModelConfig`)
     will load, known before loading: from a local ``config.json``, else the flavour's fact; ``None``
     when only loading can tell (a custom transformer from the hub)."""
     if model.pretrained_transformer_model_name_or_path:

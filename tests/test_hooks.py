@@ -20,7 +20,7 @@ from flux_lightning.callbacks import (
     ModelCard,
     ValidationImages,
 )
-from flux_lightning.components import ModelConfig
+from flux_lightning.model_config import ModelConfig
 from flux_lightning.data import DatasetConfig, FluxDataModule
 from flux_lightning.module import FluxLoRAModule
 from flux_lightning.stopping import GracefulStop

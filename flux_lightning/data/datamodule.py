@@ -17,8 +17,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..components import ModelConfig, load_text_encoders, load_vae, model_identity
+from ..components import load_text_encoders, load_vae, model_identity
 from ..hooks import EvalSplit, PromptTexts, SummaryRows
+from ..model_config import ModelConfig
 from . import caching
 from .backend_file import resolve_dataset
 from .cache import TensorCache, cache_key, text_spec
