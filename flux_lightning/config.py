@@ -80,7 +80,9 @@ def _data_parts(self) -> dict:
 RunConfig = make_dataclass(
     "RunConfig",
     [
-        (g.name, g.schema | None, field(default=None)) if g.nullable else (g.name, g.schema, field(default_factory=g.schema))
+        (g.name, g.schema | None, field(default=None))
+        if g.nullable
+        else (g.name, g.schema, field(default_factory=g.schema))
         for g in GROUPS
     ]
     + [("compile", bool, field(default=False))],
@@ -116,13 +118,19 @@ def adapter_combination_problems(adapter: AdapterConfig, model: ModelConfig) -> 
     out = []
     if model.quantization.quantized and adapter.init in BASE_MODIFYING_INITS:
         out.append(
-            Problem("adapter.init", f"adapter.init={adapter.init} rewrites the base weights and cannot run on a quantized base; "
-            "use quantization=none or adapter.init=default")
+            Problem(
+                "adapter.init",
+                f"adapter.init={adapter.init} rewrites the base weights and cannot run on a quantized base; "
+                "use quantization=none or adapter.init=default",
+            )
         )
     if adapter.use_dora is True and model.enable_group_offload and model.group_offload_type == "leaf_level":
         out.append(
-            Problem("adapter.use_dora", "adapter.use_dora=true reads each base weight after the layer's forward, when leaf-level group "
-            "offloading has moved it back to the CPU; use model.group_offload_type=block_level or adapter.use_dora=false")
+            Problem(
+                "adapter.use_dora",
+                "adapter.use_dora=true reads each base weight after the layer's forward, when leaf-level group "
+                "offloading has moved it back to the CPU; use model.group_offload_type=block_level or adapter.use_dora=false",
+            )
         )
     return out
 
@@ -151,8 +159,11 @@ def cross_group_problems(run: RunConfig, trainer: dict) -> list[Problem]:
         ))
     if model.quantization.base_model_default_dtype == "fp32" and run.adapter.weight_dtype == "bf16":
         out.append(
-            Problem("optimizer", "optimizer=adamw_bf16 holds the adapter in bf16 but quantization.base_model_default_dtype=fp32; "
-            "use optimizer=adamw (or another fp32 optimizer) or base_model_default_dtype=bf16")
+            Problem(
+                "optimizer",
+                "optimizer=adamw_bf16 holds the adapter in bf16 but quantization.base_model_default_dtype=fp32; "
+                "use optimizer=adamw (or another fp32 optimizer) or base_model_default_dtype=bf16",
+            )
         )
     out += pairing_problems(run.dataset, spec.reference_conditioning, name)
     if model.assistant_lora and run.adapter.type != "lora":
@@ -179,13 +190,19 @@ def schedule_length_problems(sched: LRSchedulerConfig | None, max_steps) -> list
     out = []
     if is_int(max_steps) and max_steps > 0 and sched.num_warmup_steps >= max_steps:
         out.append(
-            Problem("lr_scheduler.num_warmup_steps", f"lr_scheduler.num_warmup_steps={sched.num_warmup_steps} >= trainer.max_steps={max_steps}: the run "
-            "ends during warm-up; lower num_warmup_steps")
+            Problem(
+                "lr_scheduler.num_warmup_steps",
+                f"lr_scheduler.num_warmup_steps={sched.num_warmup_steps} >= trainer.max_steps={max_steps}: the run "
+                "ends during warm-up; lower num_warmup_steps",
+            )
         )
     if sched.decays and not (is_int(max_steps) and max_steps > 0):
         out.append(
-            Problem("lr_scheduler", f"lr_scheduler={sched.name} decays over trainer.max_steps, which is {max_steps}; set "
-            "trainer.max_steps=N or use lr_scheduler=constant")
+            Problem(
+                "lr_scheduler",
+                f"lr_scheduler={sched.name} decays over trainer.max_steps, which is {max_steps}; set "
+                "trainer.max_steps=N or use lr_scheduler=constant",
+            )
         )
     return out
 
@@ -205,7 +222,10 @@ def data_folder_problems(dataset: DatasetConfig) -> list[Problem]:
             if not Path(d).expanduser().is_dir()
         ]
     out += [
-        Problem("dataset.eval_data_dir", f"dataset.eval_data_dir: folder '{d}' does not exist; point it at a folder of images")
+        Problem(
+            "dataset.eval_data_dir",
+            f"dataset.eval_data_dir: folder '{d}' does not exist; point it at a folder of images",
+        )
         for d in dataset.eval_folders()
         if not Path(d).expanduser().is_dir()
     ]
@@ -248,8 +268,11 @@ def source_problems(run: RunConfig) -> list[Problem]:
     assistant = run.model.assistant_lora
     if assistant and not Path(assistant[0]).expanduser().exists() and assistant[0].startswith(("/", ".", "~")):
         out.append(
-            Problem("model.assistant_lora_path", f"model.assistant_lora_path: '{assistant[0]}' does not exist; point it at a LoRA file "
-            "or folder, or set it to none")
+            Problem(
+                "model.assistant_lora_path",
+                f"model.assistant_lora_path: '{assistant[0]}' does not exist; point it at a LoRA file "
+                "or folder, or set it to none",
+            )
         )
     return out
 

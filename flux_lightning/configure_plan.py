@@ -121,34 +121,54 @@ def pitfalls(plan: Plan) -> list[Problem]:
     out = []
     family = optimizer_family(plan.optimizer)
     if family == "prodigy" and plan.lr != 1.0:
-        out.append(Problem("optimizer.lr", f"optimizer.lr={plan.lr:g} with prodigy: Prodigy estimates the step size itself; keep optimizer.lr=1.0"))
+        out.append(
+            Problem(
+                "optimizer.lr",
+                f"optimizer.lr={plan.lr:g} with prodigy: Prodigy estimates the step size itself; keep optimizer.lr=1.0",
+            )
+        )
     elif family != "prodigy" and plan.flavour != "tiny":
         good, low, high = LR_RANGES[(plan.adapter, family)]
         name = OPTIMIZER_FAMILIES[family]
         if plan.adapter == "lora" and plan.lr > high:
             out.append(
-                Problem("optimizer.lr", f"optimizer.lr={plan.lr:g} will likely burn the LoRA: a 12B Flux wants {good:g}..{high:g} with "
-                f"{name} (the quickstart: 1e-3 can burn a LoRA entirely); use optimizer.lr={good:g}")
+                Problem(
+                    "optimizer.lr",
+                    f"optimizer.lr={plan.lr:g} will likely burn the LoRA: a 12B Flux wants {good:g}..{high:g} with "
+                    f"{name} (the quickstart: 1e-3 can burn a LoRA entirely); use optimizer.lr={good:g}",
+                )
             )
         elif plan.adapter == "lora" and plan.lr < low:
             out.append(
-                Problem("optimizer.lr", f"optimizer.lr={plan.lr:g} barely moves a LoRA (the quickstart: 1e-5 does almost nothing); "
-                f"use optimizer.lr={good:g}")
+                Problem(
+                    "optimizer.lr",
+                    f"optimizer.lr={plan.lr:g} barely moves a LoRA (the quickstart: 1e-5 does almost nothing); "
+                    f"use optimizer.lr={good:g}",
+                )
             )
         elif plan.adapter == "lokr" and not low <= plan.lr <= high:
             out.append(
-                Problem("optimizer.lr", f"optimizer.lr={plan.lr:g} is {'too low' if plan.lr < low else 'too high'} for a LoKr: LoKr trains "
-                f"at higher rates than LoRA, AdamW 1e-3 and Lion 2e-4 (the quickstart); use optimizer.lr={good:g}")
+                Problem(
+                    "optimizer.lr",
+                    f"optimizer.lr={plan.lr:g} is {'too low' if plan.lr < low else 'too high'} for a LoKr: LoKr trains "
+                    f"at higher rates than LoRA, AdamW 1e-3 and Lion 2e-4 (the quickstart); use optimizer.lr={good:g}",
+                )
             )
     if plan.quantization == "nf4_bnb" and plan.compile:
         out.append(
-            Problem("compile", "compile=true with quantization=nf4_bnb: NF4 does not work with torch.compile (the blocks run eager); "
-            "set compile=false, or quantization=int8_quanto where it fits (int8 + compile is the fastest)")
+            Problem(
+                "compile",
+                "compile=true with quantization=nf4_bnb: NF4 does not work with torch.compile (the blocks run eager); "
+                "set compile=false, or quantization=int8_quanto where it fits (int8 + compile is the fastest)",
+            )
         )
     if plan.quantization == "nf4_bnb" and family == "lion":
         out.append(
-            Problem("optimizer", f"optimizer={plan.optimizer} on an NF4 base can collapse the model (the quickstart); adamw8bit or "
-            "adamw_bf16 keep NF4 stable if it does")
+            Problem(
+                "optimizer",
+                f"optimizer={plan.optimizer} on an NF4 base can collapse the model (the quickstart); adamw8bit or "
+                "adamw_bf16 keep NF4 stable if it does",
+            )
         )
     problem = resolution_problem(plan.resolution)
     if problem:
@@ -170,8 +190,11 @@ def pitfalls(plan: Plan) -> list[Problem]:
     need = QUANTIZATION_NEEDS_GB.get(plan.quantization)
     if plan.flavour != "tiny" and plan.memory_gib > 0 and need is not None and plan.memory_gib * 1.0737 < need:
         out.append(
-            Problem("quantization", f"quantization={plan.quantization} needs a bit over {need} GB for a rank-16 LoRA but the GPU has "
-            f"{plan.memory_gib:g} GiB; pick a smaller quantization (int8_quanto 18 GB, int4_quanto 13, nf4_bnb 9)")
+            Problem(
+                "quantization",
+                f"quantization={plan.quantization} needs a bit over {need} GB for a rank-16 LoRA but the GPU has "
+                f"{plan.memory_gib:g} GiB; pick a smaller quantization (int8_quanto 18 GB, int4_quanto 13, nf4_bnb 9)",
+            )
         )
     return out
 

@@ -70,21 +70,45 @@ class OptimizerConfig:
         traceback at the first step), one line each."""
         out = optimizer_problems(self.name)
         if not is_number(self.lr) or self.lr <= 0:
-            out.append(Problem("optimizer.lr", f"optimizer.lr={self.lr!r} must be a number > 0; e.g. optimizer.lr=1e-4"))
+            out.append(
+                Problem("optimizer.lr", f"optimizer.lr={self.lr!r} must be a number > 0; e.g. optimizer.lr=1e-4")
+            )
         if self.betas is not None and (
             len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas)
         ):
-            out.append(Problem("optimizer.betas", f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1); e.g. optimizer.betas=[0.9,0.999]"))
+            out.append(
+                Problem(
+                    "optimizer.betas",
+                    f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1); e.g. optimizer.betas=[0.9,0.999]",
+                )
+            )
         if self.weight_decay is not None and (not is_number(self.weight_decay) or self.weight_decay < 0):
-            out.append(Problem("optimizer.weight_decay", f"optimizer.weight_decay={self.weight_decay!r} must be >= 0; e.g. optimizer.weight_decay=0.01"))
+            out.append(
+                Problem(
+                    "optimizer.weight_decay",
+                    f"optimizer.weight_decay={self.weight_decay!r} must be >= 0; e.g. optimizer.weight_decay=0.01",
+                )
+            )
         if self.eps is not None and (not is_number(self.eps) or self.eps <= 0):
             out.append(Problem("optimizer.eps", f"optimizer.eps={self.eps!r} must be > 0; e.g. optimizer.eps=1e-8"))
         if self.d_coef is not None and (not is_number(self.d_coef) or self.d_coef <= 0):
-            out.append(Problem("optimizer.d_coef", f"optimizer.d_coef={self.d_coef!r} must be > 0; e.g. optimizer.d_coef=1.0"))
+            out.append(
+                Problem("optimizer.d_coef", f"optimizer.d_coef={self.d_coef!r} must be > 0; e.g. optimizer.d_coef=1.0")
+            )
         if self.fused and self.name in OPTIMIZERS and not OPTIMIZERS[self.name].fusable:
-            out.append(Problem("optimizer.fused", f"optimizer.fused applies to optimizer=adamw (torch's AdamW), not {self.name}; remove it"))
+            out.append(
+                Problem(
+                    "optimizer.fused",
+                    f"optimizer.fused applies to optimizer=adamw (torch's AdamW), not {self.name}; remove it",
+                )
+            )
         if self.min_8bit_size is not None and self.min_8bit_size < 0:
-            out.append(Problem("optimizer.min_8bit_size", f"optimizer.min_8bit_size={self.min_8bit_size} must be >= 0; e.g. optimizer.min_8bit_size=4096"))
+            out.append(
+                Problem(
+                    "optimizer.min_8bit_size",
+                    f"optimizer.min_8bit_size={self.min_8bit_size} must be >= 0; e.g. optimizer.min_8bit_size=4096",
+                )
+            )
         return out
 
 
@@ -105,21 +129,41 @@ class LRSchedulerConfig:
         """An unknown schedule, a warm-up that does nothing, out-of-range values (the schedule's
         length against ``trainer.max_steps`` is checked in :func:`flux_lightning.config.validate`)."""
         if self.name not in LR_SCHEDULERS:
-            return [Problem("lr_scheduler.name", f"lr_scheduler.name={self.name!r} is unknown; use one of {', '.join(LR_SCHEDULERS)}")]
+            return [
+                Problem(
+                    "lr_scheduler.name",
+                    f"lr_scheduler.name={self.name!r} is unknown; use one of {', '.join(LR_SCHEDULERS)}",
+                )
+            ]
         out = []
         if self.num_warmup_steps < 0:
             out.append(
-                Problem("lr_scheduler.num_warmup_steps", f"lr_scheduler.num_warmup_steps={self.num_warmup_steps} must be >= 0; e.g. lr_scheduler.num_warmup_steps=100")
+                Problem(
+                    "lr_scheduler.num_warmup_steps",
+                    f"lr_scheduler.num_warmup_steps={self.num_warmup_steps} must be >= 0; e.g. lr_scheduler.num_warmup_steps=100",
+                )
             )
         elif self.num_warmup_steps and self.name == "constant":
             out.append(
-                Problem("lr_scheduler.num_warmup_steps", f"lr_scheduler.num_warmup_steps={self.num_warmup_steps} does nothing with lr_scheduler.name=constant; "
-                "use lr_scheduler=constant_with_warmup or num_warmup_steps=0")
+                Problem(
+                    "lr_scheduler.num_warmup_steps",
+                    f"lr_scheduler.num_warmup_steps={self.num_warmup_steps} does nothing with lr_scheduler.name=constant; "
+                    "use lr_scheduler=constant_with_warmup or num_warmup_steps=0",
+                )
             )
         if self.num_cycles is not None and self.num_cycles < 1:
-            out.append(Problem("lr_scheduler.num_cycles", f"lr_scheduler.num_cycles={self.num_cycles} must be >= 1; e.g. lr_scheduler.num_cycles=1"))
+            out.append(
+                Problem(
+                    "lr_scheduler.num_cycles",
+                    f"lr_scheduler.num_cycles={self.num_cycles} must be >= 1; e.g. lr_scheduler.num_cycles=1",
+                )
+            )
         if self.power is not None and (not is_number(self.power) or self.power <= 0):
-            out.append(Problem("lr_scheduler.power", f"lr_scheduler.power={self.power!r} must be > 0; e.g. lr_scheduler.power=1.0"))
+            out.append(
+                Problem(
+                    "lr_scheduler.power", f"lr_scheduler.power={self.power!r} must be > 0; e.g. lr_scheduler.power=1.0"
+                )
+            )
         return out
 
     @property
@@ -171,7 +215,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             paged=True,
             family="lion",
         ),
-        OptimizerSpec("prodigy", "prodigyopt:Prodigy", install="pip install 'flux-lightning[prodigy]'", family="prodigy"),
+        OptimizerSpec(
+            "prodigy", "prodigyopt:Prodigy", install="pip install 'flux-lightning[prodigy]'", family="prodigy"
+        ),
     )
 }
 

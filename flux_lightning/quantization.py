@@ -64,20 +64,34 @@ class QuantizationConfig:
         out = []
         if self.base_model_precision not in PRECISIONS:
             out.append(
-                Problem("model.quantization.base_model_precision", f"quantization.base_model_precision={self.base_model_precision!r} is unknown; "
-                f"use one of {', '.join(PRECISIONS)}")
+                Problem(
+                    "model.quantization.base_model_precision",
+                    f"quantization.base_model_precision={self.base_model_precision!r} is unknown; "
+                    f"use one of {', '.join(PRECISIONS)}",
+                )
             )
         if self.quantize_via not in QUANTIZE_VIA:
-            out.append(Problem("model.quantization.quantize_via", f"quantization.quantize_via={self.quantize_via!r} is unknown; use cpu or accelerator"))
+            out.append(
+                Problem(
+                    "model.quantization.quantize_via",
+                    f"quantization.quantize_via={self.quantize_via!r} is unknown; use cpu or accelerator",
+                )
+            )
         if self.base_model_default_dtype not in (None, *DEFAULT_DTYPES):
             out.append(
-                Problem("model.quantization.base_model_default_dtype", f"quantization.base_model_default_dtype={self.base_model_default_dtype!r} is unknown; "
-                "use bf16, fp32 or null (= model.dtype)")
+                Problem(
+                    "model.quantization.base_model_default_dtype",
+                    f"quantization.base_model_default_dtype={self.base_model_default_dtype!r} is unknown; "
+                    "use bf16, fp32 or null (= model.dtype)",
+                )
             )
         if self.text_encoder_precision not in TEXT_ENCODER_PRECISIONS:
             out.append(
-                Problem("model.quantization.text_encoder_precision", f"quantization.text_encoder_precision={self.text_encoder_precision!r} is unknown; "
-                f"use one of {', '.join(TEXT_ENCODER_PRECISIONS)}")
+                Problem(
+                    "model.quantization.text_encoder_precision",
+                    f"quantization.text_encoder_precision={self.text_encoder_precision!r} is unknown; "
+                    f"use one of {', '.join(TEXT_ENCODER_PRECISIONS)}",
+                )
             )
         for precision, field_name in (
             (self.base_model_precision, "base_model_precision"),
@@ -85,7 +99,9 @@ class QuantizationConfig:
         ):
             hint = dependency_problem(precision)
             if hint:
-                out.append(Problem(f"model.quantization.{field_name}", f"quantization.{field_name}={precision}: {hint}"))
+                out.append(
+                    Problem(f"model.quantization.{field_name}", f"quantization.{field_name}={precision}: {hint}")
+                )
         return out
 
 

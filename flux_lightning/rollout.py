@@ -73,7 +73,12 @@ class ScheduledSamplingConfig:
             if not (isinstance(v, (int, float)) and 0 <= v <= 1):
                 out.append(Problem(f"{f}{name}", f"{f}{name}={v!r} must lie in [0, 1]; e.g. {f}{name}=0.5"))
         if isinstance(self.grid_steps, bool) or not isinstance(self.grid_steps, int) or self.grid_steps < 1:
-            out.append(Problem(f"{f}grid_steps", f"{f}grid_steps={self.grid_steps!r} must be a whole number >= 1; e.g. {f}grid_steps=28"))
+            out.append(
+                Problem(
+                    f"{f}grid_steps",
+                    f"{f}grid_steps={self.grid_steps!r} must be a whole number >= 1; e.g. {f}grid_steps=28",
+                )
+            )
         if self.sampler not in SAMPLERS:
             out.append(Problem(f"{f}sampler", f"{f}sampler={self.sampler!r} is unknown; use {', '.join(SAMPLERS)}"))
         if not out and self.enabled and self.ramp_steps == 0 and self.probability == 0:

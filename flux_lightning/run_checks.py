@@ -91,8 +91,11 @@ def trainer_problems(trainer: Mapping | None, *, allow_endless_run: bool = False
     steps, epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
     if steps == -1 and epochs in (-1, None) and not trainer.get("max_time") and not allow_endless_run:
         out.append(
-            Problem("trainer.max_steps", "trainer.max_steps=-1 with no trainer.max_epochs trains until killed; set trainer.max_steps=N or "
-            "trainer.max_epochs=N, or allow_endless_run=true if that is what you want")
+            Problem(
+                "trainer.max_steps",
+                "trainer.max_steps=-1 with no trainer.max_epochs trains until killed; set trainer.max_steps=N or "
+                "trainer.max_epochs=N, or allow_endless_run=true if that is what you want",
+            )
         )
     return out
 
@@ -108,7 +111,11 @@ def model_checkpoint_problems(node: Mapping, field: str) -> list[Problem]:
         ))
     top_k = node.get("save_top_k", 1)
     if not _int(top_k) or top_k < -1:
-        out.append(Problem(f"{field}.save_top_k", f"{field}.save_top_k={top_k!r} must be an integer >= -1 (-1 = keep all); e.g. 5"))
+        out.append(
+            Problem(
+                f"{field}.save_top_k", f"{field}.save_top_k={top_k!r} must be an integer >= -1 (-1 = keep all); e.g. 5"
+            )
+        )
     return out
 
 
@@ -120,5 +127,10 @@ TARGET_CHECKS: dict[type, Callable[[Mapping, str], list[Problem]]] = {ModelCheck
 
 def nonfinite_problems(value) -> list[Problem]:
     if not _int(value) or value < 1:
-        return [Problem("nonfinite_max_consecutive", f"nonfinite_max_consecutive={value!r} must be an integer >= 1; e.g. nonfinite_max_consecutive=10")]
+        return [
+            Problem(
+                "nonfinite_max_consecutive",
+                f"nonfinite_max_consecutive={value!r} must be an integer >= 1; e.g. nonfinite_max_consecutive=10",
+            )
+        ]
     return []

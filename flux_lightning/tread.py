@@ -75,7 +75,12 @@ class TreadConfig:
             if total_blocks is None:
                 a, b = route.start_layer_idx, route.end_layer_idx
                 if (a >= 0) == (b >= 0) and a > b:
-                    out.append(Problem(f"{name}.start_layer_idx", f"{name}: start_layer_idx={a} comes after end_layer_idx={b}; swap them"))
+                    out.append(
+                        Problem(
+                            f"{name}.start_layer_idx",
+                            f"{name}: start_layer_idx={a} comes after end_layer_idx={b}; swap them",
+                        )
+                    )
                 continue
             in_range = True
             for key in ("start_layer_idx", "end_layer_idx"):
@@ -102,8 +107,11 @@ class TreadConfig:
         for (a1, b1, i1), (a2, b2, i2) in zip(spans, spans[1:]):
             if a2 <= b1:
                 out.append(
-                    Problem(f"tread.routes[{i2}]", f"tread.routes[{i1}] (blocks {a1}-{b1}) and routes[{i2}] (blocks {a2}-{b2}) "
-                    "overlap; routes must cover disjoint block spans")
+                    Problem(
+                        f"tread.routes[{i2}]",
+                        f"tread.routes[{i1}] (blocks {a1}-{b1}) and routes[{i2}] (blocks {a2}-{b2}) "
+                        "overlap; routes must cover disjoint block spans",
+                    )
                 )
         return out
 

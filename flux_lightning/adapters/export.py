@@ -115,9 +115,12 @@ def lora_format_problems(
         return []
     if adapter.use_dora is True and lora_format != "diffusers":
         return [
-            Problem("adapter.use_dora", "adapter.use_dora=true is written in diffusers' layout only (lora_magnitude_vector tensors, which "
-            f"diffusers loads as DoRA); {field}={lora_format} has no DoRA keys its "
-            f"loaders apply the same way: use {field}=diffusers or adapter.use_dora=false")
+            Problem(
+                "adapter.use_dora",
+                "adapter.use_dora=true is written in diffusers' layout only (lora_magnitude_vector tensors, which "
+                f"diffusers loads as DoRA); {field}={lora_format} has no DoRA keys its "
+                f"loaders apply the same way: use {field}=diffusers or adapter.use_dora=false",
+            )
         ]
     try:
         targets = resolve_targets(adapter.target)

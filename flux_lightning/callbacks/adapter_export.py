@@ -60,7 +60,12 @@ class AdapterExport(L.Callback):
         out = []
         lora_format, dtype = args.get("lora_format", "diffusers"), args.get("dtype", "bf16")
         if lora_format not in LORA_FORMATS:
-            out.append(Problem(f"{field}.lora_format", f"{field}.lora_format={lora_format!r} is unknown; use {', '.join(LORA_FORMATS)}"))
+            out.append(
+                Problem(
+                    f"{field}.lora_format",
+                    f"{field}.lora_format={lora_format!r} is unknown; use {', '.join(LORA_FORMATS)}",
+                )
+            )
         if dtype not in DTYPES:
             out.append(Problem(f"{field}.dtype", f"{field}.dtype={dtype!r} is unknown; use {', '.join(DTYPES)}"))
         if run is not None:

@@ -125,7 +125,9 @@ class CLIPScoreCallback(L.Callback):
         """An empty model name (null picks the flavour's)."""
         name = args.get("model_name_or_path")
         if name is not None and not str(name).strip():
-            return [Problem(f"{field}.model_name_or_path", f"{field}.model_name_or_path is empty; give a model or null")]
+            return [
+                Problem(f"{field}.model_name_or_path", f"{field}.model_name_or_path is empty; give a model or null")
+            ]
         return []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -179,7 +181,9 @@ class CLIPScoreCallback(L.Callback):
             return
         with preserved_rng():
             values = self.scores(records, pl_module.device)
-        park(self.metric, pl_module.model_cfg if isinstance(pl_module, RendersImages) else None)  # model.enable_model_cpu_offload
+        park(
+            self.metric, pl_module.model_cfg if isinstance(pl_module, RendersImages) else None
+        )  # model.enable_model_cpu_offload
         metrics = summarize(values, [r.name or r.nickname for r in records])
         self.history[step] = metrics
         for logger in trainer.loggers:

@@ -52,7 +52,12 @@ class AdapterEMA(L.Callback):
             dtype as the main file) once the EMA exists.
     """
 
-    implements = (ConfigChecked, ValidationWeights, ExtraExports, SummaryRows)  # hooks.py; tests/test_hooks.py checks them
+    implements = (
+        ConfigChecked,
+        ValidationWeights,
+        ExtraExports,
+        SummaryRows,
+    )  # hooks.py; tests/test_hooks.py checks them
 
     def __init__(
         self,
@@ -81,9 +86,15 @@ class AdapterEMA(L.Callback):
         decay, update_every = args.get("decay"), args.get("update_every", 1)
         start_step, device = args.get("start_step", 0), args.get("device", "cpu")
         if decay is not None and (isinstance(decay, bool) or not 0.0 <= float(decay) < 1.0):
-            out.append(Problem(f"{field}.decay", f"{field}.decay={decay!r} must be within [0, 1) (e.g. 0.999), or null for no EMA"))
+            out.append(
+                Problem(
+                    f"{field}.decay", f"{field}.decay={decay!r} must be within [0, 1) (e.g. 0.999), or null for no EMA"
+                )
+            )
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            out.append(Problem(f"{field}.update_every", f"{field}.update_every={update_every!r} must be an integer >= 1"))
+            out.append(
+                Problem(f"{field}.update_every", f"{field}.update_every={update_every!r} must be an integer >= 1")
+            )
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             out.append(Problem(f"{field}.start_step", f"{field}.start_step={start_step!r} must be an integer >= 0"))
         if device not in EMA_DEVICES:

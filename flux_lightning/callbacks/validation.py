@@ -18,7 +18,15 @@ import torch
 
 from .. import stopping
 from ..errors import ConfigError, Problem
-from ..hooks import ConfigChecked, PromptTexts, RendersImages, SummaryRows, ValidationImagesListener, ValidationWeights, raise_problems
+from ..hooks import (
+    ConfigChecked,
+    PromptTexts,
+    RendersImages,
+    SummaryRows,
+    ValidationImagesListener,
+    ValidationWeights,
+    raise_problems,
+)
 from ..values import is_int
 from ..memory import park
 from ..tiny import resolve_tiny_source
@@ -276,12 +284,19 @@ class ValidationImages(L.Callback):
                     f"{field}.validation_preview_steps={args['validation_preview_steps']} must be >= 1",
                 ))
             if args.get("webhook_max_attempts", 3) < 1:
-                out.append(Problem(
-                    f"{field}.webhook_max_attempts", f"{field}.webhook_max_attempts={args['webhook_max_attempts']} must be >= 1"
-                ))
+                out.append(
+                    Problem(
+                        f"{field}.webhook_max_attempts",
+                        f"{field}.webhook_max_attempts={args['webhook_max_attempts']} must be >= 1",
+                    )
+                )
         image = args.get("validation_reference_image")
         if image and not Path(image).expanduser().is_file():
-            out.append(Problem(f"{field}.validation_reference_image", f"{field}.validation_reference_image: {image} is not a file"))
+            out.append(
+                Problem(
+                    f"{field}.validation_reference_image", f"{field}.validation_reference_image: {image} is not a file"
+                )
+            )
         return out
 
     def prompt_texts(self) -> list[str]:

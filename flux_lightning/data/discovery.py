@@ -190,7 +190,9 @@ def _metadata_captions(folder: Path, cfg: ImageBackendConfig) -> dict[str, str]:
     return {str(r[col_f]): "" if r[col_c] is None else str(r[col_c]) for r in rows}
 
 
-def _caption(path: Path, relative: str, cfg: ImageBackendConfig, table: dict[str, str] | None) -> tuple[str | None, str]:
+def _caption(
+    path: Path, relative: str, cfg: ImageBackendConfig, table: dict[str, str] | None
+) -> tuple[str | None, str]:
     """The image's caption, or None and why it has none."""
     if cfg.caption_strategy == "instanceprompt":
         return cfg.instance_prompt, "no instance_prompt"
@@ -225,7 +227,10 @@ def discover(cfg: ImageBackendConfig, folders: list[str] | None = None) -> tuple
             relative = path.relative_to(root).as_posix()
             caption, why = _caption(path, relative, cfg, table)
             if caption is not None and not caption.strip() and cfg.dataset_type == "image":
-                caption, why = None, "empty caption (write one; for unconditional training use caption_dropout_probability)"
+                caption, why = (
+                    None,
+                    "empty caption (write one; for unconditional training use caption_dropout_probability)",
+                )
             if caption is None:
                 skip(skips, path, why)
             else:

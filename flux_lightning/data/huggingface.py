@@ -124,7 +124,9 @@ def source_problem(backend: ImageBackendConfig) -> Problem | None:
             f"by this trainer; save it once (datasets.load_dataset('{name}', split='train').save_to_disk('<folder>')) "
             "and point dataset_name at <folder>"
         )
-    return Problem(key, f"{key}: '{name}' is no saved dataset folder, parquet file or glob of parquet files; fix the path")
+    return Problem(
+        key, f"{key}: '{name}' is no saved dataset folder, parquet file or glob of parquet files; fix the path"
+    )
 
 
 def load_rows(backend: ImageBackendConfig, cache_dir: Path):
