@@ -43,14 +43,14 @@ class ConfigError(ValueError):
     """The config cannot run; ``problems`` lists every :class:`Problem` and the message has one
     line per problem with its fix (``invalid config:`` then ``  - <message>`` lines).
 
-    ``ConfigError("text")`` (one problem that names no field, e.g. a file that cannot be read) keeps
-    ``text`` as the message, with ``problems`` holding it as a Problem whose field is ``""``.
+    ``ConfigError(Problem(field, text))`` (one problem found outside ``validate()``, e.g. a file that
+    cannot be read) keeps ``text`` as the message; ``ConfigError("text")`` is a Problem whose field is ``""``.
     """
 
-    def __init__(self, problems: Iterable[Problem] | str):
-        if isinstance(problems, str) and not isinstance(problems, Problem):
-            self.problems = [Problem("", problems)]
-            super().__init__(problems)
+    def __init__(self, problems: Iterable[Problem] | Problem | str):
+        if isinstance(problems, str):  # one problem, its text as it is
+            self.problems = [problems if isinstance(problems, Problem) else Problem("", problems)]
+            super().__init__(str.__str__(problems))
             return
         self.problems = [p if isinstance(p, Problem) else Problem("", str(p)) for p in problems]
         super().__init__("invalid config:\n  - " + "\n  - ".join(self.problems))

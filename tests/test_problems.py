@@ -90,6 +90,8 @@ def test_the_error_text_is_the_clis_one_line_per_problem():
     assert str(copy) == str(err) and [(p.field, p.message) for p in copy.problems] == [(p.field, p.message) for p in err.problems]
     problem = err.problems[0]
     assert problem == "adapter.rank=0 must be >= 1" and "rank=0" in problem and str(problem) == problem.message
+    one = ConfigError(Problem("resume_from_checkpoint", "resume_from_checkpoint: x does not exist"))  # found outside validate()
+    assert str(one) == "resume_from_checkpoint: x does not exist" and one.problems[0].field == "resume_from_checkpoint"
 
 
 def test_the_ui_places_problems_by_their_field(tmp_path):

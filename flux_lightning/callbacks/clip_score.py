@@ -151,8 +151,11 @@ class CLIPScoreCallback(L.Callback):
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             if explicit:
                 raise ConfigError(
-                    f"{_FIELD}.model_name_or_path: cannot load CLIP model {source!r} ({reason}); point it at "
-                    f"a local CLIP folder or set {_FIELD}=null"
+                    Problem(
+                        f"{_FIELD}.model_name_or_path",
+                        f"{_FIELD}.model_name_or_path: cannot load CLIP model {source!r} ({reason}); point it at "
+                        f"a local CLIP folder or set {_FIELD}=null",
+                    )
                 ) from None
             log.warning(
                 "CLIP score is off for this run: the flavour's CLIP model %r cannot be loaded (%s); set "

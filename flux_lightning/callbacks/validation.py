@@ -47,11 +47,17 @@ def parse_resolutions(value: str | int) -> list[tuple[int, int]]:
             width, height = int(w), int(h or w)
         except ValueError:
             raise ConfigError(
-                f"{_FIELD}.validation_resolution: {part.strip()!r} is not WIDTHxHEIGHT; write e.g. 1024x1024,1280x768"
+                Problem(
+                    f"{_FIELD}.validation_resolution",
+                    f"{_FIELD}.validation_resolution: {part.strip()!r} is not WIDTHxHEIGHT; write e.g. 1024x1024,1280x768",
+                )
             ) from None
         if width <= 0 or height <= 0 or width % 16 or height % 16:
             raise ConfigError(
-                f"{_FIELD}.validation_resolution: {part.strip()!r} must have positive sides that are multiples of 16"
+                Problem(
+                    f"{_FIELD}.validation_resolution",
+                    f"{_FIELD}.validation_resolution: {part.strip()!r} must have positive sides that are multiples of 16",
+                )
             )
         out.append((width, height))
     return out
@@ -79,12 +85,17 @@ def prompt_library(
         try:
             library = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"{_FIELD}.user_prompt_library: cannot read {path} ({err})") from None
+            raise ConfigError(
+                Problem(f"{_FIELD}.user_prompt_library", f"{_FIELD}.user_prompt_library: cannot read {path} ({err})")
+            ) from None
         if not isinstance(library, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in library.items()
         ):
             raise ConfigError(
-                f"{_FIELD}.user_prompt_library: {path} must be a JSON object of nickname -> prompt strings"
+                Problem(
+                    f"{_FIELD}.user_prompt_library",
+                    f"{_FIELD}.user_prompt_library: {path} must be a JSON object of nickname -> prompt strings",
+                )
             )
         prompts += library.items()
     token = instance_prompt or ""
@@ -93,8 +104,11 @@ def prompt_library(
         name = nick.replace("<token>", token)
         if name in out:
             raise ConfigError(
-                f"{_FIELD}.user_prompt_library: two prompts have the nickname {name!r} (after <token> = "
-                f"{token!r}; 'validation' is validation_prompt's); rename one"
+                Problem(
+                    f"{_FIELD}.user_prompt_library",
+                    f"{_FIELD}.user_prompt_library: two prompts have the nickname {name!r} (after <token> = "
+                    f"{token!r}; 'validation' is validation_prompt's); rename one",
+                )
             )
         out[name] = p.replace("<token>", token)
     return out
