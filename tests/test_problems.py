@@ -41,9 +41,15 @@ def _problems(tmp_path, overrides) -> list:
     return info.value.problems
 
 
+@pytest.fixture(scope="module")
+def found(tmp_path_factory) -> dict[str, list]:
+    """Each set's problems, composed and validated once for the tests below."""
+    return {name: _problems(tmp_path_factory.mktemp(name), overrides) for name, overrides in BAD.items()}
+
+
 @pytest.mark.parametrize("name", sorted(BAD))
-def test_every_problem_validate_finds_is_a_problem_naming_its_field(tmp_path, name):
-    problems = _problems(tmp_path, BAD[name])
+def test_every_problem_validate_finds_is_a_problem_naming_its_field(found, name):
+    problems = found[name]
     assert problems
     stragglers = [p for p in problems if not isinstance(p, Problem) or not p.field]
     assert stragglers == [], stragglers
@@ -55,22 +61,22 @@ def test_every_problem_validate_finds_is_a_problem_naming_its_field(tmp_path, na
         assert leaf.split("[")[0] in p.message, p
 
 
-def test_fields_of_the_bad_settings(tmp_path):
-    fields = {p.field for p in _problems(tmp_path, BAD["groups"])}
+def test_fields_of_the_bad_settings(found):
+    fields = {p.field for p in found["groups"]}
     assert {
         "dataset.resolution", "adapter.rank", "optimizer.lr", "model.quantization.base_model_precision",
         "tread.routes[0].selection_ratio", "tread.routes[0].start_layer_idx", "trainer.max_steps",
         "callbacks.eval_loss.every_n_steps", "callbacks.validation.every_n_steps", "callbacks.model_checkpoint.save_top_k",
         "callbacks.ema.decay", "callbacks.adapter_export.dtype", "callbacks.eval_loss.eval_fraction",
     } <= fields  # fmt: skip
-    cross = {p.field for p in _problems(tmp_path, BAD["cross"])}
+    cross = {p.field for p in found["cross"]}
     assert {"timesteps.weighting", "adapter.use_dora", "lr_scheduler"} <= cross  # DoRA in a kohya file: adapter_export says so
-    assert {p.field for p in _problems(tmp_path, BAD["sources"])} == {"dataset.instance_data_dir"}
+    assert {p.field for p in found["sources"]} == {"dataset.instance_data_dir"}
 
 
-def test_each_check_runs_once(tmp_path):
+def test_each_check_runs_once(found):
     """The eval-loss interval was checked twice (the plain-dict checks and the callback); now once."""
-    problems = _problems(tmp_path, ["callbacks.eval_loss.every_n_steps=-1", "callbacks.validation.every_n_steps=-1"])
+    problems = found["groups"]  # callbacks.eval_loss.every_n_steps=-1, callbacks.validation.every_n_steps=-1
     assert [p.field for p in problems].count("callbacks.eval_loss.every_n_steps") == 1
     assert [p.field for p in problems].count("callbacks.validation.every_n_steps") == 1
 

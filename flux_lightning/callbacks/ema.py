@@ -12,7 +12,7 @@ There is no decay warm-up: the first update copies the weights, so the average n
 training device (``device``), is saved in every checkpoint (Lightning's callback state) and restored on
 resume, so a resumed run's EMA equals the uninterrupted run's.
 
-Two duck-typed hooks (docs/architecture.md, "How the parts meet") let other callbacks use it:
+Two hooks (``hooks.ValidationWeights``, ``hooks.ExtraExports``; docs/architecture.md) let other callbacks use it:
 ``validation_weights(pl_module)`` (``ValidationImages`` renders with the EMA swapped in when
 ``use_for_validation``) and ``extra_exports(pl_module)`` (``AdapterExport`` writes
 ``pytorch_lora_weights_ema.safetensors`` beside the main file when ``export``). Swapping in copies the
