@@ -14,13 +14,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import ModelSourceError
-from .model_config import (  # noqa: F401  (DTYPES, ModelConfig: re-exported, the library's names for them)
-    ATTENTION_BACKENDS,
-    BACKWARD_DEVICE_TYPES,
-    DTYPES,
-    ModelConfig,
-    attention_backend_problem,
-)
+from .model_config import ATTENTION_BACKENDS, BACKWARD_DEVICE_TYPES, ModelConfig, attention_backend_problem
 from .quantization import quantize_text_encoder, quantize_transformer
 from .tiny import TINY_VERSION, ensure_tiny_folder
 

@@ -32,6 +32,7 @@ from .configure_plan import (
     write_prompt_library,
 )
 from .data.config import DatasetConfig
+from .errors import Problem
 from .flavours import FLAVOURS
 from .hardware import QUANTIZATION_NEEDS_GB, Accelerator, detect_accelerators, memory_suggestion
 from .optim import OPTIMIZERS
@@ -228,7 +229,7 @@ def compose_experiment(config_dir: Path, name: str, overrides: list[str] | tuple
         return compose("train", overrides=[search, f"+experiment={name}", *overrides])
 
 
-def experiment_problems(config_dir: Path, name: str) -> list[str]:
+def experiment_problems(config_dir: Path, name: str) -> list[Problem]:
     """Every problem the library's validation finds in the written experiment (the data folders
     included; the model source is probed when the run starts, not here: it may need the Hub)."""
     from .config import data_folder_problems, validate
@@ -238,9 +239,9 @@ def experiment_problems(config_dir: Path, name: str) -> list[str]:
         cfg = compose_experiment(config_dir, name, [f"paths.output_dir=outputs/runs/{name}", "paths.cache_dir=cache"])
         run = validate(cfg, check_sources=False)
     except ConfigError as err:
-        return [line.strip()[2:] for line in str(err).splitlines()[1:] if line.strip().startswith("- ")] or [str(err)]
+        return err.problems
     except Exception as err:  # noqa: BLE001 - a composition error (Hydra) names the file's mistake
-        return [f"{type(err).__name__}: {str(err).splitlines()[0]}"]
+        return [Problem(f"experiment/{name}.yaml", f"{type(err).__name__}: {str(err).splitlines()[0]}")]
     return data_folder_problems(run.dataset)
 
 

@@ -13,12 +13,11 @@ from pathlib import Path
 import yaml
 
 from .data.config import DatasetConfig
+from .errors import Problem
 from .hardware import QUANTIZATION_NEEDS_GB
+from .optim import OPTIMIZER_FAMILIES, OPTIMIZERS
 
-#: optimizers by how they take a learning rate (``conf/optimizer/<name>.yaml``)
-ADAMW_FAMILY = ("adamw", "adamw_bf16", "adamw8bit", "optimi_stableadamw")
-LION_FAMILY = ("optimi_lion", "lion8bit_paged")
-#: (adapter, optimizer family) -> (suggested lr, lowest sensible, highest sensible) on a 12B Flux:
+#: (adapter, optimizer family: ``optim.OptimizerSpec.family``) -> (suggested lr, lowest sensible, highest sensible) on a 12B Flux:
 #: LoRA with AdamW 1e-4..4e-4 (quickstart: 1e-3 can burn a LoRA entirely, 1e-5 does almost
 #: nothing), Lion 3-10x lower; LoKr wants AdamW 1e-3, Lion 2e-4 (conf/experiment/krea_lokr.yaml).
 LR_RANGES = {
@@ -31,9 +30,10 @@ TINY_LR = 1e-3  # the embedded demo's (conf/demo/tiny_demo.yaml): the tiny rando
 
 
 def optimizer_family(optimizer: str) -> str:
-    if optimizer in LION_FAMILY:
-        return "lion"
-    return "prodigy" if optimizer == "prodigy" else "adamw"
+    """How ``optimizer`` takes a learning rate (:attr:`~flux_lightning.optim.OptimizerSpec.family`;
+    an unknown name is advised like AdamW)."""
+    spec = OPTIMIZERS.get(optimizer)
+    return spec.family if spec is not None else "adamw"
 
 
 def suggested_lr(adapter: str, optimizer: str, flavour: str) -> float:
@@ -102,17 +102,18 @@ class Plan:
         return max(1, min(250, self.max_steps // 4))
 
 
-def resolution_problem(resolution: int) -> str | None:
+def resolution_problem(resolution: int) -> Problem | None:
     if resolution > 0 and resolution % 16 == 0:
         return None
     up = max(16, -(-resolution // 16) * 16)
-    return (
+    return Problem(
+        "dataset.resolution",
         f"dataset.resolution={resolution} is not a multiple of 16 (Flux packs 2x2 patches of the 8x-downsampled "
         f"latents); use {up} (or 1024 / 512)"
     )
 
 
-def pitfalls(plan: Plan) -> list[str]:
+def pitfalls(plan: Plan) -> list[Problem]:
     """The quickstart's pitfalls in ``plan``, one line each naming the setting and the fix: an lr that
     burns a LoRA (or barely moves it), a LoKr lr far from AdamW 1e-3 / Lion 2e-4, NF4 with
     torch.compile, a resolution that is no multiple of 16, fewer images than one batch, a
@@ -120,34 +121,54 @@ def pitfalls(plan: Plan) -> list[str]:
     out = []
     family = optimizer_family(plan.optimizer)
     if family == "prodigy" and plan.lr != 1.0:
-        out.append(f"optimizer.lr={plan.lr:g} with prodigy: Prodigy estimates the step size itself; keep optimizer.lr=1.0")
+        out.append(
+            Problem(
+                "optimizer.lr",
+                f"optimizer.lr={plan.lr:g} with prodigy: Prodigy estimates the step size itself; keep optimizer.lr=1.0",
+            )
+        )
     elif family != "prodigy" and plan.flavour != "tiny":
         good, low, high = LR_RANGES[(plan.adapter, family)]
-        name = "AdamW" if family == "adamw" else "Lion"
+        name = OPTIMIZER_FAMILIES[family]
         if plan.adapter == "lora" and plan.lr > high:
             out.append(
-                f"optimizer.lr={plan.lr:g} will likely burn the LoRA: a 12B Flux wants {good:g}..{high:g} with "
-                f"{name} (the quickstart: 1e-3 can burn a LoRA entirely); use optimizer.lr={good:g}"
+                Problem(
+                    "optimizer.lr",
+                    f"optimizer.lr={plan.lr:g} will likely burn the LoRA: a 12B Flux wants {good:g}..{high:g} with "
+                    f"{name} (the quickstart: 1e-3 can burn a LoRA entirely); use optimizer.lr={good:g}",
+                )
             )
         elif plan.adapter == "lora" and plan.lr < low:
             out.append(
-                f"optimizer.lr={plan.lr:g} barely moves a LoRA (the quickstart: 1e-5 does almost nothing); "
-                f"use optimizer.lr={good:g}"
+                Problem(
+                    "optimizer.lr",
+                    f"optimizer.lr={plan.lr:g} barely moves a LoRA (the quickstart: 1e-5 does almost nothing); "
+                    f"use optimizer.lr={good:g}",
+                )
             )
         elif plan.adapter == "lokr" and not low <= plan.lr <= high:
             out.append(
-                f"optimizer.lr={plan.lr:g} is {'too low' if plan.lr < low else 'too high'} for a LoKr: LoKr trains "
-                f"at higher rates than LoRA, AdamW 1e-3 and Lion 2e-4 (the quickstart); use optimizer.lr={good:g}"
+                Problem(
+                    "optimizer.lr",
+                    f"optimizer.lr={plan.lr:g} is {'too low' if plan.lr < low else 'too high'} for a LoKr: LoKr trains "
+                    f"at higher rates than LoRA, AdamW 1e-3 and Lion 2e-4 (the quickstart); use optimizer.lr={good:g}",
+                )
             )
     if plan.quantization == "nf4_bnb" and plan.compile:
         out.append(
-            "compile=true with quantization=nf4_bnb: NF4 does not work with torch.compile (the blocks run eager); "
-            "set compile=false, or quantization=int8_quanto where it fits (int8 + compile is the fastest)"
+            Problem(
+                "compile",
+                "compile=true with quantization=nf4_bnb: NF4 does not work with torch.compile (the blocks run eager); "
+                "set compile=false, or quantization=int8_quanto where it fits (int8 + compile is the fastest)",
+            )
         )
-    if plan.quantization == "nf4_bnb" and plan.optimizer in LION_FAMILY:
+    if plan.quantization == "nf4_bnb" and family == "lion":
         out.append(
-            f"optimizer={plan.optimizer} on an NF4 base can collapse the model (the quickstart); adamw8bit or "
-            "adamw_bf16 keep NF4 stable if it does"
+            Problem(
+                "optimizer",
+                f"optimizer={plan.optimizer} on an NF4 base can collapse the model (the quickstart); adamw8bit or "
+                "adamw_bf16 keep NF4 stable if it does",
+            )
         )
     problem = resolution_problem(plan.resolution)
     if problem:
@@ -155,20 +176,25 @@ def pitfalls(plan: Plan) -> list[str]:
     global_batch = plan.batch_size * max(plan.devices, 1)
     if plan.data_dir and plan.image_count < global_batch:
         per = f"dataset.batch_size={plan.batch_size}" + (f" x {plan.devices} GPUs" if plan.devices > 1 else "")
-        out.append(
+        out.append(Problem(
+            "dataset.batch_size",
             f"{plan.image_count} image(s) in {plan.data_dir} cannot fill one batch of {global_batch} ({per}); "
-            "add images or lower dataset.batch_size"
-        )
+            "add images or lower dataset.batch_size",
+        ))
     if plan.caption_strategy == "textfile" and plan.uncaptioned:
-        out.append(
+        out.append(Problem(
+            "dataset.caption_strategy",
             f"{plan.uncaptioned} image(s) have no .txt caption beside them and will be skipped; write them or "
-            "use dataset.caption_strategy=filename"
-        )
+            "use dataset.caption_strategy=filename",
+        ))
     need = QUANTIZATION_NEEDS_GB.get(plan.quantization)
     if plan.flavour != "tiny" and plan.memory_gib > 0 and need is not None and plan.memory_gib * 1.0737 < need:
         out.append(
-            f"quantization={plan.quantization} needs a bit over {need} GB for a rank-16 LoRA but the GPU has "
-            f"{plan.memory_gib:g} GiB; pick a smaller quantization (int8_quanto 18 GB, int4_quanto 13, nf4_bnb 9)"
+            Problem(
+                "quantization",
+                f"quantization={plan.quantization} needs a bit over {need} GB for a rank-16 LoRA but the GPU has "
+                f"{plan.memory_gib:g} GiB; pick a smaller quantization (int8_quanto 18 GB, int4_quanto 13, nf4_bnb 9)",
+            )
         )
     return out
 

@@ -8,11 +8,61 @@ Each message is one line per problem naming the file or config field and the fix
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 
 
+class Problem(str):
+    """One problem of a config: ``field`` (the dotted config key it is about, e.g. ``adapter.rank``
+    or ``callbacks.eval_loss.every_n_steps``) and ``message`` (one line naming the field and the fix).
+
+    It is the message as a ``str`` (``str(p)``, joins and ``in`` read the message), so callers that
+    print problems need nothing else; callers that place them (the web UI's form, the wizard) read
+    ``field`` instead of parsing the text.
+    """
+
+    __slots__ = ("field",)
+
+    def __new__(cls, field: str, message: str):
+        self = super().__new__(cls, message)
+        self.field = field
+        return self
+
+    @property
+    def message(self) -> str:
+        return str.__str__(self)
+
+    def __getnewargs__(self):  # pickle / copy
+        return self.field, self.message
+
+    def __repr__(self) -> str:
+        return f"Problem({self.field!r}, {self.message!r})"
+
+
 class ConfigError(ValueError):
-    """The config cannot run; the message lists every problem, one per line, with its fix."""
+    """The config cannot run; ``problems`` lists every :class:`Problem` and the message has one
+    line per problem with its fix (``invalid config:`` then ``  - <message>`` lines).
+
+    ``ConfigError(Problem(field, text))`` (one problem found outside ``validate()``, e.g. a file that
+    cannot be read) keeps ``text`` as the message; ``ConfigError("text")`` is a Problem whose field is ``""``.
+    """
+
+    def __init__(self, problems: Iterable[Problem] | Problem | str):
+        if isinstance(problems, str):  # one problem, its text as it is
+            self.problems = [problems if isinstance(problems, Problem) else Problem("", problems)]
+            super().__init__(str.__str__(problems))
+            return
+        self.problems = [p if isinstance(p, Problem) else Problem("", str(p)) for p in problems]
+        super().__init__("invalid config:\n  - " + "\n  - ".join(self.problems))
+
+    def __reduce__(self):  # pickle keeps the problems (an exception pickles its args otherwise)
+        return _config_error, (self.problems, self.args[0] if self.args else "")
+
+
+def _config_error(problems, text):
+    err = ConfigError(problems)
+    err.args = (text,)
+    return err
 
 
 class DataError(ValueError):

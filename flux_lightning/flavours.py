@@ -33,7 +33,7 @@ class FlavourSpec:
         preview_autoencoder: default tiny autoencoder for validation previews (``tiny://taef1`` =
             built locally).
         num_blocks: double-stream plus single-stream transformer blocks (FLUX.1: 19 + 38); lets
-            ``tread_config`` block indices be checked before any weights load.
+            ``tread`` block indices be checked before any weights load.
         reference_conditioning: the transformer also sees reference-image tokens (kontext): packed
             reference latents appended after the image tokens, their ids' channel 0 = 1.
         assistant_lora: default frozen LoRA stacked under the trained one (hub id or file), or None.

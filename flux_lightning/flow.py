@@ -12,6 +12,8 @@ Packing turns each 2x2 latent patch into one token: ``(B, C, H, W) -> (B, H/2 * 
 
 from __future__ import annotations
 
+from .errors import Problem
+
 import math
 from dataclasses import dataclass, replace
 
@@ -178,37 +180,68 @@ class TimestepConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         """An unknown ``weighting`` or ``weighting_scheme``, both chosen at once, a sigmoid scale or shift
         that is not a positive number, a bad ``logit_std`` / ``mode_scale``."""
         out = []
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             out.append(
-                f"timesteps.weighting_scheme={self.weighting_scheme!r} is unknown; use {', '.join(WEIGHTING_SCHEMES)}"
+                Problem(
+                    "timesteps.weighting_scheme",
+                    f"timesteps.weighting_scheme={self.weighting_scheme!r} is unknown; use {', '.join(WEIGHTING_SCHEMES)}",
+                )
             )
         elif self.weighting_scheme != "none" and self.weighting is not None:
             out.append(
-                f"timesteps.weighting={self.weighting} and timesteps.weighting_scheme={self.weighting_scheme} both "
-                "choose how sigma is drawn; keep one (timesteps.weighting=null or timesteps.weighting_scheme=none)"
+                Problem(
+                    "timesteps.weighting",
+                    f"timesteps.weighting={self.weighting} and timesteps.weighting_scheme={self.weighting_scheme} both "
+                    "choose how sigma is drawn; keep one (timesteps.weighting=null or timesteps.weighting_scheme=none)",
+                )
             )
         if not self.logit_std > 0:
-            out.append(f"timesteps.logit_std={self.logit_std} must be > 0; e.g. timesteps.logit_std=1.0")
+            out.append(
+                Problem(
+                    "timesteps.logit_std",
+                    f"timesteps.logit_std={self.logit_std} must be > 0; e.g. timesteps.logit_std=1.0",
+                )
+            )
         if not math.isfinite(self.logit_mean):
-            out.append(f"timesteps.logit_mean={self.logit_mean} must be a finite number; e.g. 0.0")
+            out.append(
+                Problem(
+                    "timesteps.logit_mean", f"timesteps.logit_mean={self.logit_mean} must be a finite number; e.g. 0.0"
+                )
+            )
         lo, hi = MODE_SCALE_RANGE
         if not lo <= self.mode_scale <= hi:
             out.append(
-                f"timesteps.mode_scale={self.mode_scale} must lie in [{lo}, {hi:.3f}] (the mode density is "
-                "monotone there); e.g. timesteps.mode_scale=1.29"
+                Problem(
+                    "timesteps.mode_scale",
+                    f"timesteps.mode_scale={self.mode_scale} must lie in [{lo}, {hi:.3f}] (the mode density is "
+                    "monotone there); e.g. timesteps.mode_scale=1.29",
+                )
             )
         if self.weighting not in (None, *WEIGHTINGS):
-            out.append(f"timesteps.weighting={self.weighting!r} is unknown; use {', '.join(WEIGHTINGS)} or null")
+            out.append(
+                Problem(
+                    "timesteps.weighting",
+                    f"timesteps.weighting={self.weighting!r} is unknown; use {', '.join(WEIGHTINGS)} or null",
+                )
+            )
         if not self.sigmoid_scale > 0:
-            out.append(f"timesteps.sigmoid_scale={self.sigmoid_scale} must be > 0; e.g. timesteps.sigmoid_scale=1.0")
+            out.append(
+                Problem(
+                    "timesteps.sigmoid_scale",
+                    f"timesteps.sigmoid_scale={self.sigmoid_scale} must be > 0; e.g. timesteps.sigmoid_scale=1.0",
+                )
+            )
         if self.flow_schedule_shift is not None and not self.flow_schedule_shift > 0:
             out.append(
-                f"timesteps.flow_schedule_shift={self.flow_schedule_shift} must be > 0 (1.0 = no shift); "
-                "e.g. timesteps.flow_schedule_shift=3.0"
+                Problem(
+                    "timesteps.flow_schedule_shift",
+                    f"timesteps.flow_schedule_shift={self.flow_schedule_shift} must be > 0 (1.0 = no shift); "
+                    "e.g. timesteps.flow_schedule_shift=3.0",
+                )
             )
         return out
 
@@ -314,12 +347,16 @@ class LossConfig:
     loss_type: str = "l2"
     huber_c: float = 0.1
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         out = []
         if self.loss_type not in LOSS_TYPES:
-            out.append(f"loss.loss_type={self.loss_type!r} is unknown; use {', '.join(LOSS_TYPES)}")
+            out.append(
+                Problem("loss.loss_type", f"loss.loss_type={self.loss_type!r} is unknown; use {', '.join(LOSS_TYPES)}")
+            )
         if not (isinstance(self.huber_c, (int, float)) and math.isfinite(self.huber_c) and self.huber_c > 0):
-            out.append(f"loss.huber_c={self.huber_c} must be a number > 0; e.g. loss.huber_c=0.1")
+            out.append(
+                Problem("loss.huber_c", f"loss.huber_c={self.huber_c} must be a number > 0; e.g. loss.huber_c=0.1")
+            )
         return out
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import Problem
 from .flavours import FLAVOURS, FlavourSpec, get_flavour, tiny_like
 from .quantization import DEFAULT_DTYPES, QuantizationConfig
 
@@ -171,115 +172,167 @@ class ModelConfig:
         return torch.full((batch_size,), self.training_guidance, device=device)
 
     # -- validation ------------------------------------------------------------------------------
-    def flavour_problems(self) -> list[str]:
+    def flavour_problems(self) -> list[Problem]:
         """An unknown ``flavour`` or ``tiny_like`` (then nothing that depends on the flavour can be checked)."""
         out: list[str] = []
         if self.flavour not in FLAVOURS:
-            out.append(f"model.flavour={self.flavour!r} is unknown; use one of {sorted(FLAVOURS)}")
+            out.append(
+                Problem("model.flavour", f"model.flavour={self.flavour!r} is unknown; use one of {sorted(FLAVOURS)}")
+            )
             return out
         if self.tiny_like is not None:
             if self.flavour != "tiny":
-                out.append(f"model.tiny_like={self.tiny_like} only applies to model.flavour=tiny; remove it")
+                out.append(
+                    Problem(
+                        "model.tiny_like",
+                        f"model.tiny_like={self.tiny_like} only applies to model.flavour=tiny; remove it",
+                    )
+                )
                 return out
             if self.tiny_like not in FLAVOURS or self.tiny_like == "tiny":
                 out.append(
-                    f"model.tiny_like={self.tiny_like!r} is unknown; use one of "
-                    f"{sorted(set(FLAVOURS) - {'tiny'})}"
+                    Problem("model.tiny_like", f"model.tiny_like={self.tiny_like!r} is unknown; use one of "
+                    f"{sorted(set(FLAVOURS) - {'tiny'})}")
                 )
         return out
 
-    def problems(self, *, cuda: bool | None = None) -> list[str]:
+    def problems(self, *, cuda: bool | None = None) -> list[Problem]:
         """Every invalid or impossible setting of this node (and its quantization), one line each."""
         out = self.flavour_problems()
         if out:
             return out
         spec = self.spec
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            out.append(f"model.dtype={self.dtype!r} is unknown; use auto, {', '.join(DTYPES)}")
+            out.append(Problem("model.dtype", f"model.dtype={self.dtype!r} is unknown; use auto, {', '.join(DTYPES)}"))
         if self.flux_guidance_mode not in GUIDANCE_MODES:
-            out.append(f"model.flux_guidance_mode={self.flux_guidance_mode!r} is unknown; use constant or random-range")
+            out.append(
+                Problem(
+                    "model.flux_guidance_mode",
+                    f"model.flux_guidance_mode={self.flux_guidance_mode!r} is unknown; use constant or random-range",
+                )
+            )
         elif self.flux_guidance_mode == "random-range":
             if not spec.guidance_embeds:
                 out.append(
-                    f"model.flux_guidance_mode=random-range: flavour {spec.mimics or spec.name} has no guidance "
-                    "embedding; use flux_guidance_mode=constant"
+                    Problem(
+                        "model.flux_guidance_mode",
+                        f"model.flux_guidance_mode=random-range: flavour {spec.mimics or spec.name} has no guidance "
+                        "embedding; use flux_guidance_mode=constant",
+                    )
                 )
             if self.flux_guidance_min > self.flux_guidance_max:
                 out.append(
-                    f"model.flux_guidance_min={self.flux_guidance_min} > flux_guidance_max={self.flux_guidance_max}; swap them"
+                    Problem(
+                        "model.flux_guidance_min",
+                        f"model.flux_guidance_min={self.flux_guidance_min} > flux_guidance_max={self.flux_guidance_max}; swap them",
+                    )
                 )
         if spec.attention_masked and self.flux_attention_masked_training is False:
             out.append(
-                f"model.flux_attention_masked_training=false: flavour {spec.mimics or spec.name} was trained "
-                "with the T5 padding mask and needs it; remove the override"
+                Problem(
+                    "model.flux_attention_masked_training",
+                    f"model.flux_attention_masked_training=false: flavour {spec.mimics or spec.name} was trained "
+                    "with the T5 padding mask and needs it; remove the override",
+                )
             )
         backend = attention_backend_problem(self.attention_backend)
         if backend:
             out.append(backend)
         elif self.attention_masked and self.attention_backend not in MASKED_ATTENTION_BACKENDS:
             out.append(
-                f"model.attention_backend={self.attention_backend} takes no attention mask, which flavour "
-                f"{spec.mimics or spec.name} / flux_attention_masked_training needs; use "
-                f"{' or '.join(MASKED_ATTENTION_BACKENDS)}"
+                Problem(
+                    "model.attention_backend",
+                    f"model.attention_backend={self.attention_backend} takes no attention mask, which flavour "
+                    f"{spec.mimics or spec.name} / flux_attention_masked_training needs; use "
+                    f"{' or '.join(MASKED_ATTENTION_BACKENDS)}",
+                )
             )
         return out + self.quantization.problems() + self._memory_problems(cuda)
 
-    def _memory_problems(self, cuda: bool | None) -> list[str]:
+    def _memory_problems(self, cuda: bool | None) -> list[Problem]:
         """Invalid or impossible memory settings (gradient checkpointing, offloading)."""
         cuda = torch.cuda.is_available() if cuda is None else cuda
         out = []
         if self.gradient_checkpointing_interval < 1:
             out.append(
-                f"model.gradient_checkpointing_interval={self.gradient_checkpointing_interval} must be >= 1; "
-                "use 1 to checkpoint every block"
+                Problem(
+                    "model.gradient_checkpointing_interval",
+                    f"model.gradient_checkpointing_interval={self.gradient_checkpointing_interval} must be >= 1; "
+                    "use 1 to checkpoint every block",
+                )
             )
         if self.enable_group_offload and self.enable_model_cpu_offload:
             out.append(
-                "model.enable_group_offload and model.enable_model_cpu_offload are mutually exclusive; "
-                "turn one of them off"
+                Problem(
+                    "model.enable_group_offload",
+                    "model.enable_group_offload and model.enable_model_cpu_offload are mutually exclusive; "
+                    "turn one of them off",
+                )
             )
         if self.group_offload_type not in GROUP_OFFLOAD_TYPES:
             out.append(
-                f"model.group_offload_type={self.group_offload_type!r} is unknown; use {' or '.join(GROUP_OFFLOAD_TYPES)}"
+                Problem(
+                    "model.group_offload_type",
+                    f"model.group_offload_type={self.group_offload_type!r} is unknown; use {' or '.join(GROUP_OFFLOAD_TYPES)}",
+                )
             )
         if self.group_offload_blocks_per_group != 1:
             out.append(
-                f"model.group_offload_blocks_per_group={self.group_offload_blocks_per_group}: the backward pass "
-                "recomputes one block at a time, so each block is its own group; use 1"
+                Problem(
+                    "model.group_offload_blocks_per_group",
+                    f"model.group_offload_blocks_per_group={self.group_offload_blocks_per_group}: the backward pass "
+                    "recomputes one block at a time, so each block is its own group; use 1",
+                )
             )
         if self.enable_group_offload:
             if not cuda:
                 out.append(
-                    "model.enable_group_offload needs a CUDA GPU to offload from (none is visible); "
-                    "set model.enable_group_offload=false"
+                    Problem(
+                        "model.enable_group_offload",
+                        "model.enable_group_offload needs a CUDA GPU to offload from (none is visible); "
+                        "set model.enable_group_offload=false",
+                    )
                 )
             if not self.gradient_checkpointing or self.gradient_checkpointing_interval != 1:
                 out.append(
-                    "model.enable_group_offload needs model.gradient_checkpointing=true and "
-                    "gradient_checkpointing_interval=1 (a block that is not recomputed keeps its onloaded "
-                    "weights for the backward pass); set both"
+                    Problem(
+                        "model.enable_group_offload",
+                        "model.enable_group_offload needs model.gradient_checkpointing=true and "
+                        "gradient_checkpointing_interval=1 (a block that is not recomputed keeps its onloaded "
+                        "weights for the backward pass); set both",
+                    )
                 )
             if self.group_offload_use_stream:
                 out.append(
-                    "model.group_offload_use_stream prefetches in forward order, which the backward pass does "
-                    "not follow; set model.group_offload_use_stream=false"
+                    Problem(
+                        "model.group_offload_use_stream",
+                        "model.group_offload_use_stream prefetches in forward order, which the backward pass does "
+                        "not follow; set model.group_offload_use_stream=false",
+                    )
                 )
             if self.quantization.quantized:
                 out.append(
-                    f"model.enable_group_offload moves unquantized linear weights only (quantization."
-                    f"base_model_precision={self.quantization.base_model_precision}); turn one of them off"
+                    Problem(
+                        "model.enable_group_offload",
+                        f"model.enable_group_offload moves unquantized linear weights only (quantization."
+                        f"base_model_precision={self.quantization.base_model_precision}); turn one of them off",
+                    )
                 )
         return out
 
 
-def attention_backend_problem(name: str) -> str | None:
+def attention_backend_problem(name: str) -> Problem | None:
     """Why ``model.attention_backend=name`` cannot run here, or None."""
     if name not in ATTENTION_BACKENDS:
-        return f"model.attention_backend={name!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}"
+        return Problem(
+            "model.attention_backend",
+            f"model.attention_backend={name!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}",
+        )
     package = ATTENTION_PACKAGES.get(name)
     if package and importlib.util.find_spec(package) is None:
-        return (
+        return Problem(
+            "model.attention_backend",
             f"model.attention_backend={name} needs the {package} package and a CUDA GPU "
-            f"(pip install {package}); or use model.attention_backend=sdpa"
+            f"(pip install {package}); or use model.attention_backend=sdpa",
         )
     return None

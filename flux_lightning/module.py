@@ -23,8 +23,10 @@ from .adapters import (
     assistant_disabled,
     export_adapter,
 )
-from .components import ModelConfig, load_transformer, set_attention_backend, training_attention_backend
+from .components import load_transformer, set_attention_backend, training_attention_backend
+from .hooks import RendersImages, SummaryRows, TrainableParameters
 from .guard import NonFiniteGuard, all_finite, all_ranks_agree
+from .model_config import ModelConfig
 from .memory import GroupOffload, apply_group_offload, enable_gradient_checkpointing
 from .optim import ADAPTER_DTYPES
 from .rng import rng_states, set_rng_states
@@ -66,7 +68,7 @@ class FluxLoRAModule(L.LightningModule):
     packed after the image tokens, ids' channel 0 = 1, prediction cut back to the image tokens).
 
     Args:
-        model: where the base weights come from (see :class:`~flux_lightning.components.ModelConfig`).
+        model: where the base weights come from (see :class:`~flux_lightning.model_config.ModelConfig`).
         adapter: LoRA rank, alpha, dropout, targets, init.
         timesteps: sigma sampling.
         optimizer: ``params -> Optimizer`` (e.g. a Hydra ``_partial_``); default AdamW(lr=1e-4).
@@ -82,6 +84,8 @@ class FluxLoRAModule(L.LightningModule):
             counted (``train/skipped_nonfinite``); this many in a row stop the run with
             :class:`~flux_lightning.guard.NonFiniteLossError` (see :mod:`flux_lightning.guard`).
     """
+
+    implements = (SummaryRows, TrainableParameters, RendersImages)  # hooks.py; tests/test_hooks.py checks them
 
     def __init__(
         self,

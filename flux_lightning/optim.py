@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import Problem
 from .values import is_number
 
 log = logging.getLogger(__name__)
@@ -64,26 +65,50 @@ class OptimizerConfig:
     safeguard_warmup: bool | None = None
     fused: bool | None = None
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         """An unknown or missing optimizer, out-of-range hyper-parameters (torch would raise a
         traceback at the first step), one line each."""
         out = optimizer_problems(self.name)
         if not is_number(self.lr) or self.lr <= 0:
-            out.append(f"optimizer.lr={self.lr!r} must be a number > 0; e.g. optimizer.lr=1e-4")
+            out.append(
+                Problem("optimizer.lr", f"optimizer.lr={self.lr!r} must be a number > 0; e.g. optimizer.lr=1e-4")
+            )
         if self.betas is not None and (
             len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas)
         ):
-            out.append(f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1); e.g. optimizer.betas=[0.9,0.999]")
+            out.append(
+                Problem(
+                    "optimizer.betas",
+                    f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1); e.g. optimizer.betas=[0.9,0.999]",
+                )
+            )
         if self.weight_decay is not None and (not is_number(self.weight_decay) or self.weight_decay < 0):
-            out.append(f"optimizer.weight_decay={self.weight_decay!r} must be >= 0; e.g. optimizer.weight_decay=0.01")
+            out.append(
+                Problem(
+                    "optimizer.weight_decay",
+                    f"optimizer.weight_decay={self.weight_decay!r} must be >= 0; e.g. optimizer.weight_decay=0.01",
+                )
+            )
         if self.eps is not None and (not is_number(self.eps) or self.eps <= 0):
-            out.append(f"optimizer.eps={self.eps!r} must be > 0; e.g. optimizer.eps=1e-8")
+            out.append(Problem("optimizer.eps", f"optimizer.eps={self.eps!r} must be > 0; e.g. optimizer.eps=1e-8"))
         if self.d_coef is not None and (not is_number(self.d_coef) or self.d_coef <= 0):
-            out.append(f"optimizer.d_coef={self.d_coef!r} must be > 0; e.g. optimizer.d_coef=1.0")
+            out.append(
+                Problem("optimizer.d_coef", f"optimizer.d_coef={self.d_coef!r} must be > 0; e.g. optimizer.d_coef=1.0")
+            )
         if self.fused and self.name in OPTIMIZERS and not OPTIMIZERS[self.name].fusable:
-            out.append(f"optimizer.fused applies to optimizer=adamw (torch's AdamW), not {self.name}; remove it")
+            out.append(
+                Problem(
+                    "optimizer.fused",
+                    f"optimizer.fused applies to optimizer=adamw (torch's AdamW), not {self.name}; remove it",
+                )
+            )
         if self.min_8bit_size is not None and self.min_8bit_size < 0:
-            out.append(f"optimizer.min_8bit_size={self.min_8bit_size} must be >= 0; e.g. optimizer.min_8bit_size=4096")
+            out.append(
+                Problem(
+                    "optimizer.min_8bit_size",
+                    f"optimizer.min_8bit_size={self.min_8bit_size} must be >= 0; e.g. optimizer.min_8bit_size=4096",
+                )
+            )
         return out
 
 
@@ -100,25 +125,45 @@ class LRSchedulerConfig:
     num_cycles: int | None = None
     power: float | None = None
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         """An unknown schedule, a warm-up that does nothing, out-of-range values (the schedule's
         length against ``trainer.max_steps`` is checked in :func:`flux_lightning.config.validate`)."""
         if self.name not in LR_SCHEDULERS:
-            return [f"lr_scheduler.name={self.name!r} is unknown; use one of {', '.join(LR_SCHEDULERS)}"]
+            return [
+                Problem(
+                    "lr_scheduler.name",
+                    f"lr_scheduler.name={self.name!r} is unknown; use one of {', '.join(LR_SCHEDULERS)}",
+                )
+            ]
         out = []
         if self.num_warmup_steps < 0:
             out.append(
-                f"lr_scheduler.num_warmup_steps={self.num_warmup_steps} must be >= 0; e.g. lr_scheduler.num_warmup_steps=100"
+                Problem(
+                    "lr_scheduler.num_warmup_steps",
+                    f"lr_scheduler.num_warmup_steps={self.num_warmup_steps} must be >= 0; e.g. lr_scheduler.num_warmup_steps=100",
+                )
             )
         elif self.num_warmup_steps and self.name == "constant":
             out.append(
-                f"lr_scheduler.num_warmup_steps={self.num_warmup_steps} does nothing with lr_scheduler.name=constant; "
-                "use lr_scheduler=constant_with_warmup or num_warmup_steps=0"
+                Problem(
+                    "lr_scheduler.num_warmup_steps",
+                    f"lr_scheduler.num_warmup_steps={self.num_warmup_steps} does nothing with lr_scheduler.name=constant; "
+                    "use lr_scheduler=constant_with_warmup or num_warmup_steps=0",
+                )
             )
         if self.num_cycles is not None and self.num_cycles < 1:
-            out.append(f"lr_scheduler.num_cycles={self.num_cycles} must be >= 1; e.g. lr_scheduler.num_cycles=1")
+            out.append(
+                Problem(
+                    "lr_scheduler.num_cycles",
+                    f"lr_scheduler.num_cycles={self.num_cycles} must be >= 1; e.g. lr_scheduler.num_cycles=1",
+                )
+            )
         if self.power is not None and (not is_number(self.power) or self.power <= 0):
-            out.append(f"lr_scheduler.power={self.power!r} must be > 0; e.g. lr_scheduler.power=1.0")
+            out.append(
+                Problem(
+                    "lr_scheduler.power", f"lr_scheduler.power={self.power!r} must be > 0; e.g. lr_scheduler.power=1.0"
+                )
+            )
         return out
 
     @property
@@ -137,6 +182,9 @@ class OptimizerSpec:
         install: pip hint when the package is missing.
         paged: uses paged (unified-memory) state; CUDA only, bitsandbytes falls back elsewhere.
         fusable: a torch optimizer with a ``fused`` kernel, used unless ``optimizer.fused=false``.
+        family: how it takes a learning rate: ``adamw`` (AdamW's scale), ``lion`` (sign updates:
+            3-10x lower), ``prodigy`` (estimates the step size; lr scales the estimate, keep 1.0).
+            The wizard's learning-rate advice is per family (``configure_plan.LR_RANGES``).
     """
 
     name: str
@@ -145,6 +193,7 @@ class OptimizerSpec:
     install: str | None = None
     paged: bool = False
     fusable: bool = False
+    family: str = "adamw"
 
     @property
     def module(self) -> str:
@@ -156,7 +205,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     for spec in (
         OptimizerSpec("adamw", "torch.optim:AdamW", fusable=True),
         OptimizerSpec("adamw_bf16", "optimi:AdamW", adapter_dtype="bf16", install="pip install torch-optimi"),
-        OptimizerSpec("optimi_lion", "optimi:Lion", install="pip install torch-optimi"),
+        OptimizerSpec("optimi_lion", "optimi:Lion", install="pip install torch-optimi", family="lion"),
         OptimizerSpec("optimi_stableadamw", "optimi:StableAdamW", install="pip install torch-optimi"),
         OptimizerSpec("adamw8bit", "bitsandbytes.optim:AdamW8bit", install="pip install 'flux-lightning[bnb]'"),
         OptimizerSpec(
@@ -164,10 +213,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "bitsandbytes.optim:PagedLion8bit",
             install="pip install 'flux-lightning[bnb]'",
             paged=True,
+            family="lion",
         ),
-        OptimizerSpec("prodigy", "prodigyopt:Prodigy", install="pip install 'flux-lightning[prodigy]'"),
+        OptimizerSpec(
+            "prodigy", "prodigyopt:Prodigy", install="pip install 'flux-lightning[prodigy]'", family="prodigy"
+        ),
     )
 }
+
+#: optimizer families (``OptimizerSpec.family``) as people name them
+OPTIMIZER_FAMILIES = {"adamw": "AdamW", "lion": "Lion", "prodigy": "Prodigy"}
 
 ADAPTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -179,13 +234,13 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
         raise ValueError(f"optimizer.name={name!r} is unknown; use one of {sorted(OPTIMIZERS)}") from None
 
 
-def optimizer_problems(name: str) -> list[str]:
+def optimizer_problems(name: str) -> list[Problem]:
     """Why optimizer ``name`` cannot be built here (unknown, package missing), one line each."""
     if name not in OPTIMIZERS:
-        return [f"optimizer.name={name!r} is unknown; use one of {sorted(OPTIMIZERS)}"]
+        return [Problem("optimizer.name", f"optimizer.name={name!r} is unknown; use one of {sorted(OPTIMIZERS)}")]
     spec = OPTIMIZERS[name]
     if importlib.util.find_spec(spec.module.split(".")[0]) is None:
-        return [f"optimizer={name} needs the {spec.module.split('.')[0]} package; {spec.install}"]
+        return [Problem("optimizer", f"optimizer={name} needs the {spec.module.split('.')[0]} package; {spec.install}")]
     return []
 
 

@@ -14,6 +14,8 @@ stay in their own dtype and are the only thing that is checkpointed or exported.
 
 from __future__ import annotations
 
+from .errors import Problem
+
 import functools
 import logging
 from dataclasses import dataclass
@@ -57,25 +59,39 @@ class QuantizationConfig:
     def quantized(self) -> bool:
         return self.base_model_precision != "none"
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         """Every invalid field, one line each, naming the field and the fix."""
         out = []
         if self.base_model_precision not in PRECISIONS:
             out.append(
-                f"quantization.base_model_precision={self.base_model_precision!r} is unknown; "
-                f"use one of {', '.join(PRECISIONS)}"
+                Problem(
+                    "model.quantization.base_model_precision",
+                    f"quantization.base_model_precision={self.base_model_precision!r} is unknown; "
+                    f"use one of {', '.join(PRECISIONS)}",
+                )
             )
         if self.quantize_via not in QUANTIZE_VIA:
-            out.append(f"quantization.quantize_via={self.quantize_via!r} is unknown; use cpu or accelerator")
+            out.append(
+                Problem(
+                    "model.quantization.quantize_via",
+                    f"quantization.quantize_via={self.quantize_via!r} is unknown; use cpu or accelerator",
+                )
+            )
         if self.base_model_default_dtype not in (None, *DEFAULT_DTYPES):
             out.append(
-                f"quantization.base_model_default_dtype={self.base_model_default_dtype!r} is unknown; "
-                "use bf16, fp32 or null (= model.dtype)"
+                Problem(
+                    "model.quantization.base_model_default_dtype",
+                    f"quantization.base_model_default_dtype={self.base_model_default_dtype!r} is unknown; "
+                    "use bf16, fp32 or null (= model.dtype)",
+                )
             )
         if self.text_encoder_precision not in TEXT_ENCODER_PRECISIONS:
             out.append(
-                f"quantization.text_encoder_precision={self.text_encoder_precision!r} is unknown; "
-                f"use one of {', '.join(TEXT_ENCODER_PRECISIONS)}"
+                Problem(
+                    "model.quantization.text_encoder_precision",
+                    f"quantization.text_encoder_precision={self.text_encoder_precision!r} is unknown; "
+                    f"use one of {', '.join(TEXT_ENCODER_PRECISIONS)}",
+                )
             )
         for precision, field_name in (
             (self.base_model_precision, "base_model_precision"),
@@ -83,11 +99,13 @@ class QuantizationConfig:
         ):
             hint = dependency_problem(precision)
             if hint:
-                out.append(f"quantization.{field_name}={precision}: {hint}")
+                out.append(
+                    Problem(f"model.quantization.{field_name}", f"quantization.{field_name}={precision}: {hint}")
+                )
         return out
 
 
-def dependency_problem(precision: str) -> str | None:
+def dependency_problem(precision: str) -> Problem | None:
     """Why ``precision`` cannot run in this environment (missing package / no GPU), else None."""
     import importlib.util
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, Problem
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,29 @@ def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
             return str(path)
         if bad:
             raise ConfigError(
-                f"resume_from_checkpoint: no checkpoint in {Path(output_dir) / 'checkpoints'} is readable "
-                f"({', '.join(bad)}); delete them to start afresh, or give another run's with resume_from_checkpoint=<path>"
+                Problem(
+                    "resume_from_checkpoint",
+                    f"resume_from_checkpoint: no checkpoint in {Path(output_dir) / 'checkpoints'} is readable "
+                    f"({', '.join(bad)}); delete them to start afresh, or give another run's with resume_from_checkpoint=<path>",
+                )
             )
         return None
     if not Path(value).is_file():
-        raise ConfigError(f"resume_from_checkpoint: {value} does not exist; give a .ckpt file, latest or null")
+        raise ConfigError(
+            Problem(
+                "resume_from_checkpoint",
+                f"resume_from_checkpoint: {value} does not exist; give a .ckpt file, latest or null",
+            )
+        )
     try:
         checkpoint_step(value)
     except ValueError as err:
-        raise ConfigError(f"resume_from_checkpoint: {value} is unreadable ({err}); give another .ckpt file, latest or null") from None
+        raise ConfigError(
+            Problem(
+                "resume_from_checkpoint",
+                f"resume_from_checkpoint: {value} is unreadable ({err}); give another .ckpt file, latest or null",
+            )
+        ) from None
     return value
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import Problem
 from .flow import TimestepConfig, shift_like_training
 
 SAMPLERS = ("euler", "unipc", "dpm")
@@ -60,26 +61,32 @@ class ScheduledSamplingConfig:
     def enabled(self) -> bool:
         return self.max_step_offset > 0
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         out = []
         f = "scheduled_sampling."
         for name in ("max_step_offset", "ramp_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                out.append(f"{f}{name}={v!r} must be a whole number >= 0; e.g. {f}{name}=5")
+                out.append(Problem(f"{f}{name}", f"{f}{name}={v!r} must be a whole number >= 0; e.g. {f}{name}=5"))
         for name in ("probability", "prob_start", "prob_end"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 <= v <= 1):
-                out.append(f"{f}{name}={v!r} must lie in [0, 1]; e.g. {f}{name}=0.5")
+                out.append(Problem(f"{f}{name}", f"{f}{name}={v!r} must lie in [0, 1]; e.g. {f}{name}=0.5"))
         if isinstance(self.grid_steps, bool) or not isinstance(self.grid_steps, int) or self.grid_steps < 1:
-            out.append(f"{f}grid_steps={self.grid_steps!r} must be a whole number >= 1; e.g. {f}grid_steps=28")
-        if self.sampler not in SAMPLERS:
-            out.append(f"{f}sampler={self.sampler!r} is unknown; use {', '.join(SAMPLERS)}")
-        if not out and self.enabled and self.ramp_steps == 0 and self.probability == 0:
             out.append(
-                f"{f}max_step_offset={self.max_step_offset} rolls nothing out with {f}probability=0; set "
-                f"{f}probability (e.g. 0.5), or {f}ramp_steps with prob_start/prob_end"
+                Problem(
+                    f"{f}grid_steps",
+                    f"{f}grid_steps={self.grid_steps!r} must be a whole number >= 1; e.g. {f}grid_steps=28",
+                )
             )
+        if self.sampler not in SAMPLERS:
+            out.append(Problem(f"{f}sampler", f"{f}sampler={self.sampler!r} is unknown; use {', '.join(SAMPLERS)}"))
+        if not out and self.enabled and self.ramp_steps == 0 and self.probability == 0:
+            out.append(Problem(
+                f"{f}probability",
+                f"{f}max_step_offset={self.max_step_offset} rolls nothing out with {f}probability=0; set "
+                f"{f}probability (e.g. 0.5), or {f}ramp_steps with prob_start/prob_end",
+            ))
         return out
 
     def probability_at(self, step: int) -> float:

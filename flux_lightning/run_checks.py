@@ -1,5 +1,6 @@
-"""Checks of the plain-dict groups that go straight to Lightning: trainer kwargs, checkpoint and
-validation intervals, the non-finite guard's limit. One line per problem, naming the field and the fix.
+"""Checks of the plain values that go straight to Lightning: trainer kwargs, Lightning's own
+callbacks (by class, :data:`TARGET_CHECKS`), the non-finite guard's limit. One
+:class:`~flux_lightning.errors.Problem` each, naming the field and the fix.
 
 The ``trainer`` group stays a plain dict (it is ``lightning.Trainer``'s keyword arguments, any of
 which may be set); :data:`TRAINER_FIELDS` types the ones this project sets or relies on.
@@ -10,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, get_args
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
 
+from .errors import Problem
 from .values import is_int as _int, is_number as _num
 
 PRECISIONS: tuple = get_args(_PRECISION_INPUT_STR) + get_args(_PRECISION_INPUT_STR_ALIAS) + get_args(_PRECISION_INPUT_INT)
@@ -76,7 +79,7 @@ TRAINER_FIELDS: dict[str, Callable[[str, Any], str | None]] = {
 }
 
 
-def trainer_problems(trainer: Mapping | None, *, allow_endless_run: bool = False) -> list[str]:
+def trainer_problems(trainer: Mapping | None, *, allow_endless_run: bool = False) -> list[Problem]:
     """Problems of the ``trainer`` kwargs (see :data:`TRAINER_FIELDS`) and the run's length."""
     trainer = trainer or {}
     out = []
@@ -84,40 +87,50 @@ def trainer_problems(trainer: Mapping | None, *, allow_endless_run: bool = False
         if key in trainer:
             problem = check(f"trainer.{key}", trainer[key])
             if problem:
-                out.append(problem)
+                out.append(Problem(f"trainer.{key}", problem))
     steps, epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
     if steps == -1 and epochs in (-1, None) and not trainer.get("max_time") and not allow_endless_run:
         out.append(
-            "trainer.max_steps=-1 with no trainer.max_epochs trains until killed; set trainer.max_steps=N or "
-            "trainer.max_epochs=N, or allow_endless_run=true if that is what you want"
+            Problem(
+                "trainer.max_steps",
+                "trainer.max_steps=-1 with no trainer.max_epochs trains until killed; set trainer.max_steps=N or "
+                "trainer.max_epochs=N, or allow_endless_run=true if that is what you want",
+            )
         )
     return out
 
 
-def callback_interval_problems(callbacks: Mapping | None) -> list[str]:
-    """Checkpoint and evaluation intervals (``callbacks.*``)."""
-    callbacks = callbacks or {}
+def model_checkpoint_problems(node: Mapping, field: str) -> list[Problem]:
+    """Lightning's ``ModelCheckpoint`` (``callbacks.model_checkpoint``): its interval and how many to keep."""
     out = []
-    ckpt = callbacks.get("model_checkpoint") or {}
-    every = ckpt.get("every_n_train_steps")
+    every = node.get("every_n_train_steps")
     if every is not None and (not _int(every) or every < 0):
-        out.append(
-            f"callbacks.model_checkpoint.every_n_train_steps={every!r} must be an integer >= 0 (0 = only at "
-            "the end); e.g. 500"
-        )
-    top_k = ckpt.get("save_top_k", 1)
+        out.append(Problem(
+            f"{field}.every_n_train_steps",
+            f"{field}.every_n_train_steps={every!r} must be an integer >= 0 (0 = only at the end); e.g. 500",
+        ))
+    top_k = node.get("save_top_k", 1)
     if not _int(top_k) or top_k < -1:
-        out.append(f"callbacks.model_checkpoint.save_top_k={top_k!r} must be an integer >= -1 (-1 = keep all); e.g. 5")
-    for name in ("validation", "eval_loss"):
-        node = callbacks.get(name) or {}
-        if "every_n_steps" in node:
-            v = node["every_n_steps"]
-            if not _int(v) or v < 0:
-                out.append(f"callbacks.{name}.every_n_steps={v!r} must be an integer >= 0 (0 = baseline and final only); e.g. 100")
+        out.append(
+            Problem(
+                f"{field}.save_top_k", f"{field}.save_top_k={top_k!r} must be an integer >= -1 (-1 = keep all); e.g. 5"
+            )
+        )
     return out
 
 
-def nonfinite_problems(value) -> list[str]:
+#: checks of callbacks this library does not define, by class (``config.callback_problems`` applies
+#: them to every ``callbacks.*`` node whose ``_target_`` is that class or a subclass); the library's
+#: own callbacks state their problems themselves (``config_problems``)
+TARGET_CHECKS: dict[type, Callable[[Mapping, str], list[Problem]]] = {ModelCheckpoint: model_checkpoint_problems}
+
+
+def nonfinite_problems(value) -> list[Problem]:
     if not _int(value) or value < 1:
-        return [f"nonfinite_max_consecutive={value!r} must be an integer >= 1; e.g. nonfinite_max_consecutive=10"]
+        return [
+            Problem(
+                "nonfinite_max_consecutive",
+                f"nonfinite_max_consecutive={value!r} must be an integer >= 1; e.g. nonfinite_max_consecutive=10",
+            )
+        ]
     return []

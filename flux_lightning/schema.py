@@ -11,17 +11,11 @@ Only the Hydra entry point imports this module; the library itself has no Hydra 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-from .adapters import AdapterConfig
-from .components import ModelConfig
-from .data.config import DatasetConfig
-from .flow import LossConfig, TimestepConfig
-from .optim import LRSchedulerConfig, OptimizerConfig
-from .rollout import ScheduledSamplingConfig
-from .tread import TreadConfig
+from .config import GROUPS
 
 # Wiring between nodes (not defaults of the dataclasses): caches live under paths.cache_dir, the
 # data order follows the run's seed, and the eval split (dataset.eval_fraction, 0 in the library)
@@ -41,9 +35,38 @@ def app_eval_fraction(eval_loss) -> float:
     return APP_EVAL_FRACTION if eval_loss else 0.0
 
 
-@dataclass
-class TrainConfig:
-    """The whole run (``python -m flux_lightning``): typed groups plus the ``_target_`` groups
+# Wiring between nodes, by group: the defaults of TrainConfig's typed nodes where they differ from
+# the dataclass's own (a group not named here starts from its dataclass's defaults).
+_WIRING = {"model": _MODEL_WIRING, "dataset": _DATASET_WIRING}
+
+#: the run's plain fields, after the typed groups (config.GROUPS): (name, type, default)
+_RUN_FIELDS = [
+    ("seed", int, 42),
+    ("compile", bool, False),
+    ("nonfinite_max_consecutive", int, 10),
+    ("allow_endless_run", bool, False),
+    ("resume_from_checkpoint", str | None, "latest"),
+    ("run_name", str, "${flux_lightning.run_name:}"),
+    ("paths", Any, None),
+    ("module", Any, None),
+    ("data", Any, None),
+    ("trainer", Any, None),
+    ("callbacks", Any, None),
+    ("logger", Any, None),
+]
+
+
+def _group_field(group):
+    wiring = _WIRING.get(group.name, {})
+    return group.name, group.schema, field(default_factory=lambda: group.schema(**wiring))
+
+
+TrainConfig = make_dataclass(
+    "TrainConfig",
+    [_group_field(g) for g in GROUPS] + [(name, tp, field(default=default)) for name, tp, default in _RUN_FIELDS],
+    namespace={"__module__": __name__},
+)
+TrainConfig.__doc__ = """The whole run (``python -m flux_lightning``): typed groups plus the ``_target_`` groups
     (``module``, ``data``, ``trainer``, ``callbacks``, ``logger``) and ``paths`` that stay plain dicts.
 
     Attributes:
@@ -60,40 +83,8 @@ class TrainConfig:
             that only stops when killed); refused otherwise.
     """
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(**_MODEL_WIRING))
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    dataset: DatasetConfig = field(default_factory=lambda: DatasetConfig(**_DATASET_WIRING))
-    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
-    tread_config: TreadConfig = field(default_factory=TreadConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)
-    seed: int = 42
-    compile: bool = False
-    nonfinite_max_consecutive: int = 10
-    allow_endless_run: bool = False
-    resume_from_checkpoint: str | None = "latest"
-    run_name: str = "${flux_lightning.run_name:}"
-    paths: Any = None
-    module: Any = None
-    data: Any = None
-    trainer: Any = None
-    callbacks: Any = None
-    logger: Any = None
-
-
 # group -> the schema of its node (for tests and tools that walk the tree)
-GROUP_SCHEMAS: dict[str, type] = {
-    "model": ModelConfig,
-    "adapter": AdapterConfig,
-    "dataset": DatasetConfig,
-    "timesteps": TimestepConfig,
-    "optimizer": OptimizerConfig,
-    "lr_scheduler": LRSchedulerConfig,
-    "loss": LossConfig,
-    "scheduled_sampling": ScheduledSamplingConfig,
-}
+GROUP_SCHEMAS: dict[str, type] = {g.name: g.schema for g in GROUPS}
 
 
 def config_dir() -> str:

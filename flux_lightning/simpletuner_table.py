@@ -236,7 +236,7 @@ def _tread(key, v, out):
     if not isinstance(doc, dict) or not isinstance(doc.get("routes", []), list):
         raise ValueError('must be an object {"routes": [...]}')
     out.unknown += [f"{key}.{k}" for k in doc if k != "routes"]
-    out.set("tread_config.routes", doc.get("routes", []), key)
+    out.set("tread.routes", doc.get("routes", []), key)
 
 
 def _data_backend_config(key, v, out):

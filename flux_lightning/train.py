@@ -2,9 +2,9 @@
 
 Nothing here knows the classes it builds: the module, the datamodule, the trainer, the callbacks
 and the loggers are ``_target_`` nodes (``conf/module``, ``conf/data``, ``conf/trainer``, ...), and
-the parts meet through duck-typed hooks (see docs/architecture.md): ``prompt_texts()`` (prompts a
-callback needs encoded; the datamodule asks the trainer's callbacks), ``summary_rows()`` (the
-end-of-run table), ``sweep_metric()`` (what a sweeper minimises) and ``set_run_config()``.
+the parts meet through the protocols of :mod:`flux_lightning.hooks` (see docs/architecture.md):
+``SummaryRows`` (the end-of-run table), ``SweepMetric`` (what a sweeper minimises) and
+``RecordsRunConfig`` here; ``PromptTexts``, ``EvalSplit``, ... between the parts themselves.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .atomic_files import AtomicCheckpointIO
 from .config import validate
 from .errors import USER_ERRORS, NonFiniteLossError, StopRequested
 from .hardware import device_summary_rows, resolve_trainer_devices
+from .hooks import RecordsRunConfig, SummaryRows, SweepMetric
 from .quantization import BNB_PRECISIONS
 from .quiet import silence_third_party_noise
 from .resume import announce_resume, checkpoint_step, finished_result, resolve_checkpoint
@@ -111,7 +112,7 @@ def _train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     for cb in callbacks:  # a callback that records the run's config (the model card)
-        if hasattr(cb, "set_run_config"):
+        if isinstance(cb, RecordsRunConfig):
             cb.set_run_config(_resolved_yaml(cfg))
     timings.mark("callbacks built")
     datamodule = _build(cfg.data, **run.data_parts())
@@ -153,7 +154,7 @@ def sweep_metric(trainer: L.Trainer, module) -> tuple[str, float]:
     """What a sweeper minimises: the first callback's ``sweep_metric()`` that has a value (the
     stable eval loss when ``callbacks.eval_loss`` is on), else the final training loss."""
     for cb in trainer.callbacks:
-        found = cb.sweep_metric() if hasattr(cb, "sweep_metric") else None
+        found = cb.sweep_metric() if isinstance(cb, SweepMetric) else None
         if found is not None:
             return found
     return "loss/train (last 50 steps)", module.recent_train_loss()
@@ -165,7 +166,7 @@ def summary_rows(trainer: L.Trainer, module, datamodule, output_dir: str) -> lis
     rows: list[tuple[str, object]] = [("run dir", output_dir), ("steps", trainer.global_step)]
     rows += device_summary_rows(trainer)
     for part in (module, *trainer.callbacks, datamodule):
-        if hasattr(part, "summary_rows"):
+        if isinstance(part, SummaryRows):
             rows += list(part.summary_rows())
     return rows + [("logs", trainer.log_dir or "off")]
 

@@ -23,6 +23,8 @@ inference always run the full model. With no routes, :func:`routed_forward` comp
 
 from __future__ import annotations
 
+from .errors import Problem
+
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ import torch
 
 @dataclass
 class TreadRoute:
-    """One routed span (quickstart ``tread_config.routes[i]``).
+    """One routed span (quickstart ``tread.routes[i]``).
 
     Attributes:
         selection_ratio: fraction of the image tokens dropped inside the span, in [0, 1).
@@ -50,11 +52,11 @@ class TreadRoute:
 
 @dataclass
 class TreadConfig:
-    """``tread_config``: the routes, applied in block order; an empty list turns TREAD off."""
+    """``tread``: the routes, applied in block order; an empty list turns TREAD off."""
 
     routes: list[TreadRoute] = field(default_factory=list)
 
-    def problems(self, total_blocks: int | None = None) -> list[str]:
+    def problems(self, total_blocks: int | None = None) -> list[Problem]:
         """Every invalid route, one line each naming the field and the fix.
 
         ``total_blocks`` (when known) checks that the indices exist; without it only what can be
@@ -63,42 +65,53 @@ class TreadConfig:
         out: list[str] = []
         spans: list[tuple[int, int, int]] = []
         for i, route in enumerate(self.routes):
-            name = f"tread_config.routes[{i}]"
+            name = f"tread.routes[{i}]"
             if not 0.0 <= route.selection_ratio < 1.0:
-                out.append(
+                out.append(Problem(
+                    f"{name}.selection_ratio",
                     f"{name}.selection_ratio={route.selection_ratio} must be within [0, 1) "
-                    "(the fraction of image tokens dropped; 0.5 is a good start)"
-                )
+                    "(the fraction of image tokens dropped; 0.5 is a good start)",
+                ))
             if total_blocks is None:
                 a, b = route.start_layer_idx, route.end_layer_idx
                 if (a >= 0) == (b >= 0) and a > b:
-                    out.append(f"{name}: start_layer_idx={a} comes after end_layer_idx={b}; swap them")
+                    out.append(
+                        Problem(
+                            f"{name}.start_layer_idx",
+                            f"{name}: start_layer_idx={a} comes after end_layer_idx={b}; swap them",
+                        )
+                    )
                 continue
             in_range = True
             for key in ("start_layer_idx", "end_layer_idx"):
                 idx = getattr(route, key)
                 if not -total_blocks <= idx < total_blocks:
                     in_range = False
-                    out.append(
+                    out.append(Problem(
+                        f"{name}.{key}",
                         f"{name}.{key}={idx} is out of range for a transformer with {total_blocks} blocks "
-                        f"(use {-total_blocks}..{total_blocks - 1}; negative counts from the end)"
-                    )
+                        f"(use {-total_blocks}..{total_blocks - 1}; negative counts from the end)",
+                    ))
             if not in_range:
                 continue
             a, b = route.start_layer_idx % total_blocks, route.end_layer_idx % total_blocks
             if a > b:
-                out.append(
+                out.append(Problem(
+                    f"{name}.start_layer_idx",
                     f"{name}: start_layer_idx={route.start_layer_idx} (block {a}) comes after "
-                    f"end_layer_idx={route.end_layer_idx} (block {b}); swap them"
-                )
+                    f"end_layer_idx={route.end_layer_idx} (block {b}); swap them",
+                ))
             else:
                 spans.append((a, b, i))
         spans.sort()
         for (a1, b1, i1), (a2, b2, i2) in zip(spans, spans[1:]):
             if a2 <= b1:
                 out.append(
-                    f"tread_config.routes[{i1}] (blocks {a1}-{b1}) and routes[{i2}] (blocks {a2}-{b2}) "
-                    "overlap; routes must cover disjoint block spans"
+                    Problem(
+                        f"tread.routes[{i2}]",
+                        f"tread.routes[{i1}] (blocks {a1}-{b1}) and routes[{i2}] (blocks {a2}-{b2}) "
+                        "overlap; routes must cover disjoint block spans",
+                    )
                 )
         return out
 
@@ -109,7 +122,7 @@ def num_blocks(transformer: torch.nn.Module) -> int:
 
 
 def known_num_blocks(model) -> int | None:
-    """Block count of the transformer ``model`` (a :class:`~flux_lightning.components.ModelConfig`)
+    """Block count of the transformer ``model`` (a :class:`~flux_lightning.model_config.ModelConfig`)
     will load, known before loading: from a local ``config.json``, else the flavour's fact; ``None``
     when only loading can tell (a custom transformer from the hub)."""
     if model.pretrained_transformer_model_name_or_path:
@@ -234,7 +247,7 @@ def routed_forward(
     t = transformer
     attention_kwargs = dict(joint_attention_kwargs) if joint_attention_kwargs else None
     if attention_kwargs and "ip_adapter_image_embeds" in attention_kwargs:
-        raise ValueError("TREAD routing does not support IP-Adapter inputs; train without tread_config")
+        raise ValueError("TREAD routing does not support IP-Adapter inputs; train without tread (tread.routes=[])")
     lora_scale = attention_kwargs.pop("scale", 1.0) if attention_kwargs else 1.0
     if lora_scale != 1.0:
         from diffusers.utils import scale_lora_layers, unscale_lora_layers

@@ -174,3 +174,15 @@ def test_pitfall_too_few_images_for_the_batch(tmp_path):
 def test_pitfall_quantization_too_large_for_the_gpu(tmp_path):
     _, warnings, _, _ = _interview(tmp_path, {"Quantization": "none", "Batch size": "1"}, gib=16)
     assert len(warnings) == 1 and warnings[0].startswith("quantization=none needs a bit over 30 GB")
+
+
+def test_lr_advice_follows_the_optimizer_table():
+    """The wizard's families are OptimizerSpec.family: every optimizer has one the advice knows."""
+    from flux_lightning.configure_plan import LR_RANGES, optimizer_family
+    from flux_lightning.optim import OPTIMIZER_FAMILIES, OPTIMIZERS
+
+    for spec in OPTIMIZERS.values():
+        assert spec.family in OPTIMIZER_FAMILIES and optimizer_family(spec.name) == spec.family
+        if spec.family != "prodigy":
+            assert {("lora", spec.family), ("lokr", spec.family)} <= set(LR_RANGES)
+    assert [n for n, s in OPTIMIZERS.items() if s.family == "lion"] == ["optimi_lion", "lion8bit_paged"]

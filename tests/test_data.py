@@ -34,7 +34,7 @@ def _prepared(model_cfg, cache, **kw):
 def test_demo_dataset_is_captioned_by_file_name(tmp_path):
     folder = make_demo_dataset(tmp_path, count=5, size=64)
     records, skipped = discover(ImageBackendConfig(), [str(folder)])
-    assert len(records) == 5 and skipped == 0
+    assert len(records) == 5 and skipped == []
     assert all(r.caption == r.path.stem and r.caption.startswith("a ") for r in records)
     assert make_demo_dataset(tmp_path, count=5, size=64) == folder  # built once
 
@@ -47,7 +47,8 @@ def test_caption_strategies(tmp_path, caplog):
     assert sorted(r.caption for r in by_name) == ["a red square", "two"]
     with caplog.at_level(logging.WARNING):
         by_file, skipped = discover(ImageBackendConfig(caption_strategy="textfile"), [str(tmp_path / "d")])
-    assert [r.caption for r in by_file] == ["a caption from a file"] and skipped == 1
+    assert [r.caption for r in by_file] == ["a caption from a file"]
+    assert [(s.path.name, s.reason) for s in skipped] == [("a_red_square.png", "caption_strategy=textfile but a_red_square.txt is missing")]
     assert "a_red_square.png" in caplog.text and "a_red_square.txt is missing" in caplog.text
     fixed, _ = discover(ImageBackendConfig(caption_strategy="instanceprompt", instance_prompt="sks dog"), [str(tmp_path / "d")])
     assert {r.caption for r in fixed} == {"sks dog"}

@@ -370,7 +370,7 @@ def test_cli_prints_the_composed_job(in_tmp):
     assert (job["model"]["flavour"], job["model"]["quantization"]["base_model_precision"]) == ("krea", "int8_quanto")
     assert job["adapter"]["rank"] == 4 and job["optimizer"]["name"] == "adamw_bf16"  # the command line won
     assert job["dataset"]["backend_file"] == "config/multidatabackend.json"
-    assert job["tread_config"]["routes"][0]["selection_ratio"] == 0.5
+    assert job["tread"]["routes"][0]["selection_ratio"] == 0.5
     assert job["callbacks"]["validation"]["validation_resolution"] == "1024x1024,1280x768,2048x2048"
     assert "warning: simpletuner_config: ignoring keys this trainer does not know: some_new_flag" in proc.stderr
 

@@ -295,11 +295,11 @@ def test_config_node_is_validated(tmp_path):
         good = compose("train", overrides=paths + ["+experiment=krea_lora_tread"])
         bad = compose(
             "train",
-            overrides=paths + ["tread_config.routes=[{selection_ratio:0.5,start_layer_idx:2,end_layer_idx:4}]"],
+            overrides=paths + ["tread.routes=[{selection_ratio:0.5,start_layer_idx:2,end_layer_idx:4}]"],
         )
     run = validate(good, check_sources=False)
     assert run.tread.routes == [TreadRoute(0.5, 2, -2)] and run.compile is True
-    with pytest.raises(ConfigError, match=r"tread_config.routes\[0\].end_layer_idx=4 is out of range"):
+    with pytest.raises(ConfigError, match=r"tread.routes\[0\].end_layer_idx=4 is out of range"):
         validate(bad)
 
 

@@ -8,6 +8,8 @@ on their own; checks that need another config group (a quantized base) live in
 
 from __future__ import annotations
 
+from ..errors import Problem
+
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,75 +90,114 @@ class AdapterConfig:
     def lora_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         """Every invalid field (or pair of fields), one line each with its fix."""
         out = []
         if self.type not in ADAPTER_TYPES:
-            out.append(f"adapter.type={self.type!r} is unknown; use lora or lokr")
+            out.append(Problem("adapter.type", f"adapter.type={self.type!r} is unknown; use lora or lokr"))
         elif self.type == "lokr":
             out += self._lokr_problems()
         else:
             out += _target_problems(self.target)
         if self.rank < 1:
-            out.append(f"adapter.rank={self.rank} must be >= 1")
+            out.append(Problem("adapter.rank", f"adapter.rank={self.rank} must be >= 1"))
         if self.init not in INIT_TYPES:
-            out.append(f"adapter.init={self.init!r} is unknown; use one of {sorted(INIT_TYPES)}")
+            out.append(
+                Problem("adapter.init", f"adapter.init={self.init!r} is unknown; use one of {sorted(INIT_TYPES)}")
+            )
         if not 0.0 <= self.dropout < 1.0:
-            out.append(f"adapter.dropout={self.dropout} must be within [0, 1)")
+            out.append(Problem("adapter.dropout", f"adapter.dropout={self.dropout} must be within [0, 1)"))
         if self.weight_dtype not in (None, "fp32", "bf16"):
-            out.append(f"adapter.weight_dtype={self.weight_dtype!r} is unknown; use fp32, bf16 or null")
+            out.append(
+                Problem(
+                    "adapter.weight_dtype",
+                    f"adapter.weight_dtype={self.weight_dtype!r} is unknown; use fp32, bf16 or null",
+                )
+            )
         if self.init == "loftq" and not torch.cuda.is_available():
             out.append(
-                "adapter.init=loftq needs a CUDA GPU and bitsandbytes (PEFT runs LoftQ's NF4 rounds on CUDA); "
-                "use adapter.init=default here"
+                Problem(
+                    "adapter.init",
+                    "adapter.init=loftq needs a CUDA GPU and bitsandbytes (PEFT runs LoftQ's NF4 rounds on CUDA); "
+                    "use adapter.init=default here",
+                )
             )
         if self.use_dora:
             out += self._dora_problems()
         if self.init_lora:
             if not Path(self.init_lora).expanduser().is_file():
                 out.append(
-                    f"adapter.init_lora: file '{self.init_lora}' does not exist; point it at a .safetensors adapter"
+                    Problem(
+                        "adapter.init_lora",
+                        f"adapter.init_lora: file '{self.init_lora}' does not exist; point it at a .safetensors adapter",
+                    )
                 )
             if self.init != "default":
                 out.append(
-                    f"adapter.init_lora replaces the initial adapter weights; adapter.init={self.init} "
-                    "would be discarded, use adapter.init=default"
+                    Problem(
+                        "adapter.init_lora",
+                        f"adapter.init_lora replaces the initial adapter weights; adapter.init={self.init} "
+                        "would be discarded, use adapter.init=default",
+                    )
                 )
         return out
 
-    def _dora_problems(self) -> list[str]:
+    def _dora_problems(self) -> list[Problem]:
         out = []
         if not isinstance(self.use_dora, bool):
-            out.append(f"adapter.use_dora={self.use_dora!r} must be true or false")
+            out.append(Problem("adapter.use_dora", f"adapter.use_dora={self.use_dora!r} must be true or false"))
         if self.type != "lora":
-            out.append(f"adapter.use_dora=true is PEFT's DoRA of a LoRA; adapter.type={self.type} cannot take it, use adapter=lora")
+            out.append(
+                Problem(
+                    "adapter.use_dora",
+                    f"adapter.use_dora=true is PEFT's DoRA of a LoRA; adapter.type={self.type} cannot take it, use adapter=lora",
+                )
+            )
         if self.init != "default":
-            out.append(f"adapter.use_dora=true starts from adapter.init=default only (got adapter.init={self.init})")
+            out.append(
+                Problem(
+                    "adapter.use_dora",
+                    f"adapter.use_dora=true starts from adapter.init=default only (got adapter.init={self.init})",
+                )
+            )
         if self.init_lora:
             out.append(
-                "adapter.use_dora=true cannot continue from adapter.init_lora (a plain LoRA file has no DoRA "
-                "magnitudes); drop adapter.init_lora or adapter.use_dora"
+                Problem(
+                    "adapter.use_dora",
+                    "adapter.use_dora=true cannot continue from adapter.init_lora (a plain LoRA file has no DoRA "
+                    "magnitudes); drop adapter.init_lora or adapter.use_dora",
+                )
             )
         return out
 
-    def _lokr_problems(self) -> list[str]:
+    def _lokr_problems(self) -> list[Problem]:
         out = []
         if not (isinstance(self.target, str) and self.target in LYCORIS_PRESETS):
-            out += [f"{p} (or a LyCORIS preset: {', '.join(LYCORIS_PRESETS)})" for p in _target_problems(self.target)]
+            out += [
+                Problem(p.field, f"{p} (or a LyCORIS preset: {', '.join(LYCORIS_PRESETS)})")
+                for p in _target_problems(self.target)
+            ]
         if self.init != "default":
-            out.append(f"adapter.init={self.init} is a LoRA initialisation; LoKr takes adapter.init=default")
+            out.append(
+                Problem(
+                    "adapter.init",
+                    f"adapter.init={self.init} is a LoRA initialisation; LoKr takes adapter.init=default",
+                )
+            )
         if self.factor == 0 or self.factor < -1:
-            out.append(f"adapter.factor={self.factor} must be -1 or a positive integer")
+            out.append(Problem("adapter.factor", f"adapter.factor={self.factor} must be -1 or a positive integer"))
         if importlib.util.find_spec("lycoris") is None:
-            out.append("adapter=lokr needs the lycoris-lora package; pip install 'flux-lightning[lycoris]'")
+            out.append(
+                Problem("adapter", "adapter=lokr needs the lycoris-lora package; pip install 'flux-lightning[lycoris]'")
+            )
         return out
 
 
-def _target_problems(target: Any) -> list[str]:
+def _target_problems(target: Any) -> list[Problem]:
     try:
         resolve_targets(target)
     except ValueError as err:
-        return [str(err)]
+        return [Problem("adapter.target", str(err))]
     return []
 
 

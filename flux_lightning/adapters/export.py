@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..atomic_files import save_safetensors_atomic
+from ..errors import Problem
 from .config import ADAPTER_FILENAME, AdapterConfig, resolve_targets
 from .lokr import export_lokr
 from .lora import lora_state_dict
@@ -105,16 +106,21 @@ def export_lora(
     return save_safetensors_atomic(tensors, Path(directory) / filename, metadata)
 
 
-def lora_format_problems(lora_format: str, adapter: AdapterConfig) -> list[str]:
+def lora_format_problems(
+    lora_format: str, adapter: AdapterConfig, field: str = "callbacks.adapter_export.lora_format"
+) -> list[Problem]:
     """One line (with the fix) if the LoRA of ``adapter`` cannot be written as ``lora_format``;
     checked before training so that the export at the end cannot fail on it."""
     if adapter.type != "lora" or lora_format not in LORA_FORMATS:  # LoKr ignores lora_format
         return []
     if adapter.use_dora is True and lora_format != "diffusers":
         return [
-            "adapter.use_dora=true is written in diffusers' layout only (lora_magnitude_vector tensors, which "
-            f"diffusers loads as DoRA); callbacks.adapter_export.lora_format={lora_format} has no DoRA keys its "
-            "loaders apply the same way: use callbacks.adapter_export.lora_format=diffusers or adapter.use_dora=false"
+            Problem(
+                "adapter.use_dora",
+                "adapter.use_dora=true is written in diffusers' layout only (lora_magnitude_vector tensors, which "
+                f"diffusers loads as DoRA); {field}={lora_format} has no DoRA keys its "
+                f"loaders apply the same way: use {field}=diffusers or adapter.use_dora=false",
+            )
         ]
     try:
         targets = resolve_targets(adapter.target)
@@ -125,9 +131,9 @@ def lora_format_problems(lora_format: str, adapter: AdapterConfig) -> list[str]:
         return []
     shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
     return [
-        f"callbacks.adapter_export.lora_format={lora_format} has no key for module(s) {shown} selected by "
-        f"adapter.target={adapter.target!r}; use callbacks.adapter_export.lora_format=diffusers or comfyui, "
-        "or leave these modules out of adapter.target"
+        Problem(field, f"{field}={lora_format} has no key for module(s) {shown} selected by "
+        f"adapter.target={adapter.target!r}; use {field}=diffusers or comfyui, "
+        "or leave these modules out of adapter.target")
     ]
 
 

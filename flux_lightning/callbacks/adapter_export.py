@@ -4,15 +4,18 @@ ever costing the run."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
 
 from ..adapters import ADAPTER_FILENAME, LORA_FORMATS, lora_format_problems
 from ..model_config import DTYPES
-from ..errors import AdapterExportError, ConfigError
+from ..errors import AdapterExportError, Problem
+from ..hooks import ConfigChecked, ExtraExports, SummaryRows, raise_problems
 
 log = logging.getLogger(__name__)
+_FIELD = "callbacks.adapter_export"
 
 
 class AdapterExport(L.Callback):
@@ -38,14 +41,10 @@ class AdapterExport(L.Callback):
             exact when ``alpha / r`` is a power of two, e.g. alpha = rank, else within fp32 rounding).
     """
 
+    implements = (ConfigChecked, SummaryRows)  # hooks.py; tests/test_hooks.py checks them
+
     def __init__(self, dirpath: str, with_checkpoints: bool = True, lora_format: str = "diffusers", dtype: str = "bf16"):
-        problems = []
-        if lora_format not in LORA_FORMATS:
-            problems.append(f"callbacks.adapter_export.lora_format={lora_format!r} is unknown; use {', '.join(LORA_FORMATS)}")
-        if dtype not in DTYPES:
-            problems.append(f"callbacks.adapter_export.dtype={dtype!r} is unknown; use {', '.join(DTYPES)}")
-        if problems:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise_problems(self.config_problems({"lora_format": lora_format, "dtype": dtype}, field=_FIELD))
         self.dirpath = Path(dirpath)
         self.with_checkpoints = with_checkpoints
         self.lora_format = lora_format
@@ -54,11 +53,28 @@ class AdapterExport(L.Callback):
         self.error: str | None = None  # why the last export attempt failed (None: it did not)
         self._exported_step: int | None = None
 
+    @classmethod
+    def config_problems(cls, args: Mapping, *, field: str = _FIELD, run=None) -> list[Problem]:
+        """An unknown format or dtype; with ``run``, a format that cannot name the modules
+        ``adapter.target`` selects (or a DoRA in a layout without its magnitudes)."""
+        out = []
+        lora_format, dtype = args.get("lora_format", "diffusers"), args.get("dtype", "bf16")
+        if lora_format not in LORA_FORMATS:
+            out.append(
+                Problem(
+                    f"{field}.lora_format",
+                    f"{field}.lora_format={lora_format!r} is unknown; use {', '.join(LORA_FORMATS)}",
+                )
+            )
+        if dtype not in DTYPES:
+            out.append(Problem(f"{field}.dtype", f"{field}.dtype={dtype!r} is unknown; use {', '.join(DTYPES)}"))
+        if run is not None:
+            out += lora_format_problems(lora_format, run.adapter, field=f"{field}.lora_format")
+        return out
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Refuse a format that cannot name the targeted modules, before the weights load."""
-        problems = lora_format_problems(self.lora_format, pl_module.adapter_cfg)
-        if problems:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise_problems(lora_format_problems(self.lora_format, pl_module.adapter_cfg, field=f"{_FIELD}.lora_format"))
 
     def _export(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero or (self._exported_step == trainer.global_step and self.error is None):
@@ -85,9 +101,8 @@ class AdapterExport(L.Callback):
         the main file's format and dtype."""
         out = []
         for callback in trainer.callbacks:
-            hook = getattr(callback, "extra_exports", None)
-            if callable(hook):
-                out += hook(pl_module)
+            if isinstance(callback, ExtraExports):
+                out += callback.extra_exports(pl_module)
         return out
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:

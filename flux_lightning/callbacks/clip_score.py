@@ -14,7 +14,8 @@ import math
 import lightning as L
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Problem
+from ..hooks import ConfigChecked, RendersImages, ValidationImagesListener, raise_problems
 from ..memory import park
 from ..rng import preserved_rng
 from ..tiny import resolve_tiny_source
@@ -110,13 +111,24 @@ class CLIPScoreCallback(L.Callback):
         open_clip_pretrained: open_clip weights (tag or file) for an ``open_clip:`` model.
     """
 
+    implements = (ConfigChecked, ValidationImagesListener)  # hooks.py; tests/test_hooks.py checks them
+
     def __init__(self, model_name_or_path: str | None = None, open_clip_pretrained: str | None = None):
-        if model_name_or_path is not None and not str(model_name_or_path).strip():
-            raise ConfigError(f"invalid config:\n  - {_FIELD}.model_name_or_path is empty; give a model or null")
+        raise_problems(self.config_problems({"model_name_or_path": model_name_or_path}, field=_FIELD))
         self.model_name_or_path = model_name_or_path
         self.open_clip_pretrained = open_clip_pretrained
         self.metric = None
         self.history: dict[int, dict[str, float]] = {}
+
+    @classmethod
+    def config_problems(cls, args, *, field: str = _FIELD, run=None) -> list[Problem]:
+        """An empty model name (null picks the flavour's)."""
+        name = args.get("model_name_or_path")
+        if name is not None and not str(name).strip():
+            return [
+                Problem(f"{field}.model_name_or_path", f"{field}.model_name_or_path is empty; give a model or null")
+            ]
+        return []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Load CLIP at start-up (rank 0), so a bad model path fails before training, not hours in."""
@@ -139,8 +151,11 @@ class CLIPScoreCallback(L.Callback):
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             if explicit:
                 raise ConfigError(
-                    f"{_FIELD}.model_name_or_path: cannot load CLIP model {source!r} ({reason}); point it at "
-                    f"a local CLIP folder or set {_FIELD}=null"
+                    Problem(
+                        f"{_FIELD}.model_name_or_path",
+                        f"{_FIELD}.model_name_or_path: cannot load CLIP model {source!r} ({reason}); point it at "
+                        f"a local CLIP folder or set {_FIELD}=null",
+                    )
                 ) from None
             log.warning(
                 "CLIP score is off for this run: the flavour's CLIP model %r cannot be loaded (%s); set "
@@ -169,7 +184,9 @@ class CLIPScoreCallback(L.Callback):
             return
         with preserved_rng():
             values = self.scores(records, pl_module.device)
-        park(self.metric, getattr(pl_module, "model_cfg", None))  # model.enable_model_cpu_offload
+        park(
+            self.metric, pl_module.model_cfg if isinstance(pl_module, RendersImages) else None
+        )  # model.enable_model_cpu_offload
         metrics = summarize(values, [r.name or r.nickname for r in records])
         self.history[step] = metrics
         for logger in trainer.loggers:

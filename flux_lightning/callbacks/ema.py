@@ -12,7 +12,7 @@ There is no decay warm-up: the first update copies the weights, so the average n
 training device (``device``), is saved in every checkpoint (Lightning's callback state) and restored on
 resume, so a resumed run's EMA equals the uninterrupted run's.
 
-Two duck-typed hooks (docs/architecture.md, "How the parts meet") let other callbacks use it:
+Two hooks (``hooks.ValidationWeights``, ``hooks.ExtraExports``; docs/architecture.md) let other callbacks use it:
 ``validation_weights(pl_module)`` (``ValidationImages`` renders with the EMA swapped in when
 ``use_for_validation``) and ``extra_exports(pl_module)`` (``AdapterExport`` writes
 ``pytorch_lora_weights_ema.safetensors`` beside the main file when ``export``). Swapping in copies the
@@ -21,13 +21,14 @@ EMA into the live parameters; swapping back copies the saved live tensors, bit f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import lightning as L
 import torch
 
-from ..errors import ConfigError
+from ..errors import Problem
+from ..hooks import ConfigChecked, ExtraExports, SummaryRows, TrainableParameters, ValidationWeights, raise_problems
 
 EMA_FILENAME = "pytorch_lora_weights_ema.safetensors"
 EMA_DEVICES = ("cpu", "accelerator")
@@ -51,6 +52,13 @@ class AdapterEMA(L.Callback):
             dtype as the main file) once the EMA exists.
     """
 
+    implements = (
+        ConfigChecked,
+        ValidationWeights,
+        ExtraExports,
+        SummaryRows,
+    )  # hooks.py; tests/test_hooks.py checks them
+
     def __init__(
         self,
         decay: float | None = None,
@@ -60,17 +68,9 @@ class AdapterEMA(L.Callback):
         use_for_validation: bool = False,
         export: bool = True,
     ):
-        problems = []
-        if decay is not None and (isinstance(decay, bool) or not 0.0 <= float(decay) < 1.0):
-            problems.append(f"{_FIELD}.decay={decay!r} must be within [0, 1) (e.g. 0.999), or null for no EMA")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            problems.append(f"{_FIELD}.update_every={update_every!r} must be an integer >= 1")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            problems.append(f"{_FIELD}.start_step={start_step!r} must be an integer >= 0")
-        if device not in EMA_DEVICES:
-            problems.append(f"{_FIELD}.device={device!r} is unknown; use cpu or accelerator")
-        if problems:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise_problems(self.config_problems(
+            {"decay": decay, "update_every": update_every, "start_step": start_step, "device": device}, field=_FIELD
+        ))
         self.decay = None if decay is None else float(decay)
         self.update_every, self.start_step = update_every, start_step
         self.device = device
@@ -78,6 +78,28 @@ class AdapterEMA(L.Callback):
         self.ema: dict[str, torch.Tensor] = {}  # parameter name -> fp32 average
         self.updates = 0  # how many updates made it
         self._seen_step = -1  # the global_step of the last update (micro-batches of one step share it)
+
+    @classmethod
+    def config_problems(cls, args: Mapping, *, field: str = _FIELD, run=None) -> list[Problem]:
+        """A decay outside [0, 1), an interval or start that is no whole number, an unknown device."""
+        out = []
+        decay, update_every = args.get("decay"), args.get("update_every", 1)
+        start_step, device = args.get("start_step", 0), args.get("device", "cpu")
+        if decay is not None and (isinstance(decay, bool) or not 0.0 <= float(decay) < 1.0):
+            out.append(
+                Problem(
+                    f"{field}.decay", f"{field}.decay={decay!r} must be within [0, 1) (e.g. 0.999), or null for no EMA"
+                )
+            )
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            out.append(
+                Problem(f"{field}.update_every", f"{field}.update_every={update_every!r} must be an integer >= 1")
+            )
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            out.append(Problem(f"{field}.start_step", f"{field}.start_step={start_step!r} must be an integer >= 0"))
+        if device not in EMA_DEVICES:
+            out.append(Problem(f"{field}.device", f"{field}.device={device!r} is unknown; use cpu or accelerator"))
+        return out
 
     @property
     def enabled(self) -> bool:
@@ -88,8 +110,9 @@ class AdapterEMA(L.Callback):
     def _params(pl_module) -> dict[str, torch.nn.Parameter]:
         """The trainable parameters by name: ``FluxLoRAModule.trainable_named_parameters`` (cached),
         else a walk of any LightningModule's parameters."""
-        cached = getattr(pl_module, "trainable_named_parameters", None)
-        return cached() if cached is not None else {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        if isinstance(pl_module, TrainableParameters):
+            return pl_module.trainable_named_parameters()
+        return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def _target_device(self, pl_module) -> torch.device:
         return torch.device("cpu") if self.device == "cpu" else pl_module.device

@@ -12,19 +12,23 @@ stream of training is restored, so the same weights give the same number and tra
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import lightning as L
 import torch
 
 from .. import stopping
-from ..errors import ConfigError
+from ..errors import Problem
 from ..flow import flow_loss, flow_target, noisy_latents, shift_like_training
+from ..hooks import ConfigChecked, EvalSplit, SummaryRows, SweepMetric, raise_problems
+from ..values import is_int
 from .isolation import isolated
 
 log = logging.getLogger(__name__)
 
 _FIELD = "callbacks.eval_loss"
+_MOVED_EVAL_KEYS = ("eval_fraction", "eval_min_images", "eval_data_dir")  # now dataset.*
 
 
 def sigma_grid(num_sigmas: int) -> torch.Tensor:
@@ -114,6 +118,8 @@ class EvalLoss(L.Callback):
         before_training: evaluate at step 0 as a baseline.
     """
 
+    implements = (ConfigChecked, SweepMetric, SummaryRows)  # hooks.py; tests/test_hooks.py checks them
+
     def __init__(
         self,
         every_n_steps: int = 100,
@@ -122,15 +128,9 @@ class EvalLoss(L.Callback):
         batch_size: int | None = None,
         before_training: bool = True,
     ):
-        problems = []
-        if every_n_steps < 0:
-            problems.append(f"{_FIELD}.every_n_steps={every_n_steps} must be >= 0 (0 = baseline and final only)")
-        if num_sigmas < 1:
-            problems.append(f"{_FIELD}.num_sigmas={num_sigmas} must be >= 1")
-        if batch_size is not None and batch_size < 1:
-            problems.append(f"{_FIELD}.batch_size={batch_size} must be >= 1 or null")
-        if problems:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise_problems(self.config_problems(
+            {"every_n_steps": every_n_steps, "num_sigmas": num_sigmas, "batch_size": batch_size}, field=_FIELD
+        ))
         self.every_n_steps = every_n_steps
         self.num_sigmas, self.seed, self.batch_size = num_sigmas, seed, batch_size
         self.before_training = before_training
@@ -138,6 +138,35 @@ class EvalLoss(L.Callback):
         self.history: dict[int, EvalResult] = {}
         self._last_step = -1
         self._warned = False
+
+    @classmethod
+    def config_problems(cls, args: Mapping, *, field: str = _FIELD, run=None) -> list[Problem]:
+        """Its own arguments; with ``run``, the eval split it needs (``dataset.eval_fraction`` or
+        ``dataset.eval_data_dir``) and the split's settings given here (they are ``dataset.*``)."""
+        out = []
+        v = args.get("every_n_steps", 100)
+        if not is_int(v) or v < 0:
+            out.append(Problem(
+                f"{field}.every_n_steps",
+                f"{field}.every_n_steps={v!r} must be an integer >= 0 (0 = baseline and final only); e.g. 100",
+            ))
+        if args.get("num_sigmas", 8) < 1:
+            out.append(Problem(f"{field}.num_sigmas", f"{field}.num_sigmas={args['num_sigmas']} must be >= 1"))
+        batch_size = args.get("batch_size")
+        if batch_size is not None and batch_size < 1:
+            out.append(Problem(f"{field}.batch_size", f"{field}.batch_size={batch_size} must be >= 1 or null"))
+        if run is None:
+            return out
+        out += [
+            Problem(f"{field}.{key}", f"{field}.{key} is now dataset.{key}; move it there")
+            for key in _MOVED_EVAL_KEYS if key in args
+        ]
+        if run.dataset.eval_fraction == 0 and not run.dataset.eval_folders():
+            out.append(Problem(
+                "dataset.eval_fraction",
+                f"{field} needs dataset.eval_fraction > 0 or dataset.eval_data_dir=<folder> (or set {field}=null)",
+            ))
+        return out
 
     def sweep_metric(self) -> tuple[str, float] | None:
         """``("loss/val", the last value)`` once evaluated: what ``train()`` returns for sweepers."""
@@ -170,11 +199,11 @@ class EvalLoss(L.Callback):
         step = trainer.global_step
         if step == self._last_step:
             return self.history.get(step)
-        eval_dataloader = getattr(trainer.datamodule, "eval_dataloader", None)
-        loader = eval_dataloader(self.batch_size) if eval_dataloader is not None else None
+        datamodule = trainer.datamodule
+        loader = datamodule.eval_dataloader(self.batch_size) if isinstance(datamodule, EvalSplit) else None
         if loader is None:
             if not self._warned:
-                split = getattr(trainer.datamodule, "eval_split", "off")
+                split = datamodule.eval_split if isinstance(datamodule, EvalSplit) else "off"
                 log.warning(
                     "%s: the datamodule has no eval split (%s); the eval loss is off. Set "
                     "dataset.eval_fraction > 0 (backends with >= dataset.eval_min_images images give some) or "

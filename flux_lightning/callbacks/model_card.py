@@ -15,6 +15,9 @@ from pathlib import Path, PurePath
 
 import lightning as L
 
+from ..errors import Problem
+from ..hooks import ConfigChecked, RecordsRunConfig, raise_problems
+
 from .adapter_export import AdapterExport
 from .validation import ValidationImages
 
@@ -156,12 +159,20 @@ class ModelCard(L.Callback):
     config or a log line.
     """
 
+    implements = (ConfigChecked, RecordsRunConfig)  # hooks.py; tests/test_hooks.py checks them
+
     def __init__(self, dirpath: str, push_to_hub: bool = False, hub_model_id: str | None = None, private: bool = True):
-        if push_to_hub and not hub_model_id:
-            raise ValueError("callbacks.model_card.push_to_hub needs callbacks.model_card.hub_model_id=<user>/<name>")
+        raise_problems(self.config_problems({"push_to_hub": push_to_hub, "hub_model_id": hub_model_id}))
         self.dirpath = Path(dirpath)
         self.push_to_hub, self.hub_model_id, self.private = push_to_hub, hub_model_id, private
         self.config_yaml: str | None = None  # the resolved run config (set_run_config)
+
+    @classmethod
+    def config_problems(cls, args, *, field: str = "callbacks.model_card", run=None) -> list[Problem]:
+        """A push to the hub without a repo id."""
+        if args.get("push_to_hub") and not args.get("hub_model_id"):
+            return [Problem(f"{field}.hub_model_id", f"{field}.push_to_hub needs {field}.hub_model_id=<user>/<name>")]
+        return []
 
     def set_run_config(self, config_yaml: str) -> None:
         """The run's resolved config (``train()`` calls this on every callback that has it); written,

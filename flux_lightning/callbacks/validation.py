@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,7 +17,17 @@ import lightning as L
 import torch
 
 from .. import stopping
-from ..errors import ConfigError
+from ..errors import ConfigError, Problem
+from ..hooks import (
+    ConfigChecked,
+    PromptTexts,
+    RendersImages,
+    SummaryRows,
+    ValidationImagesListener,
+    ValidationWeights,
+    raise_problems,
+)
+from ..values import is_int
 from ..memory import park
 from ..tiny import resolve_tiny_source
 from .isolation import isolated
@@ -36,11 +47,17 @@ def parse_resolutions(value: str | int) -> list[tuple[int, int]]:
             width, height = int(w), int(h or w)
         except ValueError:
             raise ConfigError(
-                f"{_FIELD}.validation_resolution: {part.strip()!r} is not WIDTHxHEIGHT; write e.g. 1024x1024,1280x768"
+                Problem(
+                    f"{_FIELD}.validation_resolution",
+                    f"{_FIELD}.validation_resolution: {part.strip()!r} is not WIDTHxHEIGHT; write e.g. 1024x1024,1280x768",
+                )
             ) from None
         if width <= 0 or height <= 0 or width % 16 or height % 16:
             raise ConfigError(
-                f"{_FIELD}.validation_resolution: {part.strip()!r} must have positive sides that are multiples of 16"
+                Problem(
+                    f"{_FIELD}.validation_resolution",
+                    f"{_FIELD}.validation_resolution: {part.strip()!r} must have positive sides that are multiples of 16",
+                )
             )
         out.append((width, height))
     return out
@@ -68,12 +85,17 @@ def prompt_library(
         try:
             library = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"{_FIELD}.user_prompt_library: cannot read {path} ({err})") from None
+            raise ConfigError(
+                Problem(f"{_FIELD}.user_prompt_library", f"{_FIELD}.user_prompt_library: cannot read {path} ({err})")
+            ) from None
         if not isinstance(library, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in library.items()
         ):
             raise ConfigError(
-                f"{_FIELD}.user_prompt_library: {path} must be a JSON object of nickname -> prompt strings"
+                Problem(
+                    f"{_FIELD}.user_prompt_library",
+                    f"{_FIELD}.user_prompt_library: {path} must be a JSON object of nickname -> prompt strings",
+                )
             )
         prompts += library.items()
     token = instance_prompt or ""
@@ -82,8 +104,11 @@ def prompt_library(
         name = nick.replace("<token>", token)
         if name in out:
             raise ConfigError(
-                f"{_FIELD}.user_prompt_library: two prompts have the nickname {name!r} (after <token> = "
-                f"{token!r}; 'validation' is validation_prompt's); rename one"
+                Problem(
+                    f"{_FIELD}.user_prompt_library",
+                    f"{_FIELD}.user_prompt_library: two prompts have the nickname {name!r} (after <token> = "
+                    f"{token!r}; 'validation' is validation_prompt's); rename one",
+                )
             )
         out[name] = p.replace("<token>", token)
     return out
@@ -182,6 +207,8 @@ class ValidationImages(L.Callback):
         webhook_max_attempts / webhook_timeout / webhook_backoff: retry policy of the webhook.
     """
 
+    implements = (ConfigChecked, PromptTexts, SummaryRows)  # hooks.py; tests/test_hooks.py checks them
+
     def __init__(
         self,
         dirpath: str,
@@ -205,24 +232,15 @@ class ValidationImages(L.Callback):
         webhook_timeout: float = 5.0,
         webhook_backoff: float = 0.5,
     ):
-        problems = []
-        if every_n_steps < 0:
-            problems.append(f"{_FIELD}.every_n_steps={every_n_steps} must be >= 0 (0 = baseline and final only)")
-        if validation_num_inference_steps is not None and validation_num_inference_steps < 1:
-            problems.append(f"{_FIELD}.validation_num_inference_steps must be >= 1 or null (the flavour's)")
-        if validation_preview:
-            if not webhook_url or not str(webhook_url).startswith(("http://", "https://")):
-                problems.append(
-                    f"{_FIELD}.validation_preview=true needs {_FIELD}.webhook_url=<http(s) URL> (got {webhook_url!r})"
-                )
-            if validation_preview_steps < 1:
-                problems.append(f"{_FIELD}.validation_preview_steps={validation_preview_steps} must be >= 1")
-            if webhook_max_attempts < 1:
-                problems.append(f"{_FIELD}.webhook_max_attempts={webhook_max_attempts} must be >= 1")
-        if validation_reference_image and not Path(validation_reference_image).expanduser().is_file():
-            problems.append(f"{_FIELD}.validation_reference_image: {validation_reference_image} is not a file")
-        if problems:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise_problems(self.config_problems(
+            {
+                "every_n_steps": every_n_steps, "validation_num_inference_steps": validation_num_inference_steps,
+                "validation_preview": validation_preview, "webhook_url": webhook_url,
+                "validation_preview_steps": validation_preview_steps, "webhook_max_attempts": webhook_max_attempts,
+                "validation_reference_image": validation_reference_image,
+            },
+            field=_FIELD,
+        ))  # fmt: skip
         self.dirpath = Path(dirpath)
         self.prompts = prompt_library(validation_prompt, user_prompt_library, instance_prompt)
         self.names = unique_names(self.prompts)
@@ -249,6 +267,51 @@ class ValidationImages(L.Callback):
         self._vae = self._scheduler = None
         self._last_step = -1
         self.last_records: list[ValidationRecord] = []
+
+    @classmethod
+    def config_problems(cls, args: Mapping, *, field: str = _FIELD, run=None) -> list[Problem]:
+        """Intervals and step counts out of range, a preview without a webhook, a reference image that
+        is no file (the prompt library and resolutions are read, and refused, when it is built)."""
+        out = []
+        every = args.get("every_n_steps", 0)
+        if not is_int(every) or every < 0:
+            out.append(Problem(
+                f"{field}.every_n_steps",
+                f"{field}.every_n_steps={every!r} must be an integer >= 0 (0 = baseline and final only); e.g. 100",
+            ))
+        steps = args.get("validation_num_inference_steps")
+        if steps is not None and steps < 1:
+            out.append(Problem(
+                f"{field}.validation_num_inference_steps",
+                f"{field}.validation_num_inference_steps must be >= 1 or null (the flavour's)",
+            ))
+        if args.get("validation_preview"):
+            url = args.get("webhook_url")
+            if not url or not str(url).startswith(("http://", "https://")):
+                out.append(Problem(
+                    f"{field}.webhook_url",
+                    f"{field}.validation_preview=true needs {field}.webhook_url=<http(s) URL> (got {url!r})",
+                ))
+            if args.get("validation_preview_steps", 1) < 1:
+                out.append(Problem(
+                    f"{field}.validation_preview_steps",
+                    f"{field}.validation_preview_steps={args['validation_preview_steps']} must be >= 1",
+                ))
+            if args.get("webhook_max_attempts", 3) < 1:
+                out.append(
+                    Problem(
+                        f"{field}.webhook_max_attempts",
+                        f"{field}.webhook_max_attempts={args['webhook_max_attempts']} must be >= 1",
+                    )
+                )
+        image = args.get("validation_reference_image")
+        if image and not Path(image).expanduser().is_file():
+            out.append(
+                Problem(
+                    f"{field}.validation_reference_image", f"{field}.validation_reference_image: {image} is not a file"
+                )
+            )
+        return out
 
     def prompt_texts(self) -> list[str]:
         """Every text this callback needs embedded (so the datamodule caches them)."""
@@ -339,9 +402,8 @@ class ValidationImages(L.Callback):
         self.last_records = records
         self._log_grid(trainer, records, step)
         for callback in trainer.callbacks:
-            hook = getattr(callback, "on_validation_images", None)
-            if callable(hook):
-                hook(trainer, pl_module, step, records)
+            if isinstance(callback, ValidationImagesListener):
+                callback.on_validation_images(trainer, pl_module, step, records)
         return records
 
     @staticmethod
@@ -350,8 +412,7 @@ class ValidationImages(L.Callback):
         (the adapter EMA with ``callbacks.ema.use_for_validation``; live weights restored bit for bit
         on exit), else the live weights."""
         for callback in trainer.callbacks:
-            hook = getattr(callback, "validation_weights", None)
-            weights = hook(pl_module) if callable(hook) else None
+            weights = callback.validation_weights(pl_module) if isinstance(callback, ValidationWeights) else None
             if weights is not None:
                 return weights
         return nullcontext()
@@ -361,9 +422,10 @@ class ValidationImages(L.Callback):
         embed = datamodule.prompt_embedding
         pipe = self._pipeline(pl_module)
         device = pl_module.device
-        dtype = getattr(pl_module, "compute_dtype", None) or next(pl_module.transformer.parameters()).dtype
+        renders = isinstance(pl_module, RendersImages)
+        dtype = pl_module.compute_dtype if renders else next(pl_module.transformer.parameters()).dtype
         # adapters as for inference (assistant LoRA off) and, for attention-masked flavours, the T5 mask
-        inference = getattr(pl_module, "inference_adapters", None)
+        inference = pl_module.inference_adapters if renders else None
         negative_mask = embed(self.negative_prompt).get("attention_mask")
 
         def tensors(text: str, prefix: str = "") -> dict[str, torch.Tensor]:

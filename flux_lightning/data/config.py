@@ -10,6 +10,8 @@ Two equivalent forms:
 
 from __future__ import annotations
 
+from ..errors import Problem
+
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -136,13 +138,13 @@ class ImageBackendConfig:
     def folders(self) -> list[str]:
         return _folder_list(self.instance_data_dir)
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         """Every invalid field, as ``dataset.backends[<id>].<field>: ...`` lines with the fix."""
         name = f"dataset.backends[{self.id}]"
         out = []
 
         def bad(fld, msg):
-            out.append(f"{name}.{fld}: {msg}")
+            out.append(Problem(f"{name}.{fld}", f"{name}.{fld}: {msg}"))
 
         if self.type not in BACKEND_TYPES:
             bad("type", f"{self.type!r} is not supported; use {' or '.join(BACKEND_TYPES)}")
@@ -343,73 +345,127 @@ class DatasetConfig:
         """``eval_data_dir`` as a list of folders."""
         return _folder_list(self.eval_data_dir)
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         """Every invalid field, each as one line naming the field and the fix."""
         out = self._shorthand_problems() if self.uses_shorthand() else self._backend_problems()
         if not 0.0 <= self.caption_dropout_probability <= 1.0:
-            out.append("dataset.caption_dropout_probability must be within [0, 1]")
+            out.append(
+                Problem(
+                    "dataset.caption_dropout_probability", "dataset.caption_dropout_probability must be within [0, 1]"
+                )
+            )
         if self.num_workers is not None and self.num_workers < 0:
-            out.append(f"dataset.num_workers={self.num_workers} must be >= 0 (or null = automatic)")
+            out.append(
+                Problem(
+                    "dataset.num_workers", f"dataset.num_workers={self.num_workers} must be >= 0 (or null = automatic)"
+                )
+            )
         if self.max_image_pixels < 1:
-            out.append(f"dataset.max_image_pixels={self.max_image_pixels} must be >= 1")
+            out.append(
+                Problem("dataset.max_image_pixels", f"dataset.max_image_pixels={self.max_image_pixels} must be >= 1")
+            )
         if not self.max_aspect_ratio >= 1:
-            out.append(f"dataset.max_aspect_ratio={self.max_aspect_ratio} must be >= 1 (longer side / shorter side)")
+            out.append(
+                Problem(
+                    "dataset.max_aspect_ratio",
+                    f"dataset.max_aspect_ratio={self.max_aspect_ratio} must be >= 1 (longer side / shorter side)",
+                )
+            )
         for name in ("batch_size", "vae_batch_size"):
             if getattr(self, name) < 1:
-                out.append(f"dataset.{name} must be >= 1")
+                out.append(Problem(f"dataset.{name}", f"dataset.{name} must be >= 1"))
         if self.text_embeds.write_batch_size < 1:
-            out.append("dataset.text_embeds.write_batch_size must be >= 1")
+            out.append(
+                Problem("dataset.text_embeds.write_batch_size", "dataset.text_embeds.write_batch_size must be >= 1")
+            )
         if not 0.0 <= self.eval_fraction < 1.0:
-            out.append(f"dataset.eval_fraction={self.eval_fraction} must be within [0, 1) (0 = no held-out split)")
+            out.append(
+                Problem(
+                    "dataset.eval_fraction",
+                    f"dataset.eval_fraction={self.eval_fraction} must be within [0, 1) (0 = no held-out split)",
+                )
+            )
         if self.eval_min_images < 0:
-            out.append(f"dataset.eval_min_images={self.eval_min_images} must be >= 0")
+            out.append(
+                Problem("dataset.eval_min_images", f"dataset.eval_min_images={self.eval_min_images} must be >= 0")
+            )
         return out
 
-    def _shorthand_problems(self) -> list[str]:
+    def _shorthand_problems(self) -> list[Problem]:
         out = []
         strategy = self.caption_strategy or "filename"
         if strategy not in ("filename", "textfile", "instanceprompt"):
             out.append(
-                f"dataset.caption_strategy={strategy!r} is unknown; use filename, textfile or "
-                "instanceprompt (parquet/csv captions need dataset.backends)"
+                Problem(
+                    "dataset.caption_strategy",
+                    f"dataset.caption_strategy={strategy!r} is unknown; use filename, textfile or "
+                    "instanceprompt (parquet/csv captions need dataset.backends)",
+                )
             )
         if strategy == "instanceprompt" and not self.instance_prompt:
-            out.append("dataset.caption_strategy=instanceprompt needs dataset.instance_prompt=<text>")
+            out.append(
+                Problem(
+                    "dataset.caption_strategy",
+                    "dataset.caption_strategy=instanceprompt needs dataset.instance_prompt=<text>",
+                )
+            )
         res = self.resolution or 1024
         if res <= 0 or res % 16:
             out.append(
-                f"dataset.resolution={res} must be a positive multiple of 16 "
-                "(latents are 1/8 of the image and are packed in 2x2 patches)"
+                Problem("dataset.resolution", f"dataset.resolution={res} must be a positive multiple of 16 "
+                "(latents are 1/8 of the image and are packed in 2x2 patches)")
             )
         if self.minimum_image_size is not None and self.minimum_image_size < 0:
-            out.append(f"dataset.minimum_image_size={self.minimum_image_size} must be >= 0 (0 = no minimum, null = resolution/4)")
+            out.append(
+                Problem(
+                    "dataset.minimum_image_size",
+                    f"dataset.minimum_image_size={self.minimum_image_size} must be >= 0 (0 = no minimum, null = resolution/4)",
+                )
+            )
         if (self.crop_style or "center") not in CROP_STYLES:
-            out.append(f"dataset.crop_style={self.crop_style!r} is unknown; use one of {', '.join(CROP_STYLES)}")
+            out.append(
+                Problem(
+                    "dataset.crop_style",
+                    f"dataset.crop_style={self.crop_style!r} is unknown; use one of {', '.join(CROP_STYLES)}",
+                )
+            )
         references = _folder_list(self.conditioning_data_dir)
         if references and self.instance_data_dir is None:
             out.append(
-                "dataset.conditioning_data_dir needs dataset.instance_data_dir (the generated demo data makes "
-                "its own grayscale references); set both, or remove dataset.conditioning_data_dir"
+                Problem(
+                    "dataset.conditioning_data_dir",
+                    "dataset.conditioning_data_dir needs dataset.instance_data_dir (the generated demo data makes "
+                    "its own grayscale references); set both, or remove dataset.conditioning_data_dir",
+                )
             )
         elif references and len(references) != len(_folder_list(self.instance_data_dir)):
-            out.append("dataset.conditioning_data_dir must list one folder per dataset.instance_data_dir folder")
+            out.append(
+                Problem(
+                    "dataset.conditioning_data_dir",
+                    "dataset.conditioning_data_dir must list one folder per dataset.instance_data_dir folder",
+                )
+            )
         return out
 
-    def _backend_problems(self) -> list[str]:
+    def _backend_problems(self) -> list[Problem]:
         out = []
         extra = self.shorthand_fields_set()
         if "conditioning_data_dir" in extra and self.backend_file is None:
             extra.remove("conditioning_data_dir")
             out.append(
-                "dataset.conditioning_data_dir is part of the single-folder shorthand, but dataset.backends is "
-                "set: add a backend with dataset_type: conditioning, conditioning_type: reference and link it "
-                "from the image backend with conditioning_data: <its id>"
+                Problem(
+                    "dataset.conditioning_data_dir",
+                    "dataset.conditioning_data_dir is part of the single-folder shorthand, but dataset.backends is "
+                    "set: add a backend with dataset_type: conditioning, conditioning_type: reference and link it "
+                    "from the image backend with conditioning_data: <its id>",
+                )
             )
         if extra and self.backend_file is None:  # with a file they are ignored with a warning (resolve_dataset)
-            out.append(
+            out.append(Problem(
+                f"dataset.{extra[0]}",
                 f"dataset.{extra[0]} is part of the single-folder shorthand, but dataset.backends "
-                "(or backend_file) is set: put it on each backend instead"
-            )
+                "(or backend_file) is set: put it on each backend instead",
+            ))
         if self.backend_file is not None:
             return out  # backends are read (and checked) when the file is loaded
         backends = self.image_backends()
@@ -417,30 +473,50 @@ class DatasetConfig:
             out += b.problems()
         ids = [b.id for b in backends]
         for dup in sorted({i for i in ids if ids.count(i) > 1}):
-            out.append(f"dataset.backends: id {dup!r} is used twice; give each backend its own id")
+            out.append(
+                Problem("dataset.backends", f"dataset.backends: id {dup!r} is used twice; give each backend its own id")
+            )
         by_id = {b.id: b for b in backends}
         for b in backends:
             link = b.conditioning_data
             if link and (link not in by_id or by_id[link].dataset_type != "conditioning"):
                 out.append(
-                    f"dataset.backends[{b.id}].conditioning_data: {link!r} is not an enabled backend "
-                    "with dataset_type: conditioning"
+                    Problem(
+                        f"dataset.backends[{b.id}].conditioning_data",
+                        f"dataset.backends[{b.id}].conditioning_data: {link!r} is not an enabled backend "
+                        "with dataset_type: conditioning",
+                    )
                 )
             elif link and b.mask_from_alpha and by_id[link].conditioning_type == "mask":
                 out.append(
-                    f"dataset.backends[{b.id}].mask_from_alpha: the linked backend {link!r} already gives the loss "
-                    "masks; use one: remove mask_from_alpha, or the conditioning_data link"
+                    Problem(
+                        f"dataset.backends[{b.id}].mask_from_alpha",
+                        f"dataset.backends[{b.id}].mask_from_alpha: the linked backend {link!r} already gives the loss "
+                        "masks; use one: remove mask_from_alpha, or the conditioning_data link",
+                    )
                 )
             elif link and len(by_id[link].folders()) not in (1, len(b.folders())):
                 out.append(
-                    f"dataset.backends[{link}].instance_data_dir: list one folder, or one per folder of "
-                    f"backend {b.id!r} (which it conditions)"
+                    Problem(
+                        f"dataset.backends[{link}].instance_data_dir",
+                        f"dataset.backends[{link}].instance_data_dir: list one folder, or one per folder of "
+                        f"backend {b.id!r} (which it conditions)",
+                    )
                 )
         trained = [b for b in backends if b.dataset_type == "image"]
         if not trained:
-            out.append("dataset.backends: no enabled image backend; add one or set disabled: false")
+            out.append(
+                Problem(
+                    "dataset.backends", "dataset.backends: no enabled image backend; add one or set disabled: false"
+                )
+            )
         elif not any(b.probability > 0 for b in trained):
-            out.append("dataset.backends: every backend has probability 0; give one a positive probability")
+            out.append(
+                Problem(
+                    "dataset.backends",
+                    "dataset.backends: every backend has probability 0; give one a positive probability",
+                )
+            )
         return out
 
     def shorthand_fields_set(self) -> list[str]:

@@ -17,7 +17,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..components import ModelConfig, load_text_encoders, load_vae, model_identity
+from ..components import load_text_encoders, load_vae, model_identity
+from ..hooks import EvalSplit, PromptTexts, SummaryRows
+from ..model_config import ModelConfig
 from . import caching
 from .backend_file import resolve_dataset
 from .cache import TensorCache, cache_key, text_spec
@@ -60,6 +62,8 @@ class FluxDataModule(L.LightningDataModule):
     :meth:`eval_dataloader` serves them in a fixed order, one bucket per batch. :attr:`eval_split`
     describes the split in words.
     """
+
+    implements = (SummaryRows, EvalSplit)  # hooks.py; tests/test_hooks.py checks them
 
     def __init__(self, dataset: DatasetConfig, model: ModelConfig, prompts: Sequence[str] = ()):
         super().__init__()
@@ -128,7 +132,7 @@ class FluxDataModule(L.LightningDataModule):
                 if backend.dataset_type == "image":
                     found, n = self.resolver.resolve(backend)
                     samples += found
-                    skipped += n
+                    skipped += len(n)
             self._samples, self.skipped = samples, skipped
         return self._samples
 
@@ -149,7 +153,7 @@ class FluxDataModule(L.LightningDataModule):
         """``prompts`` plus every text the trainer's callbacks need embedded (their ``prompt_texts()``,
         e.g. the validation prompts), so no text encoder is needed after caching."""
         callbacks = getattr(self.trainer, "callbacks", None) or []
-        asked = [p for cb in callbacks if hasattr(cb, "prompt_texts") for p in cb.prompt_texts()]
+        asked = [p for cb in callbacks if isinstance(cb, PromptTexts) for p in cb.prompt_texts()]
         return list(dict.fromkeys([*self.prompts, *asked]))
 
     def summary_rows(self) -> list[tuple[str, object]]:

@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import features
 
@@ -17,6 +17,23 @@ from ..errors import DataError
 from .config import ImageBackendConfig
 
 log = logging.getLogger(__name__)
+
+#: set on the log record of every skip (``extra``), so a log handler can tell skips from other warnings
+SKIP_RECORD = "flux_lightning_skip"
+
+
+class Skip(NamedTuple):
+    """An image training does not use, and why: what discovery returns (and logs as
+    ``skipping <file>: <reason>``) for each image it leaves out."""
+
+    path: Any  # a Path, or a huggingface.RowImage
+    reason: str
+
+
+def skip(skips: list[Skip], path, reason: str) -> None:
+    """Record (and log, one warning) that ``path`` is skipped for ``reason``."""
+    log.warning("skipping %s: %s", path, reason, extra={SKIP_RECORD: True})
+    skips.append(Skip(path, reason))
 
 # Formats read with Pillow (animated GIF/WebP/APNG: the first frame; multi-page TIFF: the first page).
 IMAGE_EXTENSIONS = {
@@ -108,7 +125,7 @@ def scan_folder(folder: str | os.PathLike, field_name: str = "dataset.instance_d
 def report_scan(scan: FolderScan, folder: str | os.PathLike, what: str) -> None:
     """Log each skipped image (one line each) and the other unused files (one line per folder)."""
     for path, reason in scan.skipped:
-        log.warning("skipping %s: %s", path, reason)
+        log.warning("skipping %s: %s", path, reason, extra={SKIP_RECORD: True})
     if scan.ignored:
         root = os.path.expanduser(folder)
         shown = ", ".join(f"{os.path.relpath(p, root)} ({why})" for p, why in scan.ignored[:10])
@@ -173,32 +190,32 @@ def _metadata_captions(folder: Path, cfg: ImageBackendConfig) -> dict[str, str]:
     return {str(r[col_f]): "" if r[col_c] is None else str(r[col_c]) for r in rows}
 
 
-def _caption(path: Path, relative: str, cfg: ImageBackendConfig, table: dict[str, str] | None) -> str | None:
+def _caption(
+    path: Path, relative: str, cfg: ImageBackendConfig, table: dict[str, str] | None
+) -> tuple[str | None, str]:
+    """The image's caption, or None and why it has none."""
     if cfg.caption_strategy == "instanceprompt":
-        return cfg.instance_prompt
+        return cfg.instance_prompt, "no instance_prompt"
     if cfg.caption_strategy == "filename":
-        return " ".join(path.stem.replace("_", " ").split())
+        return " ".join(path.stem.replace("_", " ").split()), ""
     if table is not None:
         caption = table.get(relative, table.get(path.name))
-        if caption is None:
-            log.warning("skipping %s: no row for it in the %s metadata table", path, cfg.caption_strategy)
-        return caption
+        return caption, f"no row for it in the {cfg.caption_strategy} metadata table"
     text_file = path.with_suffix(".txt")
     if not text_file.is_file():
-        log.warning("skipping %s: caption_strategy=textfile but %s is missing", path, text_file.name)
-        return None
-    return read_text(text_file).strip()
+        return None, f"caption_strategy=textfile but {text_file.name} is missing"
+    return read_text(text_file).strip(), ""
 
 
-def discover(cfg: ImageBackendConfig, folders: list[str] | None = None) -> tuple[list[ImageRecord], int]:
-    """Captioned images of one backend and the number skipped (each skip is logged with its reason)."""
-    records, skipped = [], 0
+def discover(cfg: ImageBackendConfig, folders: list[str] | None = None) -> tuple[list[ImageRecord], list[Skip]]:
+    """Captioned images of one backend and the images skipped, with the reason (each also logged)."""
+    records, skips = [], []
     field = "dataset.instance_data_dir" if cfg.id in ("default", "demo") else f"dataset.backends[{cfg.id}].instance_data_dir"
     for index, folder in enumerate(folders if folders is not None else cfg.folders()):
         root = Path(folder).expanduser()
         scan = scan_folder(folder, field)
         report_scan(scan, folder, f"backend {cfg.id!r}")
-        skipped += len(scan.skipped)
+        skips += [Skip(p, why) for p, why in scan.skipped]
         images = scan.images
         if not images:
             raise DataError(
@@ -208,15 +225,14 @@ def discover(cfg: ImageBackendConfig, folders: list[str] | None = None) -> tuple
         table = _metadata_captions(root, cfg) if cfg.caption_strategy in ("parquet", "csv") else None
         for path in images:
             relative = path.relative_to(root).as_posix()
-            caption = _caption(path, relative, cfg, table)
+            caption, why = _caption(path, relative, cfg, table)
             if caption is not None and not caption.strip() and cfg.dataset_type == "image":
-                log.warning(
-                    "skipping %s: empty caption (write one; for unconditional training use "
-                    "caption_dropout_probability)", path,
+                caption, why = (
+                    None,
+                    "empty caption (write one; for unconditional training use caption_dropout_probability)",
                 )
-                caption = None
             if caption is None:
-                skipped += 1
+                skip(skips, path, why)
             else:
                 records.append(ImageRecord(path, relative, caption, index))
-    return records, skipped
+    return records, skips

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, Problem
 from .config import ImageBackendConfig, backend_field
-from .discovery import ImageRecord
+from .discovery import ImageRecord, Skip, skip
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def parquet_files(name: str) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(os.path.expanduser(name), recursive=True) if p.endswith(".parquet") and Path(p).is_file())
 
 
-def source_problem(backend: ImageBackendConfig) -> str | None:
+def source_problem(backend: ImageBackendConfig) -> Problem | None:
     """Why ``backend.dataset_name`` cannot be read, or None; only looks at the file system."""
     name = backend.dataset_name
     if not name:
@@ -109,20 +109,24 @@ def source_problem(backend: ImageBackendConfig) -> str | None:
     path = Path(name).expanduser()
     if _saved(path) or parquet_files(name):
         if importlib.util.find_spec("datasets") is None:
-            return f"{key}: reading '{name}' needs the `datasets` library: {INSTALL_HINT}"
+            return Problem(key, f"{key}: reading '{name}' needs the `datasets` library: {INSTALL_HINT}")
         return None
     if path.is_dir():
-        return (
+        return Problem(
+            key,
             f"{key}: folder '{name}' holds neither a dataset saved with save_to_disk ({' or '.join(_SAVED_MARKERS)}) "
             "nor parquet files; point it at one"
         )
     if _HUB_ID.fullmatch(name) and not name.startswith((".", "~")):
-        return (
+        return Problem(
+            key,
             f"{key}: '{name}' is not a local folder or parquet file, and hub datasets are never downloaded "
             f"by this trainer; save it once (datasets.load_dataset('{name}', split='train').save_to_disk('<folder>')) "
             "and point dataset_name at <folder>"
         )
-    return f"{key}: '{name}' is no saved dataset folder, parquet file or glob of parquet files; fix the path"
+    return Problem(
+        key, f"{key}: '{name}' is no saved dataset folder, parquet file or glob of parquet files; fix the path"
+    )
 
 
 def load_rows(backend: ImageBackendConfig, cache_dir: Path):
@@ -166,9 +170,9 @@ def _caption(value) -> str:
     return "" if value is None else str(value).strip()
 
 
-def discover_rows(backend: ImageBackendConfig, cache_dir: Path) -> tuple[list[ImageRecord], int]:
-    """Captioned rows of a ``type: huggingface`` backend and the number skipped (each skip is
-    logged with its row index and reason); images are read later, like files."""
+def discover_rows(backend: ImageBackendConfig, cache_dir: Path) -> tuple[list[ImageRecord], list[Skip]]:
+    """Captioned rows of a ``type: huggingface`` backend and the rows skipped (each also logged with
+    its row index and reason); images are read later, like files."""
     rows = load_rows(backend, cache_dir)
     if len(rows) == 0:
         raise DataError(f"{backend_field(backend.id, 'dataset_name')}: {backend.dataset_name} holds no rows")
@@ -178,16 +182,13 @@ def discover_rows(backend: ImageBackendConfig, cache_dir: Path) -> tuple[list[Im
         captions = [_caption(c) for c in rows[backend.caption_column]]
     else:
         captions = [backend.instance_prompt] * len(rows)
-    records, skipped = [], 0
+    records, skips = [], []
     for i, caption in enumerate(captions):
         image = RowImage(backend.dataset_name, i, backend.image_column, rows, root)
         if not caption:
-            log.warning(
-                "skipping %s: empty caption in column %r (write one; for unconditional training use "
-                "caption_dropout_probability)", image, backend.caption_column,
-            )
-            skipped += 1
+            skip(skips, image, f"empty caption in column {backend.caption_column!r} (write one; for unconditional "
+                 "training use caption_dropout_probability)")
             continue
         mask = RowImage(backend.dataset_name, i, backend.mask_column, rows, root) if backend.mask_column else None
         records.append(ImageRecord(image, str(i), caption, 0, mask))
-    return records, skipped
+    return records, skips

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from ..errors import Problem
 from ..atomic_files import build_folder_once
 from .config import DatasetConfig, ImageBackendConfig
 from .discovery import IMAGE_EXTENSIONS
@@ -56,21 +57,27 @@ def with_demo_references(backends: list[ImageBackendConfig]) -> list[ImageBacken
     return out
 
 
-def pairing_problems(dataset: DatasetConfig, pairs: bool, flavour: str) -> list[str]:
+def pairing_problems(dataset: DatasetConfig, pairs: bool, flavour: str) -> list[Problem]:
     """Image backends without the references a flavour that trains on pairs needs (``pairs``), or
     with references a flavour does not use; one line each, naming the field and the fix."""
     if dataset.uses_shorthand():
         given = dataset.conditioning_data_dir is not None
         if pairs and not given and dataset.instance_data_dir is not None:
             return [
-                f"dataset.conditioning_data_dir is required with dataset.instance_data_dir: flavour {flavour} "
-                "trains on image pairs; point it at the folder of reference images (same relative file "
-                "names as the training images)"
+                Problem(
+                    "dataset.conditioning_data_dir",
+                    f"dataset.conditioning_data_dir is required with dataset.instance_data_dir: flavour {flavour} "
+                    "trains on image pairs; point it at the folder of reference images (same relative file "
+                    "names as the training images)",
+                )
             ]
         if not pairs and given:
             return [
-                f"dataset.conditioning_data_dir gives reference images, which flavour {flavour} does not use; "
-                "use model=kontext or remove dataset.conditioning_data_dir"
+                Problem(
+                    "dataset.conditioning_data_dir",
+                    f"dataset.conditioning_data_dir gives reference images, which flavour {flavour} does not use; "
+                    "use model=kontext or remove dataset.conditioning_data_dir",
+                )
             ]
         return []
     backends = dataset.image_backends()
@@ -82,13 +89,19 @@ def pairing_problems(dataset: DatasetConfig, pairs: bool, flavour: str) -> list[
         ref = reference_backend(b, by_id)
         if pairs and ref is None:
             out.append(
-                f"dataset.backends[{b.id}].conditioning_data: flavour {flavour} trains on image pairs, but "
-                f"backend {b.id!r} links no reference backend; add one with dataset_type: conditioning, "
-                "conditioning_type: reference (same relative file names) and set conditioning_data to its id"
+                Problem(
+                    f"dataset.backends[{b.id}].conditioning_data",
+                    f"dataset.backends[{b.id}].conditioning_data: flavour {flavour} trains on image pairs, but "
+                    f"backend {b.id!r} links no reference backend; add one with dataset_type: conditioning, "
+                    "conditioning_type: reference (same relative file names) and set conditioning_data to its id",
+                )
             )
         elif not pairs and ref is not None:
             out.append(
-                f"dataset.backends[{b.id}].conditioning_data: {ref.id!r} holds reference images, which flavour "
-                f"{flavour} does not use; use model=kontext or remove the link"
+                Problem(
+                    f"dataset.backends[{b.id}].conditioning_data",
+                    f"dataset.backends[{b.id}].conditioning_data: {ref.id!r} holds reference images, which flavour "
+                    f"{flavour} does not use; use model=kontext or remove the link",
+                )
             )
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 from .buckets import Placement, fit, place, size_metric
 from .cache import cache_key, file_digest
 from .config import DatasetConfig, ImageBackendConfig, backend_field
-from .discovery import discover, find_images
+from .discovery import Skip, discover, find_images, skip
 from .huggingface import discover_rows
 from .transforms import upright_size
 
@@ -123,14 +123,14 @@ class SampleResolver:
             return f"{w}x{h} is smaller than one {MIN_SIDE}x{MIN_SIDE} latent patch"
         return None
 
-    def resolve(self, backend: ImageBackendConfig) -> tuple[list[Sample], int]:
-        """Usable images of ``backend`` and the number skipped (each skip is logged with its reason)."""
+    def resolve(self, backend: ImageBackendConfig) -> tuple[list[Sample], list[Skip]]:
+        """Usable images of ``backend`` and the images skipped, with the reason (each also logged)."""
         if backend.type == "huggingface":
             folders = []
-            records, skipped = discover_rows(backend, Path(self.cfg.cache_dir).expanduser() / "huggingface")
+            records, skips = discover_rows(backend, Path(self.cfg.cache_dir).expanduser() / "huggingface")
         else:
             folders = self.folders(backend)
-            records, skipped = discover(backend, folders)
+            records, skips = discover(backend, folders)
         link = self.by_id.get(backend.conditioning_data) if backend.conditioning_data else None
         index = None
         if link is not None:
@@ -141,13 +141,11 @@ class SampleResolver:
             try:
                 size = upright_size(rec.path)
             except Exception as err:  # not an image, truncated header, symlink loop, ...
-                log.warning("skipping %s: cannot read image (%s)", rec.path, err)
-                skipped += 1
+                skip(skips, rec.path, f"cannot read image ({err})")
                 continue
             why = self.size_problem(size, backend)
             if why:
-                log.warning("skipping %s: %s", rec.path, why)
-                skipped += 1
+                skip(skips, rec.path, why)
                 continue
             placement = place(size, backend, key=rec.relative, seed=self.cfg.seed)
             digest = file_digest(rec.path)
@@ -161,27 +159,24 @@ class SampleResolver:
             elif backend.mask_from_alpha:
                 sample = self._with_alpha_mask(sample)
             if why:
-                log.warning("skipping %s: %s", rec.path, why)
-                skipped += 1
+                skip(skips, rec.path, why)
                 continue
             if link is not None:
                 found = index.find(rec.folder, rec.relative)
                 if found is None:
-                    log.warning(
-                        "skipping %s: backend %r has no %s of the same relative path (%s with any image "
-                        "extension, under %s)", rec.path, link.id, link.conditioning_type,
-                        Path(rec.relative).with_suffix(""), ", ".join(self.folders(link)),
-                    )
-                    skipped += 1
+                    skip(
+                        skips, rec.path,
+                        f"backend {link.id!r} has no {link.conditioning_type} of the same relative path "
+                        f"({Path(rec.relative).with_suffix('')} with any image extension, under {', '.join(self.folders(link))})",
+                    )  # fmt: skip
                     continue
                 with_link = self._with_mask if link.conditioning_type == "mask" else self._with_reference
                 sample, why = with_link(sample, found, backend, link)
                 if why:
-                    log.warning("skipping %s: %s", rec.path, why)
-                    skipped += 1
+                    skip(skips, rec.path, why)
                     continue
             samples.append(sample)
-        return samples, skipped
+        return samples, skips
 
     def _with_mask(self, sample: Sample, mask: Path, backend, link) -> tuple[Sample | None, str | None]:
         try:

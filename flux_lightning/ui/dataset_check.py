@@ -5,8 +5,8 @@ The library's own pieces do the work, so the answer is what a run would do: the 
 ``problems()``, :func:`~flux_lightning.data.backend_file.resolve_dataset` (the JSON file),
 :class:`~flux_lightning.data.resolve.SampleResolver` (discovery, captions, the size checks from the
 file headers, buckets) and :func:`~flux_lightning.data.discovery.scan_folder` (files not used).
-The files a run skips are the ones it reports: the resolver's ``skipping <file>: <reason>``
-warnings are collected as they are logged.
+The files a run skips are the ones it skips: the resolver returns them with the reason
+(:class:`~flux_lightning.data.discovery.Skip`); the data package's other warnings are the notes.
 """
 
 from __future__ import annotations
@@ -20,32 +20,24 @@ from pathlib import Path
 
 from ..data.backend_file import resolve_dataset
 from ..data.config import DatasetConfig, ImageBackendConfig
-from ..data.discovery import scan_folder
+from ..data.discovery import SKIP_RECORD, scan_folder
 from ..data.resolve import SampleResolver
 from ..errors import DataError
 
 _LOGGER = "flux_lightning.data"
 
 
-class _Skips(logging.Handler):
-    """Collects this thread's ``skipping <file>: <reason>`` warnings of the data package."""
+class _Notes(logging.Handler):
+    """Collects this thread's warnings of the data package other than skips (those are returned)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
         self.thread = threading.get_ident()
-        self.skipped: list[dict] = []
         self.notes: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread != self.thread:
-            return
-        message = record.getMessage()
-        if record.msg.startswith("skipping %s") and record.args:
-            path = str(record.args[0])
-            reason = message[len(f"skipping {path}: ") :] if message.startswith(f"skipping {path}: ") else message
-            self.skipped.append({"file": path, "reason": reason})
-        else:
-            self.notes.append(message)
+        if record.thread == self.thread and not getattr(record, SKIP_RECORD, False):
+            self.notes.append(record.getMessage())
 
 
 def _absolute(backend: ImageBackendConfig, workdir: Path | None) -> ImageBackendConfig:
@@ -97,7 +89,7 @@ def check_dataset(
     cfg = dataset_config(path, resolution=resolution, caption_strategy=caption_strategy, instance_prompt=instance_prompt)
     problems: list[str] = []
     out = {"backends": [], "problems": problems, "notes": []}
-    handler = _Skips()
+    handler = _Notes()
     logger = logging.getLogger(_LOGGER)
     level = logger.level
     logger.addHandler(handler)
@@ -123,8 +115,7 @@ def check_dataset(
                 out["backends"].append({"id": backend.id, "kind": "outside", "folders": [], "images": None, "buckets": [],
                                         "samples": [], "skipped": [], "ignored": []})
                 continue
-            entry = _check_backend(resolver, backend, handler, problems, limit_samples, readable)
-            out["backends"].append(entry)
+            out["backends"].append(_check_backend(resolver, backend, problems, limit_samples, readable))
         out["notes"] = [n for n in handler.notes if not any(p in n for p in hidden)]
     finally:
         logger.removeHandler(handler)
@@ -142,7 +133,7 @@ def _paths(backend: ImageBackendConfig) -> list[str]:
     return [str(p) for p in paths]
 
 
-def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handler: _Skips, problems: list[str], limit: int,
+def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, problems: list[str], limit: int,
                    readable=None) -> dict:
     kind = backend.dataset_type if backend.dataset_type == "image" else f"conditioning/{backend.conditioning_type}"
     entry = {"id": backend.id, "kind": kind, "folders": backend.folders(), "images": 0, "buckets": [],
@@ -152,7 +143,6 @@ def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handle
             entry["ignored"] += [{"file": str(p), "reason": why} for p, why in scan_folder(folder).ignored]
         except DataError:
             pass  # reported by resolve() below, naming the backend's field
-    first = len(handler.skipped)
     if backend.dataset_type != "image":
         found = []
         for folder in backend.folders():
@@ -163,11 +153,11 @@ def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, handle
         entry["images"] = len([f for f in found if readable is None or readable(f)])
         return entry
     try:
-        samples, _ = resolver.resolve(backend)
+        samples, skips = resolver.resolve(backend)
     except DataError as err:
         problems.append(str(err))
-        samples = []
-    entry["skipped"] = handler.skipped[first:]
+        samples, skips = [], []
+    entry["skipped"] = [{"file": str(s.path), "reason": s.reason} for s in skips]
     if readable is not None:  # a symlink inside a root may lead out of it: such files are neither counted nor named
         kept = [s for s in samples if readable(s.path)]
         kept_skipped = [s for s in entry["skipped"] if readable(s["file"])]

@@ -504,52 +504,52 @@ def command_line(overrides: Iterable[str]) -> str:
 
 
 # -- problems -----------------------------------------------------------------------------------
-def field_of(line: str, keys: Iterable[str]) -> str | None:
-    """The field a problem line names: the key (or its last two or more components, e.g.
-    ``quantization.base_model_default_dtype``) found earliest in the line; else a dotted key the
-    line starts with (``dataset.backends[x].resolution``); else None."""
-    best = None
-    for key in keys:
-        parts = key.split(".")
-        for i in range(len(parts) - 1 if len(parts) > 1 else 1):
-            name = ".".join(parts[i:])
-            m = re.search(rf"(?<![\w.\[]){re.escape(name)}(?![\w\[])", line)
-            if m and (best is None or (m.start(), -len(name)) < (best[0], -best[2])):
-                best = (m.start(), key, len(name))
-    if best is not None:
-        return best[1]
-    m = re.match(r"^([a-z_]+(?:\.[\w\[\]\-]+)+)", line.strip())
-    return m.group(1).rstrip(":") if m else None
+def _causes(err: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
 
 
-def _problem_lines(err: Exception) -> list[str]:
-    text = str(err)
-    lines = [ln.strip()[2:].strip() if ln.strip().startswith("- ") else ln.strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and ln != "invalid config:"]
-    return lines or [text]
+def _unparsable(overrides: list[str]) -> str | None:
+    """The key (or group) of the first override Hydra's parser refuses, or None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception:  # noqa: BLE001 - OverrideParseException and the grammar's own errors
+            key = override.lstrip("+~").partition("=")[0].partition("@")[0]
+            return key or None
+    return None
 
 
-def _compose_problem(err: Exception, overrides: list[str], keys: list[str]) -> dict:
-    """A Hydra composition error as a problem naming the field or group the failing override sets."""
+def _compose_problem(err: Exception, overrides: list[str]) -> dict:
+    """A Hydra composition error as a problem naming the field or group it is about, read from the
+    exceptions' own attributes: a missing option's ``missing_cfg_file`` (``model/tinyy`` -> the
+    ``model`` group), OmegaConf's ``full_key`` (``adapter.rnk``), or the override the parser refuses."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    causes = _causes(err)
+    field, options = None, []
+    for cause in causes:
+        if isinstance(cause, MissingConfigException) and cause.missing_cfg_file:
+            field = cause.missing_cfg_file.rpartition("/")[0] or cause.missing_cfg_file
+            options = list(cause.options or [])
+            break
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            field = cause.full_key
+            break
+        if isinstance(cause, OverrideParseException):
+            field = _unparsable(overrides)
+            break
     text = str(err).strip()
     cause = err.__cause__ or err.__context__
     why = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
-    field = None
-    for override in overrides:
-        key = re.split(r"[=@]", override.lstrip("+~"), maxsplit=1)[0]
-        if f"'{key}'" in text or f" {override}" in text or f"'{key}/" in text:
-            field = key
-            break
-    if field is None:
-        m = re.search(r"Could not find '([\w]+)/", text)
-        if m:
-            field = m.group(1)
-    if field is None:
-        field = field_of(text, keys) if keys else None
-    if field == "+experiment" or field == "experiment":
-        field = "experiment"
     first = text.splitlines()[0]
-    options = [ln.strip() for ln in text.split("Config search path")[0].splitlines()[1:] if ln.startswith("\t")]
     message = f"{first} (options: {', '.join(options)})" if options else first
     if why and why not in message:
         message = f"{message} {why}"
@@ -645,7 +645,7 @@ def compose_run(
         relative to ``workdir`` when it is inside it.
     """
     from ..config import validate
-    from ..errors import USER_ERRORS
+    from ..errors import USER_ERRORS, ConfigError
 
     index = field_index()
     problems: list[dict] = []
@@ -663,13 +663,12 @@ def compose_run(
             continue
         base.append(f"{key}={written}")
     overrides += base + extra
-    keys = list(index) + [k for k in values if k not in index]
     result = {"overrides": overrides, "command": command_line(overrides), "values": {}, "run_dir": None}
     with hydra_compose_context(workdir):
         try:
             cfg = compose_overrides(overrides)
         except Exception as err:  # noqa: BLE001 - Hydra's composition errors
-            problems.append(_compose_problem(err, overrides, keys))
+            problems.append(_compose_problem(err, overrides))
             cfg = None
         if cfg is not None:
             result["values"] = _values_of(cfg, index)
@@ -678,10 +677,12 @@ def compose_run(
             result["run_dir"] = run_dir.relative_to(base_dir).as_posix() if run_dir.is_relative_to(base_dir) else str(run_dir)
             try:
                 validate(cfg, check_sources=check_sources)
+            except ConfigError as err:  # every problem with the field it is about (errors.Problem)
+                problems += [{"field": p.field or None, "message": p.message} for p in err.problems]
             except USER_ERRORS as err:
-                problems += [{"field": field_of(line, keys), "message": line} for line in _problem_lines(err)]
+                problems.append({"field": None, "message": str(err)})
             except Exception as err:  # noqa: BLE001 - an interpolation or value the config cannot resolve
-                problems.append({"field": field_of(str(err), keys), "message": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
+                problems.append(_compose_problem(err, overrides))
     result["ok"] = not problems
     result["problems"] = problems
     return result
