@@ -1,7 +1,8 @@
 """``python -m flux_lightning.lora merge|resize|convert ...``: the LoRA tools' command line.
 
-Exit codes: 0 done, 2 a user error (missing file, unknown format, a LoRA for other layers; one line
-``error: ...`` naming the file and the fix), as ``python -m flux_lightning`` does.
+Exit codes: 0 done, 2 a user error (missing file, unknown format, a LoRA for other layers, damaged
+tensors, an existing ``--out`` without ``--overwrite``, an unwritable ``--out``; one line ``error: ...``
+naming the file and the fix), as ``python -m flux_lightning`` does.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--lora", required=True)
     r.add_argument("--rank", required=True, type=int)
     r.add_argument("--out", required=True)
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input file)")
     c = verbs.add_parser("convert", help="write the LoRA in another key layout")
     c.add_argument("--lora", required=True)
     c.add_argument("--to", required=True, choices=LORA_FORMATS)
     c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input file)")
     return p
 
 
@@ -41,17 +44,20 @@ def run(args: argparse.Namespace) -> None:
     elif args.verb == "resize":
         from .resize import format_report, resize_file
 
-        report = resize_file(args.lora, args.rank, args.out)
+        report = resize_file(args.lora, args.rank, args.out, args.overwrite)
         print(format_report(report))
         print(f"wrote {args.out}")
     else:
         from .convert import convert_file
 
-        adapter, out = convert_file(args.lora, args.to, args.out)
+        adapter, out = convert_file(args.lora, args.to, args.out, args.overwrite)
         print(f"read {adapter.path} ({adapter.layout}, {len(adapter.modules)} modules); wrote {out} ({args.to})")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..quiet import silence_third_party_noise
+
+    silence_third_party_noise()  # e.g. bitsandbytes' CPU-kernel warning, logged when diffusers imports peft
     args = parser().parse_args(argv)
     try:
         run(args)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checks import check_out
 from .files import LoraFile, check_flux_modules, read_lora, write_lora
 
 
-def convert_file(lora, to: str, out) -> tuple[LoraFile, Path]:
-    """Write the LoRA file ``lora`` in layout ``to`` as ``out``; returns the file as read and ``out``."""
+def convert_file(lora, to: str, out, overwrite: bool = False) -> tuple[LoraFile, Path]:
+    """Write the LoRA file ``lora`` in layout ``to`` as ``out``; returns the file as read and ``out``.
+    An existing ``out`` is replaced only with ``overwrite``, the input never (:func:`.checks.check_out`)."""
+    check_out(out, [lora], overwrite)
     adapter = read_lora(lora)
     check_flux_modules(adapter)
-    path = write_lora(adapter.modules, to, out, {"lora_converted_from": adapter.layout})
+    path = write_lora(adapter.modules, to, out, {"lora_converted_from": adapter.layout}, source=adapter.path)
     return adapter, path

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from ..adapters.lora_formats import LORA_FORMATS, convert, kohya_name
-from ..atomic_files import save_safetensors_atomic
 from ..errors import LoraFileError
+from .checks import alpha_value, check_tensors, write_safetensors
 
 _PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.")
 _BFL = re.compile(r"^(double_blocks|single_blocks|final_layer|img_in|txt_in|time_in|vector_in|guidance_in)[._]")
@@ -114,6 +114,7 @@ def read_lora(path) -> LoraFile:
     path = Path(path)
     tensors, metadata = load_tensors(path)
     layout = file_layout(path, tensors)
+    check_tensors(path, tensors)
     if layout == "kohya":
         modules = _read_kohya(path, tensors)
     else:
@@ -128,14 +129,28 @@ def metadata_alphas(metadata: dict[str, str], modules: dict[str, int], path="the
     if "lora_adapter_metadata" in metadata:
         try:
             raw = json.loads(metadata["lora_adapter_metadata"])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise LoraFileError(f"{path}: its lora_adapter_metadata is not JSON; re-export the LoRA") from None
+        if not isinstance(raw, dict):
+            raise LoraFileError(f"{path}: its lora_adapter_metadata is not a JSON object; re-export the LoRA")
         config = {k.removeprefix("transformer."): v for k, v in raw.items()}
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise LoraFileError(f"{path}: lora_adapter_metadata alpha_pattern is {patterns!r}, not a mapping; re-export the LoRA")
+    compiled = {}
+    for pattern, value in patterns.items():
+        try:
+            compiled[pattern] = re.compile(rf"(.*\.)?{pattern}")
+        except re.error:
+            raise LoraFileError(f"{path}: lora_adapter_metadata alpha_pattern {pattern!r} is no pattern; re-export the LoRA") from None
+        alpha_value(path, f"lora_adapter_metadata alpha_pattern[{pattern!r}]", value)
+    if "lora_alpha" in config:
+        alpha_value(path, "lora_adapter_metadata lora_alpha", config["lora_alpha"])
     out = {}
     for name, rank in modules.items():
         alpha = config.get("lora_alpha", rank)
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
-            if re.fullmatch(rf"(.*\.)?{pattern}", name):
+        for pattern, value in patterns.items():
+            if compiled[pattern].fullmatch(name):
                 alpha = value
         alpha = float(alpha)
         if config.get("use_rslora"):  # scale alpha / sqrt(r) == (alpha * sqrt(r)) / r
@@ -264,7 +279,8 @@ def check_flux_modules(lora: LoraFile) -> None:
 # -- writing ---------------------------------------------------------------------------------------
 def _flux_widths(modules: dict[str, LoraModule]) -> dict[str, int]:
     """Output width of every part of the fused BFL modules the kohya layout writes, from the parts
-    present (Flux facts: q, k, v share a width; the single-block MLP is 4 x that width)."""
+    present (Flux facts: q, k, v share a width; the single-block MLP is 4 x that width): the first
+    part's width decides, a present part of another width is refused by :func:`tensors_for`."""
     widths = {m: mod.up.shape[0] for m, mod in modules.items()}
     groups: dict[str, list[str]] = {}
     for m in modules:
@@ -278,14 +294,14 @@ def _flux_widths(modules: dict[str, LoraModule]) -> dict[str, int]:
                 inner = widths[f"{prefix}.proj_mlp"] // 4
             if inner is not None:
                 for part in ("attn.to_q", "attn.to_k", "attn.to_v"):
-                    widths.setdefault(f"{prefix}.{part}", inner)
-                widths.setdefault(f"{prefix}.proj_mlp", 4 * inner)
+                    widths[f"{prefix}.{part}"] = inner
+                widths[f"{prefix}.proj_mlp"] = 4 * inner
         elif prefix.startswith("transformer_blocks"):
             for trio in (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")):
                 width = next((widths[f"{prefix}.attn.{p}"] for p in trio if f"{prefix}.attn.{p}" in widths), None)
                 if width is not None:
                     for p in trio:
-                        widths.setdefault(f"{prefix}.attn.{p}", width)
+                        widths[f"{prefix}.attn.{p}"] = width
     return widths
 
 
@@ -318,9 +334,22 @@ def tensors_for(modules: dict[str, LoraModule], layout: str, path="the LoRA") ->
                 f"{path}: the kohya layout has no key for module {m!r}; convert it --to diffusers or comfyui"
             ) from None
     widths = _flux_widths(modules)
+    for m, mod in modules.items():
+        if widths[m] != mod.up.shape[0]:
+            raise LoraFileError(
+                f"{path}: module {m!r} is {mod.up.shape[0]} wide but its fused kohya module needs {widths[m]} "
+                "(Flux: q, k, v of a block share one width, the single blocks' proj_mlp is 4 x it); "
+                "convert it --to diffusers or comfyui, or fix the file"
+            )
     tensors = {}
-    for members in groups.values():
+    for name, members in groups.items():
         mods = [modules[m] for m in members]
+        if len({mod.down.shape[1] for mod in mods}) > 1:
+            detail = ", ".join(f"{m} {mod.down.shape[1]}" for m, mod in zip(members, mods))
+            raise LoraFileError(
+                f"{path}: the parts of kohya's {name} read inputs of different widths ({detail}); "
+                "convert it --to diffusers or comfyui, or fix the file"
+            )
         if len({(mod.rank, mod.alpha) for mod in mods}) > 1:  # fold, then pad to one rank
             rank = max(mod.rank for mod in mods)
             mods = [_padded(mod.folded(), rank) for mod in mods]
@@ -341,10 +370,13 @@ def _padded(mod: LoraModule, rank: int) -> LoraModule:
     return LoraModule(down, up, mod.alpha * rank / mod.rank)
 
 
-def write_lora(modules: dict[str, LoraModule], layout: str, out, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``modules`` to the file ``out`` in ``layout`` (atomically), with the layout's metadata."""
+def write_lora(
+    modules: dict[str, LoraModule], layout: str, out, metadata: dict[str, str] | None = None, source="the LoRA"
+) -> Path:
+    """Write ``modules`` to the file ``out`` in ``layout`` (atomically, every tensor checked finite), with
+    the layout's metadata; ``source`` names the input in errors."""
     out = Path(out)
-    tensors = {k: v.contiguous() for k, v in tensors_for(modules, layout, out).items()}
+    tensors = {k: v.contiguous() for k, v in tensors_for(modules, layout, source).items()}
     ranks = {mod.rank for mod in modules.values()}
     meta = {"format": "pt", "lora_format": layout, **(metadata or {})}
     if len(ranks) == 1 and layout == "diffusers":  # alpha folded: alpha = r
@@ -352,4 +384,4 @@ def write_lora(modules: dict[str, LoraModule], layout: str, out, metadata: dict[
         meta.update(lora_rank=rank, lora_alpha=rank)
     if layout == "kohya":
         meta["ss_network_module"] = "networks.lora_flux"
-    return save_safetensors_atomic(tensors, out, meta)
+    return write_safetensors(tensors, out, meta, source)

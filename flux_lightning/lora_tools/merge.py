@@ -10,6 +10,7 @@ half-written folder is never seen; ``FluxPipeline.from_pretrained(out)`` loads i
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..atomic_files import build_folder_once
-from ..errors import LoraFileError, ModelSourceError
+from ..errors import LoraFileError, ModelSourceError, StorageError
+from .checks import check_finite_output, storage_error
 from .files import LoraFile, check_flux_modules, read_lora, tensors_for
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -76,6 +78,8 @@ def merge(base, lora, out, scale: float = 1.0) -> Path:
     from diffusers import FluxTransformer2DModel
 
     base, out = Path(base), Path(out)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise LoraFileError(f"--scale {scale}: not a finite number; pass the LoRA's strength, e.g. --scale 1.0")
     problem = base_problems(base)
     if problem:
         raise ModelSourceError(problem)
@@ -93,6 +97,8 @@ def merge(base, lora, out, scale: float = 1.0) -> Path:
     transformer.load_lora_adapter(state, prefix="transformer", adapter_name="merged")
     transformer.fuse_lora(lora_scale=scale, adapter_names=["merged"])
     transformer.unload_lora()
+    fused = {f"{m}.weight": transformer.get_submodule(m).weight.detach() for m in adapter.modules}
+    check_finite_output(out, fused, adapter.path)
 
     def build(tmp: Path) -> None:
         for entry in base.iterdir():
@@ -104,6 +110,11 @@ def merge(base, lora, out, scale: float = 1.0) -> Path:
                 _link_or_copy(str(entry), str(tmp / entry.name))
         transformer.save_pretrained(tmp / "transformer")
 
-    if out.is_dir():  # an empty folder: build_folder_once renames onto a new name only
-        out.rmdir()
-    return build_folder_once(out, build)
+    try:
+        if out.is_dir():  # an empty folder: build_folder_once renames onto a new name only
+            out.rmdir()
+        return build_folder_once(out, build)
+    except StorageError as err:
+        raise storage_error(out, err) from None
+    except OSError as err:
+        raise storage_error(out, StorageError(err.errno, str(err))) from None

@@ -1,7 +1,8 @@
 """``resize``: lower a LoRA's rank by the SVD of each module's update, keeping the file's layout.
 
 Each module's update ``delta = alpha / r * up @ down`` is replaced by its best rank-``k`` approximation
-(Eckart-Young: the ``k`` largest singular values), ``k = min(rank, r)``. The SVD is taken through QR
+(Eckart-Young: the ``k`` largest singular values), ``k = min(rank, r, out, in)`` (the update has no
+more than its smaller side's singular values, and the alpha written is this ``k``). The SVD is taken through QR
 factors of ``up`` and ``down^T`` (an ``r x r`` SVD instead of one of the full ``out x in`` update), in
 float64. The new factors are ``up = U sqrt(S)``, ``down = sqrt(S) Vh`` at scale 1: ``.alpha`` tensors
 become ``k``; a file without them (diffusers layout) loads at ``alpha = r``, so its
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..atomic_files import save_safetensors_atomic
 from ..errors import LoraFileError
+from .checks import alpha_value, check_out, check_tensors, write_safetensors
 from .files import _strip, file_layout, load_tensors, metadata_alphas
 
 _DOWN = (".lora_A.weight", ".lora_down.weight")
@@ -59,6 +60,7 @@ def resize_tensors(
     if rank < 1:
         raise LoraFileError(f"--rank {rank}: the rank must be at least 1")
     file_layout(path, tensors)  # refuses what is not a LoRA
+    check_tensors(path, tensors)  # 2-D finite factors of matching ranks, finite positive alphas
     bases = {k[: -len(s)]: s for k in tensors for s in _DOWN if k.endswith(s)}
     missing = [b + _UP[s] for b, s in bases.items() if b + _UP[s] not in tensors]
     if missing:
@@ -70,9 +72,9 @@ def resize_tensors(
     for base, suffix in sorted(bases.items()):
         down, up = tensors[base + suffix], tensors[base + _UP[suffix]]
         r = down.shape[0]
-        alpha = tensors[f"{base}.alpha"].item() if has_alpha[base] else alphas[base]
+        alpha = alpha_value(path, f"{base}.alpha", tensors[f"{base}.alpha"]) if has_alpha[base] else alphas[base]
         u, s, vh = low_rank_svd(down, up, alpha / r)
-        k = min(rank, r)
+        k = min(rank, r, s.numel())  # the update's rank is at most its smaller side: the alpha written is k
         root = s[:k].sqrt()
         new_up, new_down = u[:, :k] * root, root[:, None] * vh[:k]
         # rows of the update that are exactly zero (a fused module's untrained parts) stay exactly zero
@@ -93,11 +95,13 @@ def resize_tensors(
     return out, meta, report
 
 
-def resize_file(lora, rank: int, out) -> list[ResizedModule]:
-    """Write ``lora`` resized to ``rank`` as ``out`` (same layout); returns the per-module report."""
+def resize_file(lora, rank: int, out, overwrite: bool = False) -> list[ResizedModule]:
+    """Write ``lora`` resized to ``rank`` as ``out`` (same layout); returns the per-module report.
+    An existing ``out`` is replaced only with ``overwrite``, the input never (:func:`.checks.check_out`)."""
+    check_out(out, [lora], overwrite)
     tensors, metadata = load_tensors(lora)
     resized, meta, report = resize_tensors(tensors, metadata, rank, Path(lora))
-    save_safetensors_atomic(resized, Path(out), meta)
+    write_safetensors(resized, out, meta, Path(lora))
     return report
 
 
