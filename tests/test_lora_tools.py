@@ -4,6 +4,7 @@ torch.linalg.svd and the ComfyUI loader stand-in (tests/comfy_loader.py), on the
 from __future__ import annotations
 
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -19,6 +20,7 @@ from flux_lightning.lora_tools.files import LoraModule, read_lora, write_lora
 from flux_lightning.lora_tools.resize import low_rank_svd, overall_energy, resize_file
 
 from .comfy_loader import comfyui_apply
+from .hostile import exits_2, process_exits_2
 from .test_adapters import _predict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,7 +87,7 @@ def test_round_trips_between_our_three_layouts_keep_every_delta(linears, tmp_pat
     for first in ("diffusers", "kohya", "comfyui"):
         for second in ("diffusers", "comfyui", "kohya"):
             a, b = tmp_path / f"{first}.a.safetensors", tmp_path / f"{first}-{second}.safetensors"
-            convert_file(path, first, a)
+            convert_file(path, first, a, overwrite=True)
             convert_file(a, second, b)
             read = read_lora(b)
             assert read.layout == second
@@ -308,3 +310,179 @@ def test_user_errors_name_the_file_and_exit_2(linears, tiny_folder, tmp_path, ca
     with pytest.raises(LoraFileError, match="kohya layout has no key for module 'x_embedder'"):
         write_lora(random_lora({"x_embedder": (4, 8)}, modules=["x_embedder"]), "kohya", tmp_path / "k.safetensors")
     assert issubclass(ModelSourceError, Exception)
+
+
+# -- hostile inputs: exit 2, one line naming the file and key, nothing written (issue 23) ----------
+Q = "transformer.transformer_blocks.0.attn.to_q"
+KOHYA = "lora_unet_double_blocks_0_img_attn_proj"
+_A, _B = torch.full((4, 32), 0.1), torch.full((32, 4), 0.1)
+
+
+def _pair(prefix=Q, down=_A, up=_B, **extra):
+    suffixes = (".lora_down.weight", ".lora_up.weight") if prefix.startswith("lora_unet_") else (".lora_A.weight", ".lora_B.weight")
+    return {prefix + suffixes[0]: down, prefix + suffixes[1]: up, **{f"{prefix}.{k}": v for k, v in extra.items()}}
+
+
+def _meta(**config):
+    import json
+
+    return {"lora_adapter_metadata": json.dumps(config)}
+
+
+NAN, INF = float("nan"), float("inf")
+# (id, tensors, metadata, words the error line names besides the file)
+HOSTILE_LORAS = [
+    ("nan-down", _pair(down=_A * NAN), None, [f"{Q}.lora_A.weight", "non-finite"]),
+    ("inf-up", _pair(up=_B * INF), None, [f"{Q}.lora_B.weight", "non-finite"]),
+    ("rank-mismatch", _pair(up=torch.ones(32, 3)), None, [f"{Q}.lora_A.weight", f"{Q}.lora_B.weight", "rank"]),
+    ("1-D", _pair(down=torch.ones(32), up=torch.ones(32)), None, [f"{Q}.lora_A.weight", "1-D"]),
+    ("rank-0", _pair(down=torch.ones(0, 32), up=torch.ones(32, 0)), None, [f"{Q}.lora_A.weight", "empty"]),
+    ("int-weights", _pair(down=torch.ones(4, 32, dtype=torch.int32)), None, [f"{Q}.lora_A.weight", "int32"]),
+    ("vector-alpha", _pair(alpha=torch.ones(3)), None, [f"{Q}.alpha", "3 values"]),
+    ("nan-alpha", _pair(alpha=torch.tensor(NAN)), None, [f"{Q}.alpha", "nan"]),
+    ("inf-alpha", _pair(alpha=torch.tensor(INF)), None, [f"{Q}.alpha", "inf"]),
+    ("zero-alpha", _pair(alpha=torch.tensor(0.0)), None, [f"{Q}.alpha", "positive"]),
+    ("negative-alpha", _pair(alpha=torch.tensor(-4.0)), None, [f"{Q}.alpha", "positive"]),
+    ("text-metadata-alpha", _pair(), _meta(lora_alpha="x"), ["lora_alpha", "'x'"]),
+    ("infinite-metadata-alpha", _pair(), {"lora_adapter_metadata": '{"lora_alpha": 1e999}'}, ["lora_alpha", "inf"]),
+    ("bool-metadata-alpha", _pair(), _meta(lora_alpha=True), ["lora_alpha", "True"]),
+    ("nan-alpha-pattern", _pair(), {"lora_adapter_metadata": '{"alpha_pattern": {"to_q": NaN}}'}, ["alpha_pattern", "nan"]),
+    ("bad-alpha-pattern", _pair(), _meta(alpha_pattern={"(": 2}), ["alpha_pattern", "'('"]),
+    ("list-alpha-pattern", _pair(), _meta(alpha_pattern=[1]), ["alpha_pattern", "[1]"]),
+    ("metadata-not-an-object", _pair(), {"lora_adapter_metadata": "[1, 2]"}, ["lora_adapter_metadata", "object"]),
+    ("metadata-not-json", _pair(), {"lora_adapter_metadata": "{"}, ["lora_adapter_metadata", "JSON"]),
+    ("kohya-nan", _pair(KOHYA, down=_A * NAN), None, [f"{KOHYA}.lora_down.weight", "non-finite"]),
+    ("kohya-rank-mismatch", _pair(KOHYA, up=torch.ones(32, 2)), None, [f"{KOHYA}.lora_up.weight", "rank"]),
+    ("kohya-vector-alpha", _pair(KOHYA, alpha=torch.ones(2, 2)), None, [f"{KOHYA}.alpha", "4 values"]),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE_LORAS, ids=[c[0] for c in HOSTILE_LORAS])
+def test_hostile_lora_files_exit_2_with_one_line_naming_file_and_key(case, tiny_folder, tmp_path, capsys):
+    name, tensors, metadata, words = case
+    path = tmp_path / f"{name}.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    out = tmp_path / "out.safetensors"
+    for argv in (["convert", "--lora", str(path), "--to", "kohya", "--out", str(out)],
+                 ["convert", "--lora", str(path), "--to", "diffusers", "--out", str(out)],
+                 ["resize", "--lora", str(path), "--rank", "2", "--out", str(out)],
+                 ["merge", "--base", str(tiny_folder), "--lora", str(path), "--out", str(tmp_path / "merged")]):
+        exits_2(lambda: main(argv), capsys, str(path), *words)
+        assert not out.exists() and not (tmp_path / "merged").exists(), argv
+
+
+def test_widths_that_cannot_fuse_into_kohya_modules_name_the_module(tmp_path, capsys):
+    k = "transformer.transformer_blocks.0.attn.to_k"
+    for name, tensors, words in (
+        ("out-width", {**_pair(), **_pair(k, torch.ones(4, 32), torch.ones(16, 4))}, ["transformer_blocks.0.attn.to_k", "16 wide"]),
+        ("in-width", {**_pair(), **_pair(k, torch.ones(4, 16), torch.ones(32, 4))}, ["double_blocks_0_img_attn_qkv", "to_k 16"]),
+        ("mlp-width", {**_pair("transformer.single_transformer_blocks.0.attn.to_q"),
+                       **_pair("transformer.single_transformer_blocks.0.proj_mlp", torch.ones(4, 32), torch.ones(100, 4))},
+         ["single_transformer_blocks.0.proj_mlp", "100 wide"]),
+    ):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, path)
+        exits_2(lambda: main(["convert", "--lora", str(path), "--to", "kohya", "--out", str(tmp_path / "o.safetensors")]),
+                capsys, str(path), *words)
+
+
+def test_no_tool_writes_non_finite_weights(tiny_folder, tmp_path, capsys):
+    """An alpha that overflows float16 when folded into its factor, and merge scales that are not
+    finite or overflow the base's weights: refused, nothing written (they were written with exit 0)."""
+    path = tmp_path / "f16.safetensors"
+    save_file(_pair(down=_A.half(), up=_B.half(), alpha=torch.tensor(1e30)), path)
+    out = tmp_path / "out.safetensors"
+    for argv in (["convert", "--lora", str(path), "--to", "diffusers", "--out", str(out)],
+                 ["resize", "--lora", str(path), "--rank", "2", "--out", str(out)]):
+        exits_2(lambda: main(argv), capsys, f"--out {out}", str(path), "non-finite", "float16")
+        assert not out.exists()
+    fine = tmp_path / "fine.safetensors"
+    save_file(_pair(), fine)
+    merged = tmp_path / "merged"
+    base = ["merge", "--base", str(tiny_folder), "--lora", str(fine), "--out", str(merged)]
+    for scale in ("nan", "inf", "-inf"):
+        exits_2(lambda: main(base + [f"--scale={scale}"]), capsys, f"--scale {scale}", "finite")
+    exits_2(lambda: main(base + ["--scale", "1e300"]), capsys, f"--out {merged}", "transformer_blocks.0.attn.to_q.weight",
+            "non-finite")
+    assert not merged.exists()
+
+
+def test_out_is_never_the_input_and_an_existing_out_needs_overwrite(tmp_path, capsys):
+    path = tmp_path / "in.safetensors"
+    save_file(_pair(alpha=torch.tensor(8.0)), path)
+    original = path.read_bytes()
+    (tmp_path / "hard.safetensors").hardlink_to(path)
+    (tmp_path / "sym.safetensors").symlink_to(path)
+    for verb in (["convert", "--to", "comfyui"], ["resize", "--rank", "2"]):
+        cmd = [verb[0], "--lora", str(path), *verb[1:]]
+        for same in ("in", "hard", "sym"):
+            out = tmp_path / f"{same}.safetensors"
+            for extra in ([], ["--overwrite"]):
+                exits_2(lambda: main(cmd + ["--out", str(out), *extra]), capsys, f"--out {out}", "is the input file")
+        assert path.read_bytes() == original
+        exits_2(lambda: main(cmd + ["--out", str(tmp_path)]), capsys, f"--out {tmp_path}", "folder")
+        old = tmp_path / "old.safetensors"
+        old.write_bytes(b"keep me")
+        exits_2(lambda: main(cmd + ["--out", str(old)]), capsys, f"--out {old}", "already exists", "--overwrite")
+        assert old.read_bytes() == b"keep me"
+        assert main(cmd + ["--out", str(old), "--overwrite"]) == 0
+        assert read_lora(old).layout == "comfyui"
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # the storage error names --out (not the training options paths.output_dir / run_name)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    line = exits_2(lambda: main(["resize", "--lora", str(path), "--rank", "2", "--out", str(blocker / "x.safetensors")]),
+                   capsys, f"--out {blocker / 'x.safetensors'}")
+    assert "paths.output_dir" not in line and "run_name" not in line
+
+
+def test_a_read_only_out_folder_is_one_line_from_the_command(tmp_path):
+    from .test_signals import _without_dac_override
+
+    prefix = _without_dac_override()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: a chmod'ed dir would still be writable")
+    path = tmp_path / "in.safetensors"
+    save_file(_pair(), path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        proc = subprocess.run(prefix + [sys.executable, "-m", "flux_lightning.lora", "resize", "--lora", str(path),
+                                        "--rank", "2", "--out", str(ro / "x.safetensors")], capture_output=True, text=True)
+    finally:
+        ro.chmod(0o755)
+    line = process_exits_2(proc, f"--out {ro / 'x.safetensors'}", "Permission denied")
+    assert "paths.output_dir" not in line
+    assert not list(ro.iterdir())
+
+
+# -- resize: the alpha written matches the rank written (issue 23) ---------------------------------
+def test_resize_above_a_matrix_side_keeps_the_strength(linears, pipe, tmp_path, capsys):
+    """Rank-64 factors of 32-wide layers: the update has rank <= 32, so --rank 48 keeps 32 components
+    and must write alpha 32 (it wrote 48: 1.5x too strong); ComfyUI's and diffusers' loaders apply it
+    as the original update."""
+    modules = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "single_transformer_blocks.1.proj_mlp"]
+    lora = random_lora(linears, rank=64, alpha=16.0, seed=5, modules=modules)
+    path, out = tmp_path / "r64.safetensors", tmp_path / "r48.safetensors"
+    write_lora(lora, "comfyui", path)
+    assert main(["resize", "--lora", str(path), "--rank", "48", "--out", str(out)]) == 0
+    assert "rank  64 -> 32 " in capsys.readouterr().out
+    tensors = load_file(out)
+    assert {tensors[f"transformer.{m}.alpha"].item() for m in modules} == {32.0}
+    model = FluxTransformer2DModel.from_pretrained(pipe.config._name_or_path, subfolder="transformer")
+    weights = {m: dict(model.named_modules())[m].weight.detach().clone() for m in modules}
+    patched, not_loaded = comfyui_apply(tensors, model)
+    assert not not_loaded
+    for m, delta in deltas(lora).items():
+        torch.testing.assert_close(patched[m], weights[m] + delta, atol=1e-5, rtol=1e-5, msg=m)
+    reference = tmp_path / "reference.safetensors"
+    write_lora(lora, "diffusers", reference)
+    try:
+        pipe.load_lora_weights(str(reference), adapter_name="reference")
+        expected = _predict(pipe.transformer)
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(str(out), adapter_name="resized")
+        torch.testing.assert_close(_predict(pipe.transformer), expected, atol=1e-5, rtol=1e-4)
+    finally:
+        pipe.unload_lora_weights()
