@@ -16,7 +16,7 @@ import re
 from typing import Any, NamedTuple
 
 from .errors import SettingError
-from .simpletuner_rules import LineError, Outcome
+from .simpletuner_rules import LineError, Outcome, shown
 from .simpletuner_table import GROUPS, LR_SCHEDULERS, OPTIMIZERS, QUANTIZATION, RULES, TEXT_ENCODER_QUANTIZATION
 
 __all__ = [
@@ -45,7 +45,7 @@ def normalise(settings: dict[str, Any]) -> dict[str, Any]:
     for raw, v in settings.items():
         key = str(raw).strip().lstrip("-")
         if key in out and out[key] != v:
-            raise SettingError(f"{key} is given twice with different values ({out[key]!r}, {v!r}); keep one")
+            raise SettingError(f"{key} is given twice with different values ({shown(out[key])}, {shown(v)}); keep one")
         out[key] = v
     return out
 
@@ -71,7 +71,7 @@ def to_overrides(settings: dict[str, Any]) -> Translation:
             except LineError as err:
                 out.errors.append(str(err))
             except ValueError as err:
-                out.errors.append(f"{key}={settings.get(key)!r} {err}")
+                out.errors.append(f"{key}={shown(settings.get(key))} {err}")
     if out.errors:
         raise SettingError("\n".join(out.errors))
     groups = [f"{k}={out.values[k][0]}" for k in GROUPS if k in out.values]

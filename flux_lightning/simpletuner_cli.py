@@ -43,14 +43,45 @@ def load_settings(path: str | Path) -> dict[str, Any]:
     return settings
 
 
+MAX_DEPTH = 16  # SimpleTuner's deepest setting (lycoris_config.apply_preset.module_algo_map.<module>) is 4 levels
+MAX_LISTED = 20  # unrecognised keys named in the warning line; the rest are counted
+
+
 def _read_json(path: Path, key: str | None = None) -> Any:
     where = f"{key}: " if key else ""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is no error
     except OSError as err:
         raise SettingError(f"{where}cannot read {path} ({err.strerror}); check the path") from None
+    except RecursionError:
+        raise SettingError(f"{where}{path} is nested too deeply to be a settings file; fix the file") from None
     except ValueError as err:
         raise SettingError(f"{where}{path} is not valid JSON ({err}); fix the file (no trailing commas)") from None
+    deep = _too_deep(doc)
+    if deep is not None:
+        raise SettingError(f"{where}{path}: {deep} is nested deeper than {MAX_DEPTH} levels; no setting is, fix the file")
+    return doc
+
+
+def _too_deep(doc: Any) -> str | None:
+    """The path (``a.b[0]...``) of the first value nested deeper than :data:`MAX_DEPTH`, or None."""
+    stack = [(doc, "", 0)]
+    while stack:
+        node, where, depth = stack.pop()
+        if isinstance(node, (dict, list)) and depth >= MAX_DEPTH:
+            return where or "the top level"
+        if isinstance(node, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node))
+    return None
+
+
+def listed(names: list[str], limit: int = MAX_LISTED) -> str:
+    """``a, b, c`` for a few names; the first ``limit`` and ``and K more`` for many."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
 def _key(override: str) -> str:
@@ -114,7 +145,7 @@ def _report(path: str, kept: list[str], replaced: list[str], t: Translation) -> 
     if t.no_effect:
         say(f"warning: {ARG}: recognised but without effect here: " + "; ".join(f"{k} ({why})" for k, why in t.no_effect.items()))
     if t.unrecognised:
-        say(f"warning: {ARG}: ignoring keys this trainer does not know: {', '.join(t.unrecognised)}")
+        say(f"warning: {ARG}: ignoring keys this trainer does not know: {listed(t.unrecognised)}")
 
 
 def with_simpletuner_config(main: Callable) -> Callable:

@@ -9,12 +9,22 @@ key is :data:`flux_lightning.simpletuner_table.RULES`, applied by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 from typing import Any
+
+MAX_INT = 2**32 - 1  # the largest whole number a setting takes here (a seed's range)
+MAX_RANK = 3072  # Flux.1's width: no layer's update has a higher rank
 
 
 class LineError(ValueError):
     """A rule's error that is already a whole line (rules reading several keys name them themselves)."""
+
+
+def shown(v: Any, limit: int = 80) -> str:
+    """``repr(v)``, cut to ``limit`` characters (an error line stays one short line whatever the file holds)."""
+    text = repr(v)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 # ----------------------------------------------------------------------------- value converters
@@ -41,17 +51,30 @@ def as_int(v: Any) -> int:
         f = 0.5
     if not f.is_integer():
         raise ValueError("is not a whole number; write one, e.g. 16")
+    if abs(f) > MAX_INT:
+        raise ValueError(f"is too large; write a whole number up to {MAX_INT}")
     return int(f)
 
 
+def as_rank(v: Any) -> int:
+    """A LoRA/LoKr rank: a whole number from 1 to Flux.1's width (no layer's update has a higher rank)."""
+    rank = as_int(v)
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"is not a rank from 1 to {MAX_RANK} (Flux.1's width); write one, e.g. 16")
+    return rank
+
+
 def as_float(v: Any) -> float:
-    """A number (``1e-4``, ``"1e-4"``); not a boolean."""
+    """A finite number (``1e-4``, ``"1e-4"``); not a boolean, NaN or infinity."""
     if isinstance(v, bool):
         raise ValueError("is not a number; write one, e.g. 1e-4")
     try:
-        return float(v)
-    except (TypeError, ValueError):
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
         raise ValueError("is not a number; write one, e.g. 1e-4") from None
+    if not math.isfinite(f):
+        raise ValueError("is not a finite number; write one, e.g. 1e-4")
+    return f
 
 
 def as_str(v: Any) -> str:
@@ -95,7 +118,7 @@ class Outcome:
         if path in self.values and self.values[path][0] != value:
             other = self.values[path][1]
             self.errors.append(
-                f"{other}={self.settings.get(other)!r} and {key}={self.settings.get(key)!r} both set {path} "
+                f"{other}={shown(self.settings.get(other))} and {key}={shown(self.settings.get(key))} both set {path} "
                 "to different values; keep one of them"
             )
         self.values.setdefault(path, (value, key))
@@ -111,7 +134,7 @@ class Outcome:
         try:
             return conv(self.settings[key])
         except ValueError as err:
-            raise LineError(f"{key}={self.settings[key]!r} {err}") from None
+            raise LineError(f"{key}={shown(self.settings[key])} {err}") from None
 
 
 Rule = Callable[[str, Any, Outcome], None]  # (key, value, out); raises ValueError("<what is wrong>; <fix>")

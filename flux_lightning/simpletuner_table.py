@@ -22,6 +22,7 @@ from .simpletuner_rules import (
     as_float,
     as_int,
     as_int_or_str,
+    as_rank,
     as_str,
     choice,
     name_of,
@@ -30,6 +31,7 @@ from .simpletuner_rules import (
     only,
     optional,
     read_by,
+    shown,
     true_sets,
     unless,
     value,
@@ -107,7 +109,7 @@ def _text_encoders(key, v, out):
     given = {k: name_of(out.settings[k]) for k in ("text_encoder_1_precision", "text_encoder_2_precision") if out.given(k)}
     for k, name in given.items():
         if name not in TEXT_ENCODER_QUANTIZATION:
-            raise LineError(f"{k}={out.settings[k]!r} has no equivalent here; use one of {', '.join(TEXT_ENCODER_QUANTIZATION)}")
+            raise LineError(f"{k}={shown(out.settings[k])} has no equivalent here; use one of {', '.join(TEXT_ENCODER_QUANTIZATION)}")
     names = {TEXT_ENCODER_QUANTIZATION[n] for n in given.values()}
     if len(names) > 1:
         raise LineError(
@@ -208,30 +210,56 @@ def _lycoris_config(key, v, out):
     if not isinstance(v, dict):
         raise ValueError("must be a JSON object or a file holding one")
     if name_of(v.get("algo", "lokr")) != "lokr":
-        raise LineError(f"lycoris_config: algo={v['algo']!r} has no equivalent here; use algo lokr")
-    if as_float(v.get("multiplier", 1.0)) != 1.0:
-        raise LineError(f"lycoris_config: multiplier={v['multiplier']!r} is not supported; use 1.0 (scale at inference)")
-    fields = {"factor": ("factor", as_int), "linear_dim": ("rank", as_int), "linear_alpha": ("alpha", as_float),
+        raise LineError(f"lycoris_config: algo={shown(v['algo'])} has no equivalent here; use algo lokr")
+    try:
+        multiplier = as_float(v.get("multiplier", 1.0))
+    except ValueError as err:
+        raise LineError(f"lycoris_config: multiplier={shown(v['multiplier'])} {err}") from None
+    if multiplier != 1.0:
+        raise LineError(f"lycoris_config: multiplier={shown(v['multiplier'])} is not supported; use 1.0 (scale at inference)")
+    fields = {"factor": ("factor", as_int), "linear_dim": ("rank", as_rank), "linear_alpha": ("alpha", as_float),
               "full_matrix": ("full_matrix", as_bool)}  # fmt: skip
     out.unknown += [f"{key}.{k}" for k in v if k not in (*fields, "algo", "multiplier", "apply_preset")]
     for field, (path, conv) in fields.items():
         if field in v:
-            out.set(f"adapter.{path}", conv(v[field]), key)
+            try:
+                out.set(f"adapter.{path}", conv(v[field]), key)
+            except ValueError as err:
+                raise LineError(f"lycoris_config: {field}={shown(v[field])} {err}") from None
     preset = v.get("apply_preset") or {}
-    modules = set(preset.get("target_module", []))
+    if not isinstance(preset, dict):
+        raise LineError(
+            f"lycoris_config: apply_preset={shown(preset)} must be an object, e.g. "
+            '{"target_module": ["Attention", "FeedForward"], "module_algo_map": {"FeedForward": {"factor": 8}}}'
+        )
+    targets = preset.get("target_module", [])
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise LineError(f"lycoris_config: apply_preset.target_module={shown(targets)} must be a list of names; use [Attention, FeedForward]")
+    modules = set(targets)
     if modules - {"Attention", "FluxAttention", "FeedForward"}:
         raise LineError(f"lycoris_config: target_module={sorted(modules)} has no equivalent here; use [Attention, FeedForward]")
     if modules:
         out.set("adapter.target", "attention+ff", key)
-    ff = (preset.get("module_algo_map") or {}).get("FeedForward", {})
+    algo_map = preset.get("module_algo_map") or {}
+    if not isinstance(algo_map, dict) or not all(isinstance(m, dict) for m in algo_map.values()):
+        raise LineError(
+            f"lycoris_config: apply_preset.module_algo_map={shown(algo_map)} must map module names to objects, "
+            'e.g. {"FeedForward": {"factor": 8}}'
+        )
+    ff = algo_map.get("FeedForward", {})
     if "factor" in ff:
-        out.set("adapter.ff_factor", as_int(ff["factor"]), key)
+        try:
+            out.set("adapter.ff_factor", as_int(ff["factor"]), key)
+        except ValueError as err:
+            raise LineError(f"lycoris_config: module_algo_map.FeedForward.factor={shown(ff['factor'])} {err}") from None
 
 
 def _tread(key, v, out):
     try:
         doc = json.loads(v) if isinstance(v, str) else v
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError('is not valid JSON; write an object {"routes": [...]}') from None
     if not isinstance(doc, dict) or not isinstance(doc.get("routes", []), list):
         raise ValueError('must be an object {"routes": [...]}')
@@ -339,7 +367,7 @@ RULES: dict[str, Rule] = {
     # the adapter
     "lora_type": choice("adapter", {"standard": "lora", "lycoris": "lokr"}, "use standard (LoRA) or lycoris (LoKr)"),
     "lycoris_config": _lycoris_config,
-    "lora_rank": standard_lora(value("adapter.rank", as_int)),
+    "lora_rank": standard_lora(value("adapter.rank", as_rank)),
     "lora_alpha": standard_lora(value("adapter.alpha", optional(as_float))),
     "lora_dropout": standard_lora(value("adapter.dropout", as_float)),
     "flux_lora_target": standard_lora(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import runpy
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -367,7 +368,7 @@ def test_hostile_lora_files_exit_2_with_one_line_naming_file_and_key(case, tiny_
                  ["convert", "--lora", str(path), "--to", "diffusers", "--out", str(out)],
                  ["resize", "--lora", str(path), "--rank", "2", "--out", str(out)],
                  ["merge", "--base", str(tiny_folder), "--lora", str(path), "--out", str(tmp_path / "merged")]):
-        exits_2(lambda: main(argv), capsys, str(path), *words)
+        exits_2(partial(main, argv), capsys, str(path), *words)
         assert not out.exists() and not (tmp_path / "merged").exists(), argv
 
 
@@ -382,7 +383,7 @@ def test_widths_that_cannot_fuse_into_kohya_modules_name_the_module(tmp_path, ca
     ):
         path = tmp_path / f"{name}.safetensors"
         save_file(tensors, path)
-        exits_2(lambda: main(["convert", "--lora", str(path), "--to", "kohya", "--out", str(tmp_path / "o.safetensors")]),
+        exits_2(partial(main, ["convert", "--lora", str(path), "--to", "kohya", "--out", str(tmp_path / "o.safetensors")]),
                 capsys, str(path), *words)
 
 
@@ -394,15 +395,15 @@ def test_no_tool_writes_non_finite_weights(tiny_folder, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     for argv in (["convert", "--lora", str(path), "--to", "diffusers", "--out", str(out)],
                  ["resize", "--lora", str(path), "--rank", "2", "--out", str(out)]):
-        exits_2(lambda: main(argv), capsys, f"--out {out}", str(path), "non-finite", "float16")
+        exits_2(partial(main, argv), capsys, f"--out {out}", str(path), "non-finite", "float16")
         assert not out.exists()
     fine = tmp_path / "fine.safetensors"
     save_file(_pair(), fine)
     merged = tmp_path / "merged"
     base = ["merge", "--base", str(tiny_folder), "--lora", str(fine), "--out", str(merged)]
     for scale in ("nan", "inf", "-inf"):
-        exits_2(lambda: main(base + [f"--scale={scale}"]), capsys, f"--scale {scale}", "finite")
-    exits_2(lambda: main(base + ["--scale", "1e300"]), capsys, f"--out {merged}", "transformer_blocks.0.attn.to_q.weight",
+        exits_2(partial(main, base + [f"--scale={scale}"]), capsys, f"--scale {scale}", "finite")
+    exits_2(partial(main, base + ["--scale", "1e300"]), capsys, f"--out {merged}", "transformer_blocks.0.attn.to_q.weight",
             "non-finite")
     assert not merged.exists()
 
@@ -418,12 +419,12 @@ def test_out_is_never_the_input_and_an_existing_out_needs_overwrite(tmp_path, ca
         for same in ("in", "hard", "sym"):
             out = tmp_path / f"{same}.safetensors"
             for extra in ([], ["--overwrite"]):
-                exits_2(lambda: main(cmd + ["--out", str(out), *extra]), capsys, f"--out {out}", "is the input file")
+                exits_2(partial(main, cmd + ["--out", str(out), *extra]), capsys, f"--out {out}", "is the input file")
         assert path.read_bytes() == original
-        exits_2(lambda: main(cmd + ["--out", str(tmp_path)]), capsys, f"--out {tmp_path}", "folder")
+        exits_2(partial(main, cmd + ["--out", str(tmp_path)]), capsys, f"--out {tmp_path}", "folder")
         old = tmp_path / "old.safetensors"
         old.write_bytes(b"keep me")
-        exits_2(lambda: main(cmd + ["--out", str(old)]), capsys, f"--out {old}", "already exists", "--overwrite")
+        exits_2(partial(main, cmd + ["--out", str(old)]), capsys, f"--out {old}", "already exists", "--overwrite")
         assert old.read_bytes() == b"keep me"
         assert main(cmd + ["--out", str(old), "--overwrite"]) == 0
         assert read_lora(old).layout == "comfyui"

@@ -413,3 +413,66 @@ def test_a_simpletuner_config_trains_end_to_end(tiny_model_cfg, in_tmp):
     assert loss > 0 and (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step000002.ckpt", "step000003.ckpt"]
     assert sorted(p.name for p in (run / "validation").iterdir()) == ["step_3"]  # no benchmark, final images only
+
+
+# -- hostile config.json files: exit 2, one line naming the key (issue 23) --------------------------
+def _lycoris(preset):
+    return {"lora_type": "lycoris", "lycoris_config": {"algo": "lokr", "apply_preset": preset}}
+
+
+# (id, file text or settings, words the error line names)
+HOSTILE_CONFIGS = [
+    ("deeply-nested-list", "[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
+    ("deeply-nested-object", '{"a":' * 5000 + "1" + "}" * 5000, ["nested too deeply"]),
+    ("nested-past-the-limit", {"tread_config": {"routes": [{"a": [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]}]}},
+     ["tread_config.routes[0].a", "nested deeper"]),
+    ("apply_preset-string", _lycoris("x"), ["apply_preset='x'", "object"]),
+    ("target_module-number", _lycoris({"target_module": 5}), ["target_module=5", "list of names"]),
+    ("target_module-list-of-numbers", _lycoris({"target_module": [1, 2]}), ["target_module=[1, 2]"]),
+    ("module_algo_map-list", _lycoris({"target_module": ["Attention"], "module_algo_map": [1]}), ["module_algo_map=[1]"]),
+    ("module_algo_map-entry", _lycoris({"module_algo_map": {"FeedForward": 8}}), ["module_algo_map=", "FeedForward"]),
+    ("ff-factor-text", _lycoris({"module_algo_map": {"FeedForward": {"factor": "x"}}}), ["FeedForward.factor='x'"]),
+    ("lycoris-multiplier-text", {"lora_type": "lycoris", "lycoris_config": {"multiplier": "x"}}, ["multiplier='x'"]),
+    ("lycoris-linear_dim-huge", {"lora_type": "lycoris", "lycoris_config": {"linear_dim": 1e30}}, ["linear_dim=1e+30"]),
+    ("lora_rank-1e30", {"lora_rank": 1e30}, ["lora_rank=1e+30", "too large"]),
+    ("lora_rank-above-width", {"lora_rank": 4096}, ["lora_rank=4096", "3072"]),
+    ("lora_rank-negative", {"lora_rank": -3}, ["lora_rank=-3"]),
+    ("lora_rank-infinite", '{"lora_rank": 1e999}', ["lora_rank=inf"]),
+    ("learning_rate-nan", '{"learning_rate": NaN}', ["learning_rate=nan", "finite"]),
+    ("lora_alpha-infinite", '{"lora_alpha": Infinity}', ["lora_alpha=inf", "finite"]),
+    ("max_train_steps-1e30", {"max_train_steps": 1e30}, ["max_train_steps=1e+30"]),
+    ("seed-huge", {"seed": 10**30}, ["seed=", "too large"]),
+    ("long-value", {"train_batch_size": list(range(100_000))}, ["train_batch_size=[0, 1, 2", "..."]),
+    ("top-level-list", [1], ["must hold one JSON object"]),
+    ("empty-file", "", ["not valid JSON"]),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE_CONFIGS, ids=[c[0] for c in HOSTILE_CONFIGS])
+def test_hostile_config_json_exits_2_with_one_line_naming_the_key(case, tmp_path, monkeypatch, capsys):
+    from flux_lightning.train import main
+
+    from .hostile import exits_2
+
+    name, settings, words = case
+    path = _write(tmp_path, settings)
+    monkeypatch.setattr(sys, "argv", ["prog", f"simpletuner_config={path}", "--cfg", "job"])
+    line = exits_2(main, capsys, "simpletuner_config", *words)
+    assert len(line) < 400, line
+
+
+def test_a_hostile_config_json_is_one_line_from_the_command(tmp_path):
+    from .hostile import process_exits_2
+
+    path = _write(tmp_path, _lycoris({"target_module": 5}))
+    proc = subprocess.run([sys.executable, "-m", "flux_lightning", f"simpletuner_config={path}"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    process_exits_2(proc, "lycoris_config: apply_preset.target_module=5")
+
+
+def test_many_unknown_keys_are_counted_not_all_listed(tmp_path, capsys):
+    path = _write(tmp_path, {"lora_rank": 4, **{f"key_{i:06d}": 1 for i in range(200_000)}})
+    assert expand_argv(["prog", f"simpletuner_config={path}"]) == ["prog", "adapter.rank=4"]
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "ignoring keys" in line]
+    assert line.endswith(", key_000019 and 199980 more") and len(line) < 500, line[:1000]
+    assert "key_000000, key_000001" in line
