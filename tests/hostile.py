@@ -6,15 +6,24 @@ from __future__ import annotations
 import subprocess
 
 
+INVALID_CONFIG = "error: invalid config:"  # train.main's header before a ConfigError's problems ("  - ...")
+
+
 def one_error_line(err: str, *names: str) -> str:
-    """The single ``error:`` line of ``err`` (a command's stderr); each of ``names`` must be in it."""
+    """The single problem of ``err`` (a command's stderr): one ``error: ...`` line, or train.main's
+    ``error: invalid config:`` followed by one ``  - ...`` line; each of ``names`` must be in it."""
     assert err.count("Traceback") == 0, err[-3000:]
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
+    lines = err.strip().splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
     assert len(errors) == 1, err[-3000:]
+    line = lines[errors[0]]
+    if line == INVALID_CONFIG:
+        problems = [p for p in lines[errors[0] + 1 :] if p.startswith("  - ")]
+        assert len(problems) == 1, err[-3000:]
+        line = problems[0]
     for name in names:
-        assert str(name) in errors[0], (name, errors[0])
-    return errors[0]
+        assert str(name) in line, (name, line)
+    return line
 
 
 def exits_2(call, capsys, *names: str) -> str:

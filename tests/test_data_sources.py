@@ -217,3 +217,85 @@ def test_huggingface_hub_ids_bad_columns_and_a_missing_library_are_refused(tiny_
     assert 'pip install "flux-lightning[huggingface]"' in source_problem(wrong)
     with pytest.raises(DataError, match=r'pip install "flux-lightning\[huggingface\]"'):
         FluxDataModule(DatasetConfig(backends=[wrong], cache_dir=str(tmp_path / "c")), tiny_model_cfg).samples()
+
+
+# -- hostile type: huggingface sources: exit 2, one line naming the file (issue 23) ------------------
+def _hostile_sources(tmp_path) -> list[tuple[str, str, str]]:
+    """(id, dataset_name, the file or folder the error must name) for damaged local datasets."""
+    import shutil
+
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"img": datasets.Image(), "text": datasets.Value("string")})
+    good = datasets.Dataset.from_dict({"img": [{"bytes": b, "path": None} for b, _ in ROWS[:4]] * 5,
+                                       "text": [c for _, c in ROWS[:4]] * 5}, features=features)
+    empty = datasets.Dataset.from_dict({"img": [], "text": []}, features=features)
+    empty.save_to_disk(str(tmp_path / "empty-saved"))
+    good.save_to_disk(str(tmp_path / "bad-arrow"))
+    for arrow in (tmp_path / "bad-arrow").glob("*.arrow"):
+        arrow.write_bytes(b"junk")
+    good.save_to_disk(str(tmp_path / "bad-state"))
+    (tmp_path / "bad-state" / "state.json").write_text("{")
+    empty.to_parquet(str(tmp_path / "no-rows" / "e.parquet"))
+    good.to_parquet(str(tmp_path / "good.parquet"))
+    data = (tmp_path / "good.parquet").read_bytes()
+    for name, content in (("zero-byte", b""), ("truncated", data[: len(data) // 2]), ("text", b"hello")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.parquet").write_bytes(content)
+    (tmp_path / "glob").mkdir()
+    shutil.copy(tmp_path / "good.parquet", tmp_path / "glob" / "a.parquet")
+    (tmp_path / "glob" / "b.parquet").write_bytes(b"PAR1 not really")
+    pages = bytearray(data)  # footer intact, data pages overwritten
+    pages[64 : len(pages) // 2] = b"A" * (len(pages) // 2 - 64)
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "pages" / "p.parquet").write_bytes(bytes(pages))
+    return [
+        ("empty-saved-dataset", str(tmp_path / "empty-saved"), str(tmp_path / "empty-saved")),
+        ("damaged-arrow-file", str(tmp_path / "bad-arrow"), str(tmp_path / "bad-arrow")),
+        ("damaged-state-json", str(tmp_path / "bad-state"), str(tmp_path / "bad-state")),
+        ("parquet-without-rows", str(tmp_path / "no-rows"), str(tmp_path / "no-rows")),
+        ("zero-byte-parquet", str(tmp_path / "zero-byte" / "x.parquet"), str(tmp_path / "zero-byte" / "x.parquet")),
+        ("truncated-parquet", str(tmp_path / "truncated"), str(tmp_path / "truncated" / "x.parquet")),
+        ("text-named-parquet", str(tmp_path / "text"), str(tmp_path / "text" / "x.parquet")),
+        ("glob-with-a-bad-file", str(tmp_path / "glob" / "*.parquet"), str(tmp_path / "glob" / "b.parquet")),
+        ("damaged-data-pages", str(tmp_path / "pages"), str(tmp_path / "pages")),
+    ]
+
+
+def _backend_file(tmp_path, dataset_name):
+    doc = [{"id": "hf", "type": "huggingface", "dataset_name": dataset_name, "caption_strategy": "huggingface",
+            "metadata_backend": "huggingface", "image_column": "img", "caption_column": "text"}]
+    path = tmp_path / "multidatabackend.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_hostile_huggingface_sources_exit_2_with_one_line_naming_the_file(tiny_folder, cache_root, tmp_path, monkeypatch, capsys):
+    """Each through train.main in this process (the command's code path, no subprocess per case)."""
+    from flux_lightning.train import main
+
+    from .hostile import exits_2
+
+    monkeypatch.chdir(tmp_path)
+    for name, dataset_name, named in _hostile_sources(tmp_path / "data"):
+        backend_file = _backend_file(tmp_path, dataset_name)
+        monkeypatch.setattr(sys, "argv", [
+            "prog", f"dataset.backend_file={backend_file}", f"paths.cache_dir={cache_root}",
+            f"paths.output_dir={tmp_path / 'runs'}", f"run_name={name}", "callbacks.validation=null",
+        ])
+        exits_2(main, capsys, "dataset.backends[hf].dataset_name", named)
+
+
+def test_a_hostile_huggingface_glob_is_one_line_from_the_command(tiny_folder, cache_root, tmp_path):
+    import os
+    import subprocess
+
+    from .conftest import REPO
+    from .hostile import process_exits_2
+
+    sources = {name: (dataset_name, named) for name, dataset_name, named in _hostile_sources(tmp_path / "data")}
+    dataset_name, named = sources["glob-with-a-bad-file"]
+    cmd = [sys.executable, "-m", "flux_lightning", f"dataset.backend_file={_backend_file(tmp_path, dataset_name)}",
+           f"paths.cache_dir={cache_root}", f"paths.output_dir={tmp_path / 'runs'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    process_exits_2(proc, "dataset.backends[hf].dataset_name", named)

@@ -101,7 +101,9 @@ def parquet_files(name: str) -> list[Path]:
 
 
 def source_problem(backend: ImageBackendConfig) -> Problem | None:
-    """Why ``backend.dataset_name`` cannot be read, or None; only looks at the file system."""
+    """Why ``backend.dataset_name`` cannot be read, or None; looks at the file system only (a saved
+    folder's ``state.json``, each parquet file's footer: an empty, zero-byte, truncated or non-parquet
+    file is named here, before anything loads)."""
     name = backend.dataset_name
     if not name:
         return None  # ImageBackendConfig.problems() reports it
@@ -110,6 +112,16 @@ def source_problem(backend: ImageBackendConfig) -> Problem | None:
     if _saved(path) or parquet_files(name):
         if importlib.util.find_spec("datasets") is None:
             return Problem(key, f"{key}: reading '{name}' needs the `datasets` library: {INSTALL_HINT}")
+        if _saved(path):
+            if _saved_empty(path):
+                return Problem(key, f"{key}: {name} holds no rows (it was saved empty); point it at a dataset with images")
+            return None
+        try:
+            total = sum(_parquet_rows(key, f) for f in parquet_files(name))
+        except DataError as err:
+            return Problem(key, str(err))
+        if not total:
+            return Problem(key, f"{key}: {name} holds no rows (its parquet files are empty); point it at a dataset with images")
         return None
     if path.is_dir():
         return Problem(
@@ -139,8 +151,17 @@ def load_rows(backend: ImageBackendConfig, cache_dir: Path):
         raise DataError(problem)
     lib = _datasets()
     path = Path(backend.dataset_name).expanduser()
+    key = backend_field(backend.id, "dataset_name")
     if _saved(path):
-        rows = lib.load_from_disk(str(path))
+        try:
+            rows = lib.load_from_disk(str(path))
+        except Exception as err:  # noqa: BLE001 -- the library's errors on a damaged folder are of many kinds
+            if _saved_empty(path):
+                raise DataError(f"{key}: {backend.dataset_name} holds no rows (it was saved empty); point it at a dataset with images") from None
+            raise DataError(
+                f"{key}: the saved dataset {backend.dataset_name} cannot be loaded ({_reason(err)}); save it again "
+                "with save_to_disk"
+            ) from None
         if isinstance(rows, lib.DatasetDict):
             if backend.split not in rows:
                 raise DataError(
@@ -149,7 +170,16 @@ def load_rows(backend: ImageBackendConfig, cache_dir: Path):
                 )
             rows = rows[backend.split]
     else:
-        rows = lib.Dataset.from_parquet([str(p) for p in parquet_files(backend.dataset_name)], cache_dir=str(cache_dir))
+        files = parquet_files(backend.dataset_name)
+        if not sum(_parquet_rows(key, f) for f in files):
+            raise DataError(f"{key}: {backend.dataset_name} holds no rows (its parquet files are empty); point it at a dataset with images")
+        try:
+            rows = lib.Dataset.from_parquet([str(p) for p in files], cache_dir=str(cache_dir))
+        except Exception as err:  # noqa: BLE001 -- damaged data pages behind an intact footer, of many kinds
+            raise DataError(
+                f"{key}: the parquet files of {backend.dataset_name} cannot be read ({_reason(err)}); re-export them "
+                "or remove the damaged file"
+            ) from None
     wanted = ["image_column"] + (["caption_column"] if backend.caption_strategy == "huggingface" else [])
     wanted += ["mask_column"] if backend.mask_column else []
     for name in wanted:
@@ -162,6 +192,39 @@ def load_rows(backend: ImageBackendConfig, cache_dir: Path):
         if isinstance(rows.features[column], lib.Image) and rows.features[column].decode:
             rows = rows.cast_column(column, lib.Image(decode=False))  # the bytes: decoded (and checked) later
     return rows
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of a library error, one short line."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+def _saved_empty(path: Path) -> bool:
+    """A folder saved from an empty ``Dataset`` (``state.json`` lists no data files); ``datasets`` cannot load it."""
+    import json
+
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []
+
+
+def _parquet_rows(key: str, file: Path) -> int:
+    """The number of rows of a parquet file, from its footer; a file that has none (empty, truncated, not
+    parquet) is refused by name."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(str(file)).num_rows
+    except Exception as err:  # noqa: BLE001 -- pyarrow's ArrowInvalid / OSError, both "not a parquet file"
+        raise DataError(
+            f"{key}: {file} is not a readable parquet file ({_reason(err)}); re-export it or remove it from the "
+            "folder/glob"
+        ) from None
 
 
 def _caption(value) -> str:
