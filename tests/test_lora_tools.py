@@ -487,3 +487,34 @@ def test_resize_above_a_matrix_side_keeps_the_strength(linears, pipe, tmp_path, 
         torch.testing.assert_close(_predict(pipe.transformer), expected, atol=1e-5, rtol=1e-4)
     finally:
         pipe.unload_lora_weights()
+
+
+# -- convert: a training run's checkpoint (issue 23) -------------------------------------------------
+def test_convert_reads_the_lora_of_a_training_checkpoint(tiny_model_cfg, cache_root, tmp_path, capsys):
+    """The LoRA of a Lightning checkpoint (read with weights_only) is the file the run's exporter writes;
+    a damaged file or another adapter's checkpoint is one line."""
+    from flux_lightning import AdapterConfig
+
+    from .conftest import fit_tiny
+
+    module, _ = fit_tiny(tiny_model_cfg, cache_root, steps=2, lr=1e-2, adapter=AdapterConfig(rank=4, alpha=2.0, dropout=0.0))
+    ckpt = tmp_path / "last.ckpt"
+    module.trainer.save_checkpoint(ckpt)
+    exported = read_lora(module.export_adapter(tmp_path / "exported", dtype=torch.float32)).modules
+    for to in ("diffusers", "kohya"):
+        out = tmp_path / f"from-ckpt-{to}.safetensors"
+        assert main(["convert", "--lora", str(ckpt), "--to", to, "--out", str(out)]) == 0
+        assert "(checkpoint, 22 modules)" in capsys.readouterr().out
+        converted = read_lora(out).modules
+        assert any(mod.up.abs().max() > 1e-4 for mod in converted.values())  # trained: B moved off zero
+        assert_same_deltas(deltas(converted), deltas(exported))
+    lokr = tmp_path / "lokr.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"adapter": {"type": "lokr"}}}, lokr)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    nan = tmp_path / "nan.ckpt"
+    state = {k: v * float("nan") for k, v in module.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams)}, nan)
+    for path, words in ((lokr, ["adapter.type=lokr"]), (tmp_path / "junk.ckpt", ["not a readable Lightning checkpoint"]),
+                        (nan, ["non-finite"])):
+        exits_2(partial(main, ["convert", "--lora", str(path), "--to", "diffusers", "--out", str(tmp_path / "o.safetensors")]),
+                capsys, str(path), *words)

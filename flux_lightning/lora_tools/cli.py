@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input file)")
     c = verbs.add_parser("convert", help="write the LoRA in another key layout")
-    c.add_argument("--lora", required=True)
+    c.add_argument("--lora", required=True, help="LoRA .safetensors file (any layout), or a training run's .ckpt")
     c.add_argument("--to", required=True, choices=LORA_FORMATS)
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the input file)")

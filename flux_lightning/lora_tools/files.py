@@ -110,8 +110,11 @@ def _strip(key: str) -> str:
 
 
 def read_lora(path) -> LoraFile:
-    """Read any supported LoRA file as diffusers modules (see the module doc)."""
+    """Read any supported LoRA file as diffusers modules (see the module doc); a Lightning ``.ckpt``
+    of a training run gives its adapter's LoRA (:func:`read_checkpoint`)."""
     path = Path(path)
+    if path.suffix == ".ckpt":
+        return read_checkpoint(path)
     tensors, metadata = load_tensors(path)
     layout = file_layout(path, tensors)
     check_tensors(path, tensors)
@@ -120,6 +123,60 @@ def read_lora(path) -> LoraFile:
     else:
         modules = _read_peft(path, tensors, metadata)
     return LoraFile(path, layout, modules, metadata)
+
+
+_CKPT_KEY = re.compile(r"transformer\.(.+)\.lora_([AB])\.default\.weight")
+
+
+def read_checkpoint(path) -> LoraFile:
+    """The trained LoRA of a training run's Lightning checkpoint: its ``state_dict`` holds the adapter's
+    tensors only (``transformer.<module>.lora_A.default.weight``), ``hyper_parameters["adapter"]`` its
+    rank and alpha. Read with ``torch.load(weights_only=True)`` (no code in the file runs). A LoKr, DoRA
+    or PiSSA/OLoRA/LoftQ-initialised adapter (whose LoRA is relative to a changed base) is refused."""
+    from ..adapters.config import BASE_MODIFYING_INITS
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"{path}: no such checkpoint; pass the path of a .ckpt file of a training run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 -- truncated zip, bad pickle, not a torch file, a class not allowed
+        reason = " ".join(str(err).split())[:160] or "unreadable"
+        raise LoraFileError(
+            f"{path}: not a readable Lightning checkpoint ({type(err).__name__}: {reason}); pass a .ckpt written by "
+            "a training run (checkpoints/last.ckpt) or a LoRA .safetensors file"
+        ) from None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    adapter = hparams.get("adapter") if isinstance(hparams, dict) else None
+    if not isinstance(state, dict) or not isinstance(adapter, dict):
+        raise LoraFileError(
+            f"{path}: not a checkpoint of this trainer (no state_dict or hyper_parameters.adapter); pass a .ckpt "
+            "written by python -m flux_lightning or a LoRA .safetensors file"
+        )
+    kind = adapter.get("type", "lora")
+    if kind != "lora":
+        raise LoraFileError(f"{path}: a checkpoint of adapter.type={kind}; these tools handle LoRA only (use its exported file)")
+    if adapter.get("use_dora"):
+        raise LoraFileError(f"{path}: a DoRA checkpoint; these tools handle plain LoRA only (use its exported file)")
+    if adapter.get("init") in BASE_MODIFYING_INITS:
+        raise LoraFileError(
+            f"{path}: a checkpoint of adapter.init={adapter['init']}, whose LoRA is relative to a changed base; "
+            "use the LoRA file the run exported (lora/pytorch_lora_weights.safetensors)"
+        )
+    tensors = {}
+    for key, value in state.items():
+        found = _CKPT_KEY.fullmatch(str(key).replace("._orig_mod", ""))
+        if found and isinstance(value, torch.Tensor):
+            tensors[f"transformer.{found.group(1)}.lora_{found.group(2)}.weight"] = value
+    if not tensors:
+        raise LoraFileError(f"{path}: the checkpoint holds no LoRA tensors (transformer.<module>.lora_A.default.weight)")
+    rank = adapter.get("rank")
+    alpha = adapter.get("alpha")
+    alpha = alpha_value(path, "hyper_parameters.adapter.alpha", rank if alpha is None else alpha)
+    metadata = {"lora_adapter_metadata": json.dumps({"lora_alpha": alpha}, default=str)}
+    check_tensors(path, tensors)
+    return LoraFile(path, "checkpoint", _read_peft(path, tensors, metadata), metadata)
 
 
 def metadata_alphas(metadata: dict[str, str], modules: dict[str, int], path="the LoRA") -> dict[str, float]:
