@@ -437,9 +437,19 @@ def test_out_is_never_the_input_and_an_existing_out_needs_overwrite(tmp_path, ca
     assert "paths.output_dir" not in line and "run_name" not in line
 
 
-def test_a_read_only_out_folder_is_one_line_from_the_command(tmp_path):
+def test_lora_tool_errors_are_one_line_from_the_command(tmp_path):
+    """Real processes: a NaN file, and a read-only --out folder; stderr is that one line (no library
+    warning such as bitsandbytes' CPU-kernel line either)."""
     from .test_signals import _without_dac_override
 
+    def run(prefix, *args):
+        return subprocess.run([*prefix, sys.executable, "-m", "flux_lightning.lora", *args], capture_output=True, text=True)
+
+    nan = tmp_path / "nan.safetensors"
+    save_file(_pair(down=_A * NAN), nan)
+    proc = run([], "convert", "--lora", str(nan), "--to", "kohya", "--out", str(tmp_path / "o.safetensors"))
+    process_exits_2(proc, str(nan), f"{Q}.lora_A.weight")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     prefix = _without_dac_override()
     if prefix is None:
         pytest.skip("running as root without setpriv: a chmod'ed dir would still be writable")
@@ -449,8 +459,7 @@ def test_a_read_only_out_folder_is_one_line_from_the_command(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        proc = subprocess.run(prefix + [sys.executable, "-m", "flux_lightning.lora", "resize", "--lora", str(path),
-                                        "--rank", "2", "--out", str(ro / "x.safetensors")], capture_output=True, text=True)
+        proc = run(prefix, "resize", "--lora", str(path), "--rank", "2", "--out", str(ro / "x.safetensors"))
     finally:
         ro.chmod(0o755)
     line = process_exits_2(proc, f"--out {ro / 'x.safetensors'}", "Permission denied")
