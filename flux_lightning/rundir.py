@@ -44,6 +44,19 @@ def default_run_name(*, _root_=None) -> str:
     return "demo" if (model, dataset) == ("tiny", "demo") else f"{model}_{dataset}"
 
 
+def wandb_run_id(run_dir: str) -> str:
+    """A W&B run id that is the same whenever this run dir is trained again (a resume continues its
+    curves, with ``resume: allow``) and differs between dirs: ``<dir name>-<8 hex of its absolute path>``
+    (a sweep's jobs are dirs ``0``, ``1``, ... and get their sweep's name in front)."""
+    import hashlib
+    import re
+
+    path = Path(run_dir).resolve()
+    name = f"{path.parent.name}-{path.name}" if path.name.isdigit() else path.name
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:48]}-{digest}"
+
+
 def launcher_rank() -> int | None:
     """This process's global rank as an external launcher set it, read before any trainer exists,
     with Lightning's own cluster environments in the order its Trainer tries them (torchelastic /
