@@ -111,6 +111,11 @@ class GracefulStop(L.Callback):
         self.started = True
         set_immediate(False)  # from here a signal waits for a safe point: the step is checkpointed
         _state["collective"] = trainer.world_size > 1
+        if _state["collective"] and _state["previous"]:
+            # Lightning's SIGTERM handler broadcasts from inside the handler: a rank that is blocked in
+            # a collective then can never answer (deadlock). Ours only sets the flag; the ranks agree at
+            # the end of every step (below), so a signal to any one of them stops them all.
+            signal.signal(signal.SIGTERM, _handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.received_sigterm and requested() is None:  # Lightning's handler saw it first

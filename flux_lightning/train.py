@@ -9,12 +9,11 @@ end-of-run table), ``sweep_metric()`` (what a sweeper minimises) and ``set_run_c
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
+import time
 
 import hydra
 import lightning as L
@@ -33,6 +32,7 @@ from .hardware import device_summary_rows, resolve_trainer_devices
 from .quantization import BNB_PRECISIONS
 from .quiet import silence_third_party_noise
 from .resume import announce_resume, checkpoint_step, finished_result, resolve_checkpoint
+from .rundir import is_global_zero, launcher_rank
 from .schema import config_dir, register
 from .simpletuner_cli import with_simpletuner_config
 from .stopping import GracefulStop
@@ -131,9 +131,6 @@ def _train(cfg: DictConfig) -> float:
     except (StopRequested, SIGTERMException) as err:
         stopped = err if isinstance(err, StopRequested) else StopRequested(signal.SIGTERM)
         stopped.step, stopped.checkpoint = stop.step, stop.checkpoint
-        for proc in getattr(trainer.strategy.launcher, "procs", None) or []:  # the DDP ranks it started stop too
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=60)
         raise stopped from None
     metric_name, metric = sweep_metric(trainer, module)
     # on every rank: a part's rows may be a collective (trainer.log_dir broadcasts), and a collective
@@ -227,6 +224,17 @@ def _failed(code: int) -> float:
     sys.exit(code)
 
 
+def _after_the_launching_process(timeout: float = 60.0) -> None:
+    """A DDP rank that Lightning started leaves after the process that started it: that one's child
+    watcher (Lightning's) kills every rank with SIGKILL as soon as it sees a child exit non-zero, as
+    a stopped rank does (128 + the signal)."""
+    if launcher_rank() is not None or is_global_zero():
+        return
+    parent, deadline = os.getppid(), time.monotonic() + timeout
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _print_summary(rows: list[tuple[str, object]]) -> None:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
@@ -256,7 +264,9 @@ def main(cfg: DictConfig) -> float:
         log.exception("this sweep job failed")  # into the job's log; the sweep goes on
         return float("nan")
     except StopRequested as err:
-        print(stopping.stopped_message(err), file=sys.stderr, flush=True)
+        _after_the_launching_process()
+        if is_global_zero():  # one line, not one per rank
+            print(stopping.stopped_message(err), file=sys.stderr, flush=True)
         # Every file is written and closed (checkpoint fsynced, loggers finalized by Lightning): skip the
         # interpreter's teardown of torch/diffusers/Lightning, seconds on a busy machine, so the
         # scheduler's SIGKILL never lands on a process that already said it stopped.
