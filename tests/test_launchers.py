@@ -174,3 +174,28 @@ def test_the_submitit_recipe_composes_with_ddp_over_its_tasks(tmp_path):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=[*swept, f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}"])
     assert cfg.trainer.strategy == "ddp" and str(cfg.trainer.devices) == launcher["hydra.launcher.tasks_per_node"]
+
+
+def test_a_failed_rank_that_lightning_started_fails_the_run(tmp_path):
+    """The launching process waits for the ranks Lightning started; one that exited non-zero makes the
+    run's exit status non-zero, naming the rank and its log."""
+    from types import SimpleNamespace
+
+    from flux_lightning.errors import RankFailed
+    from flux_lightning.train import wait_for_child_ranks
+
+    ok, bad = (subprocess.Popen([sys.executable, "-c", f"raise SystemExit({c})"]) for c in (0, 3))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[ok, bad])))
+    with pytest.raises(RankFailed, match=rf"rank 2 exited with 3 \(its log: {tmp_path}/train_ddp_process_2.log\)"):
+        wait_for_child_ranks(trainer, str(tmp_path))
+    wait_for_child_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=None)), str(tmp_path))  # one process
+
+
+def test_a_sweep_rerun_in_a_lightning_child_rank_says_so_in_one_line(no_launcher, capsys):
+    from flux_lightning.rundir import MULTIRUN_DDP_WARNING, RunDirLock
+
+    RunDirLock().on_multirun_start(config=None)
+    assert capsys.readouterr().err == ""  # the sweep's own process
+    no_launcher.setenv("LOCAL_RANK", "1")
+    RunDirLock().on_multirun_start(config=None)
+    assert capsys.readouterr().err == f"warning: {MULTIRUN_DDP_WARNING}\n"
