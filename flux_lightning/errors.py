@@ -113,6 +113,10 @@ class SettingError(ValueError):
     """SimpleTuner values that have no equivalent here; one line per key, each naming the fix."""
 
 
+class RankFailed(RuntimeError):
+    """A DDP rank that Lightning started exited non-zero after rank 0 finished (``main`` exits 1)."""
+
+
 class StopRequested(BaseException):
     """Raised at a safe point after SIGTERM/SIGINT (a ``BaseException``, like ``KeyboardInterrupt``,
     so that no ``except Exception`` on the way swallows it).

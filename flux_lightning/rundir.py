@@ -21,14 +21,22 @@ from .errors import RunDirInUse
 LOCK_NAME = ".lock"
 
 
-def default_run_name() -> str:
+def default_run_name(*, _root_=None) -> str:
     """The experiment's name (``+experiment=krea_lora`` -> ``krea_lora``); ``demo`` for the embedded
-    default (tiny flavour on demo data); else ``<model>_<dataset>`` from the group choices."""
-    from hydra.core.hydra_config import HydraConfig
+    default (tiny flavour on demo data); else ``<model>_<dataset>`` from the group choices.
 
-    if not HydraConfig.initialized():
-        return "run"
-    choices = HydraConfig.get().runtime.choices
+    The choices are read from the config being resolved when it has its ``hydra`` node: a sweep's
+    own config (``hydra.sweep.dir``, resolved by the sweeper and by the end-of-sweep summary before
+    any job sets ``HydraConfig``) names the same dir as its jobs; a job's config has lost that node
+    and reads ``HydraConfig``."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    choices = OmegaConf.select(_root_, "hydra.runtime.choices") if _root_ is not None else None
+    if choices is None:
+        if not HydraConfig.initialized():
+            return "run"
+        choices = HydraConfig.get().runtime.choices
     experiment = choices.get("experiment")
     if experiment:
         return str(experiment).replace("/", "_")
@@ -36,9 +44,50 @@ def default_run_name() -> str:
     return "demo" if (model, dataset) == ("tiny", "demo") else f"{model}_{dataset}"
 
 
-def _is_launcher_child() -> bool:
-    """DDP ranks started by Lightning re-run the command in rank 0's run dir: they share its lock."""
-    return any(int(os.environ.get(v, "0") or 0) != 0 for v in ("LOCAL_RANK", "NODE_RANK"))
+def wandb_run_id(run_dir: str) -> str:
+    """A W&B run id that is the same whenever this run dir is trained again (a resume continues its
+    curves, with ``resume: allow``) and differs between dirs: ``<dir name>-<8 hex of its absolute path>``
+    (a sweep's jobs are dirs ``0``, ``1``, ... and get their sweep's name in front)."""
+    import hashlib
+    import re
+
+    path = Path(run_dir).resolve()
+    name = f"{path.parent.name}-{path.name}" if path.name.isdigit() else path.name
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:48]}-{digest}"
+
+
+def launcher_rank() -> int | None:
+    """This process's global rank as an external launcher set it, read before any trainer exists,
+    with Lightning's own cluster environments in the order its Trainer tries them (torchelastic /
+    torchrun, SLURM incl. submitit's tasks, LSF, MPI); None when none of them launched it (a plain
+    run, or Lightning's DDP, whose children carry LOCAL_RANK / NODE_RANK: :func:`is_global_zero`)."""
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        MPIEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment):
+        if env.detect():
+            if env is SLURMEnvironment:  # its constructor refuses settings that the Trainer reports itself
+                return int(os.environ["SLURM_PROCID"])
+            return int(env().global_rank())
+    return None
+
+
+def is_global_zero() -> bool:
+    """Whether this process is global rank 0 of its run (the one that locks the run dir and writes
+    the run-level files): an external launcher's rank 0, or Lightning's launching process (its DDP
+    children have LOCAL_RANK / NODE_RANK (or torchelastic's GROUP_RANK) != 0)."""
+    rank = launcher_rank()
+    if rank is not None:
+        return rank == 0
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    env = LightningEnvironment()
+    return env.local_rank() == 0 and env.node_rank() == 0
 
 
 def acquire(run_dir: str | Path) -> int | None:
@@ -51,7 +100,7 @@ def acquire(run_dir: str | Path) -> int | None:
         import fcntl
     except ImportError:  # no POSIX locks (Windows): no protection
         return None
-    if _is_launcher_child():
+    if not is_global_zero():  # every other rank shares rank 0's dir and trains
         return None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +117,24 @@ def acquire(run_dir: str | Path) -> int | None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+MULTIRUN_DDP_WARNING = (
+    "Hydra multirun with DDP started by Lightning: this child rank re-runs the whole sweep command "
+    "(Lightning's known limitation); launch one job per torchrun/srun, or use hydra/launcher=submitit_slurm "
+    "(README: multi-GPU)"
+)
+
+
+def _as_other_rank(config, rank: int) -> None:
+    """What Lightning does for the DDP children it starts itself (``hydra.output_subdir=null``,
+    ``hydra.job.name=train_ddp_process_<k>``), for a rank started by an external launcher: it does not
+    write ``.hydra/`` and logs to ``train_rank<k>.log`` in rank 0's run dir."""
+    from omegaconf import open_dict, read_write
+
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.output_subdir = None
+        config.hydra.job.name = f"train_rank{rank}"
 
 
 class RunDirLock(Callback):
@@ -96,7 +163,14 @@ class RunDirLock(Callback):
         from hydra.core.hydra_config import HydraConfig
 
         HydraConfig.instance().set_config(config)  # so ${hydra:...} and run_name resolve here
+        rank = launcher_rank()
+        if rank:  # a torchrun / srun / submitit task other than rank 0: train in rank 0's dir, write nothing there
+            _as_other_rank(config, rank)
         self._lock(str(config.hydra.run.dir))
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        if launcher_rank() is None and not is_global_zero():
+            print(f"warning: {MULTIRUN_DDP_WARNING}", file=sys.stderr, flush=True)  # before Hydra's logging
 
     def on_job_start(self, config, **kwargs) -> None:
         from hydra.types import RunMode

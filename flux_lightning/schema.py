@@ -99,14 +99,16 @@ def config_dir() -> str:
 
 
 def register() -> None:
-    """Register ``train_schema`` and the ``flux_lightning.run_name`` resolver (idempotent)."""
+    """Register ``train_schema`` and the ``flux_lightning.*`` resolvers (idempotent)."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from .rundir import default_run_name
+    from .rundir import default_run_name, wandb_run_id
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("flux_lightning.run_name"):
         OmegaConf.register_new_resolver("flux_lightning.run_name", default_run_name)
+    if not OmegaConf.has_resolver("flux_lightning.wandb_id"):
+        OmegaConf.register_new_resolver("flux_lightning.wandb_id", wandb_run_id)
     if not OmegaConf.has_resolver("flux_lightning.eval_fraction"):
         OmegaConf.register_new_resolver("flux_lightning.eval_fraction", app_eval_fraction)

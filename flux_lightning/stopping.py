@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-_state = {"signum": None, "immediate": True, "previous": {}}
+_state = {"signum": None, "immediate": True, "collective": False, "previous": {}}
 
 
 def requested() -> int | None:
@@ -46,8 +46,10 @@ def requested() -> int | None:
 
 
 def check() -> None:
-    """Raise :class:`StopRequested` if a stop signal arrived: call this in every long loop."""
-    if _state["signum"] is not None:
+    """Raise :class:`StopRequested` if a stop signal arrived: call this in every long loop. In a
+    training run of several ranks it does nothing: the ranks stop together, at the end of a step
+    (:meth:`GracefulStop.on_train_batch_end`), since the checkpoint written then is a collective."""
+    if _state["signum"] is not None and not _state["collective"]:
         raise StopRequested(_state["signum"])
 
 
@@ -74,7 +76,7 @@ def install() -> None:
 
     if threading.current_thread() is not threading.main_thread():
         return
-    _state.update(signum=None, immediate=True)
+    _state.update(signum=None, immediate=True, collective=False)
     for s in SIGNALS:
         _state["previous"][s] = signal.signal(s, _handler)
 
@@ -85,7 +87,7 @@ def uninstall() -> None:
         if previous is not None:
             signal.signal(s, previous)
     _state["previous"] = {}
-    _state.update(signum=None, immediate=True)
+    _state.update(signum=None, immediate=True, collective=False)
 
 
 class GracefulStop(L.Callback):
@@ -108,10 +110,22 @@ class GracefulStop(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.started = True
         set_immediate(False)  # from here a signal waits for a safe point: the step is checkpointed
+        _state["collective"] = trainer.world_size > 1
+        if _state["collective"] and _state["previous"]:
+            # Lightning's SIGTERM handler broadcasts from inside the handler: a rank that is blocked in
+            # a collective then can never answer (deadlock). Ours only sets the flag; the ranks agree at
+            # the end of every step (below), so a signal to any one of them stops them all.
+            signal.signal(signal.SIGTERM, _handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.received_sigterm and requested() is None:  # Lightning's handler saw it first
             _state["signum"] = signal.SIGTERM
+        if trainer.world_size > 1:
+            # the signal reaches the ranks at different moments (Lightning forwards it to the ranks it
+            # started); they agree at every step whether any has it, so all save and stop at the same step
+            if trainer.strategy.reduce_boolean_decision(requested() is not None, all=False):
+                raise StopRequested(requested() or signal.SIGTERM)
+            return
         check()
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .resume import RESULT_FILE
 
@@ -25,13 +27,24 @@ def write_result(output_dir: str | Path, result: dict[str, Any]) -> Path:
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every job result under a sweep dir, best (lowest metric) first."""
-    rows = [json.loads(p.read_text()) for p in Path(sweep_dir).glob(f"*/{RESULT_FILE}")]
-    return sorted(rows, key=lambda r: (r.get("metric") is None, r.get("metric", 0.0)))
+    """Every job of a sweep dir, best (lowest metric) first. A job dir (``.hydra/`` written when it
+    started) without ``result.json`` is a job that failed: ``metric`` None, ``status`` failed, last."""
+    rows = []
+    for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()) if Path(sweep_dir).is_dir() else []:
+        if (job / RESULT_FILE).is_file():
+            rows.append(json.loads((job / RESULT_FILE).read_text()))
+        elif (job / ".hydra" / "overrides.yaml").is_file():
+            overrides = [str(o) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml")]
+            rows.append({"job": job.name, "overrides": overrides, "metric": None, "status": "failed"})
+    return sorted(rows, key=lambda r: (not _is_number(r.get("metric")), r.get("metric") or 0.0))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table: job, overrides, metric name and value, steps."""
+    """A Markdown table: job, overrides, metric name and value (``failed`` for a failed job), steps."""
     lines = ["| job | overrides | metric | value | steps |", "|---|---|---|---|---|"]
     for r in rows:
         value = r.get("metric")
@@ -44,7 +57,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun, print and save ``summary.md`` of job -> final metric."""
+    """At the end of a multirun, print and save ``summary.md`` of job -> final metric, best first;
+    exit 1 after it when a job failed (it is in the table as ``failed``)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -54,3 +68,11 @@ class SweepSummary(Callback):
         table = format_table(rows)
         (sweep_dir / "summary.md").write_text(table + "\n")
         print(f"\nsweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
+        failed = [r["job"] for r in rows if r.get("status") == "failed"]
+        if failed:
+            print(
+                f"error: {len(failed)} of {len(rows)} sweep jobs failed (job {', '.join(failed)}); each one's "
+                f"error is printed above, its log is {sweep_dir}/<job>/{config.hydra.job.name}.log",
+                file=sys.stderr, flush=True,
+            )
+            sys.exit(1)

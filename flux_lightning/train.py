@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import hydra
 import lightning as L
@@ -26,12 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 from . import stopping, timings
 from .atomic_files import AtomicCheckpointIO
 from .config import validate
-from .errors import USER_ERRORS, NonFiniteLossError, StopRequested
+from .errors import USER_ERRORS, NonFiniteLossError, RankFailed, StopRequested
 from .hardware import device_summary_rows, resolve_trainer_devices
 from .hooks import RecordsRunConfig, SummaryRows, SweepMetric
 from .quantization import BNB_PRECISIONS
 from .quiet import silence_third_party_noise
 from .resume import announce_resume, checkpoint_step, finished_result, resolve_checkpoint
+from .rundir import is_global_zero, launcher_rank
 from .schema import config_dir, register
 from .simpletuner_cli import with_simpletuner_config
 from .stopping import GracefulStop
@@ -132,8 +134,10 @@ def _train(cfg: DictConfig) -> float:
         stopped.step, stopped.checkpoint = stop.step, stop.checkpoint
         raise stopped from None
     metric_name, metric = sweep_metric(trainer, module)
+    # on every rank: a part's rows may be a collective (trainer.log_dir broadcasts), and a collective
+    # called on rank 0 alone, after the other ranks have left, fails the run at its very end
+    rows = summary_rows(trainer, module, datamodule, output_dir)
     if trainer.is_global_zero:
-        rows = summary_rows(trainer, module, datamodule, output_dir)
         _print_summary(rows)
         write_result(
             output_dir,
@@ -147,7 +151,20 @@ def _train(cfg: DictConfig) -> float:
                 "summary": dict(rows),
             },
         )
+        wait_for_child_ranks(trainer, output_dir)
     return metric
+
+
+def wait_for_child_ranks(trainer: L.Trainer, output_dir: str) -> None:
+    """The launching process waits for the DDP ranks Lightning started (its children re-run the
+    command), so its exit status is the run's: one that failed raises ``RankFailed`` (exit 1)."""
+    procs = getattr(trainer.strategy.launcher, "procs", None) or []
+    failed = [(rank, proc.wait()) for rank, proc in enumerate(procs, start=1)]
+    failed = [(rank, code) for rank, code in failed if code != 0]
+    if failed:
+        raise RankFailed(
+            "; ".join(f"rank {r} exited with {c} (its log: {output_dir}/train_ddp_process_{r}.log)" for r, c in failed)
+        )
 
 
 def sweep_metric(trainer: L.Trainer, module) -> tuple[str, float]:
@@ -193,6 +210,32 @@ def _job_name() -> str:
     return str(job.get("num", job.name))
 
 
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _failed(code: int) -> float:
+    """Exit with ``code``; a sweep job returns NaN instead (no ``result.json``), so the sweep goes on
+    and its summary lists the job as failed (:class:`flux_lightning.sweep.SweepSummary`)."""
+    if _in_sweep():
+        return float("nan")
+    sys.exit(code)
+
+
+def _after_the_launching_process(timeout: float = 60.0) -> None:
+    """A DDP rank that Lightning started leaves after the process that started it: that one's child
+    watcher (Lightning's) kills every rank with SIGKILL as soon as it sees a child exit non-zero, as
+    a stopped rank does (128 + the signal)."""
+    if launcher_rank() is not None or is_global_zero():
+        return
+    parent, deadline = os.getppid(), time.monotonic() + timeout
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _print_summary(rows: list[tuple[str, object]]) -> None:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
@@ -207,14 +250,24 @@ def main(cfg: DictConfig) -> float:
     silence_third_party_noise(keep_bnb_cpu_warning=cfg.model.quantization.base_model_precision in BNB_PRECISIONS)
     try:
         return train(cfg)
-    except USER_ERRORS as err:
+    except USER_ERRORS as err:  # a sweep stops too: a config or data error is most often every job's
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except NonFiniteLossError as err:  # the guard stopped the run; last.ckpt is the last good state
         print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(3)
+        return _failed(3)
+    except RankFailed as err:  # rank 0 finished and wrote its files; another rank did not
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return _failed(1)
+    except Exception:
+        if not _in_sweep():
+            raise
+        log.exception("this sweep job failed")  # into the job's log; the sweep goes on
+        return float("nan")
     except StopRequested as err:
-        print(stopping.stopped_message(err), file=sys.stderr, flush=True)
+        _after_the_launching_process()
+        if is_global_zero():  # one line, not one per rank
+            print(stopping.stopped_message(err), file=sys.stderr, flush=True)
         # Every file is written and closed (checkpoint fsynced, loggers finalized by Lightning): skip the
         # interpreter's teardown of torch/diffusers/Lightning, seconds on a busy machine, so the
         # scheduler's SIGKILL never lands on a process that already said it stopped.

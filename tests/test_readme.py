@@ -189,6 +189,14 @@ RUNNERS = {
     'dataset.instance_prompt="your trigger phrase"': _needs_hub_and_gpu,
     "python -m flux_lightning -m +experiment=krea_lora optimizer.lr=1e-4,4e-4 adapter.rank=4,16": _needs_hub_and_gpu,
     "python -m flux_lightning simpletuner_config=config/config.json [more overrides]": _simpletuner,
+    "python -m flux_lightning +experiment=krea_lora trainer=ddp": _needs_hub_and_gpu,
+    "python -m flux_lightning trainer=ddp trainer.accelerator=cpu trainer.devices=2 dataset.batch_size=2": _covered_by(
+        "test_ddp.py", "test_the_readmes_ddp_command_ends_cleanly_on_both_ranks_and_a_rerun_is_finished"
+    ),
+    "torchrun --nnodes=2 --nproc-per-node=4 --node-rank=0 --master-addr=node0 --master-port=29500 -m flux_lightning "
+    "+experiment=krea_lora trainer=ddp trainer.devices=4 trainer.num_nodes=2": _covered_by(
+        "test_launchers.py", "test_torchrun_ranks_on_two_nodes_train_one_run"
+    ),
     "python -m flux_lightning.configure": _covered_by("test_configure.py", "test_wizard_in_a_terminal_writes_an_experiment_that_trains"),
     "python -m flux_lightning --config-dir flux_lightning_configs +experiment=my_lora": _runs_a_wizard_experiment,
     'pip install -e ".[ui]"': _ui_extra,

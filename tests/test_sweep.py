@@ -42,3 +42,23 @@ def test_optuna_search_minimises_the_returned_metric(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Best parameters" in proc.stdout + proc.stderr
     assert len(collect(tmp_path / "opt")) == 2
+
+
+@pytest.mark.slow
+def test_a_sweep_in_the_default_dir_outlasting_a_second_ends_with_its_summary_and_a_failed_job(tmp_path):
+    """The default ``hydra.sweep.dir`` (``outputs/multirun/${run_name}/<date>_<h-m-s>``), jobs that start
+    seconds apart, one that diverges (lr 1e30: the non-finite guard stops it, exit 3 alone): the
+    sweep goes on, ends with summary.md in the jobs' dir, the failed job listed as failed, exit 1."""
+    proc = _run(["optimizer.lr=1e-3,1e30", "nonfinite_max_consecutive=1", "trainer.log_every_n_steps=1", *COMMON], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    sweeps = list((tmp_path / "outputs" / "multirun").glob("*/*"))
+    assert [p.relative_to(tmp_path / "outputs" / "multirun").parts[0] for p in sweeps] == ["demo"], sweeps
+    sweep = sweeps[0]
+    started = [(sweep / j / ".hydra" / "config.yaml").stat().st_mtime for j in ("0", "1")]
+    assert started[1] - started[0] >= 1.0, "the jobs did not outlast a clock second"
+    rows = collect(sweep)
+    assert [(r["job"], r.get("status")) for r in rows] == [("0", None), ("1", "failed")]
+    assert (sweep / "summary.md").read_text() == format_table(rows) + "\n"
+    assert "sweep summary" in proc.stdout and "| 1 | optimizer.lr=1e+30" in proc.stdout and "| failed |" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 sweep jobs failed (job 1)")
+    assert not (sweep / "1" / "result.json").exists()
