@@ -358,6 +358,29 @@ class FluxLoRAModule(L.LightningModule):
         if self._logs_this_step():  # a host read at logging steps only
             self.nonfinite.check(self.global_step + 1, self.trainer.precision)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, also for a fused optimizer under ``bf16-mixed``.
+
+        Lightning refuses to clip for an optimizer that unscales its gradients itself (torch's fused
+        AdamW, our default) under any mixed precision, because fp16's GradScaler would have to
+        unscale first. bf16-mixed has no scaler, so the gradients are already true: clip them as
+        Lightning does in full precision. fp16 keeps Lightning's refusal."""
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.plugins.precision.amp import _optimizer_handles_unscaling
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        plugin = self.trainer.precision_plugin
+        if (
+            gradient_clip_val
+            and isinstance(plugin, MixedPrecision)
+            and plugin.scaler is None
+            and _optimizer_handles_unscaling(optimizer)
+        ):
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _logs_this_step(self) -> bool:
         """Whether the optimizer step under way reaches the loggers (every ``log_every_n_steps``-th
         step and the last); ``self.log`` costs milliseconds, which a small model's step notices.
