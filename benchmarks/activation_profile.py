@@ -46,11 +46,12 @@ def profile(folder: Path, px: int, rank: int = 16, text_tokens: int = 512, batch
         b.register_forward_pre_hook(enter)
         b.register_forward_hook(leave)
 
+    # weights are counted as weights (autograd saves views of them, e.g. ``weight.t()`` for addmm)
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
     def pack(x):
-        if isinstance(x, torch.nn.Parameter) or x.requires_grad and x.is_leaf:
-            return x  # weights are counted as weights
         key = x.untyped_storage().data_ptr()
-        if key not in seen:
+        if key not in seen and key not in weights:
             seen.add(key)
             saved[current[0]] += x.untyped_storage().nbytes()
         return x

@@ -79,7 +79,7 @@ OPTIMIZER_STATE = {
 #: bf16 compute (``bf16-mixed`` / ``model.dtype=bf16``), LoRA on the attention projections;
 #: ``benchmarks/activation_profile.py`` at FLUX.1's width 3072 (the same figure at 256 and 512 px).
 #: ``outside`` = embedders, final norm, projection and loss. fp32 compute doubles them.
-SAVED_BYTES_PER_TOKEN = {"double": 0, "single": 0, "outside": 0}  # set below from the measurement
+SAVED_BYTES_PER_TOKEN = {"double": 106_588, "single": 99_092, "outside": 6_321}
 #: peak above weights + adapter + saved tensors during the backward pass, per token (bf16)
 WORKSPACE_BYTES_PER_TOKEN = 0
 #: memory a GPU must keep free beyond the forecast: CUDA context, allocator fragmentation
@@ -308,21 +308,31 @@ def forecast(
 
 
 def forecast_run(run) -> Forecast:
-    """The forecast of a validated :class:`~flux_lightning.config.RunConfig`."""
+    """The forecast of a validated :class:`~flux_lightning.config.RunConfig` (the largest image
+    backend's area; its batch size)."""
     dataset = run.dataset
-    resolution = _resolution_px(dataset)
     return forecast(
-        run.model, run.adapter, resolution=resolution, batch_size=int(dataset.batch_size or 1),
-        optimizer=getattr(run.optimizer, "name", "adamw"),
+        run.model, run.adapter, resolution=resolution_px(dataset), batch_size=int(dataset.batch_size or 1),
+        optimizer=getattr(run.optimizer, "name", None) or "adamw",
     )
 
 
-def _resolution_px(dataset) -> int:
-    """The training resolution in pixels (``dataset.resolution`` in px, or megapixels when <= 8)."""
-    res = float(getattr(dataset, "resolution", 1024) or 1024)
-    if res <= 8:  # SimpleTuner's "area" megapixels
-        return int(round(math.sqrt(res * 1e6) / 64) * 64)
-    return int(res)
+def _area(resolution: float, resolution_type: str) -> float:
+    if resolution_type == "area":  # megapixels, 1.0 = 1024^2
+        return float(resolution) * 1024**2
+    return float(resolution) ** 2  # pixel (shorter side: the square's area) and pixel_area
+
+
+def resolution_px(dataset) -> int:
+    """The side of the square with the largest training area among the dataset's image backends."""
+    try:
+        backends = [b for b in dataset.image_backends() if getattr(b, "dataset_type", "image") == "image"]
+    except Exception:  # noqa: BLE001 - an unvalidated node: the shorthand's value
+        backends = []
+    areas = [_area(b.resolution, b.resolution_type) for b in backends]
+    if not areas:
+        areas = [_area(dataset.resolution or 1024, "pixel")]
+    return int(round(math.sqrt(max(areas)) / 16) * 16)
 
 
 def gpu_warnings(fc: Forecast, accelerators) -> list[str]:
