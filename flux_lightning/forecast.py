@@ -212,10 +212,10 @@ class Forecast:
     def total(self) -> int:
         return self.weights + self.adapter + self.activations
 
-    def line(self) -> str:
+    def line(self, label: str = "VRAM forecast") -> str:
         """One line for the start of a run, the wizard and the web UI."""
         return (
-            f"VRAM forecast: {self.total / GIB:.1f} GiB peak (weights {self.weights / GIB:.1f}, "
+            f"{label}: {self.total / GIB:.1f} GiB peak (weights {self.weights / GIB:.1f}, "
             f"adapter + optimizer {self.adapter / GIB:.2f}, activations {self.activations / GIB:.1f}; "
             f"{self.tokens} tokens/sample{', ' + self.note if self.note else ''})"
         )
@@ -333,6 +333,32 @@ def resolution_px(dataset) -> int:
     if not areas:
         areas = [_area(dataset.resolution or 1024, "pixel")]
     return int(round(math.sqrt(max(areas)) / 16) * 16)
+
+
+def forecast_plan(plan) -> Forecast:
+    """The forecast of the configure wizard's :class:`~flux_lightning.configure_plan.Plan` (flavour,
+    quantization and its memory overrides, resolution, batch size, adapter, optimizer)."""
+    from .adapters.config import AdapterConfig
+    from .model_config import ModelConfig
+    from .quantization import QuantizationConfig
+
+    overrides = dict(getattr(plan, "memory_overrides", {}) or {})
+    model = ModelConfig(
+        flavour=plan.flavour,
+        dtype="bf16",
+        gradient_checkpointing=bool(overrides.get("model.gradient_checkpointing", True)),
+        gradient_checkpointing_interval=int(overrides.get("model.gradient_checkpointing_interval", 1)),
+        enable_group_offload=bool(overrides.get("model.enable_group_offload", False)),
+        quantization=QuantizationConfig(
+            base_model_precision=plan.quantization,
+            base_model_default_dtype=overrides.get("model.quantization.base_model_default_dtype"),
+        ),
+    )
+    if plan.adapter == "lokr":
+        adapter = AdapterConfig(type="lokr", rank=getattr(plan, "rank", 16), target="attention+ff")
+    else:
+        adapter = AdapterConfig(rank=plan.rank)
+    return forecast(model, adapter, resolution=int(plan.resolution), batch_size=int(plan.batch_size), optimizer=plan.optimizer)
 
 
 def gpu_warnings(fc: Forecast, accelerators) -> list[str]:
