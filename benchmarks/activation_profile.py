@@ -24,11 +24,11 @@ import torch
 from _common import machine, save_json
 
 
-def profile(folder: Path, px: int, rank: int = 16, text_tokens: int = 512, batch: int = 1) -> dict:
+def profile(folder: Path, px: int, rank: int = 16, text_tokens: int = 512, batch: int = 1, target="all") -> dict:
     from flux_lightning import AdapterConfig, FluxLoRAModule, ModelConfig
 
     cfg = ModelConfig(flavour="dev", pretrained_model_name_or_path=str(folder), dtype="bf16", gradient_checkpointing=False)
-    module = FluxLoRAModule(cfg, AdapterConfig(rank=rank, dropout=0.0, target="all"))
+    module = FluxLoRAModule(cfg, AdapterConfig(rank=rank, dropout=0.0, target=target))
     module.configure_model()
     t = module.transformer
     blocks = {id(b): f"double" for b in t.transformer_blocks} | {id(b): "single" for b in t.single_transformer_blocks}

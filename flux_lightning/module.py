@@ -126,6 +126,7 @@ class FluxLoRAModule(L.LightningModule):
         self.nonfinite = NonFiniteGuard(nonfinite_max_consecutive)
         self._log_now = True  # whether this step's values reach the loggers (set in training_step)
         self._trainable: tuple[torch.nn.Module, dict[str, torch.nn.Parameter], list[torch.nn.Parameter]] | None = None
+        self._lora_casting: tuple[torch.nn.Module, list[torch.nn.Module], bool] | None = None  # see lora_input_casting
 
     # -- model -------------------------------------------------------------------------------
     @property
@@ -219,6 +220,7 @@ class FluxLoRAModule(L.LightningModule):
         b, _, h, w = noisy.shape
         dtype = self.compute_dtype
         device = noisy.device
+        self.lora_input_casting(not torch.is_autocast_enabled(device.type))
         if self.transformer.config.guidance_embeds and guidance is None:
             guidance = torch.full((b,), self.model_cfg.training_guidance, device=device)
         elif not self.transformer.config.guidance_embeds:
@@ -236,6 +238,32 @@ class FluxLoRAModule(L.LightningModule):
         else:
             pred = self.transformer(**inputs, return_dict=False)[0]
         return unpack_latents(pred[:, :n_image], h, w)
+
+    def lora_input_casting(self, enabled: bool) -> None:
+        """Whether PEFT casts a LoRA layer's input to the adapter's dtype (its default: on).
+
+        Under autocast (``bf16-mixed``) with fp32 adapter weights on a bf16 base, PEFT casts each
+        layer's bf16 input to fp32 and autocast casts it straight back to bf16 for the matmul: the
+        same values, but every LoRA layer then keeps its own bf16 copy of its input for the backward
+        pass instead of sharing the base layer's (about 30 x width bytes per token over one double
+        and two single FLUX.1 blocks: ~190 MiB at 512 px for three blocks; see benchmarks/README.md).
+        :meth:`forward` turns the cast off under autocast and on without it (the same values reach
+        the same bf16 matmul either way); validation renders (:meth:`inference_adapters`) get PEFT's
+        default. DoRA layers keep it."""
+        cached = self._lora_casting
+        if cached is None or cached[0] is not self.transformer:
+            from peft.tuners.lora.layer import LoraLayer
+
+            layers = [
+                m for m in self.transformer.modules()
+                if isinstance(m, LoraLayer) and not any(m.use_dora.values())
+            ] if self.transformer is not None else []
+            cached = self._lora_casting = (self.transformer, layers, True)
+        if cached[2] == enabled:
+            return
+        for layer in cached[1]:
+            layer.cast_input_dtype_enabled = enabled
+        self._lora_casting = (cached[0], cached[1], enabled)
 
     def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The optional inputs this flavour takes from a batch (attention mask, reference latents)."""
@@ -433,6 +461,7 @@ class FluxLoRAModule(L.LightningModule):
         call gets ``text_attention_mask`` ``(T,)`` or ``(1, T)``, extended with ones for the image
         tokens, whatever pipeline calls it. Everything is restored on exit.
         """
+        self.lora_input_casting(True)  # pipelines call the transformer directly, maybe without autocast
         render_attention = self.model_cfg.attention_backend
         switch = render_attention != self.training_attention
         handle = None
