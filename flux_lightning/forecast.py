@@ -79,7 +79,7 @@ OPTIMIZER_STATE = {
 #: bf16 compute (``bf16-mixed`` / ``model.dtype=bf16``), LoRA on the attention projections;
 #: ``benchmarks/activation_profile.py`` at FLUX.1's width 3072 (the same figure at 256 and 512 px).
 #: ``outside`` = embedders, final norm, projection and loss. fp32 compute doubles them.
-SAVED_BYTES_PER_TOKEN = {"double": 106_588, "single": 99_092, "outside": 6_321}
+SAVED_BYTES_PER_TOKEN = {"double": 88_156, "single": 86_804, "outside": 6_321}
 #: peak above weights + adapter + saved tensors during the backward pass, per token (bf16)
 WORKSPACE_BYTES_PER_TOKEN = 0
 #: memory a GPU must keep free beyond the forecast: CUDA context, allocator fragmentation
