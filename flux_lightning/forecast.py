@@ -80,8 +80,12 @@ OPTIMIZER_STATE = {
 #: ``benchmarks/activation_profile.py`` at FLUX.1's width 3072 (the same figure at 256 and 512 px).
 #: ``outside`` = embedders, final norm, projection and loss. fp32 compute doubles them.
 SAVED_BYTES_PER_TOKEN = {"double": 88_156, "single": 86_804, "outside": 6_321}
-#: peak above weights + adapter + saved tensors during the backward pass, per token (bf16)
-WORKSPACE_BYTES_PER_TOKEN = 0
+#: peak above weights + adapter + saved tensors, per token (bf16, width 3072): the backward pass's
+#: gradients of one block's activations and temporaries. Calibrated on the step peaks of
+#: ``benchmarks/memory_vs_reference.py`` (0.29-0.33 MiB per token in all four cells, 256 / 512 px,
+#: checkpointing off / on: linear in the tokens, no constant). Taken as independent of the depth
+#: (one block's backward at a time); ``benchmarks/gpu_flux_step.py`` checks it at 57 blocks.
+WORKSPACE_BYTES_PER_TOKEN = 320_000
 #: memory a GPU must keep free beyond the forecast: CUDA context, allocator fragmentation
 HEADROOM_BYTES = int(1.5 * GIB)
 
