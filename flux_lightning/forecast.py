@@ -219,8 +219,8 @@ class Forecast:
     def line(self, label: str = "VRAM forecast") -> str:
         """One line for the start of a run, the wizard and the web UI."""
         return (
-            f"{label}: {self.total / GIB:.1f} GiB peak (weights {self.weights / GIB:.1f}, "
-            f"adapter + optimizer {self.adapter / GIB:.2f}, activations {self.activations / GIB:.1f}; "
+            f"{label}: {_size(self.total)} peak (weights {_size(self.weights)}, adapter + optimizer "
+            f"{_size(self.adapter)}, activations {_size(self.activations)}; "
             f"{self.tokens} tokens/sample{', ' + self.note if self.note else ''})"
         )
 
@@ -242,6 +242,10 @@ class Forecast:
             "parameters": self.parameters, "adapter_parameters": self.adapter_parameters, "tokens": self.tokens,
             "line": self.line(),
         }
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 1024**2:.0f} MiB"
 
 
 def activation_bytes(
