@@ -5,11 +5,14 @@ parameters) is built with random weights directly on the GPU, so nothing is down
 precision (bf16, int8 optimum-quanto, NF4 bitsandbytes; norms, embedders, ``norm_out`` and the final
 ``proj_out`` stay bf16) it adds a rank-16 LoRA on target ``all`` and trains with flux_lightning's
 own ``FluxLoRAModule`` in a ``lightning.Trainer`` (bf16-mixed, gradient checkpointing, batch 1,
-torch-optimi AdamW, clipping 1.0, 512 T5 tokens) at 512 px (1024 image tokens) and 1024 px (4096).
+torch's fused AdamW (the default ``optimizer=adamw``), clipping 1.0, 512 T5 tokens) at 512 px (1024 image tokens) and 1024 px (4096).
 The ``bf16_compiled`` case is the bf16 base with the blocks compiled in place
 (:func:`flux_lightning.compilation.compile_blocks`, what ``compile=true`` does; its compile time is
 in ``setup_s`` and the warm-up steps).
-Reports the median s/step after warm-up and the peak allocated VRAM of each case as JSON, and
+Reports s/step over the steady state (after warm-up; one sync at each end), the peak allocated VRAM
+beside the forecast of :mod:`flux_lightning.forecast` (``forecast_gb``), and the host-device syncs
+inside the steady-state steps (``steady_state_syncs``: ``torch.cuda.set_sync_debug_mode("warn")``
+is on from the first timed step to the one before the last, which logs; the goal is 0) as JSON, and
 checks the targets (H100: >= 3 steps/s at 512 px bf16; peak <= 28 GB bf16, <= 17 GB int8,
 <= 10 GB NF4 at 512 px). All eight cases take about 6-7 minutes on an H100 (an estimate: not yet run).
 
@@ -126,27 +129,39 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def run_case(transformer, resolution: int, steps: int, warmup: int, device, precision: str, t5_tokens: int,
              text_dim: int, pooled_dim: int) -> dict:
     """Train ``warmup + steps`` steps with flux_lightning's module in a Lightning Trainer."""
+    import warnings
+
     import lightning as L
-    import optimi
 
     from flux_lightning import AdapterConfig, FluxLoRAModule, ModelConfig
+    from flux_lightning.optim import build_optimizer
 
     class Clock(L.Callback):
-        def __init__(self):
-            self.marks, self.losses = [], []
+        """Times the steady state (after ``warmup`` steps) with one sync at each end, and runs it under
+        ``torch.cuda.set_sync_debug_mode("warn")``: every host-device sync inside a step warns (the
+        last step is left out: it logs the loss)."""
 
-        def on_train_batch_start(self, *args):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            self.marks.append(time.perf_counter())
+        def __init__(self):
+            self.start = self.end = None
+            self.losses = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("warn")
+                self.start = time.perf_counter()
+            elif batch_idx == warmup + steps - 1 and device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(outputs["loss"].detach())
 
         def on_train_end(self, *args):
             if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
                 torch.cuda.synchronize()
-            self.marks.append(time.perf_counter())
+            self.end = time.perf_counter()
 
     side = resolution // 8
     g = torch.Generator().manual_seed(0)
@@ -160,7 +175,7 @@ def run_case(transformer, resolution: int, steps: int, warmup: int, device, prec
     ]
     module = FluxLoRAModule(
         ModelConfig(flavour="dev"), AdapterConfig(rank=16, target="all"),
-        optimizer=partial(optimi.AdamW, lr=1e-4),
+        optimizer=partial(build_optimizer, name="adamw", lr=1e-4),  # the default: torch's fused AdamW
     )
     module.transformer = transformer  # built above; configure_model() keeps it
     clock = Clock()
@@ -180,15 +195,19 @@ def run_case(transformer, resolution: int, steps: int, warmup: int, device, prec
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, loader)
-    times = [b - a for a, b in zip(clock.marks, clock.marks[1:])][warmup:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    per_step = (clock.end - clock.start) / steps
     out = {
         "resolution": resolution,
         "image_tokens": (side // 2) ** 2,
-        "s_per_step": statistics.median(times),
-        "steps_per_s": 1 / statistics.median(times),
-        "step_times": times,
+        "s_per_step": per_step,
+        "steps_per_s": 1 / per_step,
         "final_loss": float(clock.losses[-1]),
+        "steady_state_syncs": len(syncs),  # torch.cuda.set_sync_debug_mode("warn") over steps warmup..-2
+        "sync_examples": sorted(set(syncs))[:5],
     }
     if device.type == "cuda":
         out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -199,6 +218,17 @@ def run_case(transformer, resolution: int, steps: int, warmup: int, device, prec
     del trainer, module
     gc.collect()
     return out
+
+
+def forecast_gb(base: str, resolution: int) -> float:
+    """flux_lightning's VRAM forecast for the case (GB, as the peaks are reported)."""
+    from flux_lightning import AdapterConfig, ModelConfig
+    from flux_lightning.forecast import forecast
+    from flux_lightning.quantization import QuantizationConfig
+
+    precision = {"int8_quanto": "int8_quanto", "nf4_bnb": "nf4_bnb"}.get(base, "none")
+    model = ModelConfig(flavour="dev", dtype="bf16", quantization=QuantizationConfig(precision))
+    return forecast(model, AdapterConfig(rank=16, target="all"), resolution=resolution).total / 1e9
 
 
 def main(argv=None) -> int:
@@ -273,6 +303,8 @@ def main(argv=None) -> int:
             case = run_case(transformer, res, args.steps, args.warmup, device, precision, t5_tokens,
                             arch["joint_attention_dim"], arch["pooled_projection_dim"])
             case.update(base=base, weights_gb=base_gb, setup_s=setup_s)
+            if not args.smoke:
+                case["forecast_gb"] = forecast_gb(base, res)
             if base == "bf16_compiled":
                 case["compiled"] = case_compiled  # False: compile_blocks said why (unsupported here)
             target = TARGETS.get((base, res)) if not args.smoke else None

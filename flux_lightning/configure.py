@@ -187,6 +187,7 @@ def interview(
     plan.optimizer = q.choice("Optimizer", list(OPTIMIZERS), default_opt)
     plan.lr = q.number("Learning rate", suggested_lr(plan.adapter, plan.optimizer, plan.flavour), float, low=0)
     warn()
+    _say_forecast(plan, say)
     plan.max_steps = q.number("Training steps", 300 if plan.flavour == "tiny" else 2000, low=1)
 
     default_prompt = f"a photo of {plan.instance_prompt}" if plan.instance_prompt else "a red circle on a white background"
@@ -196,6 +197,21 @@ def interview(
     plan.compile = q.yes("Compile the transformer blocks (torch.compile)?", False)
     warn()
     return plan
+
+
+def _say_forecast(plan: Plan, say: Say) -> None:
+    """The plan's VRAM forecast (:mod:`flux_lightning.forecast`), and a warning when it exceeds the GPU."""
+    from .forecast import GIB, forecast_plan
+
+    try:
+        fc = forecast_plan(plan)
+    except Exception:  # noqa: BLE001 - a forecast never stops the wizard
+        return
+    say(f"  {fc.line()}")
+    if plan.memory_gib > 0:
+        warning = fc.warning(int(plan.memory_gib * GIB), f"{plan.memory_gib:g} GiB")
+        if warning:
+            say(f"  {warning}")
 
 
 # -- writing and checking ------------------------------------------------------------------------

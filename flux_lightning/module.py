@@ -130,6 +130,7 @@ class FluxLoRAModule(L.LightningModule):
         self.nonfinite = NonFiniteGuard(nonfinite_max_consecutive)
         self._log_now = True  # whether this step's values reach the loggers (set in training_step)
         self._trainable: tuple[torch.nn.Module, dict[str, torch.nn.Parameter], list[torch.nn.Parameter]] | None = None
+        self._lora_casting: tuple[torch.nn.Module, list[torch.nn.Module], bool] | None = None  # see lora_input_casting
 
     # -- model -------------------------------------------------------------------------------
     @property
@@ -223,6 +224,7 @@ class FluxLoRAModule(L.LightningModule):
         b, _, h, w = noisy.shape
         dtype = self.compute_dtype
         device = noisy.device
+        self.lora_input_casting(not torch.is_autocast_enabled(device.type))
         if self.transformer.config.guidance_embeds and guidance is None:
             guidance = torch.full((b,), self.model_cfg.training_guidance, device=device)
         elif not self.transformer.config.guidance_embeds:
@@ -240,6 +242,32 @@ class FluxLoRAModule(L.LightningModule):
         else:
             pred = self.transformer(**inputs, return_dict=False)[0]
         return unpack_latents(pred[:, :n_image], h, w)
+
+    def lora_input_casting(self, enabled: bool) -> None:
+        """Whether PEFT casts a LoRA layer's input to the adapter's dtype (its default: on).
+
+        Under autocast (``bf16-mixed``) with fp32 adapter weights on a bf16 base, PEFT casts each
+        layer's bf16 input to fp32 and autocast casts it straight back to bf16 for the matmul: the
+        same values, but every LoRA layer then keeps its own bf16 copy of its input for the backward
+        pass instead of sharing the base layer's (about 30 x width bytes per token over one double
+        and two single FLUX.1 blocks: ~190 MiB at 512 px for three blocks; see benchmarks/README.md).
+        :meth:`forward` turns the cast off under autocast and on without it (the same values reach
+        the same bf16 matmul either way); validation renders (:meth:`inference_adapters`) get PEFT's
+        default. DoRA layers keep it."""
+        cached = self._lora_casting
+        if cached is None or cached[0] is not self.transformer:
+            from peft.tuners.lora.layer import LoraLayer
+
+            layers = [
+                m for m in self.transformer.modules()
+                if isinstance(m, LoraLayer) and not any(m.use_dora.values())
+            ] if self.transformer is not None else []
+            cached = self._lora_casting = (self.transformer, layers, True)
+        if cached[2] == enabled:
+            return
+        for layer in cached[1]:
+            layer.cast_input_dtype_enabled = enabled
+        self._lora_casting = (cached[0], cached[1], enabled)
 
     def conditioning(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The optional inputs this flavour takes from a batch (attention mask, reference latents)."""
@@ -362,6 +390,29 @@ class FluxLoRAModule(L.LightningModule):
         if self._logs_this_step():  # a host read at logging steps only
             self.nonfinite.check(self.global_step + 1, self.trainer.precision)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, also for a fused optimizer under ``bf16-mixed``.
+
+        Lightning refuses to clip for an optimizer that unscales its gradients itself (torch's fused
+        AdamW, our default) under any mixed precision, because fp16's GradScaler would have to
+        unscale first. bf16-mixed has no scaler, so the gradients are already true: clip them as
+        Lightning does in full precision. fp16 keeps Lightning's refusal."""
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.plugins.precision.amp import _optimizer_handles_unscaling
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        plugin = self.trainer.precision_plugin
+        if (
+            gradient_clip_val
+            and isinstance(plugin, MixedPrecision)
+            and plugin.scaler is None
+            and _optimizer_handles_unscaling(optimizer)
+        ):
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _logs_this_step(self) -> bool:
         """Whether the optimizer step under way reaches the loggers (every ``log_every_n_steps``-th
         step and the last); ``self.log`` costs milliseconds, which a small model's step notices.
@@ -414,6 +465,7 @@ class FluxLoRAModule(L.LightningModule):
         call gets ``text_attention_mask`` ``(T,)`` or ``(1, T)``, extended with ones for the image
         tokens, whatever pipeline calls it. Everything is restored on exit.
         """
+        self.lora_input_casting(True)  # pipelines call the transformer directly, maybe without autocast
         render_attention = self.model_cfg.attention_backend
         switch = render_attention != self.training_attention
         handle = None

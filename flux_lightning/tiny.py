@@ -86,13 +86,33 @@ def _t5_tokenizer():
     )
 
 
-def build_tiny_pipeline(seed: int = 0, *, guidance_embeds: bool = True):
-    """Build the tiny Flux as a ``diffusers.FluxPipeline`` with deterministic random weights."""
+#: FLUX.1-dev's transformer at its real width (24 heads x 128 = 3072, T5 4096, CLIP pooled 768)
+#: with 1 double and 2 single blocks (about 0.7B parameters): every per-token tensor of a step has
+#: the size it has on FLUX.1-dev, so the memory of a step measured on the CPU carries over.
+REAL_WIDTH_SIZES = dict(
+    hidden=4096,  # T5 width
+    clip_hidden=768,  # CLIP pooled width
+    heads=24,
+    head_dim=128,
+    axes_dims_rope=(16, 56, 56),
+    num_layers=1,
+    num_single_layers=2,
+)
+
+
+def build_tiny_pipeline(seed: int = 0, *, guidance_embeds: bool = True, sizes: dict | None = None):
+    """Build the tiny Flux as a ``diffusers.FluxPipeline`` with deterministic random weights.
+
+    ``sizes`` (e.g. :data:`REAL_WIDTH_SIZES`) replaces :data:`TINY_SIZES`: the transformer's width
+    and blocks and the text encoders' output widths (``hidden`` for T5, ``clip_hidden`` for CLIP,
+    default ``hidden``); the encoders stay two narrow layers deep either way.
+    """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    s = TINY_SIZES
+    s = sizes or TINY_SIZES
+    clip_hidden = s.get("clip_hidden", s["hidden"])
     with seeded(seed):
         transformer = FluxTransformer2DModel(
             patch_size=1,
@@ -102,7 +122,7 @@ def build_tiny_pipeline(seed: int = 0, *, guidance_embeds: bool = True):
             attention_head_dim=s["head_dim"],
             num_attention_heads=s["heads"],
             joint_attention_dim=s["hidden"],
-            pooled_projection_dim=s["hidden"],
+            pooled_projection_dim=clip_hidden,
             guidance_embeds=guidance_embeds,
             axes_dims_rope=s["axes_dims_rope"],
         )
@@ -126,12 +146,12 @@ def build_tiny_pipeline(seed: int = 0, *, guidance_embeds: bool = True):
         clip = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=49408,
-                hidden_size=s["hidden"],
+                hidden_size=clip_hidden,
                 intermediate_size=64,
                 num_hidden_layers=2,
                 num_attention_heads=4,
                 max_position_embeddings=77,
-                projection_dim=s["hidden"],
+                projection_dim=clip_hidden,
                 bos_token_id=49406,
                 eos_token_id=49407,
                 pad_token_id=49407,
@@ -187,6 +207,21 @@ def ensure_tiny_folder(root: str | os.PathLike, seed: int = 0, *, guidance_embed
         lambda tmp: build_tiny_pipeline(seed, guidance_embeds=guidance_embeds).save_pretrained(tmp),
         marker="model_index.json",
     )
+
+
+def ensure_real_width_folder(root: str | os.PathLike, seed: int = 0) -> Path:
+    """A diffusers folder like FLUX.1-dev's at its real width (:data:`REAL_WIDTH_SIZES`: 1 double and
+    2 single blocks, about 0.7B parameters, transformer saved in bf16 as FLUX.1-dev ships it; tiny
+    encoders whose outputs are 4096 (T5) and 768 (CLIP) wide), built once; about 1.4 GB on disk.
+    For measuring memory at real width on a CPU (benchmarks/memory_vs_reference.py)."""
+
+    def build(tmp: Path) -> None:
+        pipe = build_tiny_pipeline(seed, sizes=REAL_WIDTH_SIZES)
+        pipe.transformer.to(torch.bfloat16)
+        pipe.save_pretrained(tmp)
+
+    name = f"real-width-flux-v{TINY_VERSION}-seed{seed}"
+    return build_folder_once(Path(root) / name, build, marker="model_index.json")
 
 
 # -- tiny helpers for the evaluation callbacks (CLIP score, validation previews) ----------------

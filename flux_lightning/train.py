@@ -127,6 +127,7 @@ def _train(cfg: DictConfig) -> float:
     timings.mark("trainer built")
     if trainer.is_global_zero:
         announce_resume(ckpt, step)
+        announce_forecast(run, trainer)
     try:
         trainer.fit(module, datamodule, ckpt_path=ckpt)
     except (StopRequested, SIGTERMException) as err:
@@ -165,6 +166,25 @@ def wait_for_child_ranks(trainer: L.Trainer, output_dir: str) -> None:
         raise RankFailed(
             "; ".join(f"rank {r} exited with {c} (its log: {output_dir}/train_ddp_process_{r}.log)" for r, c in failed)
         )
+
+
+def announce_forecast(run, trainer: L.Trainer) -> None:
+    """One line: the run's peak accelerator memory, forecast before the model loads
+    (:mod:`flux_lightning.forecast`), and a warning when it exceeds the training GPU's memory."""
+    from .forecast import forecast_run, gpu_warnings
+
+    try:
+        fc = forecast_run(run)
+    except Exception as err:  # noqa: BLE001 - a forecast never stops a run
+        log.debug("no VRAM forecast: %s", err)
+        return
+    device = trainer.strategy.root_device
+    print(fc.line("VRAM forecast" if device.type == "cuda" else "memory forecast (model part)"), flush=True)
+    if device.type == "cuda":
+        from .hardware import detect_accelerators
+
+        for warning in gpu_warnings(fc, [a for a in detect_accelerators() if a.index == (device.index or 0)]):
+            print(warning, file=sys.stderr, flush=True)
 
 
 def sweep_metric(trainer: L.Trainer, module) -> tuple[str, float]:

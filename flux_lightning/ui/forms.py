@@ -617,6 +617,16 @@ def _values_of(cfg, keys: Iterable[str]) -> dict:
     return out
 
 
+def _forecast(run) -> dict | None:
+    """The run's VRAM forecast (:mod:`flux_lightning.forecast`) for the form, or None."""
+    from ..forecast import forecast_run
+
+    try:
+        return forecast_run(run).as_dict()
+    except Exception:  # noqa: BLE001 - a forecast never blocks the form
+        return None
+
+
 def compose_run(
     selection: dict,
     values: dict,
@@ -640,7 +650,8 @@ def compose_run(
         config_dir: an experiment dir (``--config-dir``) the experiment comes from.
 
     Returns:
-        ``{"overrides", "command", "ok", "problems": [{"field", "message"}], "values", "run_dir"}``:
+        ``{"overrides", "command", "ok", "problems": [{"field", "message"}], "values", "run_dir",
+        "forecast"}`` (``forecast``: the VRAM forecast's parts and line once the run validates):
         ``values`` is every form field's value in the composed config, ``run_dir`` the run dir
         relative to ``workdir`` when it is inside it.
     """
@@ -676,7 +687,8 @@ def compose_run(
             base_dir = Path(os.getcwd())
             result["run_dir"] = run_dir.relative_to(base_dir).as_posix() if run_dir.is_relative_to(base_dir) else str(run_dir)
             try:
-                validate(cfg, check_sources=check_sources)
+                run = validate(cfg, check_sources=check_sources)
+                result["forecast"] = _forecast(run)
             except ConfigError as err:  # every problem with the field it is about (errors.Problem)
                 problems += [{"field": p.field or None, "message": p.message} for p in err.problems]
             except USER_ERRORS as err:

@@ -321,6 +321,17 @@ class UI:
         if hardware_problem:
             result["ok"] = False
             result.setdefault("problems", []).append({"field": None, "message": hardware_problem})
+        forecast = result.get("forecast")
+        if forecast and gpus:  # a warning for each chosen GPU the forecast does not fit
+            from flux_lightning.forecast import GIB, HEADROOM_BYTES
+            from flux_lightning.hardware import detect_accelerators
+
+            need = forecast["total_gib"] * GIB + HEADROOM_BYTES
+            forecast["warnings"] = [
+                f"the VRAM forecast ({forecast['total_gib']:.1f} GiB + {HEADROOM_BYTES / GIB:.1f} GiB headroom) exceeds "
+                f"cuda:{a.index} {a.name} ({a.memory_gib:.1f} GiB)"
+                for a in detect_accelerators() if a.index in gpus and need > a.memory_bytes
+            ]
         env = dict(choice.env) if choice else {}
         result["env"] = env
         result["devices"] = gpus

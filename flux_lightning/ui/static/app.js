@@ -278,6 +278,9 @@ function showProblems(result) {
   const n = (result.problems || []).length;
   status.textContent = result.ok ? "valid: ready to launch" : `${n} problem${n === 1 ? "" : "s"}`;
   status.className = "status-line " + (result.ok ? "ok" : "bad");
+  const fc = result.forecast, warnings = (fc && fc.warnings) || [];
+  $("#forecast").textContent = fc ? [fc.line, ...warnings.map((w) => "WARNING: " + w)].join("\n") : "";
+  $("#forecast").className = "status-line" + (warnings.length ? " bad" : "");
 }
 
 let previewTimer = null;
