@@ -21,6 +21,7 @@ from .data.config import DatasetConfig
 from .flow import LossConfig, TimestepConfig
 from .optim import LRSchedulerConfig, OptimizerConfig
 from .rollout import ScheduledSamplingConfig
+from .run_identity import ResumeConfig
 from .tread import TreadConfig
 
 # Wiring between nodes (not defaults of the dataclasses): caches live under paths.cache_dir, the
@@ -51,6 +52,8 @@ class TrainConfig:
             (``demo`` for the embedded default), so re-running a command resumes it.
         resume_from_checkpoint: ``latest`` (the run dir's ``checkpoints/last.ckpt`` if any), a
             path, or null to start fresh.
+        resume: ``resume.allow_changes=[optimizer.lr]``: keys that may differ from the run dir's
+            recorded config (``run_config.yaml``) when resuming ``latest``; other changes are refused.
         compile: regional ``torch.compile`` of the transformer blocks.
         nonfinite_max_consecutive: a step whose loss or gradient is NaN/inf is skipped (weights and
             optimizer state untouched) and counted (``train/skipped_nonfinite``); this many in a row
@@ -74,6 +77,7 @@ class TrainConfig:
     nonfinite_max_consecutive: int = 10
     allow_endless_run: bool = False
     resume_from_checkpoint: str | None = "latest"
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     run_name: str = "${flux_lightning.run_name:}"
     paths: Any = None
     module: Any = None

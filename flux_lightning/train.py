@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from . import stopping, timings
+from . import run_identity, stopping, timings
 from .atomic_files import AtomicCheckpointIO
 from .config import validate
 from .errors import USER_ERRORS, NonFiniteLossError, StopRequested
@@ -100,6 +100,10 @@ def _train(cfg: DictConfig) -> float:
     output_dir = cfg.paths.output_dir
     ckpt = resolve_checkpoint(cfg.get("resume_from_checkpoint"), output_dir)
     step = checkpoint_step(ckpt) if ckpt is not None else None  # read once: the file was checked above
+    if ckpt is not None and cfg.get("resume_from_checkpoint") == "latest":  # the dir's own run: the same config?
+        run_identity.check(output_dir, cfg, ckpt)
+    else:  # a fresh start (or an explicit checkpoint): this dir's run is now this config
+        run_identity.record(output_dir, run_identity.identity(cfg))
     done = finished_result(step, output_dir, cfg.trainer.get("max_steps"))
     if done is not None:
         print(
