@@ -91,6 +91,10 @@ def uninstall() -> None:
 class GracefulStop(L.Callback):
     """Stops training after the current step when a stop signal arrived, saving ``last.ckpt`` first.
 
+    Before saving, every callback with a ``finish_step(trainer, pl_module)`` method does its work for the
+    step just taken (it must be idempotent): the adapter EMA's update, which would otherwise miss the
+    checkpoint of the step the run stopped at.
+
     ``train()`` adds it first in the callback list, so a stop at a step where validation or the
     eval loss would run skips them. The checkpoint is written in :meth:`on_exception` (whatever
     raised :class:`StopRequested`: this callback, a validation sampler step, an eval batch) by the
@@ -127,6 +131,11 @@ class GracefulStop(L.Callback):
             return
         self.step = trainer.global_step
         if isinstance(exception, StopRequested):
+            # this callback runs first: the later ones' end-of-step work for the step just taken (the
+            # EMA's update) is done here, so last.ckpt holds what a periodic checkpoint would
+            for cb in trainer.callbacks:
+                if cb is not self and hasattr(cb, "finish_step"):
+                    cb.finish_step(trainer, pl_module)
             self.checkpoint = self.save(trainer)
         elif isinstance(exception, SIGTERMException):
             # Lightning stopped at the end of a step, past the point where a checkpoint resumes
