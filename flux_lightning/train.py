@@ -30,6 +30,7 @@ from .errors import USER_ERRORS, NonFiniteLossError, StopRequested
 from .hardware import device_summary_rows, resolve_trainer_devices
 from .quantization import BNB_PRECISIONS
 from .quiet import silence_third_party_noise
+from .redaction import redact_secrets
 from .resume import announce_resume, checkpoint_step, finished_result, resolve_checkpoint
 from .schema import config_dir, register
 from .simpletuner_cli import with_simpletuner_config
@@ -142,7 +143,7 @@ def _train(cfg: DictConfig) -> float:
             output_dir,
             {
                 "job": _job_name(),
-                "overrides": _task_overrides(),
+                "overrides": redact_secrets(_task_overrides()),  # no webhook tokens in the record
                 "metric_name": metric_name,
                 "metric": metric,
                 "train_loss": module.recent_train_loss(),

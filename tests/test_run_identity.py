@@ -86,13 +86,17 @@ def _env():
 @pytest.mark.slow
 def test_a_changed_command_after_a_finished_demo_is_refused_not_called_finished(tmp_path):
     base = [sys.executable, "-m", "flux_lightning", f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache",
-            "trainer.max_steps=2", "callbacks.clip_score=null", "callbacks.eval_loss=null", "callbacks.validation=null",
-            "callbacks.model_card=null", "logger=csv"]
+            "trainer.max_steps=2", "callbacks.clip_score=null", "callbacks.eval_loss=null", "callbacks.model_card=null",
+            "logger=csv", "callbacks.validation.before_training=false", "callbacks.validation.validation_num_inference_steps=1",
+            "callbacks.validation.webhook_url=https://example.com/api/webhooks/1/SECRETTOKEN"]
 
     def run(*extra):
         return subprocess.run([*base, *extra], env=_env(), capture_output=True, text=True, timeout=600)
 
-    assert run().returncode == 0
+    first = run()
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = tmp_path / "run" / "result.json"  # its overrides are redacted (test_secrets.py: the rest)
+    assert "webhook_url=<redacted>" in record.read_text() and "SECRETTOKEN" not in record.read_text()
     changed = run("adapter.rank=8")
     assert changed.returncode == 2, changed.stdout[-2000:] + changed.stderr[-2000:]
     assert "Traceback" not in changed.stderr and "already finished" not in changed.stdout
