@@ -87,6 +87,15 @@ class TrainConfig:
     logger: Any = None
 
 
+def unknown_keys(cfg) -> list[str]:
+    """Top-level keys of a composed config that :class:`TrainConfig` does not have (``+nonsense=1``:
+    Hydra adds a new key to the root without complaint)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(TrainConfig)}
+    return sorted(str(k) for k in cfg.keys() if k not in known)
+
+
 # group -> the schema of its node (for tests and tools that walk the tree)
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,

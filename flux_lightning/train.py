@@ -25,14 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import run_identity, stopping, timings
 from .atomic_files import AtomicCheckpointIO
+from .compose_errors import job_started, one_line_compose_errors
 from .config import validate
-from .errors import USER_ERRORS, NonFiniteLossError, StopRequested
+from .errors import USER_ERRORS, ConfigError, NonFiniteLossError, StopRequested
 from .hardware import device_summary_rows, resolve_trainer_devices
 from .quantization import BNB_PRECISIONS
 from .quiet import silence_third_party_noise
 from .redaction import redact_secrets
 from .resume import announce_resume, checkpoint_step, finished_result, resolve_checkpoint
-from .schema import config_dir, register
+from .schema import config_dir, register, unknown_keys
 from .simpletuner_cli import with_simpletuner_config
 from .stopping import GracefulStop
 from .sweep import write_result
@@ -96,6 +97,12 @@ def train(cfg: DictConfig) -> float:
 
 
 def _train(cfg: DictConfig) -> float:
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {', '.join(unknown)}: not a field of the run (misspelt? `python -m flux_lightning "
+            "--cfg job` prints every field); remove it"
+        )
     run = validate(cfg)
     timings.mark("validated")
     output_dir = cfg.paths.output_dir
@@ -202,9 +209,11 @@ def _print_summary(rows: list[tuple[str, object]]) -> None:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
 
 
+@one_line_compose_errors  # a command line Hydra cannot compose: one line naming the field, exit 2
 @with_simpletuner_config  # `simpletuner_config=config.json` -> overrides (flux_lightning/simpletuner_cli.py)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
+    job_started()
     timings.mark("composed")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Lightning's "Tip:" adverts, torch's LeafSpec FutureWarning, bitsandbytes' CPU-kernel warning (quiet.py)
