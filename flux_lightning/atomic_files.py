@@ -62,8 +62,18 @@ def _unwritable(path: Path, err: BaseException) -> StorageError:
     )
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def _umask() -> int:
+    """The process's umask, read now (Linux: /proc, without changing it; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -90,7 +100,7 @@ def _temporary_beside(path: Path, prefix: str):
         with _signals_held():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would give (0644 usually)
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give (0644 usually)
         yield fd, tmp
         os.replace(tmp, path)
     except Exception as err:
@@ -112,7 +122,7 @@ def _user_mode(path, folder: bool = False) -> None:
     """What ``open()``/``mkdir()`` would give under the umask (0644 / 0755 usually): writers that
     create 0600 files (safetensors' ``save_file``, ``mkstemp``) or 0700 folders (``mkdtemp``) would
     keep a LoRA from another account's ComfyUI."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~_UMASK)
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
