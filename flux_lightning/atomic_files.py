@@ -90,6 +90,14 @@ def _signals_held():
             signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+_ACTIVE: set[str] = set()  # temporary files being written now (stopping's watchdog removes them on a hard stop)
+
+
+def active_temporaries() -> list[str]:
+    """The temporary files this process is writing at this moment."""
+    return list(_ACTIVE)
+
+
 @contextmanager
 def _temporary_beside(path: Path, prefix: str):
     """A temporary file in ``path``'s folder, renamed onto ``path`` when the block succeeds and removed
@@ -100,6 +108,7 @@ def _temporary_beside(path: Path, prefix: str):
         with _signals_held():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+            _ACTIVE.add(tmp)
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give (0644 usually)
         yield fd, tmp
         os.replace(tmp, path)
@@ -110,6 +119,7 @@ def _temporary_beside(path: Path, prefix: str):
     finally:
         if tmp is not None:
             with _signals_held(), suppress(OSError):
+                _ACTIVE.discard(tmp)
                 os.remove(tmp)
 
 

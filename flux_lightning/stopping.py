@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-_state = {"signum": None, "immediate": True, "previous": {}}
+_state = {"signum": None, "immediate": True, "previous": {}, "wakeup": None}
+GRACE_S = 5.0  # before training, a stop the main thread has not acted on by then ends the process
 
 
 def requested() -> int | None:
@@ -77,10 +78,82 @@ def install() -> None:
     _state.update(signum=None, immediate=True)
     for s in SIGNALS:
         _state["previous"][s] = signal.signal(s, _handler)
+    _start_watchdog()
+
+
+def _start_watchdog() -> None:
+    """Python runs a signal handler only between bytecodes: a VAE encode of large images is one C call
+    that can take minutes on a loaded CPU. The C-level handler writes the signal number to a wakeup fd
+    at once; this thread reads it and, before training (nothing to checkpoint, every cache entry is
+    renamed into place whole), ends the process if the main thread has not within :data:`GRACE_S`:
+    the temporary files being written are removed first, so the cache stays consistent."""
+    import os
+    import threading
+
+    if _state["wakeup"] is not None:
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    try:
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+        os.close(read_fd), os.close(write_fd)
+        return
+    _state["wakeup"] = (read_fd, write_fd)
+
+    def watch() -> None:
+        import time
+
+        while True:
+            try:
+                data = os.read(read_fd, 16)
+            except OSError:
+                data = b""
+            if not data:
+                os.close(read_fd)
+                return
+            signum = data[-1]
+            if signum not in SIGNALS or not _state["immediate"]:
+                continue
+            deadline = time.monotonic() + GRACE_S
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+                if not _state["immediate"]:
+                    break
+            else:
+                _hard_stop(signum)
+
+    threading.Thread(target=watch, name="flux-lightning-stop-watchdog", daemon=True).start()
+
+
+def _hard_stop(signum: int) -> None:
+    import os
+    import sys
+    from contextlib import suppress
+
+    from .atomic_files import active_temporaries
+
+    for tmp in active_temporaries():
+        with suppress(OSError):
+            os.remove(tmp)
+    with suppress(Exception):
+        sys.stderr.write(stopped_message(StopRequested(signum)) + "\n")
+        sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def uninstall() -> None:
     """Put the handlers that :func:`install` replaced back."""
+    import os
+
+    if _state["wakeup"] is not None:
+        read_fd, write_fd = _state["wakeup"]
+        _state["wakeup"] = None
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:
+            pass
+        os.close(write_fd)  # the watchdog reads EOF, closes its end and ends
     for s, previous in _state["previous"].items():
         if previous is not None:
             signal.signal(s, previous)
