@@ -352,3 +352,23 @@ def test_hostile_backend_files_are_named_without_a_traceback(tmp_path):
         _assert_named(content[:80], result, named)
         named_where = case[0].split("=", 1)[1] in result["stderr"] or "dataset.backends[" in result["stderr"]
         assert named_where, (content[:80], result["stderr"])  # the file, or the backend's field in it
+
+
+def test_caption_files_may_be_txt_or_caption(tmp_path):
+    d = tmp_path / "imgs"
+    _rgb(d / "a.png"), _rgb(d / "b.png"), _rgb(d / "c.png")
+    (d / "a.caption").write_text("from a caption file")
+    (d / "b.txt").write_text("from a txt file")
+    (d / "b.caption").write_text("the txt wins")
+    (d / "orphan.caption").write_text("no image")
+    records, skipped = discover(ImageBackendConfig(id="x", instance_data_dir=str(d), caption_strategy="textfile"))
+    assert {r.path.name: r.caption for r in records} == {"a.png": "from a caption file", "b.png": "from a txt file"}
+    assert skipped == 1  # c.png: neither file
+
+
+def test_an_open_clip_model_without_open_clip_names_the_extra(monkeypatch):
+    from flux_lightning.callbacks.clip_score import load_clip
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # not installed
+    with pytest.raises(ImportError, match=r'pip install "flux-lightning\[open_clip\]"'):
+        load_clip("open_clip:ViT-L-14", "openai")

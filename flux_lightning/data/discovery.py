@@ -29,7 +29,8 @@ UNSUPPORTED_IMAGE_EXTENSIONS = {
     ".exr", ".hdr", ".dng", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf",
 } - IMAGE_EXTENSIONS
 # Files a dataset folder may hold besides images: captions, metadata tables, SimpleTuner's indexes.
-DATASET_FILE_EXTENSIONS = {".txt", ".csv", ".parquet", ".json", ".jsonl"}
+DATASET_FILE_EXTENSIONS = {".txt", ".caption", ".csv", ".parquet", ".json", ".jsonl"}
+CAPTION_EXTENSIONS = (".txt", ".caption")  # caption_strategy=textfile: <image stem>.txt, else .caption
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def scan_folder(folder: str | os.PathLike, field_name: str = "dataset.instance_d
                 scan.images.append(path)
             elif image:
                 scan.skipped.append((path, f"unsupported image format {ext}; convert it to PNG or JPEG"))
-            elif ext == ".txt" and Path(name).stem not in stems:
+            elif ext in CAPTION_EXTENSIONS and Path(name).stem not in stems:
                 scan.ignored.append((path, "caption file without an image of the same name"))
             elif ext not in DATASET_FILE_EXTENSIONS:
                 scan.ignored.append((path, "not an image format this trainer reads"))
@@ -183,9 +184,10 @@ def _caption(path: Path, relative: str, cfg: ImageBackendConfig, table: dict[str
         if caption is None:
             log.warning("skipping %s: no row for it in the %s metadata table", path, cfg.caption_strategy)
         return caption
-    text_file = path.with_suffix(".txt")
-    if not text_file.is_file():
-        log.warning("skipping %s: caption_strategy=textfile but %s is missing", path, text_file.name)
+    text_file = next((path.with_suffix(e) for e in CAPTION_EXTENSIONS if path.with_suffix(e).is_file()), None)
+    if text_file is None:
+        log.warning("skipping %s: caption_strategy=textfile but %s (or %s) is missing", path,
+                    path.with_suffix(".txt").name, path.with_suffix(".caption").name)
         return None
     return read_text(text_file).strip()
 
