@@ -16,7 +16,7 @@ from pathlib import Path, PurePath
 import lightning as L
 
 from ..redaction import REDACTED, redact, redact_yaml  # noqa: F401 (redact_yaml: used by tests and tools)
-from .adapter_export import AdapterExport
+from .adapter_export import STEP_DIR_PREFIX, AdapterExport
 from .validation import ValidationImages
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ class ModelCard(L.Callback):
                 repo_id=self.hub_model_id,
                 folder_path=str(self.dirpath),
                 repo_type="model",
+                ignore_patterns=[f"{STEP_DIR_PREFIX}*/*"],  # the per-checkpoint copies stay local
                 commit_message="Upload Flux LoRA trained with flux_lightning",
             )
         except Exception as err:  # network, auth, quota: the files stay on disk
