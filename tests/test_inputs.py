@@ -372,3 +372,26 @@ def test_an_open_clip_model_without_open_clip_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # not installed
     with pytest.raises(ImportError, match=r'pip install "flux-lightning\[open_clip\]"'):
         load_clip("open_clip:ViT-L-14", "openai")
+
+
+def _png_header_only(path, w: int, h: int) -> None:
+    """A PNG that declares ``w x h`` (its header) without the pixel data: what a size check reads."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("w,h", [(12000, 8000), (14000, 13000)])  # 96 MP; 182 MP, beyond PIL's own bomb error
+def test_a_huge_image_is_called_larger_than_max_image_pixels(tiny_model_cfg, tmp_path, caplog, w, h):
+    d = tmp_path / "d"
+    _rgb(d / "ok.png", size=(64, 64))
+    _png_header_only(d / "huge.png", w, h)
+    with caplog.at_level(logging.WARNING):
+        dm = make_datamodule(tiny_model_cfg, tmp_path / "c", instance_data_dir=str(d))
+        assert [s.path.name for s in dm.samples()] == ["ok.png"] and dm.skipped == 1
+    assert f"huge.png: {w}x{h} exceeds dataset.max_image_pixels=89478485" in caplog.text
+    assert "truncated" not in caplog.text and "cannot read" not in caplog.text
