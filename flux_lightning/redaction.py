@@ -14,9 +14,9 @@ import re
 from pathlib import PurePath
 
 REDACTED = "<redacted>"
-_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|webhook_url|credentials?)($|_)", re.I)
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|webhook_url|credentials?)($|_)", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
-_NETWORK_URL = re.compile(r"^(https?|wss?|ftp|file)://", re.I)
+_NETWORK_URL = re.compile(r"^(https?|wss?|ftp|file)://", re.IGNORECASE)
 _LOCAL_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
 
 
@@ -58,8 +58,8 @@ def redact_yaml(text: str) -> str:
     return yaml.safe_dump(redact(yaml.safe_load(text)), sort_keys=False, allow_unicode=True)
 
 
-_URL_IN_TEXT = re.compile(r"\b((?:https?|wss?|ftp)://)([^/\s,'\"@]*@)?([^/\s,'\"?#]+)([^\s,'\"]*)", re.I)
-_OVERRIDE = re.compile(r"^([+~]{0,2}[\w.@/-]+)=(.*)$", re.S)
+_URL_IN_TEXT = re.compile(r"\b((?:https?|wss?|ftp)://)([^/\s,'\"@]*@)?([^/\s,'\"?#]+)([^\s,'\"]*)", re.IGNORECASE)
+_OVERRIDE = re.compile(r"^([+~]{0,2}[\w.@/-]+)=(.*)$", re.DOTALL)
 
 
 def redact_url(url: str) -> str:

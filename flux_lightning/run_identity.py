@@ -69,7 +69,7 @@ def _value(node, key):
 
 def _flatten(node, prefix: str, out: dict) -> None:
     if isinstance(node, DictConfig):
-        for key in node.keys():
+        for key in node:
             path = f"{prefix}.{key}"
             if path in EXCLUDED:
                 continue
@@ -99,7 +99,7 @@ def identity(cfg: DictConfig) -> dict:
     for group in ("module", "data"):  # their own keys only: the rest interpolates the groups above
         node = cfg.get(group)
         if isinstance(node, DictConfig):
-            for key in node.keys():
+            for key in node:
                 if key != "_convert_" and not node._get_node(key)._is_interpolation():
                     _flatten(_value(node, key), f"{group}.{key}", out)
     if isinstance(cfg.get("trainer"), DictConfig):

@@ -93,7 +93,7 @@ def unknown_keys(cfg) -> list[str]:
     from dataclasses import fields
 
     known = {f.name for f in fields(TrainConfig)}
-    return sorted(str(k) for k in cfg.keys() if k not in known)
+    return sorted(str(k) for k in cfg if k not in known)
 
 
 # group -> the schema of its node (for tests and tools that walk the tree)

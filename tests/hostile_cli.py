@@ -13,7 +13,7 @@ import sys
 def main(cases_path: str, out_path: str) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
-    import flux_lightning.train as train
+    from flux_lightning import train
     from flux_lightning.train import main as entry
 
     def accepted(*args, **kwargs):  # a case that passed every check: stop before building anything
@@ -33,7 +33,7 @@ def main(cases_path: str, out_path: str) -> None:
                 entry()
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else 1
-            except BaseException as raised:  # a traceback the user would see
+            except BaseException:  # a traceback the user would see
                 import traceback
 
                 code, _ = 1, err.write("Traceback (most recent call last):\n" + traceback.format_exc())
