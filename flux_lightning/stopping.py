@@ -99,7 +99,13 @@ def _start_watchdog() -> None:
     except ValueError:  # not the main thread
         os.close(read_fd), os.close(write_fd)
         return
-    _state["wakeup"] = (read_fd, write_fd)
+    pipe = _state["wakeup"] = (read_fd, write_fd)
+
+    def ours(signum: int) -> bool:
+        """Still installed, and the signal still goes to our handler (directly, or through Lightning's
+        composed handler during fit): not a test's or a caller's own handler."""
+        handler = signal.getsignal(signum)
+        return _state["wakeup"] is pipe and (handler is _handler or type(handler).__name__ == "_HandlersCompose")
 
     def watch() -> None:
         import time
@@ -113,14 +119,12 @@ def _start_watchdog() -> None:
                 os.close(read_fd)
                 return
             signum = data[-1]
-            if signum not in SIGNALS or not _state["immediate"]:
+            if signum not in SIGNALS or not _state["immediate"] or not ours(signum):
                 continue
             deadline = time.monotonic() + GRACE_S
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and _state["immediate"] and ours(signum):
                 time.sleep(0.1)
-                if not _state["immediate"]:
-                    break
-            else:
+            if _state["immediate"] and ours(signum):
                 _hard_stop(signum)
 
     threading.Thread(target=watch, name="flux-lightning-stop-watchdog", daemon=True).start()
