@@ -186,8 +186,8 @@ def _caption(path: Path, relative: str, cfg: ImageBackendConfig, table: dict[str
         return caption
     text_file = next((path.with_suffix(e) for e in CAPTION_EXTENSIONS if path.with_suffix(e).is_file()), None)
     if text_file is None:
-        log.warning("skipping %s: caption_strategy=textfile but %s (or %s) is missing", path,
-                    path.with_suffix(".txt").name, path.with_suffix(".caption").name)
+        log.warning("skipping %s: caption_strategy=textfile but %s is missing (a .caption file would do too)", path,
+                    path.with_suffix(".txt").name)
         return None
     return read_text(text_file).strip()
 
