@@ -26,15 +26,29 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from .errors import StorageError
 
 
+# How Rust's std::io::Error shows an OS error (safetensors wraps it in a SafetensorError, which has no
+# errno): its Display "... (os error 28)" (safetensors 0.5+) and its Debug "Os { code: 28, ... }" (older).
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
+
+
+def os_errno(err: BaseException | None) -> int | None:
+    """The errno behind ``err``: an OSError's in its chain (``__cause__``/``__context__``), or the OS
+    error code a Rust writer's error (safetensors' ``SafetensorError``) carries; None when none does."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno:
+            return err.errno
+        if type(err).__name__ == "SafetensorError":
+            found = _RUST_OS_ERROR.search(str(err))
+            if found:
+                return int(found.group(1) or found.group(2))
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def _unwritable(path: Path, err: BaseException) -> StorageError:
-    """One-line :class:`StorageError` for ``path`` from the OSError at the root of ``err``'s chain."""
-    cause = err
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    errno_ = getattr(cause, "errno", None)
-    if errno_ is None:  # a writer that reports the OS error in its message (safetensors: "Os { code: 28, ...")
-        found = re.search(r"Os \{ code: (\d+)", str(err))
-        errno_ = int(found.group(1)) if found else None
+    """One-line :class:`StorageError` for ``path`` from the OS error at the root of ``err``'s chain."""
+    errno_ = os_errno(err)
     reason = os.strerror(errno_) if errno_ else f"{type(err).__name__}: {err}"
     fix = {
         errno.ENOSPC: "free space there",
@@ -48,8 +62,18 @@ def _unwritable(path: Path, err: BaseException) -> StorageError:
     )
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def _umask() -> int:
+    """The process's umask, read now (Linux: /proc, without changing it; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -66,6 +90,14 @@ def _signals_held():
             signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+_ACTIVE: set[str] = set()  # temporary files being written now (stopping's watchdog removes them on a hard stop)
+
+
+def active_temporaries() -> list[str]:
+    """The temporary files this process is writing at this moment."""
+    return list(_ACTIVE)
+
+
 @contextmanager
 def _temporary_beside(path: Path, prefix: str):
     """A temporary file in ``path``'s folder, renamed onto ``path`` when the block succeeds and removed
@@ -76,7 +108,8 @@ def _temporary_beside(path: Path, prefix: str):
         with _signals_held():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() would give (0644 usually)
+            _ACTIVE.add(tmp)
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give (0644 usually)
         yield fd, tmp
         os.replace(tmp, path)
     except Exception as err:
@@ -86,17 +119,20 @@ def _temporary_beside(path: Path, prefix: str):
     finally:
         if tmp is not None:
             with _signals_held(), suppress(OSError):
+                _ACTIVE.discard(tmp)
                 os.remove(tmp)
 
 
 def _caused_by_oserror(err: BaseException | None) -> bool:
-    """An OSError in the chain, or a Rust writer's error that wraps one (``IoError(Os { code: ...``)."""
-    seen = 0
-    while err is not None and seen < 10:
-        if isinstance(err, OSError) or "Os { code:" in str(err):
-            return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
+    """An OSError in the chain, or a Rust writer's error that wraps one (see :func:`os_errno`)."""
+    return isinstance(err, OSError) or os_errno(err) is not None
+
+
+def _user_mode(path, folder: bool = False) -> None:
+    """What ``open()``/``mkdir()`` would give under the umask (0644 / 0755 usually): writers that
+    create 0600 files (safetensors' ``save_file``, ``mkstemp``) or 0700 folders (``mkdtemp``) would
+    keep a LoRA from another account's ComfyUI."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -122,7 +158,17 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: di
     path = Path(path)
     with _temporary_beside(path, f".{path.name[:16]}.") as (fd, tmp):
         os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)  # safetensors may replace tmp by a new 0600 file
+        _user_mode(tmp)
+    return path
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """``text`` (UTF-8) to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    with _temporary_beside(path, f".{path.name[:16]}.") as (fd, tmp):
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
     return path
 
 
@@ -137,10 +183,25 @@ def build_folder_once(folder, build: Callable[[Path], None], marker: str | None 
 
     if ready():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        build(tmp)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as err:
+        raise _unwritable(folder, err) from None
+    try:
+        _user_mode(tmp, folder=True)  # mkdtemp's 0700 -> 0755 under a 022 umask
+        try:
+            build(tmp)
+        except Exception as err:  # a full disk while building (save_pretrained's SafetensorError included)
+            if _caused_by_oserror(err):
+                raise _unwritable(folder, err) from None
+            raise
+        for sub, dirs, files in os.walk(tmp):  # writers' 0600 files (save_file) -> 0644
+            for name in dirs:
+                _user_mode(Path(sub) / name, folder=True)
+            for name in files:
+                if os.lstat(Path(sub) / name).st_nlink == 1:  # a hard link shares its source's mode: untouched
+                    _user_mode(Path(sub) / name)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished first; its folder is identical

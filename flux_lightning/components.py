@@ -42,6 +42,81 @@ def _hub_help(repo_id: str, gated: bool, reason: str) -> str:
     )
 
 
+# component -> the weight files diffusers / transformers look for in its folder (messages name them)
+WEIGHT_COMPONENTS = {
+    "transformer": "diffusion_pytorch_model*.safetensors", "vae": "diffusion_pytorch_model*.safetensors",
+    "text_encoder": "model*.safetensors", "text_encoder_2": "model*.safetensors",
+}
+VAE_FACTOR = 8  # pixels per latent cell: buckets, latent shapes, masks and validation assume FLUX.1's VAE
+LATENT_CHANNELS = 16
+
+
+def _json(path: Path) -> dict | None:
+    import json
+
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _weights_problem(folder: Path, pattern: str) -> str | None:
+    """Why ``folder`` (one component) has no complete weights: no weight file, or an index naming a
+    shard that is not there (a partial download); None when they are all there."""
+    if not (folder / "config.json").is_file():
+        return f"{folder.name}/config.json missing"
+    for index in sorted(folder.glob("*.index.json")):
+        shards = set(((_json(index) or {}).get("weight_map") or {}).values())
+        missing = sorted(str(s) for s in shards if not (folder / str(s)).is_file())
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            return f"{folder.name}/{missing[0]}{more} missing (named by {index.name})"
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return f"{folder.name}/{pattern} missing"
+    return None
+
+
+def vae_problem(folder: Path, label: str) -> str | None:
+    """A VAE whose config does not downsample by :data:`VAE_FACTOR` (``2 ** (len(block_out_channels) - 1)``,
+    as diffusers' FluxPipeline computes it) or has other than 16 latent channels: refused before caching."""
+    config = _json(folder / "config.json")
+    if config is None:
+        return None
+    blocks = config.get("block_out_channels")
+    factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else VAE_FACTOR
+    channels = config.get("latent_channels", LATENT_CHANNELS)
+    if factor != VAE_FACTOR or channels != LATENT_CHANNELS:
+        return (
+            f"{label}: the VAE in {folder} downsamples by {factor} with {channels} latent channels "
+            f"(config.json block_out_channels, latent_channels); Flux LoRAs train on FLUX.1's VAE (by "
+            f"{VAE_FACTOR}, {LATENT_CHANNELS} channels): use a FLUX.1 folder or set "
+            "model.pretrained_vae_model_name_or_path to a FLUX.1 VAE"
+        )
+    return None
+
+
+def folder_problems(source: str, skip: tuple[str, ...] = (), label: str = "model.pretrained_model_name_or_path") -> list[str]:
+    """A local diffusers pipeline folder's components that cannot load, checked without loading: each
+    weight component ``model_index.json`` lists (but those in ``skip``, loaded from elsewhere) has its
+    config and complete weight files, and the VAE downsamples by 8."""
+    path = Path(os.path.expanduser(source))
+    index = _json(path / "model_index.json")
+    if index is None:
+        return []
+    out = []
+    for name, pattern in WEIGHT_COMPONENTS.items():
+        if name in skip or not isinstance(index.get(name), list) or index[name][0] is None:
+            continue
+        problem = _weights_problem(path / name, pattern)
+        if problem is not None:
+            out.append(f"{label}: {problem} in {path} (a partial download?); download the folder again "
+                       "or point the option at a complete one")
+        elif name == "vae":
+            out += [p for p in [vae_problem(path / "vae", label)] if p]
+    return out
+
+
 def check_source(source: str, *, revision: str | None = None, gated: bool = True) -> None:
     """Fail fast, before any weights load, if ``source`` is neither a usable folder nor reachable.
 

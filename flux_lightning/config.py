@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .adapters import BASE_MODIFYING_INITS, AdapterConfig
-from .components import check_source, resolve_source
+from .components import check_source, folder_problems, resolve_source, vae_problem
 from .data.backend_file import resolve_dataset
 from .data import huggingface
 from .data.config import DatasetConfig, backend_field
@@ -258,13 +258,24 @@ def source_problems(run: RunConfig) -> list[Problem]:
     """Data folders that do not exist; model sources (local folder or hub ``model_index.json``)
     that cannot be used; all probed without loading any weights."""
     out = data_folder_problems(run.dataset)
+    m = run.model
     try:
-        check_source(resolve_source(run.model), revision=run.model.revision, gated=run.model.spec.gated)
-        for extra in (run.model.pretrained_vae_model_name_or_path, run.model.pretrained_transformer_model_name_or_path):
+        main = resolve_source(m)
+        check_source(main, revision=m.revision, gated=m.spec.gated)
+        for extra in (m.pretrained_vae_model_name_or_path, m.pretrained_transformer_model_name_or_path):
             if extra:
                 check_source(extra, gated=False)
     except ModelSourceError as err:
         out.append(Problem("model.pretrained_model_name_or_path", str(err)))
+    else:  # local folders: every component's weights there (a partial download), a VAE by 8
+        skip = tuple(k for k, v in (("vae", m.pretrained_vae_model_name_or_path),
+                                    ("transformer", m.pretrained_transformer_model_name_or_path)) if v)
+        out += [Problem("model.pretrained_model_name_or_path", p) for p in folder_problems(main, skip)]
+        vae = m.pretrained_vae_model_name_or_path
+        if vae and Path(vae).expanduser().is_dir():
+            folder = Path(vae).expanduser() / ("vae" if (Path(vae).expanduser() / "vae").is_dir() else "")
+            problem = vae_problem(folder, "model.pretrained_vae_model_name_or_path")
+            out += [Problem("model.pretrained_vae_model_name_or_path", problem)] if problem else []
     assistant = run.model.assistant_lora
     if assistant and not Path(assistant[0]).expanduser().exists() and assistant[0].startswith(("/", ".", "~")):
         out.append(

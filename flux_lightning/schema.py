@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import GROUPS
+from .run_identity import ResumeConfig
 
 # Wiring between nodes (not defaults of the dataclasses): caches live under paths.cache_dir, the
 # data order follows the run's seed, and the eval split (dataset.eval_fraction, 0 in the library)
@@ -46,6 +47,7 @@ _RUN_FIELDS = [
     ("nonfinite_max_consecutive", int, 10),
     ("allow_endless_run", bool, False),
     ("resume_from_checkpoint", str | None, "latest"),
+    ("resume", ResumeConfig, ResumeConfig),  # a class: its instance is the default
     ("run_name", str, "${flux_lightning.run_name:}"),
     ("paths", Any, None),
     ("module", Any, None),
@@ -63,7 +65,9 @@ def _group_field(group):
 
 TrainConfig = make_dataclass(
     "TrainConfig",
-    [_group_field(g) for g in GROUPS] + [(name, tp, field(default=default)) for name, tp, default in _RUN_FIELDS],
+    [_group_field(g) for g in GROUPS]
+    + [(name, tp, field(default_factory=default) if isinstance(default, type) else field(default=default))
+       for name, tp, default in _RUN_FIELDS],
     namespace={"__module__": __name__},
 )
 TrainConfig.__doc__ = """The whole run (``python -m flux_lightning``): typed groups plus the ``_target_`` groups
@@ -74,6 +78,8 @@ TrainConfig.__doc__ = """The whole run (``python -m flux_lightning``): typed gro
             (``demo`` for the embedded default), so re-running a command resumes it.
         resume_from_checkpoint: ``latest`` (the run dir's ``checkpoints/last.ckpt`` if any), a
             path, or null to start fresh.
+        resume: ``resume.allow_changes=[optimizer.lr]``: keys that may differ from the run dir's
+            recorded config (``run_config.yaml``) when resuming ``latest``; other changes are refused.
         compile: regional ``torch.compile`` of the transformer blocks.
         nonfinite_max_consecutive: a step whose loss or gradient is NaN/inf is skipped (weights and
             optimizer state untouched) and counted (``train/skipped_nonfinite``); this many in a row
@@ -82,6 +88,15 @@ TrainConfig.__doc__ = """The whole run (``python -m flux_lightning``): typed gro
         allow_endless_run: permit ``trainer.max_steps=-1`` with ``trainer.max_epochs=-1`` (a run
             that only stops when killed); refused otherwise.
     """
+
+def unknown_keys(cfg) -> list[str]:
+    """Top-level keys of a composed config that :class:`TrainConfig` does not have (``+nonsense=1``:
+    Hydra adds a new key to the root without complaint)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(TrainConfig)}
+    return sorted(str(k) for k in cfg if k not in known)
+
 
 # group -> the schema of its node (for tests and tools that walk the tree)
 GROUP_SCHEMAS: dict[str, type] = {g.name: g.schema for g in GROUPS}

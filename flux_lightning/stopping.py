@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-_state = {"signum": None, "immediate": True, "collective": False, "previous": {}}
+_state = {"signum": None, "immediate": True, "collective": False, "previous": {}, "wakeup": None}
+GRACE_S = 5.0  # before training, a stop the main thread has not acted on by then ends the process
 
 
 def requested() -> int | None:
@@ -79,10 +80,86 @@ def install() -> None:
     _state.update(signum=None, immediate=True, collective=False)
     for s in SIGNALS:
         _state["previous"][s] = signal.signal(s, _handler)
+    _start_watchdog()
+
+
+def _start_watchdog() -> None:
+    """Python runs a signal handler only between bytecodes: a VAE encode of large images is one C call
+    that can take minutes on a loaded CPU. The C-level handler writes the signal number to a wakeup fd
+    at once; this thread reads it and, before training (nothing to checkpoint, every cache entry is
+    renamed into place whole), ends the process if the main thread has not within :data:`GRACE_S`:
+    the temporary files being written are removed first, so the cache stays consistent."""
+    import os
+    import threading
+
+    if _state["wakeup"] is not None:
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    try:
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+        os.close(read_fd), os.close(write_fd)
+        return
+    pipe = _state["wakeup"] = (read_fd, write_fd)
+
+    def ours(signum: int) -> bool:
+        """Still installed, and the signal still goes to our handler (directly, or through Lightning's
+        composed handler during fit): not a test's or a caller's own handler."""
+        handler = signal.getsignal(signum)
+        return _state["wakeup"] is pipe and (handler is _handler or type(handler).__name__ == "_HandlersCompose")
+
+    def watch() -> None:
+        import time
+
+        while True:
+            try:
+                data = os.read(read_fd, 16)
+            except OSError:
+                data = b""
+            if not data:
+                os.close(read_fd)
+                return
+            signum = data[-1]
+            if signum not in SIGNALS or not _state["immediate"] or not ours(signum):
+                continue
+            deadline = time.monotonic() + GRACE_S
+            while time.monotonic() < deadline and _state["immediate"] and ours(signum):
+                time.sleep(0.1)
+            if _state["immediate"] and ours(signum):
+                _hard_stop(signum)
+
+    threading.Thread(target=watch, name="flux-lightning-stop-watchdog", daemon=True).start()
+
+
+def _hard_stop(signum: int) -> None:
+    import os
+    import sys
+    from contextlib import suppress
+
+    from .atomic_files import active_temporaries
+
+    for tmp in active_temporaries():
+        with suppress(OSError):
+            os.remove(tmp)
+    with suppress(Exception):
+        sys.stderr.write(stopped_message(StopRequested(signum)) + "\n")
+        sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def uninstall() -> None:
     """Put the handlers that :func:`install` replaced back."""
+    import os
+
+    if _state["wakeup"] is not None:
+        read_fd, write_fd = _state["wakeup"]
+        _state["wakeup"] = None
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:
+            pass
+        os.close(write_fd)  # the watchdog reads EOF, closes its end and ends
     for s, previous in _state["previous"].items():
         if previous is not None:
             signal.signal(s, previous)
@@ -92,6 +169,10 @@ def uninstall() -> None:
 
 class GracefulStop(L.Callback):
     """Stops training after the current step when a stop signal arrived, saving ``last.ckpt`` first.
+
+    Before saving, every callback with a ``finish_step(trainer, pl_module)`` method does its work for the
+    step just taken (it must be idempotent): the adapter EMA's update, which would otherwise miss the
+    checkpoint of the step the run stopped at.
 
     ``train()`` adds it first in the callback list, so a stop at a step where validation or the
     eval loss would run skips them. The checkpoint is written in :meth:`on_exception` (whatever
@@ -141,6 +222,11 @@ class GracefulStop(L.Callback):
             return
         self.step = trainer.global_step
         if isinstance(exception, StopRequested):
+            # this callback runs first: the later ones' end-of-step work for the step just taken (the
+            # EMA's update) is done here, so last.ckpt holds what a periodic checkpoint would
+            for cb in trainer.callbacks:
+                if cb is not self and hasattr(cb, "finish_step"):
+                    cb.finish_step(trainer, pl_module)
             self.checkpoint = self.save(trainer)
         elif isinstance(exception, SIGTERMException):
             # Lightning stopped at the end of a step, past the point where a checkpoint resumes

@@ -24,17 +24,19 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from . import stopping, timings
+from . import run_identity, stopping, timings
 from .atomic_files import AtomicCheckpointIO
+from .compose_errors import job_started, one_line_compose_errors
 from .config import validate
-from .errors import USER_ERRORS, NonFiniteLossError, RankFailed, StopRequested
+from .errors import USER_ERRORS, ConfigError, NonFiniteLossError, RankFailed, StopRequested
 from .hardware import device_summary_rows, resolve_trainer_devices
 from .hooks import RecordsRunConfig, SummaryRows, SweepMetric
 from .quantization import BNB_PRECISIONS
 from .quiet import silence_third_party_noise
+from .redaction import redact_secrets
 from .resume import announce_resume, checkpoint_step, finished_result, resolve_checkpoint
 from .rundir import is_global_zero, launcher_rank
-from .schema import config_dir, register
+from .schema import config_dir, register, unknown_keys
 from .simpletuner_cli import with_simpletuner_config
 from .stopping import GracefulStop
 from .sweep import write_result
@@ -98,11 +100,21 @@ def train(cfg: DictConfig) -> float:
 
 
 def _train(cfg: DictConfig) -> float:
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {', '.join(unknown)}: not a field of the run (misspelt? `python -m flux_lightning "
+            "--cfg job` prints every field); remove it"
+        )
     run = validate(cfg)
     timings.mark("validated")
     output_dir = cfg.paths.output_dir
     ckpt = resolve_checkpoint(cfg.get("resume_from_checkpoint"), output_dir)
     step = checkpoint_step(ckpt) if ckpt is not None else None  # read once: the file was checked above
+    if ckpt is not None and cfg.get("resume_from_checkpoint") == "latest":  # the dir's own run: the same config?
+        run_identity.check(output_dir, cfg, ckpt)
+    else:  # a fresh start (or an explicit checkpoint): this dir's run is now this config
+        run_identity.record(output_dir, run_identity.identity(cfg))
     done = finished_result(step, output_dir, cfg.trainer.get("max_steps"))
     if done is not None:
         print(
@@ -144,7 +156,7 @@ def _train(cfg: DictConfig) -> float:
             output_dir,
             {
                 "job": _job_name(),
-                "overrides": _task_overrides(),
+                "overrides": redact_secrets(_task_overrides()),  # no webhook tokens in the record
                 "metric_name": metric_name,
                 "metric": metric,
                 "train_loss": module.recent_train_loss(),
@@ -261,9 +273,11 @@ def _print_summary(rows: list[tuple[str, object]]) -> None:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows), flush=True)
 
 
+@one_line_compose_errors  # a command line Hydra cannot compose: one line naming the field, exit 2
 @with_simpletuner_config  # `simpletuner_config=config.json` -> overrides (flux_lightning/simpletuner_cli.py)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
+    job_started()
     timings.mark("composed")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Lightning's "Tip:" adverts, torch's LeafSpec FutureWarning, bitsandbytes' CPU-kernel warning (quiet.py)

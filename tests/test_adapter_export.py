@@ -113,3 +113,29 @@ def test_a_failure_at_a_checkpoint_is_forgotten_once_a_later_export_succeeds(tin
     assert export.error is None  # no AdapterExportError: the final file is good
     with safe_open(export.path, "pt") as f:
         assert f.metadata()["flux_lightning.step"] == "2"
+
+
+def test_every_checkpoint_keeps_its_own_loadable_lora_pruned_like_the_checkpoints(tiny_model_cfg, cache_root, tmp_path):
+    from safetensors.torch import load_file
+
+    class Snap(L.Callback):  # the main file's content right after each checkpoint's export
+        def __init__(self):
+            self.at = {}
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            self.at[trainer.global_step] = load_file(tmp_path / "lora" / ADAPTER_FILENAME)
+
+    export, snap = AdapterExport(str(tmp_path / "lora"), dtype="fp32"), Snap()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
+                                 every_n_train_steps=2, save_top_k=2, monitor="step", mode="max")
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[export, snap, checkpoint])
+    trainer.fit(_module(tiny_model_cfg), make_datamodule(tiny_model_cfg, cache_root))
+    kept = sorted(p.name for p in (tmp_path / "lora").glob("step_*"))
+    assert kept == ["step_000004", "step_000006"]  # step 2 pruned, as its checkpoint was
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["step000004.ckpt", "step000006.ckpt"]
+    for step in (4, 6):
+        own = load_file(tmp_path / "lora" / f"step_{step:06d}" / ADAPTER_FILENAME)
+        assert own.keys() == snap.at[step].keys() and all(torch.equal(own[k], snap.at[step][k]) for k in own)
+    latest, four = load_file(tmp_path / "lora" / ADAPTER_FILENAME), snap.at[4]
+    assert any(not torch.equal(latest[k], four[k]) for k in latest)  # the top file is the latest

@@ -3,6 +3,7 @@ export file, and validation images rendered with the EMA while the live weights 
 
 from __future__ import annotations
 
+import signal
 from dataclasses import replace
 from functools import partial
 from types import SimpleNamespace
@@ -14,11 +15,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
-from flux_lightning import AdapterConfig, FluxLoRAModule
+from flux_lightning import AdapterConfig, FluxLoRAModule, stopping
 from flux_lightning.adapters import ADAPTER_FILENAME
 from flux_lightning.callbacks import AdapterEMA, AdapterExport, ValidationImages
 from flux_lightning.callbacks.ema import EMA_FILENAME
-from flux_lightning.errors import ConfigError
+from flux_lightning.errors import ConfigError, StopRequested
+from flux_lightning.stopping import GracefulStop
 
 from .conftest import make_datamodule
 from .test_validation import _fake_trainer, _random_embeddings
@@ -87,6 +89,37 @@ def test_a_resumed_run_has_exactly_the_uninterrupted_runs_ema(straight, tiny_mod
     restored = AdapterEMA(decay=DECAY)
     restored.load_state_dict(torch.load(out / "ckpt" / "s6.ckpt", weights_only=False)["callbacks"]["AdapterEMA"])
     assert restored.updates == 2 and all(torch.equal(restored.ema[k], ema.ema[k]) for k in ema.ema)
+
+
+class _SignalAt(L.Callback):
+    """A SIGTERM's flag (as ``stopping``'s handler sets it) during step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1:
+            stopping._state["signum"] = signal.SIGTERM
+
+
+@pytest.mark.parametrize("stop_at", [4, 5])  # at an update's step, and between two
+def test_a_graceful_stop_and_resume_has_exactly_the_uninterrupted_runs_ema(straight, tiny_model_cfg, cache_root,
+                                                                            tmp_path, stop_at):
+    """The stop's last.ckpt is written in GracefulStop.on_exception, before the EMA callback's
+    on_train_batch_end would have run for that step: the checkpoint must hold that step's update."""
+    _, _, _, ema = straight
+    stop = GracefulStop()
+    try:
+        with pytest.raises(StopRequested):
+            _run(tiny_model_cfg, cache_root, tmp_path / "stopped",
+                 [stop, _SignalAt(stop_at), AdapterEMA(decay=DECAY, update_every=EVERY, start_step=START)])
+    finally:
+        stopping.uninstall()
+    assert stop.checkpoint is not None and stop.step == stop_at
+    resumed = AdapterEMA(decay=DECAY, update_every=EVERY, start_step=START)
+    _run(tiny_model_cfg, cache_root, tmp_path / "resumed", [resumed], ckpt_path=stop.checkpoint)
+    assert resumed.updates == ema.updates
+    assert all(torch.equal(resumed.ema[k], ema.ema[k]) for k in ema.ema)
 
 
 def test_the_ema_file_is_written_beside_the_main_file_and_loads(straight, tiny_model_cfg):

@@ -267,3 +267,131 @@ def test_unreadable_or_oversized_reference_images_are_skipped(cache_root, tmp_pa
         dm = FluxDataModule(cfg, tiny_cfg(cache_root, "kontext"))
         assert [s.path.name for s in dm.samples()] == ["good.png"] and dm.skipped == 2
     assert "garbage.png: cannot read image" in caplog.text and "max_aspect_ratio" in caplog.text
+
+
+# -- hostile values, table-driven: exit 2, the field or file named, one line per problem, no traceback --
+def _hostile(tmp_path, cases: list[list[str]]) -> list[dict]:
+    """Each case's exit code and stderr (tests/hostile_cli.py: one process for the whole table)."""
+    common = [f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache", "callbacks.clip_score=null"]
+    (tmp_path / "cases.json").write_text(json.dumps([[*common, *case] for case in cases]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "hostile_cli.py"), str(tmp_path / "cases.json"),
+                           str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / "out.json").read_text())
+
+
+def _assert_named(case, result, named: str) -> None:
+    err = result["stderr"]
+    assert "Traceback" not in err, (case, err[-2000:])
+    assert result["code"] == 2, (case, result["code"], err[-2000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    first = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+    assert all(line.startswith("  - ") for line in lines[first + 1:]), (case, err)  # one line per problem
+    assert named in err, (case, named, err)
+
+
+def test_hostile_command_line_values_are_named_without_a_traceback(tmp_path):
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    table = [  # (overrides, what the error must name)
+        (["adapter.rank=abc"], "adapter.rank"), (["adapter.rank=-4"], "adapter.rank"), (["adapter.rank=0"], "adapter.rank"),
+        (["adapter.rank=1e30"], "adapter.rank"), (["adapter.rank=nan"], "adapter.rank"), (["adapter.rank=[1,2]"], "adapter.rank"),
+        (["adapter.rank={a:{b:{c:{d:{e:1}}}}}"], "adapter.rank"), (["adapter.rank="], "adapter.rank"),
+        (["optimizer.lr=nan"], "optimizer.lr"), (["optimizer.lr=inf"], "optimizer.lr"), (["optimizer.lr=-1"], "optimizer.lr"),
+        (["optimizer.lr=1e999"], "optimizer.lr"), (["optimizer.lr=abc"], "optimizer.lr"),
+        (["trainer.max_steps=-5"], "trainer.max_steps"), (["trainer.max_steps=abc"], "trainer.max_steps"),
+        (["dataset.resolution=17"], "resolution"), (["dataset.resolution=-64"], "resolution"),
+        (["dataset.resolution=abc"], "dataset.resolution"), (["dataset.batch_size=0"], "batch_size"),
+        (["seed=abc"], "seed"), (["timesteps.sigmoid_scale=nan"], "timesteps.sigmoid_scale"),
+        (["loss.huber_c=-1"], "huber_c"), (["callbacks.model_checkpoint.every_n_train_steps=-1"], "every_n_train_steps"),
+        (["dataset=local", "dataset.instance_data_dir=/does/not/exist"], "/does/not/exist"),
+        (["dataset=local", f"dataset.instance_data_dir={a_file}"], str(a_file)),
+        (["model.pretrained_model_name_or_path=/does/not/exist"], "/does/not/exist"),
+        ([f"model.pretrained_model_name_or_path={a_file}"], str(a_file)),
+        (["resume_from_checkpoint=/does/not/exist.ckpt"], "resume_from_checkpoint"),
+        (['tread_config.routes=[1,"x"]'], "tread_config.routes[0]"),
+        (["tread_config.routes=[{bogus:1}]"], "tread_config.routes[...].bogus"),
+        (["tread_config.routes=[{selection_ratio:x,start_layer_idx:1,end_layer_idx:2}]"], "tread_config.routes[...].selection_ratio"),
+        (["tread_config.routes=5"], "tread_config.routes"),
+        (["adapter.rnk=3"], "adapter.rnk"), (["+adapter.rnk=3"], "rnk"), (["+nonsense=1"], "nonsense"),
+        (["model=nope"], "model/nope"), (["adapter.rank=["], "adapter.rank=["), (["resume.allow_changes=5"], "resume.allow_changes"),
+        (["dataset.backend_file=/does/not/exist.json"], "/does/not/exist.json"),
+        ([f"dataset.backend_file={tmp_path}"], str(tmp_path)),
+    ]
+    for (case, named), result in zip(table, _hostile(tmp_path, [c for c, _ in table])):
+        _assert_named(case, result, named)
+
+
+def test_hostile_backend_files_are_named_without_a_traceback(tmp_path):
+    images = tmp_path / "images"
+    _rgb(images / "a.png")
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    ok = {"id": "a", "instance_data_dir": str(images), "resolution": 64}
+    deep = "[" * 5000 + "1" + "]" * 5000
+    table = [  # (file content, what the error must name besides the file)
+        ("", "not valid JSON"), ("{not json", "not valid JSON"), ("5", ""), ('{"id": "a"}', ""), ("[5, \"x\"]", ""),
+        (json.dumps([{**ok, "resolution": float("nan")}]), "resolution"),
+        (json.dumps([{**ok, "resolution": float("inf")}]), "resolution"),
+        (json.dumps([{**ok, "resolution": -64}]), "resolution"), (json.dumps([{**ok, "resolution": 1e30}]), "resolution"),
+        (json.dumps([{**ok, "repeats": -1}]), "repeats"), (json.dumps([{**ok, "id": ""}]), "id"),
+        (json.dumps([{**ok, "instance_data_dir": "/does/not/exist"}]), "/does/not/exist"),
+        (json.dumps([{**ok, "instance_data_dir": str(a_file)}]), str(a_file)),
+        (json.dumps([{**ok, "instance_data_dir": ""}]), "instance_data_dir"),
+        (json.dumps([{**ok, "crop_aspect_buckets": [[[[1.0]]]]}]), "crop_aspect_buckets"),
+        (json.dumps([{**ok, "resolution": {"a": {"b": 1}}}]), "resolution"),
+        (deep, ""), (json.dumps([]), ""),
+    ]
+    cases = []
+    for i, (content, _) in enumerate(table):
+        path = tmp_path / f"backends{i}.json"
+        path.write_text(content)
+        cases.append([f"dataset.backend_file={path}"])
+    for (content, named), case, result in zip(table, cases, _hostile(tmp_path, cases)):
+        _assert_named(content[:80], result, named)
+        named_where = case[0].split("=", 1)[1] in result["stderr"] or "dataset.backends[" in result["stderr"]
+        assert named_where, (content[:80], result["stderr"])  # the file, or the backend's field in it
+
+
+def test_caption_files_may_be_txt_or_caption(tmp_path):
+    d = tmp_path / "imgs"
+    _rgb(d / "a.png"), _rgb(d / "b.png"), _rgb(d / "c.png")
+    (d / "a.caption").write_text("from a caption file")
+    (d / "b.txt").write_text("from a txt file")
+    (d / "b.caption").write_text("the txt wins")
+    (d / "orphan.caption").write_text("no image")
+    records, skipped = discover(ImageBackendConfig(id="x", instance_data_dir=str(d), caption_strategy="textfile"))
+    assert {r.path.name: r.caption for r in records} == {"a.png": "from a caption file", "b.png": "from a txt file"}
+    assert skipped == 1  # c.png: neither file
+
+
+def test_an_open_clip_model_without_open_clip_names_the_extra(monkeypatch):
+    from flux_lightning.callbacks.clip_score import load_clip
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # not installed
+    with pytest.raises(ImportError, match=r'pip install "flux-lightning\[open_clip\]"'):
+        load_clip("open_clip:ViT-L-14", "openai")
+
+
+def _png_header_only(path, w: int, h: int) -> None:
+    """A PNG that declares ``w x h`` (its header) without the pixel data: what a size check reads."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("w,h", [(12000, 8000), (14000, 13000)])  # 96 MP; 182 MP, beyond PIL's own bomb error
+def test_a_huge_image_is_called_larger_than_max_image_pixels(tiny_model_cfg, tmp_path, caplog, w, h):
+    d = tmp_path / "d"
+    _rgb(d / "ok.png", size=(64, 64))
+    _png_header_only(d / "huge.png", w, h)
+    with caplog.at_level(logging.WARNING):
+        dm = make_datamodule(tiny_model_cfg, tmp_path / "c", instance_data_dir=str(d))
+        assert [s.path.name for s in dm.samples()] == ["ok.png"] and dm.skipped == 1
+    assert f"huge.png: {w}x{h} exceeds dataset.max_image_pixels=89478485" in caplog.text
+    assert "truncated" not in caplog.text and "cannot read" not in caplog.text

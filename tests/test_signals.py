@@ -376,3 +376,21 @@ def test_a_stop_signal_while_a_temporary_file_is_created_or_written_leaves_no_tm
     finally:
         signal.signal(signal.SIGINT, previous)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_sigterm_inside_one_long_c_call_before_training_stops_within_seconds(tmp_path):
+    """Python runs handlers between bytecodes only; the watchdog (wakeup fd) ends the process
+    GRACE_S after the signal with the usual line and exit code, the written entries kept, no .tmp."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "stop_during_long_op.py"), str(tmp_path / "vae")],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "busy", proc.communicate()[1][-3000:]
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-2000:])
+    assert took < 30, f"SIGTERM took {took:.1f}s"  # GRACE_S (5 s) plus a loaded machine's slack
+    assert "long call ended" not in out
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM before training started")
+    assert sorted(p.suffix for p in (tmp_path / "vae").rglob("*") if p.is_file()) == [".safetensors"] * 3

@@ -17,6 +17,22 @@ from ..hooks import ConfigChecked, ExtraExports, SummaryRows, raise_problems
 log = logging.getLogger(__name__)
 _FIELD = "callbacks.adapter_export"
 
+STEP_DIR_PREFIX = "step_"  # <dirpath>/step_000500/pytorch_lora_weights.safetensors: a checkpoint's adapter
+
+
+def _link_atomic(source: Path, target: Path) -> None:
+    """``target`` = ``source``'s content, by a hard link (a copy where links fail), renamed into place."""
+    import os
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
 
 class AdapterExport(L.Callback):
     """Keeps ``<dirpath>/pytorch_lora_weights.safetensors`` current (rank 0 only), and any further file a
@@ -108,6 +124,37 @@ class AdapterExport(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if self.with_checkpoints:
             self._export(trainer, pl_module)
+            self._keep_step_copy(trainer)
+
+    def _keep_step_copy(self, trainer) -> None:
+        """``<dirpath>/step_<N>/<file>``: each checkpoint's adapter files (the main one, the EMA's) as their
+        own loadable files, hard links of the files just written (a later export replaces the main file
+        by a new one, so the link keeps this step's); the newest ``save_top_k`` of the run's
+        ModelCheckpoint are kept, like its checkpoints (``-1``: all)."""
+        if not trainer.is_global_zero or self.error is not None or self._exported_step != trainer.global_step:
+            return
+        step_dir = self.dirpath / f"{STEP_DIR_PREFIX}{trainer.global_step:06d}"
+        try:
+            step_dir.mkdir(parents=True, exist_ok=True)
+            for source in [self.dirpath / ADAPTER_FILENAME] + [self.dirpath / f for f, _ in self._extra_exports(trainer, trainer.lightning_module)]:
+                if source.is_file():
+                    _link_atomic(source, step_dir / source.name)
+            self._prune(trainer)
+        except OSError as err:  # never lose the run for a copy; the main file is written
+            log.error("callbacks.adapter_export: keeping %s failed (%s); training and checkpoints continue", step_dir, err)
+
+    def _prune(self, trainer) -> None:
+        import shutil
+
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+        keep = -1 if ckpt is None else ckpt.save_top_k
+        if keep < 0:
+            return
+        steps = sorted(p for p in self.dirpath.glob(f"{STEP_DIR_PREFIX}*") if p.is_dir())
+        for old in steps[: max(len(steps) - max(keep, 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._export(trainer, pl_module)

@@ -89,7 +89,7 @@ def load_clip(model_name_or_path: str, open_clip_pretrained: str | None = None):
         try:
             import open_clip
         except ImportError:
-            raise ImportError("open_clip CLIP score needs open_clip: pip install open_clip_torch") from None
+            raise ImportError('an open_clip: CLIP model needs open_clip: pip install "flux-lightning[open_clip]"') from None
         name = model_name_or_path.split(":", 1)[1]
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=open_clip_pretrained)
         return _OpenClipModel(model.eval()), _OpenClipProcessor(preprocess, open_clip.get_tokenizer(name))

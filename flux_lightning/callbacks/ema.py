@@ -145,6 +145,11 @@ class AdapterEMA(L.Callback):
         self._seen_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.finish_step(trainer, pl_module)
+
+    def finish_step(self, trainer, pl_module) -> None:
+        """The update for the optimizer step just taken, once per step (``GracefulStop`` calls it
+        before a stop's ``last.ckpt``, which is written before this callback's batch end)."""
         step = trainer.global_step
         if not self.enabled or step == self._seen_step:
             return

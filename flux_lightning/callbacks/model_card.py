@@ -17,13 +17,12 @@ import lightning as L
 
 from ..errors import Problem
 from ..hooks import ConfigChecked, RecordsRunConfig, raise_problems
-
-from .adapter_export import AdapterExport
+from ..redaction import REDACTED, redact, redact_yaml  # noqa: F401 (redact_yaml: used by tests and tools)
+from .adapter_export import STEP_DIR_PREFIX, AdapterExport
 from .validation import ValidationImages
 
 log = logging.getLogger(__name__)
 
-REDACTED = "<redacted>"
 _DEV_LICENSE = "flux-1-dev-non-commercial-license"
 # flavour -> (license, license_name, license_link); FLUX.1 [dev] derivatives carry BFL's non-commercial
 # license, schnell (and LibreFlux, de-distilled from it) Apache-2.0; the tiny flavour's weights are random
@@ -39,49 +38,7 @@ LICENSES: dict[str, tuple[str, str | None, str | None]] = {
 }
 TAGS = ["flux", "lora", "diffusers", "text-to-image", "template:sd-lora", "flux-lightning"]
 
-_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|webhook_url|credentials?)($|_)", re.I)
-_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
-_NETWORK_URL = re.compile(r"^(https?|wss?|ftp|file)://", re.I)
-_LOCAL_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _env_secrets() -> list[str]:
-    return [v for k, v in os.environ.items() if _SECRET_KEY.search(k.lower()) and len(v) >= 8]
-
-
-def redact(value, key: str = "", _secrets: list[str] | None = None):
-    """``value`` (a config tree: dicts, lists, scalars) with nothing private left in its strings.
-
-    * a field named like a secret (``*_token``, ``secret``, ``password``, ``api_key``,
-      ``webhook_url``) -> ``<redacted>``;
-    * a string holding an ``hf_...`` token or the value of a secret environment variable
-      (``HF_TOKEN``, ``WANDB_API_KEY``...) -> ``<redacted>``;
-    * a network URL (webhooks carry their token in the path) -> ``<redacted>``;
-    * an absolute or home path (output, cache, data, model folders) -> ``<redacted>/<basename>``.
-    """
-    secrets = _env_secrets() if _secrets is None else _secrets
-    if isinstance(value, dict):
-        return {k: redact(v, str(k), secrets) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v, key, secrets) for v in value]
-    if not isinstance(value, str) or not value:
-        return value
-    if _SECRET_KEY.search(key) or _SECRET_VALUE.search(value) or any(s in value for s in secrets):
-        return REDACTED
-    if _NETWORK_URL.match(value):
-        return REDACTED
-    if _LOCAL_PATH.match(value):
-        name = PurePath(value.replace("\\", "/")).name
-        return f"{REDACTED}/{name}" if name and name != "~" else REDACTED
-    return value
-
-
-def redact_yaml(text: str) -> str:
-    """The YAML document ``text`` with :func:`redact` applied to every value."""
-    import yaml
-
-    return yaml.safe_dump(redact(yaml.safe_load(text)), sort_keys=False, allow_unicode=True)
 
 
 def base_model_id(facts: dict) -> str | None:
@@ -234,6 +191,7 @@ class ModelCard(L.Callback):
                 repo_id=self.hub_model_id,
                 folder_path=str(self.dirpath),
                 repo_type="model",
+                ignore_patterns=[f"{STEP_DIR_PREFIX}*/*"],  # the per-checkpoint copies stay local
                 commit_message="Upload Flux LoRA trained with flux_lightning",
             )
         except Exception as err:  # network, auth, quota: the files stay on disk

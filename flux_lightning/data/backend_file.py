@@ -88,8 +88,12 @@ def load_backend_file(path: str | Path) -> tuple[list[ImageBackendConfig], TextE
         raise DataError(f"dataset.backend_file: cannot read {path} ({err.strerror})") from None
     except ValueError as err:
         raise DataError(f"dataset.backend_file: {path} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise DataError(f"dataset.backend_file: {path} is nested too deeply; it must hold a list of backend objects") from None
     if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
         raise DataError(f"dataset.backend_file: {path} must hold a JSON list of backend objects")
+    if not doc:
+        raise DataError(f"dataset.backend_file: {path} holds no backends; add an image backend (id, instance_data_dir)")
     images, texts, problems = [], [], []
     for n, entry in enumerate(doc):
         is_text = entry.get("dataset_type") == "text_embeds"

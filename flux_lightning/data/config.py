@@ -146,6 +146,8 @@ class ImageBackendConfig:
         def bad(fld, msg):
             out.append(Problem(f"{name}.{fld}", f"{name}.{fld}: {msg}"))
 
+        if not str(self.id).strip():
+            bad("id", "is empty; give each backend a name (its cache folder and messages use it)")
         if self.type not in BACKEND_TYPES:
             bad("type", f"{self.type!r} is not supported; use {' or '.join(BACKEND_TYPES)}")
         if self.dataset_type not in DATASET_TYPES:
@@ -157,6 +159,8 @@ class ImageBackendConfig:
         else:
             if not self.folders():
                 bad("instance_data_dir", "is missing; point it at a folder of images")
+            elif any(not str(f).strip() for f in self.folders()):
+                bad("instance_data_dir", "is an empty path; point it at a folder of images")
             if self.caption_strategy == "huggingface":
                 bad("caption_strategy", "huggingface needs type: huggingface; use filename, textfile, instanceprompt, parquet or csv")
             for key in ("dataset_name", "mask_column"):
@@ -174,6 +178,9 @@ class ImageBackendConfig:
             bad("resolution", f"{self.resolution:g} must be a positive multiple of 16 (latents are packed 2x2)")
         elif self.resolution <= 0:
             bad("resolution", "must be positive (megapixels)")
+        elif self.resolution > (MAX_MEGAPIXELS if self.resolution_type == "area" else MAX_RESOLUTION):
+            bad("resolution", f"{self.resolution:g} is beyond any image this can train on (at most "
+                f"{MAX_RESOLUTION} px, or {MAX_MEGAPIXELS} megapixels with resolution_type: area)")
         if self.crop_aspect not in CROP_ASPECTS:
             bad("crop_aspect", f"{self.crop_aspect!r} is unknown; use one of {', '.join(CROP_ASPECTS)}")
         if self.crop and self.crop_aspect in ("closest", "random") and not self.crop_aspect_buckets:
@@ -527,6 +534,10 @@ class DatasetConfig:
         """These backends instead of ``backend_file`` and the shorthand fields."""
         cleared = {f: None for f in _SHORTHAND}
         return replace(self, backends=backends, text_embeds=text_embeds, backend_file=None, **cleared)
+
+
+MAX_RESOLUTION = 16384  # px on a side: 64k latent tokens already; Flux was trained up to 2 MP
+MAX_MEGAPIXELS = 256
 
 
 def _folder_list(dirs) -> list[str]:

@@ -46,7 +46,8 @@ UNSUPPORTED_IMAGE_EXTENSIONS = {
     ".exr", ".hdr", ".dng", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf",
 } - IMAGE_EXTENSIONS
 # Files a dataset folder may hold besides images: captions, metadata tables, SimpleTuner's indexes.
-DATASET_FILE_EXTENSIONS = {".txt", ".csv", ".parquet", ".json", ".jsonl"}
+DATASET_FILE_EXTENSIONS = {".txt", ".caption", ".csv", ".parquet", ".json", ".jsonl"}
+CAPTION_EXTENSIONS = (".txt", ".caption")  # caption_strategy=textfile: <image stem>.txt, else .caption
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def scan_folder(folder: str | os.PathLike, field_name: str = "dataset.instance_d
                 scan.images.append(path)
             elif image:
                 scan.skipped.append((path, f"unsupported image format {ext}; convert it to PNG or JPEG"))
-            elif ext == ".txt" and Path(name).stem not in stems:
+            elif ext in CAPTION_EXTENSIONS and Path(name).stem not in stems:
                 scan.ignored.append((path, "caption file without an image of the same name"))
             elif ext not in DATASET_FILE_EXTENSIONS:
                 scan.ignored.append((path, "not an image format this trainer reads"))
@@ -201,9 +202,9 @@ def _caption(
     if table is not None:
         caption = table.get(relative, table.get(path.name))
         return caption, f"no row for it in the {cfg.caption_strategy} metadata table"
-    text_file = path.with_suffix(".txt")
-    if not text_file.is_file():
-        return None, f"caption_strategy=textfile but {text_file.name} is missing"
+    text_file = next((path.with_suffix(e) for e in CAPTION_EXTENSIONS if path.with_suffix(e).is_file()), None)
+    if text_file is None:
+        return None, f"caption_strategy=textfile but {path.with_suffix('.txt').name} is missing (a .caption file would do too)"
     return read_text(text_file).strip(), ""
 
 

@@ -21,15 +21,34 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def open_image(src) -> Image.Image:
-    """``Image.open`` of a path, or of ``src.open()`` for an image that is not a file."""
-    return Image.open(src if isinstance(src, (str, os.PathLike)) else src.open())
+    """``Image.open`` of a path, or of ``src.open()`` for an image that is not a file. Pillow's own
+    decompression-bomb limit is off here: ``dataset.max_image_pixels`` is checked from the header first
+    (:meth:`~flux_lightning.data.resolve.SampleResolver.size_problem`), with a message naming it."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(src if isinstance(src, (str, os.PathLike)) else src.open())
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+_PNG_EXIF_DECODE_LIMIT = 16_000_000  # px: above, a PNG's orientation is read from its header chunks only
 
 
 def upright_size(path: Path) -> tuple[int, int]:
-    """Image size after EXIF rotation, read from the header only."""
+    """Image size after EXIF rotation, read from the header only. Pillow's ``getexif()`` decodes a
+    whole PNG to find an eXIf chunk after the pixels: a huge PNG would be decoded (or called
+    truncated) before its size is checked, so a large PNG's orientation comes from the chunks
+    before its pixels (where writers put it)."""
     with open_image(path) as im:
         w, h = im.size
-        if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+        if im.format == "PNG" and ("exif" in im.info or w * h > _PNG_EXIF_DECODE_LIMIT):
+            exif = Image.Exif()
+            if "exif" in im.info:
+                exif.load(im.info["exif"])
+        else:
+            exif = im.getexif()
+        if exif.get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
             w, h = h, w
     return w, h
 
