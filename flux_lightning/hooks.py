@@ -53,6 +53,15 @@ class RecordsRunConfig(Protocol):
 
 
 @runtime_checkable
+class FinishStep(Protocol):
+    """The part's work at the end of an optimizer step, done early when a graceful stop writes
+    ``last.ckpt`` inside that step (``GracefulStop``), so the checkpoint holds the step whole
+    (``AdapterEMA``: the stopped step's update)."""
+
+    def finish_step(self, trainer, pl_module) -> None: ...
+
+
+@runtime_checkable
 class ValidationWeights(Protocol):
     """A context manager that swaps other adapter weights in for a validation round, or None
     (``AdapterEMA`` with ``use_for_validation``; the live weights are restored bit for bit)."""

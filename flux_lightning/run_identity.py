@@ -22,15 +22,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .config import GROUPS
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "run_config.yaml"
 
-# groups recorded whole (minus EXCLUDED keys)
-_GROUPS = ("model", "adapter", "dataset", "timesteps", "optimizer", "lr_scheduler", "tread_config", "loss",
-           "scheduled_sampling")
+# the typed groups are recorded whole (minus EXCLUDED keys)
+_GROUPS = tuple(g.name for g in GROUPS)
 # keys that never change the weights: where things are written or cached, memory-only switches,
 # the run's length, logging and checks
 EXCLUDED = {

@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .errors import StopRequested
+from .hooks import FinishStep
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ class GracefulStop(L.Callback):
             # this callback runs first: the later ones' end-of-step work for the step just taken (the
             # EMA's update) is done here, so last.ckpt holds what a periodic checkpoint would
             for cb in trainer.callbacks:
-                if cb is not self and hasattr(cb, "finish_step"):
+                if cb is not self and isinstance(cb, FinishStep):
                     cb.finish_step(trainer, pl_module)
             self.checkpoint = self.save(trainer)
         elif isinstance(exception, SIGTERMException):

@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 from ..errors import Problem
-from ..hooks import ConfigChecked, ExtraExports, SummaryRows, TrainableParameters, ValidationWeights, raise_problems
+from ..hooks import ConfigChecked, ExtraExports, FinishStep, SummaryRows, TrainableParameters, ValidationWeights, raise_problems
 
 EMA_FILENAME = "pytorch_lora_weights_ema.safetensors"
 EMA_DEVICES = ("cpu", "accelerator")
@@ -54,6 +54,7 @@ class AdapterEMA(L.Callback):
 
     implements = (
         ConfigChecked,
+        FinishStep,
         ValidationWeights,
         ExtraExports,
         SummaryRows,
