@@ -130,7 +130,7 @@ class ConfigChecked(Protocol):
 
 #: every hook protocol (the test walks these)
 HOOKS: tuple[type, ...] = (
-    PromptTexts, SummaryRows, SweepMetric, RecordsRunConfig, ValidationWeights, ExtraExports,
+    PromptTexts, SummaryRows, SweepMetric, RecordsRunConfig, FinishStep, ValidationWeights, ExtraExports,
     ValidationImagesListener, EvalSplit, TrainableParameters, RendersImages, ConfigChecked,
 )  # fmt: skip
 

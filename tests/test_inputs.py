@@ -363,7 +363,9 @@ def test_caption_files_may_be_txt_or_caption(tmp_path):
     (d / "orphan.caption").write_text("no image")
     records, skipped = discover(ImageBackendConfig(id="x", instance_data_dir=str(d), caption_strategy="textfile"))
     assert {r.path.name: r.caption for r in records} == {"a.png": "from a caption file", "b.png": "from a txt file"}
-    assert skipped == 1  # c.png: neither file
+    assert [(s.path.name, s.reason) for s in skipped] == [
+        ("c.png", "caption_strategy=textfile but c.txt is missing (a .caption file would do too)")
+    ]  # neither file
 
 
 def test_an_open_clip_model_without_open_clip_names_the_extra(monkeypatch):
