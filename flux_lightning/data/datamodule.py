@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..components import ModelConfig, load_text_encoders, load_vae, model_identity
+from ..components import ModelConfig, load_text_encoders, load_vae, model_identity, resolve_source
 from . import caching
 from .backend_file import resolve_dataset
 from .cache import TensorCache, cache_key, text_spec
@@ -204,6 +204,8 @@ class FluxDataModule(L.LightningDataModule):
         captions = list(dict.fromkeys([""] + [s.caption for s in everything] + self.wanted_prompts()))
         caching.discard_bad_texts(captions, self.text_cache, self.text_key, text_spec(self.model_cfg.spec.t5_max_length))
         missing = [c for c in captions if self.text_key(c) not in self.text_cache]
+        if todo or missing:  # a model folder built on demand (tiny flavour): once, before the ranks load it
+            resolve_source(self.model_cfg)
         return CachePlan(
             samples, evals, self.skipped,
             caching.latent_chunks(list(todo.values()), self.cfg.vae_batch_size),
