@@ -69,15 +69,26 @@ def _fsdp_root(trainer):
 
 
 @contextmanager
+def gathered(root) -> Iterator[None]:
+    """Every parameter of the FSDP module ``root`` whole on every rank inside the block (no write-back);
+    ``root=None``: nothing to gather. A collective: every rank enters it."""
+    if root is None:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(root, writeback=False, recurse=True):
+        yield
+
+
+@contextmanager
 def full_parameters(trainer, module=None) -> Iterator[None]:
     """Every parameter whole on every rank inside the block (FSDP: ``summon_full_params``, no
     write-back; DeepSpeed ZeRO-3: ``GatheredParameters`` of ``module``'s trainable parameters);
     nothing to do for other strategies. Every rank must enter it (it is a collective)."""
     root = _fsdp_root(trainer)
     if root is not None:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.summon_full_params(root, writeback=False, recurse=True):
+        with gathered(root):
             yield
         return
     stage = _zero_stage(trainer)
