@@ -52,7 +52,12 @@ def fsdp(activation_checkpointing: bool = False, **kwargs):
 
 def deepspeed_missing(strategy) -> str | None:
     """The one-line problem of a DeepSpeed strategy without the package installed, else None."""
-    name = strategy if isinstance(strategy, str) else str((strategy or {}).get("_target_", "")) if isinstance(strategy, dict) else ""
+    from collections.abc import Mapping
+
+    if isinstance(strategy, Mapping):
+        name = str(strategy.get("_target_", ""))
+    else:
+        name = strategy if isinstance(strategy, str) else type(strategy).__name__
     if "deepspeed" not in name.lower() or importlib.util.find_spec("deepspeed") is not None:
         return None
     return (
