@@ -122,3 +122,14 @@ def test_deepspeed_without_the_package_is_one_line_naming_the_install(monkeypatc
     ]
     assert trainer_problems({"strategy": "ddp", "max_steps": 10}) == []
     assert trainer_problems({"strategy": {"_target_": "flux_lightning.strategies.fsdp"}, "max_steps": 10}) == []
+
+
+def test_gpu_multi_benchmark_says_it_needs_two_gpus_on_a_cpu_machine():
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+        pytest.skip("a multi-GPU machine runs the benchmark itself")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_multi.py"), "--preset", "small"],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "benchmarks/gpu_multi.py needs a machine with at least 2 CUDA GPUs"
