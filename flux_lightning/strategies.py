@@ -13,8 +13,8 @@ writes directories as well; DeepSpeed is optional and needs CUDA.
 from __future__ import annotations
 
 import importlib.util
-from contextlib import contextmanager, nullcontext
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 FLUX_BLOCKS = (
     "diffusers.models.transformers.transformer_flux.FluxTransformerBlock",
