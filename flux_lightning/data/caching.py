@@ -138,6 +138,9 @@ def cache_latents(vae, chunks: list[list[Sample]], caches: dict[str, TensorCache
     loader = DataLoader(
         DecodedChunks(chunks), batch_size=None, num_workers=workers,
         worker_init_fn=_worker_ignores_stop_signals if workers else None,
+        # its own generator: an iterator draws a base seed, which must not come from the global RNG
+        # (the LoRA's init and the training draws follow caching; a warm-cache re-run never iterates)
+        generator=torch.Generator().manual_seed(0),
     )
     bar = tqdm(total=sum(len(c) for c in chunks), desc="caching VAE latents", unit="img")
     decoded = iter(loader)
