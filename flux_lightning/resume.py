@@ -19,20 +19,44 @@ RESULT_FILE = "result.json"  # a finished run's outcome (flux_lightning.sweep.wr
 def checkpoint_step(path) -> int:
     """The ``global_step`` of a Lightning checkpoint, reading only its pickle (tensors are mapped,
     not read): a cheap check that the file is a complete checkpoint before Lightning loads it.
+    A checkpoint directory (FSDP ``state_dict_type: sharded``, DeepSpeed) is read from its
+    metadata file (:func:`_step_file`).
 
     Raises:
         ValueError: the file is empty, truncated, corrupt or not a Lightning checkpoint (the reason).
     """
     path = Path(path)
+    if path.is_dir():
+        path = _step_file(path)
     if path.stat().st_size == 0:
         raise ValueError("empty file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated zip, bad pickle, not a torch file
         raise ValueError(f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}") from None
-    if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt or ("state_dict" not in ckpt and "module" not in ckpt and path.name != "meta.pt"):
         raise ValueError("not a Lightning checkpoint (no global_step/state_dict)")
     return int(ckpt["global_step"])
+
+
+def _step_file(folder: Path) -> Path:
+    """The file of a checkpoint directory that holds its ``global_step``: Lightning's FSDP sharded
+    checkpoints keep it in ``meta.pt``; DeepSpeed's in ``<tag>/mp_rank_00_model_states.pt``, the tag
+    named by the ``latest`` file (Lightning's tag: ``checkpoint``)."""
+    if (folder / "meta.pt").is_file():
+        return folder / "meta.pt"
+    tag = (folder / "latest").read_text().strip() if (folder / "latest").is_file() else "checkpoint"
+    found = folder / tag / "mp_rank_00_model_states.pt"
+    if found.is_file():
+        return found
+    raise ValueError("a folder without meta.pt (FSDP) or <tag>/mp_rank_00_model_states.pt (DeepSpeed)")
+
+
+def _mtime(path: Path) -> int:
+    """When a checkpoint was last written: a directory's newest file."""
+    if path.is_dir():
+        return max((p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime_ns)
+    return path.stat().st_mtime_ns
 
 
 def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
@@ -47,8 +71,8 @@ def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
     if value in (None, "", "none"):
         return None
     if value == "latest":
-        found = [p for p in (Path(output_dir) / "checkpoints").glob("*.ckpt") if p.is_file()]
-        found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+        found = [p for p in (Path(output_dir) / "checkpoints").glob("*.ckpt") if p.is_file() or p.is_dir()]
+        found.sort(key=lambda p: (_mtime(p), p.name == "last.ckpt"), reverse=True)
         bad = []
         for path in found:
             try:
@@ -68,11 +92,11 @@ def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
                 )
             )
         return None
-    if not Path(value).is_file():
+    if not Path(value).exists():
         raise ConfigError(
             Problem(
                 "resume_from_checkpoint",
-                f"resume_from_checkpoint: {value} does not exist; give a .ckpt file, latest or null",
+                f"resume_from_checkpoint: {value} does not exist; give a .ckpt file (or checkpoint folder), latest or null",
             )
         )
     try:

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
 
 from .errors import Problem
+from .strategies import deepspeed_missing
 from .values import is_int as _int, is_number as _num
 
 PRECISIONS: tuple = get_args(_PRECISION_INPUT_STR) + get_args(_PRECISION_INPUT_STR_ALIAS) + get_args(_PRECISION_INPUT_INT)
@@ -66,6 +67,10 @@ def _devices(name: str, v) -> str | None:
     return None if ok else f"{name}={v!r} must be a count >= 1, -1 (all), auto, or a list of device indices; e.g. {name}=1"
 
 
+def _strategy(name: str, v) -> str | None:
+    return deepspeed_missing(v)
+
+
 TRAINER_FIELDS: dict[str, Callable[[str, Any], str | None]] = {
     "max_steps": _steps_or_unlimited,
     "max_epochs": _steps_or_unlimited,
@@ -76,6 +81,7 @@ TRAINER_FIELDS: dict[str, Callable[[str, Any], str | None]] = {
     "precision": _precision,
     "devices": _devices,
     "num_nodes": _int_at_least(1, "e.g. 1"),
+    "strategy": _strategy,
 }
 
 

@@ -96,7 +96,15 @@ def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors keyed like diffusers' files, without the ``transformer.`` prefix."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach() for k, v in get_peft_model_state_dict(transformer, adapter_name=TRAINED).items()}
+    state = None
+    named = dict(transformer.named_parameters())
+    if any(_FSDP_PREFIX in n for n in named):  # blocks wrapped by FSDP (inside strategies.gathered): its names
+        state = {n: p for n, p in named.items() if "lora_" in n}
+    found = get_peft_model_state_dict(transformer, state_dict=state, adapter_name=TRAINED)
+    return {k.replace(_FSDP_PREFIX, ""): v.detach() for k, v in found.items()}
+
+
+_FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
 # -- reading LoRA files ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from ..adapters import ADAPTER_FILENAME, LORA_FORMATS, lora_format_problems
 from ..model_config import DTYPES
 from ..errors import AdapterExportError, Problem
 from ..hooks import ConfigChecked, ExtraExports, SummaryRows, raise_problems
+from ..strategies import full_parameters, is_sharded
 
 log = logging.getLogger(__name__)
 _FIELD = "callbacks.adapter_export"
@@ -93,8 +94,19 @@ class AdapterExport(L.Callback):
         raise_problems(lora_format_problems(self.lora_format, pl_module.adapter_cfg, field=f"{_FIELD}.lora_format"))
 
     def _export(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero or (self._exported_step == trainer.global_step and self.error is None):
+        if not is_sharded(trainer):
+            if trainer.is_global_zero and not (self._exported_step == trainer.global_step and self.error is None):
+                self._write(trainer, pl_module)
             return
+        # sharded parameters (FSDP, ZeRO-3): every rank gathers them (a collective), rank 0 writes
+        if self._exported_step == trainer.global_step:
+            return
+        with full_parameters(trainer, pl_module):
+            if trainer.is_global_zero:
+                self._write(trainer, pl_module)
+        self._exported_step = trainer.global_step
+
+    def _write(self, trainer: L.Trainer, pl_module) -> None:
         target = self.dirpath / ADAPTER_FILENAME
         try:
             self.path = pl_module.export_adapter(self.dirpath, dtype=self.dtype, lora_format=self.lora_format)

@@ -29,6 +29,7 @@ from ..hooks import (
 )
 from ..values import is_int
 from ..memory import park
+from ..strategies import is_sharded
 from ..tiny import resolve_tiny_source
 from .isolation import isolated
 from .preview import PreviewWebhook
@@ -394,11 +395,16 @@ class ValidationImages(L.Callback):
     def generate(self, trainer, pl_module) -> list[ValidationRecord]:
         """Render every prompt at every resolution for the current step; returns the records."""
         step = trainer.global_step
-        if not self.prompts or step == self._last_step or not trainer.is_global_zero:
+        writer = trainer.is_global_zero
+        # sharded parameters (FSDP, ZeRO-3): every rank runs the sampler (each forward gathers a
+        # block at a time, a collective); rank 0 writes and logs the images
+        if not self.prompts or step == self._last_step or not (writer or is_sharded(trainer)):
             return []
         self._last_step = step
         with isolated(pl_module.transformer), self._weights(trainer, pl_module):
-            records = self._render(trainer.datamodule, pl_module, step)
+            records = self._render(trainer.datamodule, pl_module, step, write=writer)
+        if not writer:
+            return []
         self.last_records = records
         self._log_grid(trainer, records, step)
         for callback in trainer.callbacks:
@@ -417,7 +423,7 @@ class ValidationImages(L.Callback):
                 return weights
         return nullcontext()
 
-    def _render(self, datamodule, pl_module, step: int) -> list[ValidationRecord]:
+    def _render(self, datamodule, pl_module, step: int, write: bool = True) -> list[ValidationRecord]:
         settings = self.sampling(pl_module.model_cfg.spec)
         embed = datamodule.prompt_embedding
         pipe = self._pipeline(pl_module)
@@ -439,8 +445,9 @@ class ValidationImages(L.Callback):
         if settings["true_cfg_scale"] > 1:
             cfg_kwargs = {"true_cfg_scale": settings["true_cfg_scale"], **tensors(self.negative_prompt, "negative_")}
         out_dir = self.dirpath / f"step_{step}"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if self.preview is not None:
+        if write:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        if self.preview is not None and write:
             self.preview.begin_round()
         records = []
         for nick, prompt in self.prompts.items():
@@ -449,7 +456,7 @@ class ValidationImages(L.Callback):
                 stopping.check()
                 kwargs = {**text, **cfg_kwargs, **self._extra_kwargs(pipe, width, height)}
                 preview = None
-                if self.preview is not None:
+                if self.preview is not None and write:
                     preview = self.preview.step_callback(
                         step=step,
                         nickname=nick,
@@ -472,7 +479,8 @@ class ValidationImages(L.Callback):
                         **kwargs,
                     ).images[0]
                 path = out_dir / f"{self.names[nick]}_{width}x{height}.png"
-                image.save(path)
+                if write:
+                    image.save(path)
                 records.append(ValidationRecord(nick, prompt, width, height, image, path, self.names[nick]))
         for helper in (self._vae, self.preview and self.preview._autoencoder):
             park(helper, pl_module.model_cfg)  # model.enable_model_cpu_offload: back to the CPU

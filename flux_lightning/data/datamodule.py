@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..components import load_text_encoders, load_vae, model_identity
+from ..components import load_text_encoders, load_vae, model_identity, resolve_source
 from ..hooks import EvalSplit, PromptTexts, SummaryRows
 from ..model_config import ModelConfig
 from . import caching
@@ -30,11 +30,25 @@ from .discovery import DataError
 from .holdout import EvalDataset, split_sources
 from .references import make_grayscale_references, pairing_problems, with_demo_references
 from .resolve import CACHE_VERSION, MIN_SIDE, Sample, SampleResolver
+from .ranks import CacheGroup, caching_workers, share
 from .sampler import BucketBatchSampler, Group
 
 __all__ = ["CACHE_VERSION", "MIN_SIDE", "CachedLatentDataset", "FluxDataModule", "Sample", "default_num_workers"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CachePlan:
+    """What one rank found (:meth:`FluxDataModule.plan_caching`) and every rank encodes a share of:
+    the samples, the missing latents and texts as chunks (one encoder call each), the missing masks."""
+
+    samples: list[Sample]
+    eval_samples: list[Sample]
+    skipped: int
+    latents: list[list[Sample]]
+    masks: list[Sample]
+    texts: list[list[str]]
 
 
 class FluxDataModule(L.LightningDataModule):
@@ -85,6 +99,8 @@ class FluxDataModule(L.LightningDataModule):
             {"vae": model_identity(model, "vae"), "vae_dtype": "float32"},
         )
         self.skipped = 0
+        self.encoded: list[str] = []  # cache keys this process wrote (latents and texts)
+        self._filled = False
         self._samples: list[Sample] | None = None
         self.train_dataset: CachedLatentDataset | None = None
         self._sampler: BucketBatchSampler | None = None
@@ -164,33 +180,80 @@ class FluxDataModule(L.LightningDataModule):
         """Encode what the caches lack, with one VAE load for images and references. Existing
         entries are verified first (:func:`.caching.discard_bad`): a truncated, empty, NaN,
         misshapen or mislabelled entry is reported by file name and counts as missing, so it is
-        encoded again from its image, reference, mask or caption."""
-        samples = self.samples() + self.eval_folder_samples()
-        images = samples + [s.reference for s in samples if s.reference is not None]
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        encoded again from its image, reference, mask or caption.
+
+        Under a trainer with several processes this does nothing (Lightning calls it on one rank
+        only): :meth:`setup` caches on every rank instead, each encoding its share (:mod:`.ranks`)."""
+        if self._ranks() > 1:
+            return
+        self._fill_caches(CacheGroup())
+
+    def _ranks(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    def plan_caching(self) -> CachePlan:
+        """Discover every image, verify the existing entries and list what is missing, in chunks
+        that do not depend on the number of ranks (done by one rank per cache, see :mod:`.ranks`)."""
+        samples, evals = self.samples(), self.eval_folder_samples()
+        everything = samples + evals
+        images = everything + [s.reference for s in everything if s.reference is not None]
         never_encode = self._never_encode()
         caching.discard_bad_latents(images, self.latent_caches, never_encode)
         todo = {
             self.latent_caches[s.backend].path(s.latent_key): s for s in images
             if s.backend not in never_encode and s.latent_key not in self.latent_caches[s.backend]
         }
-        if todo:
-            vae = load_vae(self.model_cfg).to(device)
-            caching.cache_latents(vae, list(todo.values()), self.latent_caches, self.cfg.vae_batch_size)
-            del vae
-        caching.discard_bad_masks(samples, self.latent_caches)
-        caching.cache_masks(samples, self.latent_caches)
-        captions = list(dict.fromkeys([""] + [s.caption for s in samples] + self.wanted_prompts()))
-        t5_length = self.model_cfg.spec.t5_max_length
-        caching.discard_bad_texts(captions, self.text_cache, self.text_key, text_spec(t5_length))
+        caching.discard_bad_masks(everything, self.latent_caches)
+        captions = list(dict.fromkeys([""] + [s.caption for s in everything] + self.wanted_prompts()))
+        caching.discard_bad_texts(captions, self.text_cache, self.text_key, text_spec(self.model_cfg.spec.t5_max_length))
         missing = [c for c in captions if self.text_key(c) not in self.text_cache]
-        if missing:
+        if todo or missing:  # a model folder built on demand (tiny flavour): once, before the ranks load it
+            resolve_source(self.model_cfg)
+        return CachePlan(
+            samples, evals, self.skipped,
+            caching.latent_chunks(list(todo.values()), self.cfg.vae_batch_size),
+            caching.missing_masks(everything, self.latent_caches),
+            caching.text_chunks(missing, self.cfg.text_embeds.write_batch_size),
+        )
+
+    def _fill_caches(self, group: CacheGroup) -> None:
+        """The leader plans (:meth:`plan_caching`) and publishes the plan; every member encodes its
+        share of it, then waits for the others (no timeout; a stop signal still stops it)."""
+        if self._filled:
+            return
+        try:
+            if group.leader:
+                plan = self.plan_caching()
+                group.publish(plan)
+            else:
+                plan = group.receive()
+                self._samples, self._eval_samples, self.skipped = plan.samples, plan.eval_samples, plan.skipped
+            self._encode(plan, group)
+        except BaseException as err:
+            group.fail(err)
+            raise
+        group.done()
+        self._filled = True
+
+    def _encode(self, plan: CachePlan, group: CacheGroup) -> None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        chunks = share(plan.latents, group)
+        if chunks:
+            vae = load_vae(self.model_cfg).to(device)
+            local_ranks = self.trainer.world_size // self.trainer.num_nodes if self._ranks() > 1 else 1
+            workers = caching_workers(self.cfg.num_workers, local_ranks)
+            self.encoded += caching.cache_latents(vae, chunks, self.latent_caches, workers)
+            del vae
+        caching.cache_masks(share(plan.masks, group), self.latent_caches)
+        chunks = share(plan.texts, group)
+        if chunks:
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
             parts = load_text_encoders(self.model_cfg, dtype)
             for name in ("text_encoder", "text_encoder_2"):
                 parts[name].to(device)
-            bs = self.cfg.text_embeds.write_batch_size
-            caching.cache_texts(parts, missing, self.text_cache, self.text_key, bs, t5_length)
+            t5_length = self.model_cfg.spec.t5_max_length
+            self.encoded += caching.cache_texts(parts, chunks, self.text_cache, self.text_key, t5_length)
             del parts
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -202,6 +265,11 @@ class FluxDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
+        if self._ranks() > 1 and not self._filled:  # every rank caches its share (see prepare_data)
+            group = CacheGroup.of(self.trainer, self.prepare_data_per_node, self.root)
+            self._fill_caches(group)
+            self.trainer.strategy.barrier("flux_lightning caching")  # all passed done(): quick
+            group.cleanup()
         samples = self.samples()
         ready = [s for s in samples if self._cached(s)]
         skipped = self.skipped + len(samples) - len(ready)

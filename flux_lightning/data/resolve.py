@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .buckets import Placement, fit, place, size_metric
 from .cache import cache_key, file_digest
 from .config import DatasetConfig, ImageBackendConfig, backend_field
@@ -137,7 +139,8 @@ class SampleResolver:
             field = backend_field(link.id, "instance_data_dir")
             index = ConditioningIndex(self.folders(link), len(folders), field)
         samples = []
-        for rec in records:
+        bar = tqdm(records, desc=f"reading images of {backend.id!r} (size, hash)", unit="img", disable=len(records) < 2)
+        for rec in bar:
             try:
                 size = upright_size(rec.path)
             except Exception as err:  # not an image, truncated header, symlink loop, ...
