@@ -145,3 +145,19 @@ def test_schnell_module_resolves_the_schedule_from_the_python_api_too():
 
     assert FluxLoRAModule(ModelConfig(flavour="schnell")).timesteps.weighting == "schnell_fast"
     assert FluxLoRAModule(ModelConfig(flavour="krea")).timesteps.weighting == "sigmoid"
+
+
+def test_conf_readme_maps_every_group_folder_and_typed_node():
+    """conf/README.md names every group folder and every typed node of ``TrainConfig`` with its dataclass."""
+    import typing
+
+    from flux_lightning.schema import TrainConfig
+
+    text = (REPO / "conf" / "README.md").read_text()
+    folders = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+    missing = [f"{name}/" for name in folders if f"`{name}/`" not in text]
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if dataclasses.is_dataclass(hints[f.name]) and (f"`{f.name}`" not in text or hints[f.name].__name__ not in text):
+            missing.append(f"{f.name} ({hints[f.name].__name__})")
+    assert folders and not missing, f"conf/README.md does not map: {missing}"

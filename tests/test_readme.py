@@ -182,6 +182,8 @@ RUNNERS = {
     'pip install -e ".[dev]"': _ci_runs_it,
     "python -m pytest -q": _ci_runs_it,
     "ATEN_CPU_CAPABILITY=default python -m pytest -q -m numerics": _ci_runs_it,
+    "ruff check .": _ci_runs_it,
+    "ruff format --check .": _ci_runs_it,
     "python -m flux_lightning": _covered_by("test_train.py", "test_default_run_trains_the_tiny_demo_in_minutes"),
     "python -m flux_lightning --help": _prints_help,
     "python -m flux_lightning --cfg job": _prints_the_config,
