@@ -55,7 +55,7 @@ def model_config(folder: Path, gradient_checkpointing: bool = True):
 
 def batches(count: int, image_tokens: int, batch_size: int = 1, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """``count`` cached-style samples held in memory: latents ``(16, H, W)`` with ``H/2 * W/2 = image_tokens``."""
-    side = int(round((image_tokens**0.5))) * 2
+    side = int(round(image_tokens**0.5)) * 2
     assert (side // 2) ** 2 == image_tokens, "image_tokens must be a square number"
     g = torch.Generator().manual_seed(seed)
     return [

@@ -46,7 +46,9 @@ def main() -> None:
                 for t in [*module.parameters(), *module.buffers()]:
                     if t.device.type == "cpu" and t.numel():
                         t.detach().reshape(-1)[::512].float().sum()
-            state["weights_bytes"] = sum(t.numel() * t.element_size() for t in module.parameters() if not t.requires_grad)
+            state["weights_bytes"] = sum(
+                t.numel() * t.element_size() for t in module.parameters() if not t.requires_grad
+            )
             before = _status()
             state["load_hwm"], state["rss_before_steps"] = before["VmHWM"], before["VmRSS"]
             with open("/proc/self/clear_refs", "w") as f:

@@ -1,12 +1,12 @@
 """Activation bytes per token per block of a FLUX.1 training step, measured at real width on the CPU.
 
-Builds ``FluxLoRAModule`` on ``flux_lightning.tiny.ensure_real_width_folder`` (FLUX.1-dev's widths,
+Builds ``FluxLoRAModule`` on ``flux_lightning.model.tiny.ensure_real_width_folder`` (FLUX.1-dev's widths,
 1 double + 2 single blocks, bf16 weights), runs one training step (forward + backward, bf16
 autocast as ``trainer.precision=bf16-mixed`` does, gradient checkpointing off) and counts, with
 ``torch.autograd.graph.saved_tensors_hooks``, the bytes autograd keeps for the backward pass
 (each storage once), attributed to the block running when it was saved, or to ``outside`` (the
 embedders, ``norm_out``, ``proj_out``, the loss). Divided by the joint sequence length (image + text
-tokens) x batch, these are the constants of :mod:`flux_lightning.forecast`
+tokens) x batch, these are the constants of :mod:`flux_lightning.model.forecast`
 (``SAVED_BYTES_PER_TOKEN``). Run at two resolutions: constant bytes per token (attention kernels
 that keep O(tokens) state) give the same figure at both.
 
@@ -20,18 +20,19 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from _common import machine, save_json
 
 
 def profile(folder: Path, px: int, rank: int = 16, text_tokens: int = 512, batch: int = 1, target="all") -> dict:
     from flux_lightning import AdapterConfig, FluxLoRAModule, ModelConfig
 
-    cfg = ModelConfig(flavour="dev", pretrained_model_name_or_path=str(folder), dtype="bf16", gradient_checkpointing=False)
+    cfg = ModelConfig(
+        flavour="dev", pretrained_model_name_or_path=str(folder), dtype="bf16", gradient_checkpointing=False
+    )
     module = FluxLoRAModule(cfg, AdapterConfig(rank=rank, dropout=0.0, target=target))
     module.configure_model()
     t = module.transformer
-    blocks = {id(b): f"double" for b in t.transformer_blocks} | {id(b): "single" for b in t.single_transformer_blocks}
+    blocks = {id(b): "double" for b in t.transformer_blocks} | {id(b): "single" for b in t.single_transformer_blocks}
     current = ["outside"]
     seen: set[int] = set()
     saved: dict[str, int] = {"double": 0, "single": 0, "outside": 0}
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "flux_lightning_memory_bench")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    from flux_lightning.tiny import ensure_real_width_folder
+    from flux_lightning.model.tiny import ensure_real_width_folder
 
     folder = ensure_real_width_folder(args.work / "models")
     runs = []

@@ -76,13 +76,25 @@ def _worker(data: str, cache: str, models: str, devices: int, out: str) -> None:
 
     model = ModelConfig(flavour="tiny", cache_dir=models)
     dm = Timed(
-        DatasetConfig(instance_data_dir=data, resolution=256, cache_dir=cache, caption_strategy="filename",
-                      batch_size=1, eval_fraction=0.0),
+        DatasetConfig(
+            instance_data_dir=data,
+            resolution=256,
+            cache_dir=cache,
+            caption_strategy="filename",
+            batch_size=1,
+            eval_fraction=0.0,
+        ),
         model,
     )
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
-        use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=1,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(One(), dm)

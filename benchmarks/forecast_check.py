@@ -1,4 +1,4 @@
-"""The VRAM forecast (flux_lightning/forecast.py) against peaks measured at FLUX.1's real width.
+"""The VRAM forecast (flux_lightning/model/forecast.py) against peaks measured at FLUX.1's real width.
 
 Reads the JSON of ``memory_vs_reference.py`` (flux_lightning's cells) and compares, per cell, the
 forecast for the same run (the real-width folder's config, bf16, LoRA rank 16 on the reference's
@@ -26,9 +26,11 @@ MIB = 1024**2
 
 def forecast_cell(folder: Path, px: int, gc: bool, rank: int):
     from flux_lightning import AdapterConfig, ModelConfig
-    from flux_lightning.forecast import forecast
+    from flux_lightning.model.forecast import forecast
 
-    model = ModelConfig(flavour="dev", pretrained_model_name_or_path=str(folder), dtype="bf16", gradient_checkpointing=gc)
+    model = ModelConfig(
+        flavour="dev", pretrained_model_name_or_path=str(folder), dtype="bf16", gradient_checkpointing=gc
+    )
     adapter = AdapterConfig(rank=rank, dropout=0.0, target=list(REFERENCE_TARGETS))
     return forecast(model, adapter, resolution=px, batch_size=1, optimizer="adamw")
 
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("result", type=Path, help="memory_vs_reference.py --json output")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "flux_lightning_memory_bench")
     args = p.parse_args(argv)
-    from flux_lightning.tiny import ensure_real_width_folder
+    from flux_lightning.model.tiny import ensure_real_width_folder
 
     folder = ensure_real_width_folder(args.work / "models")
     data = json.loads(args.result.read_text())
@@ -51,15 +53,29 @@ def main(argv=None) -> int:
         measured = c["frozen_weights_bytes"] + step
         error = fc.total / measured - 1
         worst = max(worst, abs(error))
-        rows.append([
-            c["px"], "on" if c["gradient_checkpointing"] else "off",
-            f"{c['frozen_weights_bytes'] / MIB:.0f} / {fc.weights / MIB:.0f}",
-            f"{step / MIB:.0f} / {(fc.adapter + fc.activations) / MIB:.0f}",
-            f"{measured / MIB:.0f} / {fc.total / MIB:.0f}", f"{error:+.1%}",
-        ])
-    print(table(["px", "gradient checkpointing", "weights MiB measured / forecast",
-                 "step (adapter + activations) MiB measured / forecast", "model peak MiB measured / forecast",
-                 "error"], rows))
+        rows.append(
+            [
+                c["px"],
+                "on" if c["gradient_checkpointing"] else "off",
+                f"{c['frozen_weights_bytes'] / MIB:.0f} / {fc.weights / MIB:.0f}",
+                f"{step / MIB:.0f} / {(fc.adapter + fc.activations) / MIB:.0f}",
+                f"{measured / MIB:.0f} / {fc.total / MIB:.0f}",
+                f"{error:+.1%}",
+            ]
+        )
+    print(
+        table(
+            [
+                "px",
+                "gradient checkpointing",
+                "weights MiB measured / forecast",
+                "step (adapter + activations) MiB measured / forecast",
+                "model peak MiB measured / forecast",
+                "error",
+            ],
+            rows,
+        )
+    )
     print(f"worst error {worst:.1%} (target <= 10%)")
     return 0 if worst <= 0.10 else 1
 

@@ -7,10 +7,10 @@ precision (bf16, int8 optimum-quanto, NF4 bitsandbytes; norms, embedders, ``norm
 own ``FluxLoRAModule`` in a ``lightning.Trainer`` (bf16-mixed, gradient checkpointing, batch 1,
 torch's fused AdamW (the default ``optimizer=adamw``), clipping 1.0, 512 T5 tokens) at 512 px (1024 image tokens) and 1024 px (4096).
 The ``bf16_compiled`` case is the bf16 base with the blocks compiled in place
-(:func:`flux_lightning.compilation.compile_blocks`, what ``compile=true`` does; its compile time is
+(:func:`flux_lightning.model.compilation.compile_blocks`, what ``compile=true`` does; its compile time is
 in ``setup_s`` and the warm-up steps).
 Reports s/step over the steady state (after warm-up; one sync at each end), the peak allocated VRAM
-beside the forecast of :mod:`flux_lightning.forecast` (``forecast_gb``), and the host-device syncs
+beside the forecast of :mod:`flux_lightning.model.forecast` (``forecast_gb``), and the host-device syncs
 inside the steady-state steps (``steady_state_syncs``: ``torch.cuda.set_sync_debug_mode("warn")``
 is on from the first timed step to the one before the last, which logs; the goal is 0) as JSON, and
 checks the targets (H100: >= 3 steps/s at 512 px bf16; peak <= 28 GB bf16, <= 17 GB int8,
@@ -22,7 +22,7 @@ Without CUDA it prints why and exits 0. ``--smoke`` runs the same code on a tiny
 any device (a check that the script works, not a benchmark).
 
 Note for maintainers: the quantization below calls optimum-quanto and bitsandbytes directly; the
-library's own ``flux_lightning.quantization`` (when present) applies the same exclusions.
+library's own ``flux_lightning.model.quantization`` (when present) applies the same exclusions.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import contextlib
 import gc
 import json
 import logging
-import statistics
 import sys
 import time
 from functools import partial
@@ -52,8 +51,16 @@ FLUX_DEV = dict(
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
-SMOKE = dict(FLUX_DEV, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+SMOKE = dict(
+    FLUX_DEV,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=(4, 6, 6),
+)
 T5_TOKENS = 512
 # bf16_compiled: the bf16 base with flux_lightning's regional torch.compile of the blocks (compile=true)
 BASES = ("bf16", "bf16_compiled", "int8_quanto", "nf4_bnb")
@@ -105,12 +112,16 @@ def quantize_nf4_bnb(model: torch.nn.Module, compute_dtype: torch.dtype) -> None
             if type(child) is not torch.nn.Linear or keeps_high_precision(name):
                 continue
             q = bnb.nn.Linear4bit(
-                child.in_features, child.out_features, bias=child.bias is not None,
-                compute_dtype=compute_dtype, quant_type="nf4", device="meta",
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+                device="meta",
             )
-            q.weight = bnb.nn.Params4bit(
-                child.weight.data, requires_grad=False, quant_type="nf4", module=q
-            ).to(child.weight.device)  # quantizes
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4", module=q).to(
+                child.weight.device
+            )  # quantizes
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, child_name, q)
@@ -126,15 +137,24 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def run_case(transformer, resolution: int, steps: int, warmup: int, device, precision: str, t5_tokens: int,
-             text_dim: int, pooled_dim: int) -> dict:
+def run_case(
+    transformer,
+    resolution: int,
+    steps: int,
+    warmup: int,
+    device,
+    precision: str,
+    t5_tokens: int,
+    text_dim: int,
+    pooled_dim: int,
+) -> dict:
     """Train ``warmup + steps`` steps with flux_lightning's module in a Lightning Trainer."""
     import warnings
 
     import lightning as L
 
     from flux_lightning import AdapterConfig, FluxLoRAModule, ModelConfig
-    from flux_lightning.optim import build_optimizer
+    from flux_lightning.training.optim import build_optimizer
 
     class Clock(L.Callback):
         """Times the steady state (after ``warmup`` steps) with one sync at each end, and runs it under
@@ -174,7 +194,8 @@ def run_case(transformer, resolution: int, steps: int, warmup: int, device, prec
         for _ in range(steps + warmup)
     ]
     module = FluxLoRAModule(
-        ModelConfig(flavour="dev"), AdapterConfig(rank=16, target="all"),
+        ModelConfig(flavour="dev"),
+        AdapterConfig(rank=16, target="all"),
         optimizer=partial(build_optimizer, name="adamw", lr=1e-4),  # the default: torch's fused AdamW
     )
     module.transformer = transformer  # built above; configure_model() keeps it
@@ -223,8 +244,8 @@ def run_case(transformer, resolution: int, steps: int, warmup: int, device, prec
 def forecast_gb(base: str, resolution: int) -> float:
     """flux_lightning's VRAM forecast for the case (GB, as the peaks are reported)."""
     from flux_lightning import AdapterConfig, ModelConfig
-    from flux_lightning.forecast import forecast
-    from flux_lightning.quantization import QuantizationConfig
+    from flux_lightning.model.forecast import forecast
+    from flux_lightning.model.quantization import QuantizationConfig
 
     precision = {"int8_quanto": "int8_quanto", "nf4_bnb": "nf4_bnb"}.get(base, "none")
     model = ModelConfig(flavour="dev", dtype="bf16", quantization=QuantizationConfig(precision))
@@ -245,8 +266,10 @@ def main(argv=None) -> int:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if not args.smoke and not torch.cuda.is_available():
-        print("gpu_flux_step: skipped: no CUDA device here (this benchmark builds the 12B FLUX.1-dev "
-              "architecture on a GPU); run it on a CUDA machine, or pass --smoke to check the script")
+        print(
+            "gpu_flux_step: skipped: no CUDA device here (this benchmark builds the 12B FLUX.1-dev "
+            "architecture on a GPU); run it on a CUDA machine, or pass --smoke to check the script"
+        )
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     arch = SMOKE if args.smoke else FLUX_DEV
@@ -287,7 +310,7 @@ def main(argv=None) -> int:
             transformer.enable_gradient_checkpointing()
             transformer.train()
             if base == "bf16_compiled":
-                from flux_lightning.compilation import compile_blocks
+                from flux_lightning.model.compilation import compile_blocks
 
                 case_compiled = compile_blocks(transformer, device_type=device.type)
             gc.collect()
@@ -300,8 +323,17 @@ def main(argv=None) -> int:
             if time.monotonic() - started > args.max_seconds:
                 result["skipped"].append(f"{base}@{res}px: over --max-seconds")
                 continue
-            case = run_case(transformer, res, args.steps, args.warmup, device, precision, t5_tokens,
-                            arch["joint_attention_dim"], arch["pooled_projection_dim"])
+            case = run_case(
+                transformer,
+                res,
+                args.steps,
+                args.warmup,
+                device,
+                precision,
+                t5_tokens,
+                arch["joint_attention_dim"],
+                arch["pooled_projection_dim"],
+            )
             case.update(base=base, weights_gb=base_gb, setup_s=setup_s)
             if not args.smoke:
                 case["forecast_gb"] = forecast_gb(base, res)
@@ -317,8 +349,10 @@ def main(argv=None) -> int:
                     case["speed_ok"] = case["steps_per_s"] >= min_rate
             result["cases"].append(case)
             peak = f", peak {case['peak_allocated_gb']:.1f} GB" if "peak_allocated_gb" in case else ""
-            print(f"{base:12s} {res:5d}px  {case['s_per_step']:.3f} s/step ({case['steps_per_s']:.2f} steps/s)"
-                  f"{peak}", flush=True)
+            print(
+                f"{base:12s} {res:5d}px  {case['s_per_step']:.3f} s/step ({case['steps_per_s']:.2f} steps/s){peak}",
+                flush=True,
+            )
         del transformer
         gc.collect()
         if device.type == "cuda":

@@ -8,7 +8,7 @@ FLUX.1-dev-shaped config with random weights (``--preset dev``: 19 double + 38 s
 width 3072, about 12B parameters; ``small``: 2 + 4 blocks, for a quick try), a rank-16 LoRA on
 target ``all``, bf16-mixed, gradient checkpointing, batch 1 of random 512 px latents (1024 image
 tokens, 512 text tokens) fed in memory, AdamW. Strategies: ``ddp``, ``fsdp``
-(``flux_lightning.strategies.fsdp``: one FSDP unit per Flux block, ``use_orig_params``), and
+(``flux_lightning.training.strategies.fsdp``: one FSDP unit per Flux block, ``use_orig_params``), and
 ``deepspeed_stage_2`` / ``deepspeed_stage_3`` when DeepSpeed is installed (skipped otherwise).
 Each rank prints one JSON line (``s_per_step``: median of the steps after ``--warmup``;
 ``peak_gib``: ``torch.cuda.max_memory_allocated``); the parent collects them into a table.
@@ -28,10 +28,24 @@ import time
 from pathlib import Path
 
 PRESETS = {
-    "dev": dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True),
-    "small": dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=24,
-                  joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True),
+    "dev": dict(
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+    ),
+    "small": dict(
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+    ),
 }
 
 
@@ -42,7 +56,7 @@ def _rank(args) -> None:
     from diffusers import FluxTransformer2DModel
 
     from flux_lightning.adapters import AdapterConfig, add_adapter
-    from flux_lightning.memory import enable_gradient_checkpointing
+    from flux_lightning.model.memory import enable_gradient_checkpointing
 
     class Flux(L.LightningModule):
         def __init__(self):
@@ -65,7 +79,9 @@ def _rank(args) -> None:
             x = torch.randn(1, 1024, 64, device=self.device, generator=g, dtype=torch.bfloat16)
             out = self.transformer(
                 hidden_states=x,
-                encoder_hidden_states=torch.randn(1, 512, cfg.joint_attention_dim, device=self.device, dtype=torch.bfloat16),
+                encoder_hidden_states=torch.randn(
+                    1, 512, cfg.joint_attention_dim, device=self.device, dtype=torch.bfloat16
+                ),
                 pooled_projections=torch.randn(1, cfg.pooled_projection_dim, device=self.device, dtype=torch.bfloat16),
                 timestep=torch.rand(1, device=self.device),
                 img_ids=torch.zeros(1024, 3, device=self.device),
@@ -94,23 +110,39 @@ def _rank(args) -> None:
             self.times.append(time.perf_counter() - self.t)
 
         def on_train_end(self, trainer, module):
-            steps = self.times[args.warmup:] or self.times
-            print("RESULT " + json.dumps({
-                "strategy": args.strategy, "rank": trainer.global_rank, "world": trainer.world_size,
-                "s_per_step": round(statistics.median(steps), 4),
-                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            }), flush=True)
+            steps = self.times[args.warmup :] or self.times
+            print(
+                "RESULT "
+                + json.dumps(
+                    {
+                        "strategy": args.strategy,
+                        "rank": trainer.global_rank,
+                        "world": trainer.world_size,
+                        "s_per_step": round(statistics.median(steps), 4),
+                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                    }
+                ),
+                flush=True,
+            )
 
     strategy = args.strategy
     if strategy == "fsdp":
-        from flux_lightning.strategies import fsdp
+        from flux_lightning.training.strategies import fsdp
 
         strategy = fsdp(state_dict_type="full")
     loader = torch.utils.data.DataLoader(range(10_000), batch_size=1)
     trainer = L.Trainer(
-        accelerator="cuda", devices=args.gpus, strategy=strategy, precision="bf16-mixed", max_steps=args.steps,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[Clock()], use_distributed_sampler=False,
+        accelerator="cuda",
+        devices=args.gpus,
+        strategy=strategy,
+        precision="bf16-mixed",
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Clock()],
+        use_distributed_sampler=False,
     )
     trainer.fit(Flux(), loader)
 
@@ -137,8 +169,20 @@ def main() -> None:
         if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
             rows.append({"strategy": name, "error": "deepspeed not installed (pip install deepspeed)"})
             continue
-        cmd = [sys.executable, __file__, "--strategy", name, "--gpus", str(gpus), "--preset", args.preset,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--strategy",
+            name,
+            "--gpus",
+            str(gpus),
+            "--preset",
+            args.preset,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         found = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not found:

@@ -1,6 +1,6 @@
 """Peak memory of a training step at FLUX.1's real widths: flux_lightning beside diffusers' script.
 
-The model is ``flux_lightning.tiny.ensure_real_width_folder``: FLUX.1-dev's transformer config
+The model is ``flux_lightning.model.tiny.ensure_real_width_folder``: FLUX.1-dev's transformer config
 (24 heads x 128 = 3072 wide, T5 width 4096, CLIP pooled 768, guidance embedding) with 1 double and
 2 single blocks, random weights saved in bf16 (about 0.7B parameters), tiny encoders with those
 output widths and the tiny 16-channel VAE. Every per-token tensor of a step has its FLUX.1-dev
@@ -38,32 +38,78 @@ HERE = Path(__file__).resolve().parent
 MIB = 1024**2
 
 
-def reference_command(script: Path, model: Path, data: Path, out: Path, steps: int, px: int, gc: bool, rank: int) -> list[str]:
+def reference_command(
+    script: Path, model: Path, data: Path, out: Path, steps: int, px: int, gc: bool, rank: int
+) -> list[str]:
     cmd = [
-        str(script), "--pretrained_model_name_or_path", str(model),
-        "--instance_data_dir", str(data), "--instance_prompt", PROMPT, "--output_dir", str(out),
-        "--resolution", str(px), "--train_batch_size", "1", "--rank", str(rank), "--lora_alpha", str(rank),
-        "--learning_rate", "1e-4", "--max_sequence_length", "512", "--mixed_precision", "bf16",
-        "--cache_latents", "--max_train_steps", str(steps + 1), "--checkpointing_steps", "1000000000", "--seed", "0",
+        str(script),
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(data),
+        "--instance_prompt",
+        PROMPT,
+        "--output_dir",
+        str(out),
+        "--resolution",
+        str(px),
+        "--train_batch_size",
+        "1",
+        "--rank",
+        str(rank),
+        "--lora_alpha",
+        str(rank),
+        "--learning_rate",
+        "1e-4",
+        "--max_sequence_length",
+        "512",
+        "--mixed_precision",
+        "bf16",
+        "--cache_latents",
+        "--max_train_steps",
+        str(steps + 1),
+        "--checkpointing_steps",
+        "1000000000",
+        "--seed",
+        "0",
     ]
     return cmd + (["--gradient_checkpointing"] if gc else [])
 
 
 def flux_lightning_command(model: Path, data: Path, out: Path, steps: int, px: int, gc: bool, rank: int) -> list[str]:
     return [
-        "-m", "flux_lightning",
-        "model=dev", f"model.pretrained_model_name_or_path={model}", "model.dtype=bf16", "model.guidance_value=3.5",
+        "-m",
+        "flux_lightning",
+        "model=dev",
+        f"model.pretrained_model_name_or_path={model}",
+        "model.dtype=bf16",
+        "model.guidance_value=3.5",
         f"model.gradient_checkpointing={str(gc).lower()}",
-        "dataset=local", f"dataset.instance_data_dir={data}", "dataset.caption_strategy=instanceprompt",
-        f"dataset.instance_prompt={PROMPT}", f"dataset.resolution={px}", "dataset.batch_size=1",
-        "dataset.caption_dropout_probability=0", "dataset.num_workers=0",
+        "dataset=local",
+        f"dataset.instance_data_dir={data}",
+        "dataset.caption_strategy=instanceprompt",
+        f"dataset.instance_prompt={PROMPT}",
+        f"dataset.resolution={px}",
+        "dataset.batch_size=1",
+        "dataset.caption_dropout_probability=0",
+        "dataset.num_workers=0",
         f"adapter.target=[{','.join(REFERENCE_TARGETS)}]",
-        f"adapter.rank={rank}", f"adapter.alpha={rank}", "adapter.dropout=0", "adapter.init=gaussian",
-        "optimizer=adamw", "optimizer.lr=1e-4", "optimizer.weight_decay=1e-4",
-        f"trainer.max_steps={steps + 1}", "trainer.precision=bf16-mixed",
-        "callbacks.validation=null", "callbacks.clip_score=null", "callbacks.eval_loss=null",
+        f"adapter.rank={rank}",
+        f"adapter.alpha={rank}",
+        "adapter.dropout=0",
+        "adapter.init=gaussian",
+        "optimizer=adamw",
+        "optimizer.lr=1e-4",
+        "optimizer.weight_decay=1e-4",
+        f"trainer.max_steps={steps + 1}",
+        "trainer.precision=bf16-mixed",
+        "callbacks.validation=null",
+        "callbacks.clip_score=null",
+        "callbacks.eval_loss=null",
         "callbacks.model_checkpoint=null",
-        f"hydra.run.dir={out}", f"paths.cache_dir={out / 'cache'}", "seed=0",
+        f"hydra.run.dir={out}",
+        f"paths.cache_dir={out / 'cache'}",
+        "seed=0",
     ]
 
 
@@ -80,16 +126,27 @@ def run_cell(trainer: str, args, model: Path, data: Path, px: int, gc: bool, wor
     with open(log, "w") as f:
         rc = subprocess.run(
             [sys.executable, str(HERE / "_peak_probe.py"), str(result_file), str(args.steps), *cmd],
-            cwd=out, env=environment(args.threads, "cpu"), stdout=f, stderr=subprocess.STDOUT,
+            cwd=out,
+            env=environment(args.threads, "cpu"),
+            stdout=f,
+            stderr=subprocess.STDOUT,
         ).returncode
     if rc != 0 or not result_file.is_file():
         raise SystemExit(f"{trainer} {px}px gc={gc}: exit {rc}\n{log.read_text(errors='replace')[-3000:]}")
     result = json.loads(result_file.read_text())
-    result.update(trainer=trainer, px=px, gradient_checkpointing=gc, wall_s=time.perf_counter() - start,
-                  load_before=load, load_after=os.getloadavg()[0])
-    print(f"{trainer:15s} {px:4d}px gc={int(gc)}: step peak {result['step_peak_bytes'] / MIB:8.0f} MiB "
-          f"(before steps {result['rss_before_steps_bytes'] / MIB:.0f}, load peak {result['load_peak_bytes'] / MIB:.0f})",
-          flush=True)
+    result.update(
+        trainer=trainer,
+        px=px,
+        gradient_checkpointing=gc,
+        wall_s=time.perf_counter() - start,
+        load_before=load,
+        load_after=os.getloadavg()[0],
+    )
+    print(
+        f"{trainer:15s} {px:4d}px gc={int(gc)}: step peak {result['step_peak_bytes'] / MIB:8.0f} MiB "
+        f"(before steps {result['rss_before_steps_bytes'] / MIB:.0f}, load peak {result['load_peak_bytes'] / MIB:.0f})",
+        flush=True,
+    )
     return result
 
 
@@ -113,7 +170,7 @@ def main(argv=None) -> dict:
     if "reference" in trainers:
         check_reference(args.reference)
     from flux_lightning.data.demo import make_demo_dataset
-    from flux_lightning.tiny import ensure_real_width_folder
+    from flux_lightning.model.tiny import ensure_real_width_folder
 
     args.work.mkdir(parents=True, exist_ok=True)
     model = ensure_real_width_folder(args.work / "models")
@@ -134,8 +191,18 @@ def main(argv=None) -> dict:
             if len(pick) == 2:
                 row.append(f"{pick['flux_lightning']['step_peak_bytes'] / pick['reference']['step_peak_bytes']:.3f}")
             rows.append(row)
-    print(table(["px", "gradient checkpointing", "reference step peak MiB (RSS before)",
-                 "flux_lightning step peak MiB (RSS before)", "ratio"], rows))
+    print(
+        table(
+            [
+                "px",
+                "gradient checkpointing",
+                "reference step peak MiB (RSS before)",
+                "flux_lightning step peak MiB (RSS before)",
+                "ratio",
+            ],
+            rows,
+        )
+    )
     result = {"machine": machine(), "threads": args.threads, "steps": args.steps, "rank": args.rank, "cells": cells}
     save_json(args.json, result)
     return result

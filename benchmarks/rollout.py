@@ -24,11 +24,10 @@ import time
 import warnings
 
 import torch
-
 from _common import batches, machine, median, model_config, save_json, small_flux_folder, table
 
 from flux_lightning import AdapterConfig, FluxLoRAModule
-from flux_lightning.rollout import ScheduledSamplingConfig, rollout_offsets, rollout_path, sigma_grid
+from flux_lightning.training.rollout import ScheduledSamplingConfig, rollout_offsets, rollout_path, sigma_grid
 
 warnings.filterwarnings("ignore", message=".*self.trainer. reference is not registered")
 

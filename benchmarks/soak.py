@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import psutil
-
 from _common import machine, save_json, table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,9 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 def command(run_dir: Path, cache: Path, steps: int, every: int, short: bool) -> list[str]:
     """The default run with frequent checkpoints (``--short``: no validation/eval, a few steps)."""
     cmd = [
-        sys.executable, "-m", "flux_lightning",
-        f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache}", f"trainer.max_steps={steps}",
-        f"callbacks.model_checkpoint.every_n_train_steps={every}", "+trainer.enable_progress_bar=false",
+        sys.executable,
+        "-m",
+        "flux_lightning",
+        f"hydra.run.dir={run_dir}",
+        f"paths.cache_dir={cache}",
+        f"trainer.max_steps={steps}",
+        f"callbacks.model_checkpoint.every_n_train_steps={every}",
+        "+trainer.enable_progress_bar=false",
     ]
     if short:
         cmd += ["callbacks.validation=null", "callbacks.clip_score=null", "callbacks.eval_loss=null", "logger=csv"]
@@ -91,8 +95,12 @@ def summarise(samples: list[dict], key: str) -> dict:
     values = [s[key] for s in samples]
     q = max(1, len(values) // 4)
     first, last = sum(values[:q]) / q, sum(values[-q:]) / q
-    return {"first_quarter": round(first, 2), "last_quarter": round(last, 2),
-            "ratio": round(last / first, 3) if first else None, "max": max(values)}
+    return {
+        "first_quarter": round(first, 2),
+        "last_quarter": round(last, 2),
+        "ratio": round(last / first, 3) if first else None,
+        "max": max(values),
+    }
 
 
 def main() -> int:
@@ -126,7 +134,10 @@ def main() -> int:
     log.close()
     if child.returncode != 0 or len(samples) < 4:
         print((root / "soak.log").read_text()[-3000:], file=sys.stderr)
-        print(f"soak run failed (exit {child.returncode}, {len(samples)} samples); log: {root / 'soak.log'}", file=sys.stderr)
+        print(
+            f"soak run failed (exit {child.returncode}, {len(samples)} samples); log: {root / 'soak.log'}",
+            file=sys.stderr,
+        )
         return 1
 
     # the first seconds are start-up (imports, caching): the flat-ness is judged once training runs
@@ -147,7 +158,9 @@ def main() -> int:
     }
     save_json(args.json, result)
     rows = [[k, v["first_quarter"], v["last_quarter"], v["ratio"], v["max"]] for k, v in summary.items()]
-    print(f"soak: {args.steps} steps, checkpoint every {args.every}, {wall:.0f} s, {len(training)} samples while training")
+    print(
+        f"soak: {args.steps} steps, checkpoint every {args.every}, {wall:.0f} s, {len(training)} samples while training"
+    )
     print(table(["series", "first quarter (mean)", "last quarter (mean)", "last / first", "max"], rows))
     return 0
 

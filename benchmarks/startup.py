@@ -6,7 +6,7 @@ Runs the default command (tiny flavour, demo data, default callbacks) in a fresh
 ``1 + --warm-runs`` times, all with one ``paths.cache_dir``: the first run fills the caches (the
 tiny model folder, the demo images, the VAE latents and text embeddings, the tiny CLIP), the others
 find them warm (Python's bytecode cache included: ``PYTHONDONTWRITEBYTECODE`` is unset for the
-runs). Each run sets ``FLUX_LIGHTNING_TIMINGS`` (see :mod:`flux_lightning.timings`), so the
+runs). Each run sets ``FLUX_LIGHTNING_TIMINGS`` (see :mod:`flux_lightning.run.timings`), so the
 process appends when each start-up phase ends; the script subtracts the moment it launched the
 command. Reported per run, in order: interpreter + imports, Hydra compose, validate, building the
 callbacks / datamodule / module / trainer, ``prepare_data``, ``setup``, the callbacks' ``setup``
@@ -61,7 +61,11 @@ FLOOR_IMPORTS = (
     "from transformers import CLIPModel, CLIPProcessor; "
     "from torchmetrics.multimodal.clip_score import CLIPScore"
 )
-BEFORE_TRAINING = ("ValidationImages.on_train_start", "CLIPScoreCallback.on_validation_images", "EvalLoss.on_train_start")
+BEFORE_TRAINING = (
+    "ValidationImages.on_train_start",
+    "CLIPScoreCallback.on_validation_images",
+    "EvalLoss.on_train_start",
+)
 GLUE = "Lightning between hooks"
 
 
@@ -85,7 +89,9 @@ def breakdown(events: list[dict]) -> dict[str, float]:
     end = 0.0
     top: list[dict] = []
     for e in events:
-        if any(o is not e and o["start"] <= e["start"] and e["end"] <= o["end"] and o["end"] > o["start"] for o in events):
+        if any(
+            o is not e and o["start"] <= e["start"] and e["end"] <= o["end"] and o["end"] > o["start"] for o in events
+        ):
             continue  # nested: accounted below
         top.append(e)
     for e in top:
@@ -144,11 +150,14 @@ def import_floor() -> float:
 
 
 def import_profile(top: int = 12) -> list[tuple[str, float]]:
-    """``python -X importtime -c 'import flux_lightning.train'``: seconds of self time per top-level package."""
+    """``python -X importtime -c 'import flux_lightning.run.train'``: seconds of self time per top-level package."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import flux_lightning.train"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [sys.executable, "-X", "importtime", "-c", "import flux_lightning.run.train"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     per: dict[str, float] = defaultdict(float)
     for line in proc.stderr.splitlines():
@@ -187,9 +196,14 @@ def main() -> dict:
     ap.add_argument("--steps", type=int, default=3, help="trainer.max_steps of each run")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed at the end)")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--without", nargs="*", default=[], metavar="PACKAGE",
-                    help="also time each warm run as if these packages were not installed, interleaved "
-                    "(e.g. bitsandbytes, which peft imports on every run)")
+    ap.add_argument(
+        "--without",
+        nargs="*",
+        default=[],
+        metavar="PACKAGE",
+        help="also time each warm run as if these packages were not installed, interleaved "
+        "(e.g. bitsandbytes, which peft imports on every run)",
+    )
     ap.add_argument("--quick", action="store_true", help="skip the import floor and the import profile")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
@@ -226,8 +240,11 @@ def main() -> dict:
     header += [f"warm without {'+'.join(args.without)}"] if site else []
     rows = []
     for name, st in result["warm"]["rows"].items():
-        row = [name + (" (before-training baseline)" if name in BEFORE_TRAINING else ""),
-               f"{cold['rows'].get(name, 0.0):.2f}", _cell(st)]
+        row = [
+            name + (" (before-training baseline)" if name in BEFORE_TRAINING else ""),
+            f"{cold['rows'].get(name, 0.0):.2f}",
+            _cell(st),
+        ]
         if site:
             other = result["warm_without"]["rows"].get(name)
             row.append(_cell(other) if other else "-")
@@ -238,11 +255,19 @@ def main() -> dict:
         ("first step without the baselines", "first_step_without_baselines_s", "", False),
     ]
     for label, key, cold_cell, bold in totals:
-        rows.append([label, cold_cell, _cell(result["warm"][key], bold)]
-                    + ([_cell(result["warm_without"][key], bold)] if site else []))
+        rows.append(
+            [label, cold_cell, _cell(result["warm"][key], bold)]
+            + ([_cell(result["warm_without"][key], bold)] if site else [])
+        )
     if floor:
-        rows.append(["floor: a process only importing the third-party packages the run needs", "",
-                     _cell(result["third_party_import_floor_s"])] + (["-"] if site else []))
+        rows.append(
+            [
+                "floor: a process only importing the third-party packages the run needs",
+                "",
+                _cell(result["third_party_import_floor_s"]),
+            ]
+            + (["-"] if site else [])
+        )
     print(f"machine: {result['machine']}; load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
     print(table(header, rows))
     if result["import_self_time_s"]:

@@ -20,12 +20,11 @@ from functools import partial
 
 import lightning as L
 import torch
-
 from _common import batches, machine, median, model_config, save_json, small_flux_folder, table
 
 from flux_lightning import AdapterConfig, FluxLoRAModule
 from flux_lightning.callbacks import LossProgressBar
-from flux_lightning.flow import (
+from flux_lightning.training.flow import (
     TimestepConfig,
     flow_loss,
     flow_target,
@@ -44,7 +43,9 @@ WARMUP = 3
 def make_module(folder) -> FluxLoRAModule:
     torch.manual_seed(0)
     module = FluxLoRAModule(
-        model_config(folder), AdapterConfig(rank=16, target="all"), TimestepConfig(),
+        model_config(folder),
+        AdapterConfig(rank=16, target="all"),
+        TimestepConfig(),
         optimizer=partial(torch.optim.AdamW, lr=1e-4),
     )
     module.configure_model()
@@ -82,7 +83,7 @@ def lightning_round(folder, data, steps: int, log_dir: str) -> list[float]:
         callbacks=[clock, LossProgressBar(refresh_rate=10)],
     )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=1))
-    return clock.times()[min(WARMUP, steps - 1):]
+    return clock.times()[min(WARMUP, steps - 1) :]
 
 
 def bare_round(folder, data, steps: int) -> list[float]:
@@ -116,7 +117,7 @@ def bare_round(folder, data, steps: int) -> list[float]:
         now = time.perf_counter()
         times.append(now - last)
         last = now
-    return times[min(WARMUP, steps - 1):]
+    return times[min(WARMUP, steps - 1) :]
 
 
 def main() -> dict:
@@ -159,8 +160,11 @@ def main() -> dict:
             ["loop", "median s/step", "ratio"],
             [
                 ["bare PyTorch", f"{result['bare_pytorch_s_per_step']:.4f}", "1.00"],
-                ["flux_lightning (Lightning Trainer)", f"{result['flux_lightning_s_per_step']:.4f}",
-                 f"{result['ratio']:.3f}"],
+                [
+                    "flux_lightning (Lightning Trainer)",
+                    f"{result['flux_lightning_s_per_step']:.4f}",
+                    f"{result['ratio']:.3f}",
+                ],
             ],
         )
     )

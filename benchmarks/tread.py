@@ -19,11 +19,10 @@ import time
 import warnings
 
 import torch
-
 from _common import batches, machine, median, model_config, save_json, small_flux_folder, table
 
 from flux_lightning import AdapterConfig, FluxLoRAModule
-from flux_lightning.tread import TreadConfig, TreadRoute
+from flux_lightning.model.tread import TreadConfig, TreadRoute
 
 # training_step logs; outside a Trainer Lightning warns about it once per module
 warnings.filterwarnings("ignore", message=".*self.trainer. reference is not registered")
@@ -36,8 +35,9 @@ class Trainee:
 
     def __init__(self, folder, routes):
         torch.manual_seed(0)
-        self.module = FluxLoRAModule(model_config(folder), AdapterConfig(rank=16, target="all"),
-                                     tread=TreadConfig(routes))
+        self.module = FluxLoRAModule(
+            model_config(folder), AdapterConfig(rank=16, target="all"), tread=TreadConfig(routes)
+        )
         self.module.configure_model()
         self.module.train()
         self.optimizer = torch.optim.AdamW(self.module.trainable_parameters(), lr=1e-4)
@@ -61,10 +61,17 @@ def measure(folder, tokens: int, steps: int) -> dict:
             if i:  # the first step of each is warm-up
                 times[name].append(t)
     base, routed = median(times["none"]), median(times["tread"])
-    print(f"{tokens} image tokens: none {base:.3f} s/step, tread {routed:.3f} s/step, "
-          f"speed-up {base / routed:.2f}x", flush=True)
-    return {"image_tokens": tokens, "none_s_per_step": base, "tread_s_per_step": routed,
-            "speedup": base / routed, "steps": times}
+    print(
+        f"{tokens} image tokens: none {base:.3f} s/step, tread {routed:.3f} s/step, speed-up {base / routed:.2f}x",
+        flush=True,
+    )
+    return {
+        "image_tokens": tokens,
+        "none_s_per_step": base,
+        "tread_s_per_step": routed,
+        "speedup": base / routed,
+        "steps": times,
+    }
 
 
 def main() -> dict:
@@ -86,8 +93,15 @@ def main() -> dict:
     print(
         table(
             ["image tokens", "no routing s/step", "TREAD 0.5 s/step", "speed-up"],
-            [[c["image_tokens"], f"{c['none_s_per_step']:.3f}", f"{c['tread_s_per_step']:.3f}",
-              f"{c['speedup']:.2f}x"] for c in cases],
+            [
+                [
+                    c["image_tokens"],
+                    f"{c['none_s_per_step']:.3f}",
+                    f"{c['tread_s_per_step']:.3f}",
+                    f"{c['speedup']:.2f}x",
+                ]
+                for c in cases
+            ],
         )
     )
     at_4096 = [c["speedup"] for c in cases if c["image_tokens"] == 4096]

@@ -6,7 +6,7 @@ supplies (``--reference PATH``; it is never vendored or committed). Get it with 
 Both trainers run as separate processes from their command lines (nothing here imports either
 trainer's internals), on the same generated inputs:
 
-* the tiny random-weight Flux saved as a diffusers folder (``flux_lightning.tiny.ensure_tiny_folder``:
+* the tiny random-weight Flux saved as a diffusers folder (``flux_lightning.model.tiny.ensure_tiny_folder``:
   transformer with a guidance embedding, 16-channel VAE, CLIP and T5 encoders and tokenizers,
   scheduler). The reference loads every component from it with ``--pretrained_model_name_or_path``
   unchanged (T5 tokenizer ``model_max_length`` 512, CLIP 77); flux_lightning loads it with
@@ -87,9 +87,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The diffusers script's `target_modules` when `--lora_layers` is not given.
 REFERENCE_TARGETS = [
-    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
-    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
 ]
 PROMPT = "a photo of sks shape"
 REFERENCE = "reference"
@@ -106,37 +115,75 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 def reference_command(script: Path, model: Path, data: Path, out: Path, steps: int) -> list[str]:
     """The diffusers script with the benchmark's settings (everything not named is its default)."""
     return [
-        sys.executable, str(script),
-        "--pretrained_model_name_or_path", str(model),
-        "--instance_data_dir", str(data), "--instance_prompt", PROMPT,
-        "--output_dir", str(out),
-        "--resolution", "64", "--train_batch_size", "1",
-        "--rank", "4", "--lora_alpha", "4",
-        "--learning_rate", "1e-4",
-        "--max_sequence_length", "512",
-        "--mixed_precision", "no",
+        sys.executable,
+        str(script),
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(data),
+        "--instance_prompt",
+        PROMPT,
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "64",
+        "--train_batch_size",
+        "1",
+        "--rank",
+        "4",
+        "--lora_alpha",
+        "4",
+        "--learning_rate",
+        "1e-4",
+        "--max_sequence_length",
+        "512",
+        "--mixed_precision",
+        "no",
         "--cache_latents",
-        "--max_train_steps", str(steps),
-        "--checkpointing_steps", "1000000000",
-        "--seed", "0",
+        "--max_train_steps",
+        str(steps),
+        "--checkpointing_steps",
+        "1000000000",
+        "--seed",
+        "0",
     ]
 
 
 def flux_lightning_command(model: Path, data: Path, out: Path, steps: int, gradient_checkpointing: bool) -> list[str]:
     """``python -m flux_lightning`` with the reference's settings (``gradient_checkpointing``: on or off)."""
     cmd = [
-        sys.executable, "-m", "flux_lightning",
-        "model=dev", f"model.pretrained_model_name_or_path={model}", "model.dtype=fp32", "model.guidance_value=3.5",
-        "dataset=local", f"dataset.instance_data_dir={data}", "dataset.caption_strategy=instanceprompt",
-        f"dataset.instance_prompt={PROMPT}", "dataset.resolution=64", "dataset.batch_size=1",
-        "dataset.caption_dropout_probability=0", "dataset.num_workers=0",
+        sys.executable,
+        "-m",
+        "flux_lightning",
+        "model=dev",
+        f"model.pretrained_model_name_or_path={model}",
+        "model.dtype=fp32",
+        "model.guidance_value=3.5",
+        "dataset=local",
+        f"dataset.instance_data_dir={data}",
+        "dataset.caption_strategy=instanceprompt",
+        f"dataset.instance_prompt={PROMPT}",
+        "dataset.resolution=64",
+        "dataset.batch_size=1",
+        "dataset.caption_dropout_probability=0",
+        "dataset.num_workers=0",
         f"adapter.target=[{','.join(REFERENCE_TARGETS)}]",
-        "adapter.rank=4", "adapter.alpha=4", "adapter.dropout=0", "adapter.init=gaussian",
-        "optimizer=adamw", "optimizer.lr=1e-4", "optimizer.weight_decay=1e-4",
-        f"trainer.max_steps={steps}", "trainer.precision=32-true",
-        "callbacks.validation=null", "callbacks.clip_score=null", "callbacks.eval_loss=null",
+        "adapter.rank=4",
+        "adapter.alpha=4",
+        "adapter.dropout=0",
+        "adapter.init=gaussian",
+        "optimizer=adamw",
+        "optimizer.lr=1e-4",
+        "optimizer.weight_decay=1e-4",
+        f"trainer.max_steps={steps}",
+        "trainer.precision=32-true",
+        "callbacks.validation=null",
+        "callbacks.clip_score=null",
+        "callbacks.eval_loss=null",
         "callbacks.model_checkpoint=null",
-        f"hydra.run.dir={out}", f"paths.cache_dir={out / 'cache'}", "seed=0",
+        f"hydra.run.dir={out}",
+        f"paths.cache_dir={out / 'cache'}",
+        "seed=0",
     ]
     if not gradient_checkpointing:
         cmd.append("model.gradient_checkpointing=false")
@@ -169,8 +216,10 @@ def check_reference(path: Path | None) -> None:
             "or run --smoke for flux_lightning's side only"
         )
     if not path.is_file():
-        raise SystemExit(f"--reference {path}: no such file; get it from the diffusers repository "
-                         "(examples/dreambooth/train_dreambooth_lora_flux.py)")
+        raise SystemExit(
+            f"--reference {path}: no such file; get it from the diffusers repository "
+            "(examples/dreambooth/train_dreambooth_lora_flux.py)"
+        )
     missing = [p for p in REFERENCE_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
         raise SystemExit(f"the reference script imports {', '.join(missing)}: pip install {' '.join(missing)}")
@@ -232,8 +281,10 @@ def check_same_adapter(signatures: dict[str, dict]) -> None:
             only_a = sorted(set(first) - set(other))[:5]
             only_b = sorted(set(other) - set(first))[:5]
             diff = sorted(k for k in set(first) & set(other) if first[k] != other[k])[:5]
-            raise SystemExit(f"{names[0]} and {name} trained different LoRA tensors: only in {names[0]} {only_a}, "
-                             f"only in {name} {only_b}, other shapes {diff}; the comparison would not be fair")
+            raise SystemExit(
+                f"{names[0]} and {name} trained different LoRA tensors: only in {names[0]} {only_a}, "
+                f"only in {name} {only_b}, other shapes {diff}; the comparison would not be fair"
+            )
 
 
 def per_round(short: dict, long: dict, n1: int, n2: int) -> dict:
@@ -270,6 +321,7 @@ def summarise(rounds: dict[str, list[dict]], reference: str | None) -> dict:
 
 def markdown(summary: dict, n1: int) -> str:
     """The README table: trainer | s/step | ratio to reference | start-up | N1-step process wall."""
+
     def cell(s: dict, digits: int) -> str:
         return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
@@ -278,11 +330,24 @@ def markdown(summary: dict, n1: int) -> str:
 
     rows = []
     for trainer, e in summary.items():
-        rows.append([TRAINERS[trainer], cell(e["s_per_step"], 3), ratio(trainer, e, "ratio_of_medians"),
-                     cell(e["startup_s"], 1), cell(e["short_wall_s"], 1),
-                     f"{cell(e['cpu_s_per_step'], 3)}, {ratio(trainer, e, 'cpu_ratio_of_medians')}"])
-    header = ["trainer", "s/step (min-max)", "ratio to reference", "start-up s", f"{n1}-step process wall s",
-              "CPU s/step, ratio"]
+        rows.append(
+            [
+                TRAINERS[trainer],
+                cell(e["s_per_step"], 3),
+                ratio(trainer, e, "ratio_of_medians"),
+                cell(e["startup_s"], 1),
+                cell(e["short_wall_s"], 1),
+                f"{cell(e['cpu_s_per_step'], 3)}, {ratio(trainer, e, 'cpu_ratio_of_medians')}",
+            ]
+        )
+    header = [
+        "trainer",
+        "s/step (min-max)",
+        "ratio to reference",
+        "start-up s",
+        f"{n1}-step process wall s",
+        "CPU s/step, ratio",
+    ]
     return table(header, rows)
 
 
@@ -314,7 +379,7 @@ def provenance(reference: Path | None) -> dict:
 def prepare_inputs(work: Path, images: int) -> tuple[Path, Path]:
     """The tiny Flux folder and the image folder both trainers read (built once under ``work``)."""
     from flux_lightning.data.demo import make_demo_dataset
-    from flux_lightning.tiny import ensure_tiny_folder
+    from flux_lightning.model.tiny import ensure_tiny_folder
 
     return ensure_tiny_folder(work / "models"), make_demo_dataset(work / "data", count=images, size=64)
 
@@ -366,23 +431,32 @@ def main(argv=None) -> dict:
             done = run["steps_done"] = steps_done(trainer, out, log)
             if done is not None and done != steps:
                 raise SystemExit(f"{trainer} ran {done} steps, not {steps} (log: {log})")
-            print(f"round {r + 1}/{args.pairs} {trainer:18s} {steps:4d} steps: {run['wall_s']:7.1f} s "
-                  f"(load {run['load_before']:.1f})", flush=True)
+            print(
+                f"round {r + 1}/{args.pairs} {trainer:18s} {steps:4d} steps: {run['wall_s']:7.1f} s "
+                f"(load {run['load_before']:.1f})",
+                flush=True,
+            )
             if r == 0 and steps == args.n1:
                 signatures[trainer] = lora_signature(out)
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
         if signatures:
             check_same_adapter(signatures)
-    rounds = {t: [per_round(runs[t, args.n1, r], runs[t, args.n2, r], args.n1, args.n2) for r in range(args.pairs)]
-              for t in args.trainers}
+    rounds = {
+        t: [per_round(runs[t, args.n1, r], runs[t, args.n2, r], args.n1, args.n2) for r in range(args.pairs)]
+        for t in args.trainers
+    }
     summary = summarise(rounds, REFERENCE)
     result = {
         "machine": machine(),
         "threads": args.threads,
         "device": args.device,
-        "n1": args.n1, "n2": args.n2, "pairs": args.pairs, "images": args.images,
-        "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        "n1": args.n1,
+        "n2": args.n2,
+        "pairs": args.pairs,
+        "images": args.images,
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
         "reference": str(args.reference) if REFERENCE in args.trainers else None,
         **origin,
         "command": " ".join(sys.argv) if argv is None else " ".join(argv),
@@ -390,8 +464,10 @@ def main(argv=None) -> dict:
         "rounds": rounds,
         "runs": [{"trainer": t, "steps": n, "round": r, **v} for (t, n, r), v in runs.items()],
     }
-    print(f"\n{machine()}; {args.threads} thread(s) per trainer process; "
-          f"load average {load_start[0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end")
+    print(
+        f"\n{machine()}; {args.threads} thread(s) per trainer process; "
+        f"load average {load_start[0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end"
+    )
     print(markdown(summary, args.n1))
     save_json(args.json, result)
     if args.work is None and not args.keep:

@@ -5,14 +5,14 @@ flavour, an optimizer, a backend kind or a callback) is ``docs/architecture.md``
 """
 
 from .adapters import AdapterConfig
-from .model_config import ModelConfig
 from .data import DatasetConfig, FluxDataModule
-from .flow import LossConfig, TimestepConfig
-from .module import FluxLoRAModule
-from .optim import LRSchedulerConfig, OptimizerConfig
-from .quantization import QuantizationConfig
-from .rollout import ScheduledSamplingConfig
-from .tread import TreadConfig, TreadRoute
+from .model.config import ModelConfig
+from .model.quantization import QuantizationConfig
+from .model.tread import TreadConfig, TreadRoute
+from .training.flow import LossConfig, TimestepConfig
+from .training.module import FluxLoRAModule
+from .training.optim import LRSchedulerConfig, OptimizerConfig
+from .training.rollout import ScheduledSamplingConfig
 
 __all__ = [
     "AdapterConfig",

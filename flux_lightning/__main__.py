@@ -1,7 +1,7 @@
 """``python -m flux_lightning [overrides]``: train with the Hydra config tree (see conf/train.yaml)."""
 
-from . import timings
-from .train import main
+from .run import timings
+from .run.train import main
 
 timings.mark("imported")
 

@@ -25,7 +25,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import StorageError
 
-
 # How Rust's std::io::Error shows an OS error (safetensors wraps it in a SafetensorError, which has no
 # errno): its Display "... (os error 28)" (safetensors 0.5+) and its Debug "Os { code: 28, ... }" (older).
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")

@@ -15,7 +15,7 @@ def main() -> None:
 
         ui_main(sys.argv[2:])
     elif command == "configure":
-        from .configure import main as configure_main
+        from .wizard.configure import main as configure_main
 
         sys.exit(configure_main(sys.argv[2:]))
     elif command == "lora":
@@ -23,7 +23,7 @@ def main() -> None:
 
         sys.exit(lora_main(sys.argv[2:]))
     else:
-        from .train import main as train_main
+        from .run.train import main as train_main
 
         train_main()  # Hydra reads sys.argv itself
 

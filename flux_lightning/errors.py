@@ -1,6 +1,6 @@
 """Every error the library raises on purpose, in one leaf module (it imports only the standard library).
 
-The entry point maps them to exit codes (``flux_lightning.train.main``): the configuration and
+The entry point maps them to exit codes (``flux_lightning.run.train.main``): the configuration and
 input errors to 2, :class:`NonFiniteLossError` to 3, :class:`StopRequested` to 128 + the signal.
 Each message is one line per problem naming the file or config field and the fix.
 """
@@ -88,7 +88,7 @@ class AdapterExportError(RuntimeError):
 
 
 class LoraFileError(ValueError):
-    """A LoRA file (or the base model it is merged into) cannot be used by ``python -m flux_lightning.lora``:
+    """A LoRA file (or the base model it is merged into) cannot be used by ``python -m flux_lightning.lora_tools``:
     missing, of an unknown format, or for layers the base does not have; one line naming the file and the fix."""
 
 

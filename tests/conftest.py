@@ -45,7 +45,7 @@ def tiny_model_cfg(cache_root) -> ModelConfig:
 
 @pytest.fixture(scope="session")
 def tiny_folder(tiny_model_cfg) -> Path:
-    from flux_lightning.components import resolve_source
+    from flux_lightning.model.components import resolve_source
 
     return Path(resolve_source(tiny_model_cfg))
 
@@ -83,11 +83,27 @@ def fit_tiny(model_cfg, cache_root, *, steps=4, adapter=None, lr=1e-3, seed=0, c
 # feature, a file recorded on another machine): `.ci/run` runs them again under each forced CPU capability
 # this machine is not using (`ATEN_CPU_CAPABILITY=default|avx2`), so another machine's kernels are tried here.
 NUMERICS = {
-    "test_defaults_unchanged.py", "test_flow.py", "test_timestep_schemes.py", "test_tread.py", "test_rollout.py",
-    "test_memory.py", "test_dora.py", "test_ema.py", "test_lora_tools.py", "test_module.py", "test_lora_formats.py",
-    "test_adapter_export.py", "test_lokr_and_init.py", "test_eval_loss.py", "test_nonfinite.py",
-    "test_quantization.py", "test_validation.py", "test_compile.py", "test_preview.py", "test_flavours.py",
-    "test_adapters.py",
+    "e2e/test_defaults_unchanged.py",
+    "training/test_flow.py",
+    "training/test_timestep_schemes.py",
+    "model/test_tread.py",
+    "training/test_rollout.py",
+    "model/test_memory.py",
+    "adapters/test_dora.py",
+    "callbacks/test_ema.py",
+    "lora_tools/test_lora_tools.py",
+    "training/test_module.py",
+    "adapters/test_lora_formats.py",
+    "callbacks/test_adapter_export.py",
+    "adapters/test_lokr_and_init.py",
+    "callbacks/test_eval_loss.py",
+    "training/test_nonfinite.py",
+    "model/test_quantization.py",
+    "callbacks/test_validation.py",
+    "model/test_compile.py",
+    "callbacks/test_preview.py",
+    "model/test_flavours.py",
+    "adapters/test_adapters.py",
 }
 
 

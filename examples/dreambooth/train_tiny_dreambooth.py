@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from PIL import Image, ImageDraw
 
-from flux_lightning.train import config_dir, train
+from flux_lightning.run.train import config_dir, train
 
 INSTANCE_PROMPT = "a photo of sks star"
 

@@ -3,12 +3,10 @@
 The leaf of :mod:`flux_lightning.adapters`: standard library and torch only, so every other adapter
 module (and the config validation) can import it. :meth:`AdapterConfig.problems` checks the fields
 on their own; checks that need another config group (a quantized base) live in
-:mod:`flux_lightning.config`.
+:mod:`flux_lightning.config.validation`.
 """
 
 from __future__ import annotations
-
-from ..errors import Problem
 
 import importlib.util
 from dataclasses import dataclass
@@ -16,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import Problem
 
 # The file every adapter is written to, LoRA or LoKr: the name diffusers' load_lora_weights looks for.
 ADAPTER_FILENAME = "pytorch_lora_weights.safetensors"

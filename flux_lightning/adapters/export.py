@@ -70,7 +70,11 @@ def export_lora(
     """
     state = lora_state_dict(transformer)
     if lora_format != "diffusers" and any(".lora_magnitude_vector" in k for k in state):
-        raise ValueError(lora_format_problems(lora_format, cfg)[0] if cfg.use_dora else f"lora_format={lora_format} cannot carry DoRA magnitudes")
+        raise ValueError(
+            lora_format_problems(lora_format, cfg)[0]
+            if cfg.use_dora
+            else f"lora_format={lora_format} cannot carry DoRA magnitudes"
+        )
     rank, alpha = cfg.rank, cfg.lora_alpha
     initial = getattr(transformer, "_flux_lightning_initial_lora", {})
     if initial:
@@ -131,9 +135,12 @@ def lora_format_problems(
         return []
     shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
     return [
-        Problem(field, f"{field}={lora_format} has no key for module(s) {shown} selected by "
-        f"adapter.target={adapter.target!r}; use {field}=diffusers or comfyui, "
-        "or leave these modules out of adapter.target")
+        Problem(
+            field,
+            f"{field}={lora_format} has no key for module(s) {shown} selected by "
+            f"adapter.target={adapter.target!r}; use {field}=diffusers or comfyui, "
+            "or leave these modules out of adapter.target",
+        )
     ]
 
 

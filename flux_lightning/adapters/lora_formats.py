@@ -75,8 +75,14 @@ def _flux_linear_names() -> tuple[str, ...]:
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(
-            num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
         )
     return tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
 

@@ -9,4 +9,12 @@ from .model_card import ModelCard
 from .progress import LossProgressBar
 from .validation import ValidationImages
 
-__all__ = ["AdapterEMA", "AdapterExport", "CLIPScoreCallback", "EvalLoss", "LossProgressBar", "ModelCard", "ValidationImages"]
+__all__ = [
+    "AdapterEMA",
+    "AdapterExport",
+    "CLIPScoreCallback",
+    "EvalLoss",
+    "LossProgressBar",
+    "ModelCard",
+    "ValidationImages",
+]

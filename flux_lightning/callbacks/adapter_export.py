@@ -10,10 +10,10 @@ from pathlib import Path
 import lightning as L
 
 from ..adapters import ADAPTER_FILENAME, LORA_FORMATS, lora_format_problems
-from ..model_config import DTYPES
 from ..errors import AdapterExportError, Problem
-from ..hooks import ConfigChecked, ExtraExports, SummaryRows, raise_problems
-from ..strategies import full_parameters, is_sharded
+from ..model.config import DTYPES
+from ..training.hooks import ConfigChecked, ExtraExports, SummaryRows, raise_problems
+from ..training.strategies import full_parameters, is_sharded
 
 log = logging.getLogger(__name__)
 _FIELD = "callbacks.adapter_export"
@@ -58,9 +58,11 @@ class AdapterExport(L.Callback):
             exact when ``alpha / r`` is a power of two, e.g. alpha = rank, else within fp32 rounding).
     """
 
-    implements = (ConfigChecked, SummaryRows)  # hooks.py; tests/test_hooks.py checks them
+    implements = (ConfigChecked, SummaryRows)  # hooks.py; tests/callbacks/test_hooks.py checks them
 
-    def __init__(self, dirpath: str, with_checkpoints: bool = True, lora_format: str = "diffusers", dtype: str = "bf16"):
+    def __init__(
+        self, dirpath: str, with_checkpoints: bool = True, lora_format: str = "diffusers", dtype: str = "bf16"
+    ):
         raise_problems(self.config_problems({"lora_format": lora_format, "dtype": dtype}, field=_FIELD))
         self.dirpath = Path(dirpath)
         self.with_checkpoints = with_checkpoints
@@ -113,12 +115,18 @@ class AdapterExport(L.Callback):
             for filename, weights in self._extra_exports(trainer, pl_module):
                 target = self.dirpath / filename
                 with weights:
-                    pl_module.export_adapter(self.dirpath, dtype=self.dtype, lora_format=self.lora_format, filename=filename)
+                    pl_module.export_adapter(
+                        self.dirpath, dtype=self.dtype, lora_format=self.lora_format, filename=filename
+                    )
         except Exception as err:  # disk full, permissions, a format error: never lose the run for it
             self.path = None
             self.error = f"writing {target} failed at step {trainer.global_step} ({type(err).__name__}: {err})"
             # a full or read-only disk is one line (the file there is intact); anything else, the traceback
-            log.error("callbacks.adapter_export: %s; training and checkpoints continue", self.error, exc_info=not isinstance(err, OSError))
+            log.error(
+                "callbacks.adapter_export: %s; training and checkpoints continue",
+                self.error,
+                exc_info=not isinstance(err, OSError),
+            )
             return
         self.error, self._exported_step = None, trainer.global_step
 
@@ -148,12 +156,16 @@ class AdapterExport(L.Callback):
         step_dir = self.dirpath / f"{STEP_DIR_PREFIX}{trainer.global_step:06d}"
         try:
             step_dir.mkdir(parents=True, exist_ok=True)
-            for source in [self.dirpath / ADAPTER_FILENAME] + [self.dirpath / f for f, _ in self._extra_exports(trainer, trainer.lightning_module)]:
+            for source in [self.dirpath / ADAPTER_FILENAME] + [
+                self.dirpath / f for f, _ in self._extra_exports(trainer, trainer.lightning_module)
+            ]:
                 if source.is_file():
                     _link_atomic(source, step_dir / source.name)
             self._prune(trainer)
         except OSError as err:  # never lose the run for a copy; the main file is written
-            log.error("callbacks.adapter_export: keeping %s failed (%s); training and checkpoints continue", step_dir, err)
+            log.error(
+                "callbacks.adapter_export: keeping %s failed (%s); training and checkpoints continue", step_dir, err
+            )
 
     def _prune(self, trainer) -> None:
         import shutil

@@ -15,10 +15,10 @@ import lightning as L
 import torch
 
 from ..errors import ConfigError, Problem
-from ..hooks import ConfigChecked, RendersImages, ValidationImagesListener, raise_problems
-from ..memory import park
-from ..rng import preserved_rng
-from ..tiny import resolve_tiny_source
+from ..model.memory import park
+from ..model.tiny import resolve_tiny_source
+from ..training.hooks import ConfigChecked, RendersImages, ValidationImagesListener, raise_problems
+from ..training.rng import preserved_rng
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,9 @@ def load_clip(model_name_or_path: str, open_clip_pretrained: str | None = None):
         try:
             import open_clip
         except ImportError:
-            raise ImportError('an open_clip: CLIP model needs open_clip: pip install "flux-lightning[open_clip]"') from None
+            raise ImportError(
+                'an open_clip: CLIP model needs open_clip: pip install "flux-lightning[open_clip]"'
+            ) from None
         name = model_name_or_path.split(":", 1)[1]
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=open_clip_pretrained)
         return _OpenClipModel(model.eval()), _OpenClipProcessor(preprocess, open_clip.get_tokenizer(name))
@@ -111,7 +113,7 @@ class CLIPScoreCallback(L.Callback):
         open_clip_pretrained: open_clip weights (tag or file) for an ``open_clip:`` model.
     """
 
-    implements = (ConfigChecked, ValidationImagesListener)  # hooks.py; tests/test_hooks.py checks them
+    implements = (ConfigChecked, ValidationImagesListener)  # hooks.py; tests/callbacks/test_hooks.py checks them
 
     def __init__(self, model_name_or_path: str | None = None, open_clip_pretrained: str | None = None):
         raise_problems(self.config_problems({"model_name_or_path": model_name_or_path}, field=_FIELD))
@@ -138,7 +140,7 @@ class CLIPScoreCallback(L.Callback):
     def load(self, model_cfg) -> None:
         from torchmetrics.multimodal.clip_score import CLIPScore
 
-        from ..components import may_load
+        from ..model.components import may_load
 
         explicit = self.model_name_or_path is not None
         source = resolve_tiny_source(self.model_name_or_path or model_cfg.spec.clip_model, model_cfg.cache_dir)
@@ -160,7 +162,10 @@ class CLIPScoreCallback(L.Callback):
             log.warning(
                 "CLIP score is off for this run: the flavour's CLIP model %r cannot be loaded (%s); set "
                 "%s.model_name_or_path=<local CLIP folder> to score, or %s=null to silence this",
-                source, reason, _FIELD, _FIELD,
+                source,
+                reason,
+                _FIELD,
+                _FIELD,
             )
             return
         self.metric = CLIPScore(model_name_or_path=lambda: (model, processor))

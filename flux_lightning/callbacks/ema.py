@@ -28,7 +28,15 @@ import lightning as L
 import torch
 
 from ..errors import Problem
-from ..hooks import ConfigChecked, ExtraExports, FinishStep, SummaryRows, TrainableParameters, ValidationWeights, raise_problems
+from ..training.hooks import (
+    ConfigChecked,
+    ExtraExports,
+    FinishStep,
+    SummaryRows,
+    TrainableParameters,
+    ValidationWeights,
+    raise_problems,
+)
 
 EMA_FILENAME = "pytorch_lora_weights_ema.safetensors"
 EMA_DEVICES = ("cpu", "accelerator")
@@ -58,7 +66,7 @@ class AdapterEMA(L.Callback):
         ValidationWeights,
         ExtraExports,
         SummaryRows,
-    )  # hooks.py; tests/test_hooks.py checks them
+    )  # hooks.py; tests/callbacks/test_hooks.py checks them
 
     def __init__(
         self,
@@ -69,9 +77,11 @@ class AdapterEMA(L.Callback):
         use_for_validation: bool = False,
         export: bool = True,
     ):
-        raise_problems(self.config_problems(
-            {"decay": decay, "update_every": update_every, "start_step": start_step, "device": device}, field=_FIELD
-        ))
+        raise_problems(
+            self.config_problems(
+                {"decay": decay, "update_every": update_every, "start_step": start_step, "device": device}, field=_FIELD
+            )
+        )
         self.decay = None if decay is None else float(decay)
         self.update_every, self.start_step = update_every, start_step
         self.device = device
@@ -189,8 +199,7 @@ class AdapterEMA(L.Callback):
     def state_dict(self) -> dict:
         if not self.enabled or not self.ema:
             return {}
-        return {"ema": {n: t.detach().cpu() for n, t in self.ema.items()}, "updates": self.updates,
-                "decay": self.decay}
+        return {"ema": {n: t.detach().cpu() for n, t in self.ema.items()}, "updates": self.updates, "decay": self.decay}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:

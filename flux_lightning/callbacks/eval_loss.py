@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 
-from .. import stopping
 from ..errors import Problem
-from ..flow import flow_loss, flow_target, noisy_latents, shift_like_training
-from ..hooks import ConfigChecked, EvalSplit, SummaryRows, SweepMetric, raise_problems
+from ..training import stopping
+from ..training.flow import flow_loss, flow_target, noisy_latents, shift_like_training
+from ..training.hooks import ConfigChecked, EvalSplit, SummaryRows, SweepMetric, raise_problems
 from ..values import is_int
 from .isolation import isolated
 
@@ -118,7 +118,7 @@ class EvalLoss(L.Callback):
         before_training: evaluate at step 0 as a baseline.
     """
 
-    implements = (ConfigChecked, SweepMetric, SummaryRows)  # hooks.py; tests/test_hooks.py checks them
+    implements = (ConfigChecked, SweepMetric, SummaryRows)  # hooks.py; tests/callbacks/test_hooks.py checks them
 
     def __init__(
         self,
@@ -128,9 +128,11 @@ class EvalLoss(L.Callback):
         batch_size: int | None = None,
         before_training: bool = True,
     ):
-        raise_problems(self.config_problems(
-            {"every_n_steps": every_n_steps, "num_sigmas": num_sigmas, "batch_size": batch_size}, field=_FIELD
-        ))
+        raise_problems(
+            self.config_problems(
+                {"every_n_steps": every_n_steps, "num_sigmas": num_sigmas, "batch_size": batch_size}, field=_FIELD
+            )
+        )
         self.every_n_steps = every_n_steps
         self.num_sigmas, self.seed, self.batch_size = num_sigmas, seed, batch_size
         self.before_training = before_training
@@ -146,10 +148,12 @@ class EvalLoss(L.Callback):
         out = []
         v = args.get("every_n_steps", 100)
         if not is_int(v) or v < 0:
-            out.append(Problem(
-                f"{field}.every_n_steps",
-                f"{field}.every_n_steps={v!r} must be an integer >= 0 (0 = baseline and final only); e.g. 100",
-            ))
+            out.append(
+                Problem(
+                    f"{field}.every_n_steps",
+                    f"{field}.every_n_steps={v!r} must be an integer >= 0 (0 = baseline and final only); e.g. 100",
+                )
+            )
         if args.get("num_sigmas", 8) < 1:
             out.append(Problem(f"{field}.num_sigmas", f"{field}.num_sigmas={args['num_sigmas']} must be >= 1"))
         batch_size = args.get("batch_size")
@@ -159,13 +163,16 @@ class EvalLoss(L.Callback):
             return out
         out += [
             Problem(f"{field}.{key}", f"{field}.{key} is now dataset.{key}; move it there")
-            for key in _MOVED_EVAL_KEYS if key in args
+            for key in _MOVED_EVAL_KEYS
+            if key in args
         ]
         if run.dataset.eval_fraction == 0 and not run.dataset.eval_folders():
-            out.append(Problem(
-                "dataset.eval_fraction",
-                f"{field} needs dataset.eval_fraction > 0 or dataset.eval_data_dir=<folder> (or set {field}=null)",
-            ))
+            out.append(
+                Problem(
+                    "dataset.eval_fraction",
+                    f"{field} needs dataset.eval_fraction > 0 or dataset.eval_data_dir=<folder> (or set {field}=null)",
+                )
+            )
         return out
 
     def sweep_metric(self) -> tuple[str, float] | None:
@@ -207,7 +214,10 @@ class EvalLoss(L.Callback):
                 log.warning(
                     "%s: the datamodule has no eval split (%s); the eval loss is off. Set "
                     "dataset.eval_fraction > 0 (backends with >= dataset.eval_min_images images give some) or "
-                    "dataset.eval_data_dir=<folder>, or %s=null", _FIELD, split, _FIELD,
+                    "dataset.eval_data_dir=<folder>, or %s=null",
+                    _FIELD,
+                    split,
+                    _FIELD,
                 )
                 self._warned = True
             return None

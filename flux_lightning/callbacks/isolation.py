@@ -1,4 +1,4 @@
-"""Run evaluation work without touching the training trajectory: RNG streams (:mod:`flux_lightning.rng`)
+"""Run evaluation work without touching the training trajectory: RNG streams (:mod:`flux_lightning.training.rng`)
 and train/eval modes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..rng import preserved_rng
+from ..training.rng import preserved_rng
 
 
 @contextmanager

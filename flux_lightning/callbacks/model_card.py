@@ -8,17 +8,16 @@ saved ``config.yaml`` holds a secret or a local path (see :func:`redact`).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import lightning as L
 
 from ..errors import Problem
-from ..hooks import ConfigChecked, RecordsRunConfig, raise_problems
-from ..redaction import REDACTED, redact, redact_yaml  # noqa: F401 (redact_yaml: used by tests and tools)
+from ..training.hooks import ConfigChecked, RecordsRunConfig, raise_problems
 from .adapter_export import STEP_DIR_PREFIX, AdapterExport
+from .redaction import REDACTED, redact, redact_yaml  # noqa: F401 (redact_yaml: used by tests and tools)
 from .validation import ValidationImages
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,11 @@ _DEV_LICENSE = "flux-1-dev-non-commercial-license"
 LICENSES: dict[str, tuple[str, str | None, str | None]] = {
     "dev": ("other", _DEV_LICENSE, "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
     "krea": ("other", _DEV_LICENSE, "https://huggingface.co/black-forest-labs/FLUX.1-Krea-dev/blob/main/LICENSE.md"),
-    "kontext": ("other", _DEV_LICENSE, "https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/blob/main/LICENSE.md"),
+    "kontext": (
+        "other",
+        _DEV_LICENSE,
+        "https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/blob/main/LICENSE.md",
+    ),
     "fluxbooru": ("other", _DEV_LICENSE, "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
     "schnell": ("apache-2.0", None, None),
     "libreflux": ("apache-2.0", None, None),
@@ -116,7 +119,7 @@ class ModelCard(L.Callback):
     config or a log line.
     """
 
-    implements = (ConfigChecked, RecordsRunConfig)  # hooks.py; tests/test_hooks.py checks them
+    implements = (ConfigChecked, RecordsRunConfig)  # hooks.py; tests/callbacks/test_hooks.py checks them
 
     def __init__(self, dirpath: str, push_to_hub: bool = False, hub_model_id: str | None = None, private: bool = True):
         raise_problems(self.config_problems({"push_to_hub": push_to_hub, "hub_model_id": hub_model_id}))
@@ -198,7 +201,11 @@ class ModelCard(L.Callback):
             log.error(
                 "push_to_hub to %s failed (%s); the LoRA is saved in %s. Log in with `hf auth login` "
                 "or set HF_TOKEN, then upload that folder with `hf upload %s %s`",
-                self.hub_model_id, type(err).__name__, self.dirpath, self.hub_model_id, self.dirpath,
+                self.hub_model_id,
+                type(err).__name__,
+                self.dirpath,
+                self.hub_model_id,
+                self.dirpath,
             )
             return None
         log.info("uploaded %s to https://huggingface.co/%s", self.dirpath, self.hub_model_id)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..flow import unpack_latents
-from ..redaction import redact_url
+from ..training.flow import unpack_latents
+from .redaction import redact_url
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -110,8 +110,13 @@ class PreviewWebhook:
                 reason, retry = f"HTTP {err.code}", err.code >= 500 or err.code in _RETRYABLE_CLIENT_CODES
             except Exception as err:  # refused, timeout, DNS, ...
                 reason, retry = f"{type(err).__name__}: {err}", True
-            log.warning("validation preview webhook %s: attempt %d/%d failed (%s)", redact_url(self.url), attempt,
-                        self.max_attempts, redact_url(reason))
+            log.warning(
+                "validation preview webhook %s: attempt %d/%d failed (%s)",
+                redact_url(self.url),
+                attempt,
+                self.max_attempts,
+                redact_url(reason),
+            )
             if not retry or attempt == self.max_attempts:
                 break
             time.sleep(self.backoff * 2 ** (attempt - 1))

@@ -8,17 +8,19 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from .. import stopping
 from ..errors import ConfigError, Problem
-from ..hooks import (
+from ..model.memory import park
+from ..model.tiny import resolve_tiny_source
+from ..training import stopping
+from ..training.hooks import (
     ConfigChecked,
     PromptTexts,
     RendersImages,
@@ -27,10 +29,8 @@ from ..hooks import (
     ValidationWeights,
     raise_problems,
 )
+from ..training.strategies import is_sharded
 from ..values import is_int
-from ..memory import park
-from ..strategies import is_sharded
-from ..tiny import resolve_tiny_source
 from .isolation import isolated
 from .preview import PreviewWebhook
 
@@ -116,7 +116,7 @@ def prompt_library(
 
 
 def _stop_between_sampler_steps(preview=None):
-    """A ``callback_on_step_end`` that raises :class:`~flux_lightning.stopping.StopRequested` after
+    """A ``callback_on_step_end`` that raises :class:`~flux_lightning.training.stopping.StopRequested` after
     any sampler step once SIGTERM/SIGINT arrived (then runs the preview callback, if any)."""
 
     def callback(pipe, i: int, t, kwargs: dict) -> dict:
@@ -208,7 +208,7 @@ class ValidationImages(L.Callback):
         webhook_max_attempts / webhook_timeout / webhook_backoff: retry policy of the webhook.
     """
 
-    implements = (ConfigChecked, PromptTexts, SummaryRows)  # hooks.py; tests/test_hooks.py checks them
+    implements = (ConfigChecked, PromptTexts, SummaryRows)  # hooks.py; tests/callbacks/test_hooks.py checks them
 
     def __init__(
         self,
@@ -276,28 +276,36 @@ class ValidationImages(L.Callback):
         out = []
         every = args.get("every_n_steps", 0)
         if not is_int(every) or every < 0:
-            out.append(Problem(
-                f"{field}.every_n_steps",
-                f"{field}.every_n_steps={every!r} must be an integer >= 0 (0 = baseline and final only); e.g. 100",
-            ))
+            out.append(
+                Problem(
+                    f"{field}.every_n_steps",
+                    f"{field}.every_n_steps={every!r} must be an integer >= 0 (0 = baseline and final only); e.g. 100",
+                )
+            )
         steps = args.get("validation_num_inference_steps")
         if steps is not None and steps < 1:
-            out.append(Problem(
-                f"{field}.validation_num_inference_steps",
-                f"{field}.validation_num_inference_steps must be >= 1 or null (the flavour's)",
-            ))
+            out.append(
+                Problem(
+                    f"{field}.validation_num_inference_steps",
+                    f"{field}.validation_num_inference_steps must be >= 1 or null (the flavour's)",
+                )
+            )
         if args.get("validation_preview"):
             url = args.get("webhook_url")
             if not url or not str(url).startswith(("http://", "https://")):
-                out.append(Problem(
-                    f"{field}.webhook_url",
-                    f"{field}.validation_preview=true needs {field}.webhook_url=<http(s) URL> (got {url!r})",
-                ))
+                out.append(
+                    Problem(
+                        f"{field}.webhook_url",
+                        f"{field}.validation_preview=true needs {field}.webhook_url=<http(s) URL> (got {url!r})",
+                    )
+                )
             if args.get("validation_preview_steps", 1) < 1:
-                out.append(Problem(
-                    f"{field}.validation_preview_steps",
-                    f"{field}.validation_preview_steps={args['validation_preview_steps']} must be >= 1",
-                ))
+                out.append(
+                    Problem(
+                        f"{field}.validation_preview_steps",
+                        f"{field}.validation_preview_steps={args['validation_preview_steps']} must be >= 1",
+                    )
+                )
             if args.get("webhook_max_attempts", 3) < 1:
                 out.append(
                     Problem(
@@ -347,7 +355,7 @@ class ValidationImages(L.Callback):
     def _pipeline(self, pl_module):
         import diffusers
 
-        from ..components import load_scheduler, load_vae
+        from ..model.components import load_scheduler, load_vae
 
         model_cfg = pl_module.model_cfg
         if self._vae is None:
@@ -385,7 +393,9 @@ class ValidationImages(L.Callback):
             if "image" in params:
                 from PIL import Image
 
-                kwargs["image"] = Image.open(Path(self.reference_image).expanduser()).convert("RGB").resize((width, height))
+                kwargs["image"] = (
+                    Image.open(Path(self.reference_image).expanduser()).convert("RGB").resize((width, height))
+                )
                 if "_auto_resize" in params:
                     kwargs["_auto_resize"] = False
             else:
@@ -502,4 +512,6 @@ class ValidationImages(L.Callback):
                 logger.experiment.flush()
             elif callable(getattr(logger, "log_image", None)):  # W&B and friends
                 captions = [f"{r.nickname} {r.width}x{r.height}" for r in records]
-                logger.log_image(key="validation/images", images=[r.image for r in records], step=step, caption=captions)
+                logger.log_image(
+                    key="validation/images", images=[r.image for r in records], step=step, caption=captions
+                )

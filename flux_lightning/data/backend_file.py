@@ -8,8 +8,8 @@ import types
 import typing
 from pathlib import Path
 
-from .config import IMAGE_FIELDS, TEXT_FIELDS, DatasetConfig, ImageBackendConfig, TextEmbedsConfig
 from ..errors import DataError
+from .config import IMAGE_FIELDS, TEXT_FIELDS, DatasetConfig, ImageBackendConfig, TextEmbedsConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,9 @@ def load_backend_file(path: str | Path) -> tuple[list[ImageBackendConfig], TextE
     except ValueError as err:
         raise DataError(f"dataset.backend_file: {path} is not valid JSON ({err})") from None
     except RecursionError:
-        raise DataError(f"dataset.backend_file: {path} is nested too deeply; it must hold a list of backend objects") from None
+        raise DataError(
+            f"dataset.backend_file: {path} is nested too deeply; it must hold a list of backend objects"
+        ) from None
     if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
         raise DataError(f"dataset.backend_file: {path} must hold a JSON list of backend objects")
     if not doc:
@@ -131,6 +133,7 @@ def resolve_dataset(cfg: DatasetConfig) -> DatasetConfig:
     if extra:  # e.g. the default dataset option's resolution under `dataset.backend_file=...`
         log.warning(
             "dataset.backend_file: ignoring the single-folder fields %s (each backend in %s sets its own)",
-            ", ".join(f"dataset.{f}={getattr(cfg, f)!r}" for f in extra), cfg.backend_file,
+            ", ".join(f"dataset.{f}={getattr(cfg, f)!r}" for f in extra),
+            cfg.backend_file,
         )
     return cfg.with_backends(images, text)

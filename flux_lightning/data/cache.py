@@ -223,7 +223,9 @@ class StandIns:
                     self._reported.add(err.path)
                     log.warning(
                         "cache entry %s is corrupt (%s): this run serves another sample of its bucket "
-                        "in its place; run again and prepare_data re-encodes it", err.path, err.reason,
+                        "in its place; run again and prepare_data re-encodes it",
+                        err.path,
+                        err.reason,
                     )
                 continue
             return item

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .. import stopping
+from ..training import stopping
 from .cache import CacheEntryError, EntrySpec, TensorCache, latent_spec, load_many, mask_spec
 from .encoding import encode_images, encode_prompts
 from .resolve import Sample
@@ -52,7 +52,8 @@ def discard_bad_latents(samples: Sequence[Sample], caches: dict[str, TensorCache
         cache = caches[s.backend]
         remedy = (
             f"backend {s.backend!r} has skip_file_discovery=vae, so it is not re-encoded and {s.path} is skipped"
-            if s.backend in never_encode else f"re-encoding it from {s.path}"
+            if s.backend in never_encode
+            else f"re-encoding it from {s.path}"
         )
         entries.setdefault(cache.path(s.latent_key), (cache, s.latent_key, latent_spec(s.placement.bucket), remedy))
     discard_bad(list(entries.values()))
@@ -62,9 +63,13 @@ def discard_bad_masks(samples: Sequence[Sample], caches: dict[str, TensorCache])
     """Check the mask entries of ``samples``, see :func:`discard_bad`."""
     entries = {
         caches[s.backend].path(s.mask_key): (
-            caches[s.backend], s.mask_key, mask_spec(s.placement.bucket), f"re-encoding it from {s.mask_path}"
+            caches[s.backend],
+            s.mask_key,
+            mask_spec(s.placement.bucket),
+            f"re-encoding it from {s.mask_path}",
         )
-        for s in samples if s.mask_key is not None
+        for s in samples
+        if s.mask_key is not None
     }
     discard_bad(list(entries.values()))
 
@@ -76,7 +81,8 @@ def discard_bad_texts(captions: Sequence[str], cache: TensorCache, key: Callable
     entries = [(cache, k, spec, f"re-encoding caption {c[:60]!r}") for k, c in zip(keys, captions)]
     widths = {
         k: ((entry["prompt_embeds"].shape[1], entry["pooled_prompt_embeds"].shape[0]), caption)
-        for k, caption, entry in zip(keys, captions, discard_bad(entries)) if entry is not None
+        for k, caption, entry in zip(keys, captions, discard_bad(entries))
+        if entry is not None
     }
     if len({w for w, _ in widths.values()}) > 1:
         common = Counter(w for w, _ in widths.values()).most_common(1)[0][0]
@@ -85,7 +91,11 @@ def discard_bad_texts(captions: Sequence[str], cache: TensorCache, key: Callable
                 path = cache.path(k)
                 log.warning(
                     "cache entry %s is corrupt (embedding widths %s, the other entries have %s); "
-                    "re-encoding caption %r", path, w, common, caption[:60],
+                    "re-encoding caption %r",
+                    path,
+                    w,
+                    common,
+                    caption[:60],
                 )
                 path.unlink(missing_ok=True)
 
@@ -136,7 +146,9 @@ def cache_latents(vae, chunks: list[list[Sample]], caches: dict[str, TensorCache
     if not chunks:
         return written
     loader = DataLoader(
-        DecodedChunks(chunks), batch_size=None, num_workers=workers,
+        DecodedChunks(chunks),
+        batch_size=None,
+        num_workers=workers,
         worker_init_fn=_worker_ignores_stop_signals if workers else None,
         # its own generator: an iterator draws a base seed, which must not come from the global RNG
         # (the LoRA's init and the training draws follow caching; a warm-cache re-run never iterates)
@@ -169,9 +181,9 @@ def cache_latents(vae, chunks: list[list[Sample]], caches: dict[str, TensorCache
 
 def missing_masks(samples: Sequence[Sample], caches: dict[str, TensorCache]) -> list[Sample]:
     """``samples`` whose mask entry is missing (each entry once)."""
-    return list({
-        s.mask_key: s for s in samples if s.mask_key is not None and s.mask_key not in caches[s.backend]
-    }.values())
+    return list(
+        {s.mask_key: s for s in samples if s.mask_key is not None and s.mask_key not in caches[s.backend]}.values()
+    )
 
 
 def cache_masks(samples: Sequence[Sample], caches: dict[str, TensorCache]) -> None:

@@ -10,10 +10,10 @@ Two equivalent forms:
 
 from __future__ import annotations
 
-from ..errors import Problem
-
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from ..errors import Problem
 
 CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt", "parquet", "csv", "huggingface")
 BACKEND_TYPES = ("local", "huggingface")
@@ -162,12 +162,18 @@ class ImageBackendConfig:
             elif any(not str(f).strip() for f in self.folders()):
                 bad("instance_data_dir", "is an empty path; point it at a folder of images")
             if self.caption_strategy == "huggingface":
-                bad("caption_strategy", "huggingface needs type: huggingface; use filename, textfile, instanceprompt, parquet or csv")
+                bad(
+                    "caption_strategy",
+                    "huggingface needs type: huggingface; use filename, textfile, instanceprompt, parquet or csv",
+                )
             for key in ("dataset_name", "mask_column"):
                 if getattr(self, key) is not None:
                     bad(key, f"is used by type: huggingface only; remove it (this backend is type: {self.type})")
         if self.mask_from_alpha and self.dataset_type != "image":
-            bad("mask_from_alpha", "applies to image backends (dataset_type: image); remove it from this conditioning backend")
+            bad(
+                "mask_from_alpha",
+                "applies to image backends (dataset_type: image); remove it from this conditioning backend",
+            )
         if self.caption_strategy not in CAPTION_STRATEGIES:
             bad("caption_strategy", f"{self.caption_strategy!r} is unknown; use one of {', '.join(CAPTION_STRATEGIES)}")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
@@ -179,8 +185,11 @@ class ImageBackendConfig:
         elif self.resolution <= 0:
             bad("resolution", "must be positive (megapixels)")
         elif self.resolution > (MAX_MEGAPIXELS if self.resolution_type == "area" else MAX_RESOLUTION):
-            bad("resolution", f"{self.resolution:g} is beyond any image this can train on (at most "
-                f"{MAX_RESOLUTION} px, or {MAX_MEGAPIXELS} megapixels with resolution_type: area)")
+            bad(
+                "resolution",
+                f"{self.resolution:g} is beyond any image this can train on (at most "
+                f"{MAX_RESOLUTION} px, or {MAX_MEGAPIXELS} megapixels with resolution_type: area)",
+            )
         if self.crop_aspect not in CROP_ASPECTS:
             bad("crop_aspect", f"{self.crop_aspect!r} is unknown; use one of {', '.join(CROP_ASPECTS)}")
         if self.crop and self.crop_aspect in ("closest", "random") and not self.crop_aspect_buckets:
@@ -207,9 +216,15 @@ class ImageBackendConfig:
         if self.dataset_type != "image":
             bad("dataset_type", "type: huggingface backends are image backends; give masks with mask_column")
         if self.caption_strategy not in ("huggingface", "instanceprompt"):
-            bad("caption_strategy", f"{self.caption_strategy!r} does not apply to type: huggingface; use huggingface (caption_column) or instanceprompt")
+            bad(
+                "caption_strategy",
+                f"{self.caption_strategy!r} does not apply to type: huggingface; use huggingface (caption_column) or instanceprompt",
+            )
         if self.conditioning_data:
-            bad("conditioning_data", "is not supported by type: huggingface (rows have no file names to link); use mask_column or mask_from_alpha")
+            bad(
+                "conditioning_data",
+                "is not supported by type: huggingface (rows have no file names to link); use mask_column or mask_from_alpha",
+            )
         if self.mask_column and self.mask_from_alpha:
             bad("mask_from_alpha", "and mask_column both give the loss mask; keep one")
         for name in ("image_column", "caption_column"):
@@ -231,8 +246,14 @@ class TextEmbedsConfig:
 
 
 _SHORTHAND = (
-    "instance_data_dir", "caption_strategy", "instance_prompt", "resolution", "crop_style", "minimum_image_size",
-    "conditioning_data_dir", "mask_from_alpha",
+    "instance_data_dir",
+    "caption_strategy",
+    "instance_prompt",
+    "resolution",
+    "crop_style",
+    "minimum_image_size",
+    "conditioning_data_dir",
+    "mask_from_alpha",
 )
 
 
@@ -340,8 +361,11 @@ class DatasetConfig:
             if references:
                 image.append(
                     ImageBackendConfig(
-                        id=SHORTHAND_REFERENCE_ID, dataset_type="conditioning", conditioning_type="reference",
-                        instance_data_dir=self.conditioning_data_dir, resolution=image[0].resolution,
+                        id=SHORTHAND_REFERENCE_ID,
+                        dataset_type="conditioning",
+                        conditioning_type="reference",
+                        instance_data_dir=self.conditioning_data_dir,
+                        resolution=image[0].resolution,
                         resolution_type="pixel",
                     )
                 )
@@ -419,8 +443,11 @@ class DatasetConfig:
         res = self.resolution or 1024
         if res <= 0 or res % 16:
             out.append(
-                Problem("dataset.resolution", f"dataset.resolution={res} must be a positive multiple of 16 "
-                "(latents are 1/8 of the image and are packed in 2x2 patches)")
+                Problem(
+                    "dataset.resolution",
+                    f"dataset.resolution={res} must be a positive multiple of 16 "
+                    "(latents are 1/8 of the image and are packed in 2x2 patches)",
+                )
             )
         if self.minimum_image_size is not None and self.minimum_image_size < 0:
             out.append(
@@ -468,11 +495,13 @@ class DatasetConfig:
                 )
             )
         if extra and self.backend_file is None:  # with a file they are ignored with a warning (resolve_dataset)
-            out.append(Problem(
-                f"dataset.{extra[0]}",
-                f"dataset.{extra[0]} is part of the single-folder shorthand, but dataset.backends "
-                "(or backend_file) is set: put it on each backend instead",
-            ))
+            out.append(
+                Problem(
+                    f"dataset.{extra[0]}",
+                    f"dataset.{extra[0]} is part of the single-folder shorthand, but dataset.backends "
+                    "(or backend_file) is set: put it on each backend instead",
+                )
+            )
         if self.backend_file is not None:
             return out  # backends are read (and checked) when the file is loaded
         backends = self.image_backends()

@@ -17,9 +17,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..components import load_text_encoders, load_vae, model_identity, resolve_source
-from ..hooks import EvalSplit, PromptTexts, SummaryRows
-from ..model_config import ModelConfig
+from ..model.components import load_text_encoders, load_vae, model_identity, resolve_source
+from ..model.config import ModelConfig
+from ..training.hooks import EvalSplit, PromptTexts, SummaryRows
 from . import caching
 from .backend_file import resolve_dataset
 from .cache import TensorCache, cache_key, text_spec
@@ -28,9 +28,9 @@ from .datasets import CachedLatentDataset, default_num_workers
 from .demo import make_demo_dataset
 from .discovery import DataError
 from .holdout import EvalDataset, split_sources
+from .ranks import CacheGroup, caching_workers, share
 from .references import make_grayscale_references, pairing_problems, with_demo_references
 from .resolve import CACHE_VERSION, MIN_SIDE, Sample, SampleResolver
-from .ranks import CacheGroup, caching_workers, share
 from .sampler import BucketBatchSampler, Group
 
 __all__ = ["CACHE_VERSION", "MIN_SIDE", "CachedLatentDataset", "FluxDataModule", "Sample", "default_num_workers"]
@@ -77,7 +77,7 @@ class FluxDataModule(L.LightningDataModule):
     describes the split in words.
     """
 
-    implements = (SummaryRows, EvalSplit)  # hooks.py; tests/test_hooks.py checks them
+    implements = (SummaryRows, EvalSplit)  # hooks.py; tests/callbacks/test_hooks.py checks them
 
     def __init__(self, dataset: DatasetConfig, model: ModelConfig, prompts: Sequence[str] = ()):
         super().__init__()
@@ -91,11 +91,12 @@ class FluxDataModule(L.LightningDataModule):
         self.root = Path(dataset.cache_dir).expanduser()
         self.backends = with_demo_references(dataset.image_backends()) if pairs else dataset.image_backends()
         self.text_cache = TensorCache(dataset.text_embeds.cache_dir or self.root / "text")
-        self.latent_caches = {
-            b.id: TensorCache(b.cache_dir_vae or self.root / "vae") for b in self.backends
-        }
+        self.latent_caches = {b.id: TensorCache(b.cache_dir_vae or self.root / "vae") for b in self.backends}
         self.resolver = SampleResolver(
-            dataset, self.backends, self._folders, self.text_key,
+            dataset,
+            self.backends,
+            self._folders,
+            self.text_key,
             {"vae": model_identity(model, "vae"), "vae_dtype": "float32"},
         )
         self.skipped = 0
@@ -110,10 +111,18 @@ class FluxDataModule(L.LightningDataModule):
         dirs = dataset.eval_folders()
         self.eval_backend = (
             replace(
-                first, id="eval", instance_data_dir=dirs, repeats=0, conditioning_data=None, type="local",
-                dataset_name=None, mask_column=None,
+                first,
+                id="eval",
+                instance_data_dir=dirs,
+                repeats=0,
+                conditioning_data=None,
+                type="local",
+                dataset_name=None,
+                mask_column=None,
                 caption_strategy="filename" if first.caption_strategy == "huggingface" else first.caption_strategy,
-            ) if dirs else None
+            )
+            if dirs
+            else None
         )
         if self.eval_backend is not None:
             self.latent_caches["eval"] = self.latent_caches[first.id]
@@ -126,7 +135,10 @@ class FluxDataModule(L.LightningDataModule):
         for a reference backend their grayscale copies."""
         if backend.instance_data_dir is None:
             demo = make_demo_dataset(
-                self.root / "demo", count=self.cfg.demo_images, size=max(128, int(backend.resolution)), seed=self.cfg.seed
+                self.root / "demo",
+                count=self.cfg.demo_images,
+                size=max(128, int(backend.resolution)),
+                seed=self.cfg.seed,
             )
             return [str(make_grayscale_references(demo) if backend.dataset_type == "conditioning" else demo)]
         return backend.folders()
@@ -160,7 +172,9 @@ class FluxDataModule(L.LightningDataModule):
             else:
                 for d in self.eval_backend.folders():
                     if not Path(d).expanduser().is_dir():
-                        raise DataError(f"dataset.eval_data_dir: folder '{d}' does not exist; point it at a folder of images")
+                        raise DataError(
+                            f"dataset.eval_data_dir: folder '{d}' does not exist; point it at a folder of images"
+                        )
                 self._eval_samples, _ = self.resolver.resolve(self.eval_backend)
         return self._eval_samples
 
@@ -201,17 +215,22 @@ class FluxDataModule(L.LightningDataModule):
         never_encode = self._never_encode()
         caching.discard_bad_latents(images, self.latent_caches, never_encode)
         todo = {
-            self.latent_caches[s.backend].path(s.latent_key): s for s in images
+            self.latent_caches[s.backend].path(s.latent_key): s
+            for s in images
             if s.backend not in never_encode and s.latent_key not in self.latent_caches[s.backend]
         }
         caching.discard_bad_masks(everything, self.latent_caches)
         captions = list(dict.fromkeys([""] + [s.caption for s in everything] + self.wanted_prompts()))
-        caching.discard_bad_texts(captions, self.text_cache, self.text_key, text_spec(self.model_cfg.spec.t5_max_length))
+        caching.discard_bad_texts(
+            captions, self.text_cache, self.text_key, text_spec(self.model_cfg.spec.t5_max_length)
+        )
         missing = [c for c in captions if self.text_key(c) not in self.text_cache]
         if todo or missing:  # a model folder built on demand (tiny flavour): once, before the ranks load it
             resolve_source(self.model_cfg)
         return CachePlan(
-            samples, evals, self.skipped,
+            samples,
+            evals,
+            self.skipped,
             caching.latent_chunks(list(todo.values()), self.cfg.vae_batch_size),
             caching.missing_masks(everything, self.latent_caches),
             caching.text_chunks(missing, self.cfg.text_embeds.write_batch_size),
@@ -322,13 +341,16 @@ class FluxDataModule(L.LightningDataModule):
             log.info("eval split: %s", parts[0])
         elif fraction > 0:
             why = (
-                f"no backend has >= {min_images} images" if not large
+                f"no backend has >= {min_images} images"
+                if not large
                 else f"every image of {', '.join(large)} is also in a smaller backend"
             )
             parts.append(f"off ({why})")
             log.info(  # the eval-loss callback warns when it finds no split
                 "eval split off: %s (dataset.eval_min_images), so all %d images train; set "
-                "dataset.eval_data_dir=<folder> to evaluate on separate images", why, total,
+                "dataset.eval_data_dir=<folder> to evaluate on separate images",
+                why,
+                total,
             )
         if self.eval_backend is not None:
             parts.append(f"eval_data_dir: {len(self.eval_folder_samples())} images")
@@ -336,14 +358,18 @@ class FluxDataModule(L.LightningDataModule):
         return held
 
     def _setup_eval(self, held: set[str]) -> None:
-        chosen = list({
-            s.latent_key: s for s in self.samples()
-            if s.source in held and s.latent_key in self.latent_caches[s.backend]
-        }.values())
+        chosen = list(
+            {
+                s.latent_key: s
+                for s in self.samples()
+                if s.source in held and s.latent_key in self.latent_caches[s.backend]
+            }.values()
+        )
         chosen += [s for s in self.eval_folder_samples() if s.latent_key in self.latent_caches[s.backend]]
         self.eval_dataset = (
             EvalDataset(chosen, self.latent_caches, self.text_cache, text_spec(self.model_cfg.spec.t5_max_length))
-            if chosen else None
+            if chosen
+            else None
         )
 
     def eval_dataloader(self, batch_size: int | None = None) -> DataLoader | None:
@@ -373,7 +399,11 @@ class FluxDataModule(L.LightningDataModule):
                 log.warning(
                     "backend %r: bucket %dx%d has %d sample(s) with repeats, fewer than one batch of %d; "
                     "they are not used (raise dataset.backends[%s].repeats)",
-                    bid, *bucket, len(repeated), global_batch, bid,
+                    bid,
+                    *bucket,
+                    len(repeated),
+                    global_batch,
+                    bid,
                 )
             usable[bid] += len(repeated) // global_batch
             groups.append(Group(bid, bucket, repeated, b.probability))

@@ -75,7 +75,9 @@ class CachedLatentDataset(Dataset):
         if s.mask_key is not None:
             item["mask"] = cache.load(s.mask_key, mask_spec(s.placement.bucket))["mask"]
         if s.reference is not None:
-            item["reference_latents"] = self.latent_caches[s.reference.backend].load(s.reference.latent_key, spec)["latents"]
+            item["reference_latents"] = self.latent_caches[s.reference.backend].load(s.reference.latent_key, spec)[
+                "latents"
+            ]
         if s.backend in self.regularisation:
             item["is_regularisation"] = torch.tensor(True)
         return item

@@ -35,15 +35,52 @@ def skip(skips: list[Skip], path, reason: str) -> None:
     log.warning("skipping %s: %s", path, reason, extra={SKIP_RECORD: True})
     skips.append(Skip(path, reason))
 
+
 # Formats read with Pillow (animated GIF/WebP/APNG: the first frame; multi-page TIFF: the first page).
 IMAGE_EXTENSIONS = {
-    ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
-    ".pbm", ".pgm", ".ppm", ".pnm", ".tga",
+    ".png",
+    ".apng",
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".webp",
+    ".bmp",
+    ".dib",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".pbm",
+    ".pgm",
+    ".ppm",
+    ".pnm",
+    ".tga",
 } | ({".avif"} if features.check("avif") else set())
 # Image formats that are not read: skipped and counted like unreadable images.
 UNSUPPORTED_IMAGE_EXTENSIONS = {
-    ".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".svg", ".psd", ".xcf", ".kra", ".ico", ".icns",
-    ".exr", ".hdr", ".dng", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf",
+    ".avif",
+    ".heic",
+    ".heif",
+    ".jxl",
+    ".jp2",
+    ".j2k",
+    ".svg",
+    ".psd",
+    ".xcf",
+    ".kra",
+    ".ico",
+    ".icns",
+    ".exr",
+    ".hdr",
+    ".dng",
+    ".raw",
+    ".cr2",
+    ".cr3",
+    ".nef",
+    ".arw",
+    ".orf",
+    ".rw2",
+    ".raf",
 } - IMAGE_EXTENSIONS
 # Files a dataset folder may hold besides images: captions, metadata tables, SimpleTuner's indexes.
 DATASET_FILE_EXTENSIONS = {".txt", ".caption", ".csv", ".parquet", ".json", ".jsonl"}
@@ -157,7 +194,11 @@ def read_text(path: Path) -> str:
             text, encoding = data.decode("latin-1"), "Latin-1"
         log.warning(
             "%s is not UTF-8 (byte 0x%02x at %d); read as %s: %r. Save it as UTF-8 if that is wrong",
-            path, data[err.start], err.start, encoding, text[max(0, err.start - 20) : err.start + 20],
+            path,
+            data[err.start],
+            err.start,
+            encoding,
+            text[max(0, err.start - 20) : err.start + 20],
         )
         return text
 
@@ -187,7 +228,9 @@ def _metadata_captions(folder: Path, cfg: ImageBackendConfig) -> dict[str, str]:
         rows = table.to_pylist()
     missing = {col_f, col_c} - header
     if rows and missing:
-        raise DataError(f"{field}: {path.name} has no column(s) {sorted(missing)}; set metadata_filename_column / metadata_caption_column")
+        raise DataError(
+            f"{field}: {path.name} has no column(s) {sorted(missing)}; set metadata_filename_column / metadata_caption_column"
+        )
     return {str(r[col_f]): "" if r[col_c] is None else str(r[col_c]) for r in rows}
 
 
@@ -204,14 +247,21 @@ def _caption(
         return caption, f"no row for it in the {cfg.caption_strategy} metadata table"
     text_file = next((path.with_suffix(e) for e in CAPTION_EXTENSIONS if path.with_suffix(e).is_file()), None)
     if text_file is None:
-        return None, f"caption_strategy=textfile but {path.with_suffix('.txt').name} is missing (a .caption file would do too)"
+        return (
+            None,
+            f"caption_strategy=textfile but {path.with_suffix('.txt').name} is missing (a .caption file would do too)",
+        )
     return read_text(text_file).strip(), ""
 
 
 def discover(cfg: ImageBackendConfig, folders: list[str] | None = None) -> tuple[list[ImageRecord], list[Skip]]:
     """Captioned images of one backend and the images skipped, with the reason (each also logged)."""
     records, skips = [], []
-    field = "dataset.instance_data_dir" if cfg.id in ("default", "demo") else f"dataset.backends[{cfg.id}].instance_data_dir"
+    field = (
+        "dataset.instance_data_dir"
+        if cfg.id in ("default", "demo")
+        else f"dataset.backends[{cfg.id}].instance_data_dir"
+    )
     for index, folder in enumerate(folders if folders is not None else cfg.folders()):
         root = Path(folder).expanduser()
         scan = scan_folder(folder, field)

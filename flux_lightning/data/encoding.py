@@ -15,9 +15,7 @@ def encode_images(vae, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """
     param = next(vae.parameters())
     dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
-    noise = torch.stack(
-        [torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
-    )
+    noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
     z = dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
     shift = vae.config.shift_factor or 0.0
     return ((z - shift) * vae.config.scaling_factor).float().cpu()

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .cache import EntrySpec, StandIns, TensorCache, latent_spec
 from ..errors import DataError
+from .cache import EntrySpec, StandIns, TensorCache, latent_spec
 
 
 def holdout_count(n: int, fraction: float) -> int:

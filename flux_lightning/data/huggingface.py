@@ -64,7 +64,9 @@ class RowImage:
         elif isinstance(value, str):
             path = value
         elif value is not None:
-            raise ValueError(f"a {type(value).__name__} is not an image (encoded bytes, an Image feature or a file path)")
+            raise ValueError(
+                f"a {type(value).__name__} is not an image (encoded bytes, an Image feature or a file path)"
+            )
         if data:
             return data
         if path:
@@ -97,7 +99,11 @@ def parquet_files(name: str) -> list[Path]:
         return [path]
     if path.is_dir():
         return sorted(path.rglob("*.parquet"))
-    return sorted(Path(p) for p in glob.glob(os.path.expanduser(name), recursive=True) if p.endswith(".parquet") and Path(p).is_file())
+    return sorted(
+        Path(p)
+        for p in glob.glob(os.path.expanduser(name), recursive=True)
+        if p.endswith(".parquet") and Path(p).is_file()
+    )
 
 
 def source_problem(backend: ImageBackendConfig) -> Problem | None:
@@ -114,27 +120,31 @@ def source_problem(backend: ImageBackendConfig) -> Problem | None:
             return Problem(key, f"{key}: reading '{name}' needs the `datasets` library: {INSTALL_HINT}")
         if _saved(path):
             if _saved_empty(path):
-                return Problem(key, f"{key}: {name} holds no rows (it was saved empty); point it at a dataset with images")
+                return Problem(
+                    key, f"{key}: {name} holds no rows (it was saved empty); point it at a dataset with images"
+                )
             return None
         try:
             total = sum(_parquet_rows(key, f) for f in parquet_files(name))
         except DataError as err:
             return Problem(key, str(err))
         if not total:
-            return Problem(key, f"{key}: {name} holds no rows (its parquet files are empty); point it at a dataset with images")
+            return Problem(
+                key, f"{key}: {name} holds no rows (its parquet files are empty); point it at a dataset with images"
+            )
         return None
     if path.is_dir():
         return Problem(
             key,
             f"{key}: folder '{name}' holds neither a dataset saved with save_to_disk ({' or '.join(_SAVED_MARKERS)}) "
-            "nor parquet files; point it at one"
+            "nor parquet files; point it at one",
         )
     if _HUB_ID.fullmatch(name) and not name.startswith((".", "~")):
         return Problem(
             key,
             f"{key}: '{name}' is not a local folder or parquet file, and hub datasets are never downloaded "
             f"by this trainer; save it once (datasets.load_dataset('{name}', split='train').save_to_disk('<folder>')) "
-            "and point dataset_name at <folder>"
+            "and point dataset_name at <folder>",
         )
     return Problem(
         key, f"{key}: '{name}' is no saved dataset folder, parquet file or glob of parquet files; fix the path"
@@ -157,7 +167,9 @@ def load_rows(backend: ImageBackendConfig, cache_dir: Path):
             rows = lib.load_from_disk(str(path))
         except Exception as err:  # noqa: BLE001 -- the library's errors on a damaged folder are of many kinds
             if _saved_empty(path):
-                raise DataError(f"{key}: {backend.dataset_name} holds no rows (it was saved empty); point it at a dataset with images") from None
+                raise DataError(
+                    f"{key}: {backend.dataset_name} holds no rows (it was saved empty); point it at a dataset with images"
+                ) from None
             raise DataError(
                 f"{key}: the saved dataset {backend.dataset_name} cannot be loaded ({_reason(err)}); save it again "
                 "with save_to_disk"
@@ -172,7 +184,9 @@ def load_rows(backend: ImageBackendConfig, cache_dir: Path):
     else:
         files = parquet_files(backend.dataset_name)
         if not sum(_parquet_rows(key, f) for f in files):
-            raise DataError(f"{key}: {backend.dataset_name} holds no rows (its parquet files are empty); point it at a dataset with images")
+            raise DataError(
+                f"{key}: {backend.dataset_name} holds no rows (its parquet files are empty); point it at a dataset with images"
+            )
         try:
             rows = lib.Dataset.from_parquet([str(p) for p in files], cache_dir=str(cache_dir))
         except Exception as err:  # noqa: BLE001 -- damaged data pages behind an intact footer, of many kinds
@@ -249,8 +263,12 @@ def discover_rows(backend: ImageBackendConfig, cache_dir: Path) -> tuple[list[Im
     for i, caption in enumerate(captions):
         image = RowImage(backend.dataset_name, i, backend.image_column, rows, root)
         if not caption:
-            skip(skips, image, f"empty caption in column {backend.caption_column!r} (write one; for unconditional "
-                 "training use caption_dropout_probability)")
+            skip(
+                skips,
+                image,
+                f"empty caption in column {backend.caption_column!r} (write one; for unconditional "
+                "training use caption_dropout_probability)",
+            )
             continue
         mask = RowImage(backend.dataset_name, i, backend.mask_column, rows, root) if backend.mask_column else None
         records.append(ImageRecord(image, str(i), caption, 0, mask))

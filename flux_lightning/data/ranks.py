@@ -6,7 +6,7 @@ and checks the existing entries once, then publishes the plan (samples and missi
 file; every member encodes its share of the missing entries and marks itself done; all wait until
 every member is done. The waits poll files in ``<cache root>/.sync/<token>/`` (the token comes from
 one broadcast at the start), so they never hit a process-group timeout however long an encode
-takes, and a SIGTERM/SIGINT stops a waiting rank within a poll (:func:`flux_lightning.stopping.check`).
+takes, and a SIGTERM/SIGINT stops a waiting rank within a poll (:func:`flux_lightning.training.stopping.check`).
 A member that fails writes its error there, and the others stop with it instead of waiting forever.
 """
 
@@ -20,8 +20,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import stopping
 from ..errors import USER_ERRORS, DataError
+from ..training import stopping
 
 POLL_S = 0.2
 STALE_S = 24 * 3600  # sync folders older than this are left-overs of killed runs
@@ -56,7 +56,9 @@ class CacheGroup:
         token = trainer.strategy.broadcast(uuid.uuid4().hex if trainer.is_global_zero else None)
         folder = Path(root) / ".sync" / token
         if per_node:
-            return cls(trainer.local_rank, trainer.world_size // max(1, trainer.num_nodes), folder, f"node{trainer.node_rank}")
+            return cls(
+                trainer.local_rank, trainer.world_size // max(1, trainer.num_nodes), folder, f"node{trainer.node_rank}"
+            )
         return cls(trainer.global_rank, trainer.world_size, folder, "all")
 
     def _file(self, name: str) -> Path:
@@ -106,7 +108,9 @@ class CacheGroup:
                 kind, _, message = failed.read_text().partition("\n")
                 if kind == "user":
                     raise DataError(message)
-                raise RuntimeError(f"caching stopped: {failed.name.split('-')[-1].removesuffix('.failed')} failed ({kind}: {message})")
+                raise RuntimeError(
+                    f"caching stopped: {failed.name.split('-')[-1].removesuffix('.failed')} failed ({kind}: {message})"
+                )
             time.sleep(POLL_S)
 
     def cleanup(self) -> None:

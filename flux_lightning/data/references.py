@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from ..errors import Problem
 from ..atomic_files import build_folder_once
+from ..errors import Problem
 from .config import DatasetConfig, ImageBackendConfig
 from .discovery import IMAGE_EXTENSIONS
 
@@ -49,7 +49,10 @@ def with_demo_references(backends: list[ImageBackendConfig]) -> list[ImageBacken
     for b in backends:
         if b.dataset_type == "image" and b.type == "local" and b.instance_data_dir is None and not b.conditioning_data:
             ref = ImageBackendConfig(  # the same resolution: the same generated folder
-                id=f"{b.id}-reference", dataset_type="conditioning", conditioning_type="reference", resolution=b.resolution
+                id=f"{b.id}-reference",
+                dataset_type="conditioning",
+                conditioning_type="reference",
+                resolution=b.resolution,
             )
             out += [replace(b, conditioning_data=ref.id), ref]
         else:

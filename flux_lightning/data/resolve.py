@@ -153,8 +153,14 @@ class SampleResolver:
             placement = place(size, backend, key=rec.relative, seed=self.cfg.seed)
             digest = file_digest(rec.path)
             sample = Sample(
-                backend.id, rec.path, rec.caption, size, placement, self.latent_key(digest, placement),
-                self.text_key(rec.caption), source=digest,
+                backend.id,
+                rec.path,
+                rec.caption,
+                size,
+                placement,
+                self.latent_key(digest, placement),
+                self.text_key(rec.caption),
+                source=digest,
             )
             why = None
             if rec.mask is not None:  # a huggingface backend's mask_column
@@ -188,13 +194,17 @@ class SampleResolver:
             return None, f"cannot read its mask {mask} ({err})"
         if w * h > self.cfg.max_image_pixels:
             return None, f"its mask {mask} exceeds dataset.max_image_pixels={self.cfg.max_image_pixels}"
-        key = cache_key(kind="mask", v=CACHE_VERSION, file=file_digest(mask), size=sample.size, placement=sample.placement)
+        key = cache_key(
+            kind="mask", v=CACHE_VERSION, file=file_digest(mask), size=sample.size, placement=sample.placement
+        )
         return replace(sample, mask_path=mask, mask_key=key), None
 
     def _with_alpha_mask(self, sample: Sample) -> Sample:
         """``sample`` whose loss mask is its own alpha channel (``mask_from_alpha``): keyed apart from
         any mask file's entry, so toggling the option never serves another kind's mask."""
-        key = cache_key(kind="mask", v=CACHE_VERSION, alpha=True, file=sample.source, size=sample.size, placement=sample.placement)
+        key = cache_key(
+            kind="mask", v=CACHE_VERSION, alpha=True, file=sample.source, size=sample.size, placement=sample.placement
+        )
         return replace(sample, mask_path=sample.path, mask_key=key, mask_alpha=True)
 
     def _with_reference(self, sample: Sample, ref: Path, backend, link) -> tuple[Sample | None, str | None]:

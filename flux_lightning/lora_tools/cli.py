@@ -1,4 +1,4 @@
-"""``python -m flux_lightning.lora merge|resize|convert ...``: the LoRA tools' command line.
+"""``python -m flux_lightning.lora_tools merge|resize|convert ...``: the LoRA tools' command line.
 
 Exit codes: 0 done, 2 a user error (missing file, unknown format, a LoRA for other layers, damaged
 tensors, an existing ``--out`` without ``--overwrite``, an unwritable ``--out``; one line ``error: ...``
@@ -15,7 +15,9 @@ from ..errors import USER_ERRORS
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flux_lightning.lora", description="LoRA tools for Flux.1 LoRA files")
+    p = argparse.ArgumentParser(
+        prog="python -m flux_lightning.lora_tools", description="LoRA tools for Flux.1 LoRA files"
+    )
     verbs = p.add_subparsers(dest="verb", required=True)
     m = verbs.add_parser("merge", help="write a diffusers folder with the LoRA fused into the transformer")
     m.add_argument("--base", required=True, help="local diffusers folder of the base model")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..quiet import silence_third_party_noise
+    from ..run.quiet import silence_third_party_noise
 
     silence_third_party_noise()  # e.g. bitsandbytes' CPU-kernel warning, logged when diffusers imports peft
     args = parser().parse_args(argv)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checks import check_out
-from .files import LoraFile, check_flux_modules, read_lora, write_lora
+from ..adapters.lora_checks import check_out
+from ..adapters.lora_files import LoraFile, check_flux_modules, read_lora, write_lora
 
 
 def convert_file(lora, to: str, out, overwrite: bool = False) -> tuple[LoraFile, Path]:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.lora_checks import check_finite_output, storage_error
+from ..adapters.lora_files import LoraFile, check_flux_modules, read_lora, tensors_for
 from ..atomic_files import build_folder_once
 from ..errors import LoraFileError, ModelSourceError, StorageError
-from .checks import check_finite_output, storage_error
-from .files import LoraFile, check_flux_modules, read_lora, tensors_for
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.lora_checks import alpha_value, check_out, check_tensors, write_safetensors
+from ..adapters.lora_files import _strip, file_layout, load_tensors, metadata_alphas
 from ..errors import LoraFileError
-from .checks import alpha_value, check_out, check_tensors, write_safetensors
-from .files import _strip, file_layout, load_tensors, metadata_alphas
 
 _DOWN = (".lora_A.weight", ".lora_down.weight")
 _UP = {".lora_A.weight": ".lora_B.weight", ".lora_down.weight": ".lora_up.weight"}

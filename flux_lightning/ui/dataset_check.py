@@ -43,19 +43,29 @@ class _Notes(logging.Handler):
 def _absolute(backend: ImageBackendConfig, workdir: Path | None) -> ImageBackendConfig:
     if workdir is None or backend.instance_data_dir is None:
         return backend
-    folders = [str(workdir / Path(d).expanduser()) if not Path(d).expanduser().is_absolute() else d for d in backend.folders()]
+    folders = [
+        str(workdir / Path(d).expanduser()) if not Path(d).expanduser().is_absolute() else d for d in backend.folders()
+    ]
     return replace(backend, instance_data_dir=folders if isinstance(backend.instance_data_dir, list) else folders[0])
 
 
-def dataset_config(path: str | os.PathLike, *, resolution: int = 1024, caption_strategy: str | None = None,
-                   instance_prompt: str | None = None) -> DatasetConfig:
+def dataset_config(
+    path: str | os.PathLike,
+    *,
+    resolution: int = 1024,
+    caption_strategy: str | None = None,
+    instance_prompt: str | None = None,
+) -> DatasetConfig:
     """The dataset config a run would have for ``path``: a folder is the single-folder shorthand
     (``dataset.instance_data_dir=<folder>``), a ``.json`` file is ``dataset.backend_file=<file>``."""
     path = Path(path).expanduser()
     if path.is_file() or path.suffix.lower() == ".json":
         return DatasetConfig(backend_file=str(path))
     return DatasetConfig(
-        instance_data_dir=str(path), resolution=resolution, caption_strategy=caption_strategy, instance_prompt=instance_prompt
+        instance_data_dir=str(path),
+        resolution=resolution,
+        caption_strategy=caption_strategy,
+        instance_prompt=instance_prompt,
     )
 
 
@@ -86,7 +96,9 @@ def check_dataset(
     base = Path(workdir).resolve() if workdir is not None else None
     path = Path(path).expanduser()
     path = (base / path if base is not None and not path.is_absolute() else path).absolute()
-    cfg = dataset_config(path, resolution=resolution, caption_strategy=caption_strategy, instance_prompt=instance_prompt)
+    cfg = dataset_config(
+        path, resolution=resolution, caption_strategy=caption_strategy, instance_prompt=instance_prompt
+    )
     problems: list[str] = []
     out = {"backends": [], "problems": problems, "notes": []}
     handler = _Notes()
@@ -112,8 +124,18 @@ def check_dataset(
                     f"backend {backend.id}: {', '.join(outside[backend.id])} is outside the folders this UI may read; "
                     "start the UI with --data-root <folder> to check it"
                 )
-                out["backends"].append({"id": backend.id, "kind": "outside", "folders": [], "images": None, "buckets": [],
-                                        "samples": [], "skipped": [], "ignored": []})
+                out["backends"].append(
+                    {
+                        "id": backend.id,
+                        "kind": "outside",
+                        "folders": [],
+                        "images": None,
+                        "buckets": [],
+                        "samples": [],
+                        "skipped": [],
+                        "ignored": [],
+                    }
+                )
                 continue
             out["backends"].append(_check_backend(resolver, backend, problems, limit_samples, readable))
         out["notes"] = [n for n in handler.notes if not any(p in n for p in hidden)]
@@ -128,16 +150,29 @@ def _paths(backend: ImageBackendConfig) -> list[str]:
     paths = list(backend.folders())
     for name in ("metadata_file", "dataset_name"):
         value = getattr(backend, name, None)
-        if isinstance(value, str) and value and (name != "dataset_name" or getattr(backend, "type", "local") == "huggingface"):
+        if (
+            isinstance(value, str)
+            and value
+            and (name != "dataset_name" or getattr(backend, "type", "local") == "huggingface")
+        ):
             paths.append(value)
     return [str(p) for p in paths]
 
 
-def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, problems: list[str], limit: int,
-                   readable=None) -> dict:
+def _check_backend(
+    resolver: SampleResolver, backend: ImageBackendConfig, problems: list[str], limit: int, readable=None
+) -> dict:
     kind = backend.dataset_type if backend.dataset_type == "image" else f"conditioning/{backend.conditioning_type}"
-    entry = {"id": backend.id, "kind": kind, "folders": backend.folders(), "images": 0, "buckets": [],
-             "samples": [], "skipped": [], "ignored": []}
+    entry = {
+        "id": backend.id,
+        "kind": kind,
+        "folders": backend.folders(),
+        "images": 0,
+        "buckets": [],
+        "samples": [],
+        "skipped": [],
+        "ignored": [],
+    }
     for folder in backend.folders():
         try:
             entry["ignored"] += [{"file": str(p), "reason": why} for p, why in scan_folder(folder).ignored]
@@ -162,13 +197,19 @@ def _check_backend(resolver: SampleResolver, backend: ImageBackendConfig, proble
         kept = [s for s in samples if readable(s.path)]
         kept_skipped = [s for s in entry["skipped"] if readable(s["file"])]
         kept_ignored = [i for i in entry["ignored"] if readable(i["file"])]
-        if len(kept) + len(kept_skipped) + len(kept_ignored) < len(samples) + len(entry["skipped"]) + len(entry["ignored"]):
-            problems.append(f"backend {backend.id}: some files lead outside the folders this UI may read (symlinks); "
-                            "they are not counted here (training would use them); start the UI with --data-root <folder> to check them")
+        if len(kept) + len(kept_skipped) + len(kept_ignored) < len(samples) + len(entry["skipped"]) + len(
+            entry["ignored"]
+        ):
+            problems.append(
+                f"backend {backend.id}: some files lead outside the folders this UI may read (symlinks); "
+                "they are not counted here (training would use them); start the UI with --data-root <folder> to check them"
+            )
         samples, entry["skipped"], entry["ignored"] = kept, kept_skipped, kept_ignored
     entry["images"] = len(samples)
     counts = Counter(s.placement.bucket for s in samples)
-    entry["buckets"] = [{"width": w, "height": h, "count": n} for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    entry["buckets"] = [
+        {"width": w, "height": h, "count": n} for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
     entry["samples"] = [
         {"file": str(s.path), "caption": s.caption, "size": list(s.size), "bucket": list(s.placement.bucket)}
         for s in samples[: max(0, limit)]

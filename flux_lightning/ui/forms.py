@@ -5,7 +5,7 @@ validation.
 defaults list picks) and the fields of each (type, default, choices, the doc line from the class
 docstring's ``Attributes:``/``Args:`` section). :func:`compose_run` turns the form's choices into the
 Hydra overrides a user would type, composes them with Hydra exactly as ``python -m flux_lightning``
-does and validates the result with :func:`flux_lightning.config.validate`; every problem comes
+does and validates the result with :func:`flux_lightning.config.validation.validate`; every problem comes
 back next to the field it names. Nothing is loaded (validation probes sources, as the CLI does
 before any weights load).
 """
@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..schema import GROUP_SCHEMAS, config_dir, register
+from ..config.schema import GROUP_SCHEMAS, config_dir, register
 
 PROGRAM = "python -m flux_lightning"
 _NULLS = ("null", "none", "~")
@@ -54,7 +54,11 @@ def docstring_fields(obj, section: str = "Attributes") -> dict[str, str]:
             indent = width
         if width < indent:
             break
-        match = re.match(r"^([\w.]+(?:\s*[/,]\s*[\w.]+)*)\s*(?:\([^)]*\))?:\s*(.*)$", line.strip()) if width == indent else None
+        match = (
+            re.match(r"^([\w.]+(?:\s*[/,]\s*[\w.]+)*)\s*(?:\([^)]*\))?:\s*(.*)$", line.strip())
+            if width == indent
+            else None
+        )
         if match:
             names = [n.strip() for n in re.split(r"[/,]", match.group(1))]
             for n in names:
@@ -68,13 +72,13 @@ def docstring_fields(obj, section: str = "Attributes") -> dict[str, str]:
 def _choices() -> dict[str, list]:
     """The known values of fields that take one of a fixed set (the library's own tables)."""
     from ..adapters.config import ADAPTER_TYPES, INIT_TYPES, LYCORIS_PRESETS, TARGET_PRESETS
+    from ..config.run_checks import PRECISIONS as TRAINER_PRECISIONS
     from ..data.config import CAPTION_STRATEGIES, CROP_STYLES
-    from ..flavours import FLAVOURS
-    from ..flow import WEIGHTINGS
-    from ..model_config import ATTENTION_BACKENDS, DTYPES, GROUP_OFFLOAD_TYPES, GUIDANCE_MODES
-    from ..optim import ADAPTER_DTYPES, LR_SCHEDULERS, OPTIMIZERS
-    from ..quantization import DEFAULT_DTYPES, PRECISIONS, QUANTIZE_VIA, TEXT_ENCODER_PRECISIONS
-    from ..run_checks import PRECISIONS as TRAINER_PRECISIONS
+    from ..model.config import ATTENTION_BACKENDS, DTYPES, GROUP_OFFLOAD_TYPES, GUIDANCE_MODES
+    from ..model.flavours import FLAVOURS
+    from ..model.quantization import DEFAULT_DTYPES, PRECISIONS, QUANTIZE_VIA, TEXT_ENCODER_PRECISIONS
+    from ..training.flow import WEIGHTINGS
+    from ..training.optim import ADAPTER_DTYPES, LR_SCHEDULERS, OPTIMIZERS
 
     return {
         "model.flavour": list(FLAVOURS),
@@ -127,7 +131,7 @@ _TRAINER_FIELDS = [
 # where Lightning's own doc would mislead here (this project's rules differ)
 _TRAINER_DOCS = {
     "max_steps": "Stop training after this number of optimizer steps. An endless run (-1, no max_epochs "
-                 "or max_time) needs allow_endless_run=true.",
+    "or max_time) needs allow_endless_run=true.",
 }
 _VALIDATION_FIELDS = [
     ("validation_prompt", "str", True),
@@ -146,7 +150,18 @@ _TYPED_GROUPS = {
     "optimizer": ("optimizer", GROUP_SCHEMAS["optimizer"]),
     "lr_scheduler": ("lr_scheduler", GROUP_SCHEMAS["lr_scheduler"]),
 }
-GROUP_ORDER = ["model", "quantization", "adapter", "dataset", "timesteps", "optimizer", "lr_scheduler", "trainer", "callbacks", "logger"]
+GROUP_ORDER = [
+    "model",
+    "quantization",
+    "adapter",
+    "dataset",
+    "timesteps",
+    "optimizer",
+    "lr_scheduler",
+    "trainer",
+    "callbacks",
+    "logger",
+]
 
 
 def _schema_fields(prefix: str, schema, choices: dict) -> list[dict]:
@@ -162,13 +177,21 @@ def _schema_fields(prefix: str, schema, choices: dict) -> list[dict]:
         key = f"{prefix}.{f.name}"
         if key in choices and kind == "str":
             kind = "choice"
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
-        out.append({
-            "key": key, "type": kind, "nullable": nullable, "default": _jsonable(default),
-            "doc": docs.get(f.name, ""), "choices": choices.get(key),
-        })
+        out.append(
+            {
+                "key": key,
+                "type": kind,
+                "nullable": nullable,
+                "default": _jsonable(default),
+                "doc": docs.get(f.name, ""),
+                "choices": choices.get(key),
+            }
+        )
     return out
 
 
@@ -203,7 +226,7 @@ def _fields() -> list[dict]:
     from lightning import Trainer
 
     from ..callbacks.validation import ValidationImages
-    from ..quantization import QuantizationConfig
+    from ..model.quantization import QuantizationConfig
 
     choices = _choices()
     fields = []
@@ -213,12 +236,30 @@ def _fields() -> list[dict]:
     trainer_docs = docstring_fields(Trainer.__init__, "Args")
     for name, kind, nullable in _TRAINER_FIELDS:
         key = f"trainer.{name}"
-        fields.append({"key": key, "type": kind, "nullable": nullable, "default": None,
-                       "doc": _TRAINER_DOCS.get(name) or _first_sentences(trainer_docs.get(name, "")), "choices": choices.get(key), "group": "trainer"})
+        fields.append(
+            {
+                "key": key,
+                "type": kind,
+                "nullable": nullable,
+                "default": None,
+                "doc": _TRAINER_DOCS.get(name) or _first_sentences(trainer_docs.get(name, "")),
+                "choices": choices.get(key),
+                "group": "trainer",
+            }
+        )
     val_docs = docstring_fields(ValidationImages, "Args")
     for name, kind, nullable in _VALIDATION_FIELDS:
-        fields.append({"key": f"callbacks.validation.{name}", "type": kind, "nullable": nullable, "default": None,
-                       "doc": val_docs.get(name, ""), "choices": None, "group": "callbacks"})
+        fields.append(
+            {
+                "key": f"callbacks.validation.{name}",
+                "type": kind,
+                "nullable": nullable,
+                "default": None,
+                "doc": val_docs.get(name, ""),
+                "choices": None,
+                "group": "callbacks",
+            }
+        )
     return fields
 
 
@@ -247,15 +288,22 @@ def _form_spec() -> dict:
     defaults = _default_options()
     groups = [{"name": "experiment", "options": _options("experiment"), "default_option": None, "fields": []}]
     for name in GROUP_ORDER:
-        groups.append({
-            "name": name,
-            "options": _options(name),
-            "default_option": defaults.get(name),
-            "fields": [
-                dict({k: v for k, v in f.items() if k != "group"}, schema_default=f["default"], default=composed.get(f["key"], f["default"]))
-                for f in fields if f["group"] == name
-            ],
-        })
+        groups.append(
+            {
+                "name": name,
+                "options": _options(name),
+                "default_option": defaults.get(name),
+                "fields": [
+                    dict(
+                        {k: v for k, v in f.items() if k != "group"},
+                        schema_default=f["default"],
+                        default=composed.get(f["key"], f["default"]),
+                    )
+                    for f in fields
+                    if f["group"] == name
+                ],
+            }
+        )
     return {"groups": groups, "experiments": _options("experiment"), "command_prefix": PROGRAM}
 
 
@@ -359,17 +407,29 @@ def experiment_description(path: str | os.PathLike) -> str:
 
 def experiments(config_dirs: Iterable[str | os.PathLike] = ()) -> list[dict]:
     """The experiments the form offers: the built-in ones, then each experiment dir's
-    (``<dir>/experiment/<name>.yaml``, e.g. what ``python -m flux_lightning.configure`` writes):
+    (``<dir>/experiment/<name>.yaml``, e.g. what ``python -m flux_lightning.wizard`` writes):
     ``[{"value", "name", "config_dir" (None: built in), "description"}]``."""
     out = []
     for name in _options("experiment"):
-        out.append({"value": name, "name": name, "config_dir": None,
-                    "description": experiment_description(Path(config_dir()) / "experiment" / f"{name}.yaml")})
+        out.append(
+            {
+                "value": name,
+                "name": name,
+                "config_dir": None,
+                "description": experiment_description(Path(config_dir()) / "experiment" / f"{name}.yaml"),
+            }
+        )
     for folder in config_dirs:
         folder = Path(folder).expanduser().resolve()
         for path in sorted((folder / "experiment").glob("*.yaml")):
-            out.append({"value": f"{path.stem} @ {folder}", "name": path.stem, "config_dir": str(folder),
-                        "description": experiment_description(path)})
+            out.append(
+                {
+                    "value": f"{path.stem} @ {folder}",
+                    "name": path.stem,
+                    "config_dir": str(folder),
+                    "description": experiment_description(path),
+                }
+            )
     return out
 
 
@@ -420,18 +480,27 @@ def coerce(value, spec: dict | None):
             raise ValueError(f"{key}={value!r} must be an integer")
         try:
             number = float(str(value).strip()) if isinstance(value, str) else value
-            if isinstance(number, float) and number.is_integer() and "." not in str(value) and "e" not in str(value).lower():
+            if (
+                isinstance(number, float)
+                and number.is_integer()
+                and "." not in str(value)
+                and "e" not in str(value).lower()
+            ):
                 return int(number)
             if isinstance(number, int):
                 return number
         except ValueError:
             pass
-        raise ValueError(f"{key}={value!r} must be an integer, e.g. {spec.get('default') if spec and spec.get('default') is not None else 1}")
+        raise ValueError(
+            f"{key}={value!r} must be an integer, e.g. {spec.get('default') if spec and spec.get('default') is not None else 1}"
+        )
     if kind == "float":
         if isinstance(value, bool):
             raise ValueError(f"{key}={value!r} must be a number")
         try:
-            return float(value) if isinstance(value, str) else value if isinstance(value, (int, float)) else float(value)
+            return (
+                float(value) if isinstance(value, str) else value if isinstance(value, (int, float)) else float(value)
+            )
         except (TypeError, ValueError):
             raise ValueError(f"{key}={value!r} must be a number, e.g. 1e-4") from None
     if kind == "list":
@@ -482,7 +551,10 @@ def hydra_value(value) -> str:
     text = str(value)
     if _reads_back(text, text):
         return text
-    for quoted in ("'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'", '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'):
+    for quoted in (
+        "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'",
+        '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"',
+    ):
         if _reads_back(quoted, text):
             return quoted
     return "'" + text.replace("'", "\\'") + "'"
@@ -618,8 +690,8 @@ def _values_of(cfg, keys: Iterable[str]) -> dict:
 
 
 def _forecast(run) -> dict | None:
-    """The run's VRAM forecast (:mod:`flux_lightning.forecast`) for the form, or None."""
-    from ..forecast import forecast_run
+    """The run's VRAM forecast (:mod:`flux_lightning.model.forecast`) for the form, or None."""
+    from ..model.forecast import forecast_run
 
     try:
         return forecast_run(run).as_dict()
@@ -655,7 +727,7 @@ def compose_run(
         ``values`` is every form field's value in the composed config, ``run_dir`` the run dir
         relative to ``workdir`` when it is inside it.
     """
-    from ..config import validate
+    from ..config.validation import validate
     from ..errors import USER_ERRORS, ConfigError
 
     index = field_index()
@@ -685,7 +757,9 @@ def compose_run(
             result["values"] = _values_of(cfg, index)
             run_dir = Path(cfg.hydra.runtime.output_dir)
             base_dir = Path(os.getcwd())
-            result["run_dir"] = run_dir.relative_to(base_dir).as_posix() if run_dir.is_relative_to(base_dir) else str(run_dir)
+            result["run_dir"] = (
+                run_dir.relative_to(base_dir).as_posix() if run_dir.is_relative_to(base_dir) else str(run_dir)
+            )
             try:
                 run = validate(cfg, check_sources=check_sources)
                 result["forecast"] = _forecast(run)

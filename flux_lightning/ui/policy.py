@@ -46,7 +46,7 @@ def split_flags(lines: list[str]) -> list[str]:
 
 def groups() -> set[str]:
     """The config groups (the folders of the config tree): their values are option names."""
-    from ..schema import config_dir
+    from ..config.schema import config_dir
 
     return {p.name for p in Path(config_dir()).iterdir() if p.is_dir() and not p.name.startswith("_")}
 

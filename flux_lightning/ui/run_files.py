@@ -38,7 +38,6 @@ def data_file(root: str | os.PathLike, relpath: str) -> Path:
     return inside(root, relpath)
 
 
-
 # -- reading a run's files ----------------------------------------------------------------------------------
 def finite_or_none(value) -> float | None:
     value = float(value)

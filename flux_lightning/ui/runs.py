@@ -27,8 +27,8 @@ from pathlib import Path, PurePosixPath
 
 from ..adapters.config import ADAPTER_FILENAME
 from ..errors import ConfigError, RunDirInUse
-from ..resume import RESULT_FILE, checkpoint_step
-from ..rundir import LOCK_NAME
+from ..run.resume import RESULT_FILE, checkpoint_step
+from ..run.rundir import LOCK_NAME
 from .forms import command_line, hydra_value, run_dir_of
 from .run_files import data_file, finite_or_none, inside, log_tail, mtime, mtime_or0, newest, read_csv_metrics
 
@@ -110,8 +110,14 @@ class RunStore:
             (None: no limit).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, python: str = sys.executable, state_dir: str | os.PathLike | None = None,
-                 max_cpu_runs: int | None = 1):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        python: str = sys.executable,
+        state_dir: str | os.PathLike | None = None,
+        max_cpu_runs: int | None = 1,
+    ):
         self.max_cpu_runs = max_cpu_runs
         self.workdir = Path(workdir).resolve()
         self.outputs = self.workdir / "outputs"
@@ -212,7 +218,11 @@ class RunStore:
         training = pid is not None and self._alive(pid, status.get("start"), "flux_lightning")
         supervisor = self._alive(rec.get("supervisor_pid"), rec.get("supervisor_start"), SUPERVISE.name)
         # the pid to signal: the training process, else its supervisor (which forwards the signal)
-        return {"alive": training or supervisor, "pid": pid if training else rec.get("supervisor_pid") if supervisor else None, "rc": None}
+        return {
+            "alive": training or supervisor,
+            "pid": pid if training else rec.get("supervisor_pid") if supervisor else None,
+            "rc": None,
+        }
 
     # -- run dirs -------------------------------------------------------------------------------
     def _run_dir(self, run_id: str) -> Path:
@@ -291,7 +301,9 @@ class RunStore:
             from omegaconf import OmegaConf
 
             try:
-                overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))]
+                overrides = [
+                    str(o) for o in OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
+                ]
             except Exception:  # noqa: BLE001
                 return None
             return [f"--config-dir={d}" for d in self._cli_config_dirs(run_dir)] + overrides
@@ -309,7 +321,11 @@ class RunStore:
             sources = hydra["runtime"]["config_sources"]
         except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
             return []
-        return [str(s["path"]) for s in sources if isinstance(s, dict) and s.get("provider") == "command-line" and s.get("schema") == "file"]
+        return [
+            str(s["path"])
+            for s in sources
+            if isinstance(s, dict) and s.get("provider") == "command-line" and s.get("schema") == "file"
+        ]
 
     def _result(self, run_dir: Path) -> dict | None:
         return self._cached("result", run_dir / RESULT_FILE, lambda: self._read_json(run_dir / RESULT_FILE, {}))
@@ -317,6 +333,7 @@ class RunStore:
     def _checkpoints(self, run_dir: Path) -> list[dict]:
         out = []
         for path in sorted((run_dir / "checkpoints").glob("*.ckpt")):
+
             def read(path=path):
                 try:
                     return {"step": checkpoint_step(path), "error": None}
@@ -347,11 +364,16 @@ class RunStore:
 
         acc = self._accumulators.get(str(folder))
         if acc is None:
-            acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 1, "tensors": 1, "histograms": 1})
+            acc = EventAccumulator(
+                str(folder), size_guidance={"scalars": 0, "images": 1, "tensors": 1, "histograms": 1}
+            )
             self._accumulators[str(folder)] = acc
         try:
             acc.Reload()
-            return {tag: [[e.step, finite_or_none(e.value)] for e in acc.Scalars(tag)] for tag in acc.Tags().get("scalars", [])}
+            return {
+                tag: [[e.step, finite_or_none(e.value)] for e in acc.Scalars(tag)]
+                for tag in acc.Tags().get("scalars", [])
+            }
         except Exception:  # noqa: BLE001 - a file being written, or corrupt
             return {}
 
@@ -361,7 +383,9 @@ class RunStore:
             m = re.fullmatch(r"step_(\d+)", folder.name)
             if not m or not folder.is_dir():
                 continue
-            files = sorted(p.relative_to(run_dir).as_posix() for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+            files = sorted(
+                p.relative_to(run_dir).as_posix() for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
+            )
             if files:
                 out.append({"step": int(m.group(1)), "files": files})
         return sorted(out, key=lambda e: e["step"])
@@ -391,7 +415,11 @@ class RunStore:
         if holder or state["alive"]:
             status = "running"
             info["pid"] = holder or state["pid"] or (rec or {}).get("supervisor_pid")
-        elif rec is not None and state["rc"] is not None and (result_time is None or rec.get("launched_at", 0) >= result_time - 1 or state["rc"] == 0):
+        elif (
+            rec is not None
+            and state["rc"] is not None
+            and (result_time is None or rec.get("launched_at", 0) >= result_time - 1 or state["rc"] == 0)
+        ):
             rc = state["rc"]  # how the last launch ended, unless a later CLI run wrote result.json
             status = "finished" if rc == 0 else "stopped" if rc in STOP_CODES else "failed"
         elif result:
@@ -420,7 +448,14 @@ class RunStore:
             queued = {q["id"]: q for q in queue}
             out = [self._summary(i, records.get(i), queued.get(i), stops) for i in ids]
             order = {q["id"]: n for n, q in enumerate(queue)}
-            out.sort(key=lambda r: (r["status"] != "running", r["status"] != "queued", order.get(r["id"], 0), -mtime_or0(Path(r["dir"]))))
+            out.sort(
+                key=lambda r: (
+                    r["status"] != "running",
+                    r["status"] != "queued",
+                    order.get(r["id"], 0),
+                    -mtime_or0(Path(r["dir"])),
+                )
+            )
             return out
 
     def run(self, run_id: str) -> dict:
@@ -442,7 +477,13 @@ class RunStore:
             overrides = source["overrides"] if source else (self._cli_overrides(run_dir) or [])
             info["overrides"] = overrides
             info["command"] = command_line(overrides)
-            log = Path(rec["log"]) if rec and rec.get("log") else newest(run_dir.glob("*.log")) if run_dir.is_dir() else None
+            log = (
+                Path(rec["log"])
+                if rec and rec.get("log")
+                else newest(run_dir.glob("*.log"))
+                if run_dir.is_dir()
+                else None
+            )
             info["log"] = str(log) if log else None
             info["log_tail"] = log_tail(log) if log else ""
             exists = run_dir.is_dir()
@@ -468,14 +509,30 @@ class RunStore:
             rec = self._read_json(path, None)
             if isinstance(rec, dict) and rec.get("id") == run_id:
                 status = self._read_json(self.launch_dir / f"{rec['key']}.status.json", {})
-                out.append({"key": rec["key"], "launched_at": rec.get("launched_at"), "command": rec.get("command"),
-                            "rc": status.get("rc"), "log": bool(rec.get("log")) and Path(rec["log"]).is_file()})
+                out.append(
+                    {
+                        "key": rec["key"],
+                        "launched_at": rec.get("launched_at"),
+                        "command": rec.get("command"),
+                        "rc": status.get("rc"),
+                        "log": bool(rec.get("log")) and Path(rec["log"]).is_file(),
+                    }
+                )
         out.sort(key=lambda a: a["launched_at"] or 0)
         for n, attempt in enumerate(out, 1):
             attempt["label"] = f"launch {n} from the UI" + ("" if attempt["rc"] is None else f" (exit {attempt['rc']})")
         if own is not None:
-            out.insert(0, {"key": "run-dir", "label": f"{own.name}: every attempt, the CLI's too", "launched_at": None,
-                           "command": None, "rc": None, "log": True})
+            out.insert(
+                0,
+                {
+                    "key": "run-dir",
+                    "label": f"{own.name}: every attempt, the CLI's too",
+                    "launched_at": None,
+                    "command": None,
+                    "rc": None,
+                    "log": True,
+                },
+            )
         return out
 
     def attempt_log(self, run_id: str, key: str) -> Path:
@@ -589,7 +646,9 @@ class RunStore:
         with self._state():
             records, queue = self._records(), self._queue()
             if any(q["id"] == run_id for q in queue):
-                raise RunDirInUse(f"run {run_id} is already queued; stop it first, or give this one its own dir with run_name=<name>")
+                raise RunDirInUse(
+                    f"run {run_id} is already queued; stop it first, or give this one its own dir with run_name=<name>"
+                )
             pid = self._is_running(run_id, records.get(run_id))
             if pid:
                 raise RunDirInUse(
@@ -622,7 +681,13 @@ class RunStore:
         log = self.launch_dir / f"{key}.log"
         status = self.launch_dir / f"{key}.status.json"
         args = [str(o) for o in entry["overrides"]]
-        command = [self.python, "-m", "flux_lightning", *[a for a in args if a.startswith("-")], *[a for a in args if not a.startswith("-")]]
+        command = [
+            self.python,
+            "-m",
+            "flux_lightning",
+            *[a for a in args if a.startswith("-")],
+            *[a for a in args if not a.startswith("-")],
+        ]
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in (entry.get("env") or {}).items()})
         if entry.get("devices") is not None:
@@ -633,7 +698,11 @@ class RunStore:
             out.flush()
             proc = subprocess.Popen(
                 [sys.executable, str(SUPERVISE), str(status), "--", *command],
-                cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self._children[proc.pid] = proc
@@ -702,7 +771,9 @@ class RunStore:
                     os.close(pidfd)
             return {"id": run_id, "pid": pid}
 
-    def resume(self, run_id: str, checkpoint: str | None = None, *, devices: list[int] | None = None, check=None) -> str:
+    def resume(
+        self, run_id: str, checkpoint: str | None = None, *, devices: list[int] | None = None, check=None
+    ) -> str:
         """Launch the run's own overrides again: it resumes from its newest checkpoint, or from
         ``checkpoint`` (a ``.ckpt`` inside the run dir, e.g. ``checkpoints/step000500.ckpt``) via
         ``resume_from_checkpoint=<path>``. Same devices as its last launch unless given. A CLI run

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.convertors import Convertor, register_url_convertor
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,9 @@ def inside_roots(path: str | Path, roots: list[Path]) -> Path:
         if target == root or target.is_relative_to(root):
             return target
     shown = ", ".join(str(r) for r in roots)
-    raise PermissionError(f"{path} is outside the folders this UI may read ({shown}); start the UI with --data-root <folder>")
+    raise PermissionError(
+        f"{path} is outside the folders this UI may read ({shown}); start the UI with --data-root <folder>"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -157,8 +159,11 @@ class _Gate:
         if self.token is not None:
             ok, from_query = self._token_ok(request)
             if not ok:
-                response = _error(401, "this UI needs its token: open the URL printed at start (…/?token=<token>) "
-                                       "or send 'Authorization: Bearer <token>'")
+                response = _error(
+                    401,
+                    "this UI needs its token: open the URL printed at start (…/?token=<token>) "
+                    "or send 'Authorization: Bearer <token>'",
+                )
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return await response(scope, receive, send)
             if from_query and scope["path"] == "/":
@@ -172,7 +177,9 @@ class _Gate:
 
     async def _limited(self, scope, receive, send):
         """The request with its body read whole (at most ``max_body`` bytes) and handed on; 413 beyond."""
-        too_big = _error(413, f"the request body is larger than {self.max_body} bytes; this API takes small JSON objects")
+        too_big = _error(
+            413, f"the request body is larger than {self.max_body} bytes; this API takes small JSON objects"
+        )
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await too_big(scope, receive, send)
@@ -203,8 +210,17 @@ class _Gate:
 class UI:
     """The API's state: the run store, the readable roots, the hardware and form helpers."""
 
-    def __init__(self, workdir: Path, data_roots, store, python: str, *, config_dirs=(), allow_code: bool = False,
-                 max_cpu_runs: int | None = 1):
+    def __init__(
+        self,
+        workdir: Path,
+        data_roots,
+        store,
+        python: str,
+        *,
+        config_dirs=(),
+        allow_code: bool = False,
+        max_cpu_runs: int | None = 1,
+    ):
         from .runs import RunStore
 
         self.workdir = Path(workdir).resolve()
@@ -261,7 +277,9 @@ class UI:
         path = Path(str(folder)).expanduser()
         path = (path if path.is_absolute() else self.workdir / path).resolve()
         if path not in self.config_dirs and not self.allow_code:
-            raise PermissionError(f"config_dir {folder} is not one of this UI's experiment dirs; start the UI with --config-dir {folder}")
+            raise PermissionError(
+                f"config_dir {folder} is not one of this UI's experiment dirs; start the UI with --config-dir {folder}"
+            )
         return str(path)
 
     @staticmethod
@@ -277,7 +295,7 @@ class UI:
         (None, None) without a choice (the run's own config decides)."""
         if not hardware:
             return None, None
-        from flux_lightning.hardware import choose_devices, detect_accelerators
+        from flux_lightning.run.hardware import choose_devices, detect_accelerators
 
         mode = hardware.get("mode", "auto")
         selected = [int(i) for i in hardware.get("selected") or []]
@@ -300,8 +318,16 @@ class UI:
         try:
             config_dir = self.config_dir_of(data)
         except PermissionError as err:
-            return {"ok": False, "problems": [{"field": "experiment", "message": str(err), "refused": True}],
-                    "overrides": [], "command": "", "values": {}, "run_dir": None, "env": {}, "devices": None}
+            return {
+                "ok": False,
+                "problems": [{"field": "experiment", "message": str(err), "refused": True}],
+                "overrides": [],
+                "command": "",
+                "values": {},
+                "run_dir": None,
+                "env": {},
+                "devices": None,
+            }
         # what would be asked for, checked first: group choices, the values (as written), the extra lines
         asked = [(f"{'+' if g == 'experiment' else ''}{g}={o}", g) for g, o in selection.items() if o not in (None, "")]
         asked += [(f"{k}={v if isinstance(v, str) else hydra_value(v)}", k) for k, v in values.items()]
@@ -309,28 +335,39 @@ class UI:
         refused = self.refusals([a for a, _ in asked], [f or _field(a) for a, f in asked])
         if refused:
             shown = config_dir_args(config_dir, self.workdir) + [a for a, _ in asked]
-            return {"ok": False, "problems": refused, "overrides": shown, "command": command_line(shown),
-                    "values": {}, "run_dir": None, "env": {}, "devices": None}
+            return {
+                "ok": False,
+                "problems": refused,
+                "overrides": shown,
+                "command": command_line(shown),
+                "values": {},
+                "run_dir": None,
+                "env": {},
+                "devices": None,
+            }
         try:
             choice, gpus = self.device_choice(data.get("hardware") or {"mode": "auto"})
             hardware_problem = None
         except ValueError as err:  # e.g. manual with no GPU ticked: a problem of the form, not a 500
             choice, gpus, hardware_problem = None, None, f"hardware: {err}"
         added = [*(choice.overrides if choice else []), *extra]
-        result = _plain(compose_run(dict(selection), dict(values), extra=added, workdir=self.workdir, config_dir=config_dir))
+        result = _plain(
+            compose_run(dict(selection), dict(values), extra=added, workdir=self.workdir, config_dir=config_dir)
+        )
         if hardware_problem:
             result["ok"] = False
             result.setdefault("problems", []).append({"field": None, "message": hardware_problem})
         forecast = result.get("forecast")
         if forecast and gpus:  # a warning for each chosen GPU the forecast does not fit
-            from flux_lightning.forecast import GIB, HEADROOM_BYTES
-            from flux_lightning.hardware import detect_accelerators
+            from flux_lightning.model.forecast import GIB, HEADROOM_BYTES
+            from flux_lightning.run.hardware import detect_accelerators
 
             need = forecast["total_gib"] * GIB + HEADROOM_BYTES
             forecast["warnings"] = [
                 f"the VRAM forecast ({forecast['total_gib']:.1f} GiB + {HEADROOM_BYTES / GIB:.1f} GiB headroom) exceeds "
                 f"cuda:{a.index} {a.name} ({a.memory_gib:.1f} GiB)"
-                for a in detect_accelerators() if a.index in gpus and need > a.memory_bytes
+                for a in detect_accelerators()
+                if a.index in gpus and need > a.memory_bytes
             ]
         env = dict(choice.env) if choice else {}
         result["env"] = env
@@ -361,11 +398,15 @@ class UI:
         if not isinstance(selection, dict):
             raise BadRequest("selection is a JSON object (group -> option)")
         config_dir = self.config_dir_of(data)
-        refused = self.refusals([f"{'+' if g == 'experiment' else ''}{g}={o}" for g, o in selection.items() if o], list(selection))
+        refused = self.refusals(
+            [f"{'+' if g == 'experiment' else ''}{g}={o}" for g, o in selection.items() if o], list(selection)
+        )
         if refused:
             return JSONResponse({"error": refused[0]["message"], "problems": refused}, status_code=422)
         try:
-            return JSONResponse(_plain(await asyncio.to_thread(composed_form, selection, config_dir=config_dir, workdir=self.workdir)))
+            return JSONResponse(
+                _plain(await asyncio.to_thread(composed_form, selection, config_dir=config_dir, workdir=self.workdir))
+            )
         except Exception as err:  # noqa: BLE001 - Hydra's composition errors (an unknown option)
             return _error(422, str(err).strip().splitlines()[0])
 
@@ -390,7 +431,9 @@ class UI:
             if data.get(key):
                 kwargs[key] = str(data[key])
         # a multidatabackend.json may name folders elsewhere: the check does not look at them
-        result = _plain(await asyncio.to_thread(check_dataset, target, workdir=self.workdir, readable=self._readable, **kwargs))
+        result = _plain(
+            await asyncio.to_thread(check_dataset, target, workdir=self.workdir, readable=self._readable, **kwargs)
+        )
         result["path"] = str(target)
         return JSONResponse(result)
 
@@ -413,7 +456,7 @@ class UI:
         return FileResponse(target)
 
     async def hardware(self, request: Request):
-        from flux_lightning.hardware import detect_accelerators
+        from flux_lightning.run.hardware import detect_accelerators
 
         accelerators = _plain(await asyncio.to_thread(detect_accelerators))
         return JSONResponse({"accelerators": accelerators})
@@ -447,7 +490,9 @@ class UI:
 
     async def resume(self, request: Request):
         data = await self.body(request)
-        run_id = await asyncio.to_thread(self.store.resume, self.run_id(request), data.get("checkpoint"), check=self.check_args)
+        run_id = await asyncio.to_thread(
+            self.store.resume, self.run_id(request), data.get("checkpoint"), check=self.check_args
+        )
         return JSONResponse({"ok": True, "id": run_id or self.run_id(request)})
 
     async def run_file(self, request: Request):
@@ -555,12 +600,22 @@ def create_app(
     overrides that name code (:mod:`policy`). A background task calls ``store.poll()`` every
     ``poll_seconds`` (queue, finished runs)."""
     if token is None and not no_token:
-        raise ValueError(f"the UI needs a token: set {TOKEN_ENV}, or pass --token-file <file> (or --no-token on a single-user machine)")
+        raise ValueError(
+            f"the UI needs a token: set {TOKEN_ENV}, or pass --token-file <file> (or --no-token on a single-user machine)"
+        )
     if no_token and not is_loopback(host):
         raise ValueError(f"--no-token serves this machine only; binding to {host} (beyond loopback) needs a token")
     if no_token:
         token = None
-    ui = UI(Path(workdir), list(data_roots), store, python, config_dirs=config_dirs, allow_code=allow_code, max_cpu_runs=max_cpu_runs)
+    ui = UI(
+        Path(workdir),
+        list(data_roots),
+        store,
+        python,
+        config_dirs=config_dirs,
+        allow_code=allow_code,
+        max_cpu_runs=max_cpu_runs,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -1,0 +1,1 @@
+"""``python -m flux_lightning.wizard``: the terminal wizard (configure.py) and its plan (plan.py)."""

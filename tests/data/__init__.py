@@ -1,0 +1,1 @@
+"""Tests of flux_lightning/data/."""

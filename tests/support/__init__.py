@@ -1,0 +1,1 @@
+"""Code the tests share (loaders, helpers, scripts they run); no tests here."""
