@@ -26,13 +26,18 @@ def _link_atomic(source: Path, target: Path) -> None:
     import os
     import shutil
 
+    if target.exists() and os.path.samefile(source, target):  # already this file (a second save at one step)
+        return
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:  # a full disk mid-copy, or a rename between two links of one file (a no-op): no .tmp left
+        tmp.unlink(missing_ok=True)
 
 
 class AdapterExport(L.Callback):

@@ -97,7 +97,7 @@ def unknown_keys(cfg) -> list[str]:
     Hydra adds a new key to the root without complaint)."""
     from dataclasses import fields
 
-    known = {f.name for f in fields(TrainConfig)}
+    known = {f.name for f in fields(TrainConfig)} | {"hydra"}  # compose(..., return_hydra_config=True) adds it
     return sorted(str(k) for k in cfg if k not in known)
 
 

@@ -49,6 +49,7 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "run"))
+    wandb.finish()  # a run another test of this worker left open would be reused by the first train()
     run_id = wandb_run_id(str(tmp_path / "run"))
     assert run_id.startswith("run-") and run_id != wandb_run_id(str(tmp_path / "other" / "run"))
     for steps in (2, 4):

@@ -48,7 +48,7 @@ def test_caption_strategies(tmp_path, caplog):
         by_file, skipped = discover(ImageBackendConfig(caption_strategy="textfile"), [str(tmp_path / "d")])
     assert [r.caption for r in by_file] == ["a caption from a file"]
     assert [(s.path.name, s.reason) for s in skipped] == [
-        ("a_red_square.png", "caption_strategy=textfile but a_red_square.txt is missing")
+        ("a_red_square.png", "caption_strategy=textfile but a_red_square.txt is missing (a .caption file would do too)")
     ]
     assert "a_red_square.png" in caplog.text and "a_red_square.txt is missing" in caplog.text
     fixed, _ = discover(

@@ -185,6 +185,9 @@ RUNNERS = {
     "ruff check .": _ci_runs_it,
     "ruff format --check .": _ci_runs_it,
     "python -m flux_lightning": _covered_by("e2e/test_train.py", "test_default_run_trains_the_tiny_demo_in_minutes"),
+    "python -m flux_lightning adapter.rank=8": _covered_by(
+        "run/test_run_identity.py", "test_a_changed_command_after_a_finished_demo_is_refused_not_called_finished"
+    ),
     "python -m flux_lightning --help": _prints_help,
     "python -m flux_lightning --cfg job": _prints_the_config,
     "python -m flux_lightning +experiment=krea_lora dataset.instance_data_dir=/path/to/images "

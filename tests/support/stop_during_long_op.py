@@ -15,7 +15,7 @@ cache = TensorCache(Path(sys.argv[1]))
 for i in range(3):
     cache.save(f"{i:064x}", {"latents": torch.zeros(16, 8, 8)}, {})
 torch.set_num_threads(1)
-a = torch.randn(1500, 1500, dtype=torch.float64)
+a = torch.randn(2000, 2000, dtype=torch.float64)
 print("busy", flush=True)
-torch.linalg.matrix_power(a, 100_000)  # one C call: minutes, and no Python bytecode runs meanwhile
+torch.linalg.matrix_power(a, 2**62 - 1)  # one C call of ~124 matmuls: minutes, and no Python bytecode runs meanwhile
 print("the long call ended before the stop", flush=True)
