@@ -82,6 +82,7 @@ def fit_tiny(model_cfg, cache_root, *, steps=4, adapter=None, lr=1e-3, seed=0, c
 # Test files that compare numbers from different code paths (ours vs diffusers', with vs without a memory
 # feature, a file recorded on another machine): `.ci/run` runs them again under each forced CPU capability
 # this machine is not using (`ATEN_CPU_CAPABILITY=default|avx2`), so another machine's kernels are tried here.
+TESTS = Path(__file__).resolve().parent
 NUMERICS = {
     "e2e/test_defaults_unchanged.py",
     "training/test_flow.py",
@@ -108,6 +109,9 @@ NUMERICS = {
 
 
 def pytest_collection_modifyitems(config, items):
+    missing = sorted(f for f in NUMERICS if not (TESTS / f).is_file())
+    if missing:  # a moved or renamed file would silently leave the forced-capability runs
+        raise pytest.UsageError(f"tests/conftest.py NUMERICS names files that do not exist: {missing}")
     for item in items:
-        if item.path.name in NUMERICS:
+        if item.path.relative_to(TESTS).as_posix() in NUMERICS:
             item.add_marker(pytest.mark.numerics)
