@@ -105,6 +105,7 @@ NUMERICS = {
     "callbacks/test_preview.py",
     "model/test_flavours.py",
     "adapters/test_adapters.py",
+    "training/test_fsdp.py",
 }
 
 

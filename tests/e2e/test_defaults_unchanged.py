@@ -31,11 +31,11 @@ from safetensors.torch import load_file
 from flux_lightning.config.schema import config_dir
 from flux_lightning.run.train import train
 
+from ..support.numerics import MAX_MOVED_FRACTION, MAX_RELATIVE_L2, beyond_rounding  # noqa: F401
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GOLDEN = sorted((Path(__file__).parent / "data").glob("demo_lora_4_steps_*.safetensors"))
-MAX_MOVED_FRACTION = 0.05  # elements beyond rounding: 1.7% measured across kernels, 53% for lr x 1.01
-MAX_RELATIVE_L2 = 1e-3  # ||now - recorded|| / ||recorded||: 3.0e-4 across kernels, 1.5e-3 for lr x 1.01
 
 
 def cpu_vendor() -> str:
@@ -54,19 +54,6 @@ def same_kernels(recorded: dict[str, str]) -> bool:
         cpu_vendor(),
         torch.__version__,
     )
-
-
-def beyond_rounding(now: dict[str, torch.Tensor], recorded: dict[str, torch.Tensor]) -> str | None:
-    """Why `now` is not the recorded run up to another kernel's rounding, or None."""
-    if sorted(now) != sorted(recorded):
-        return f"other tensors: {sorted(set(now) ^ set(recorded))[:3]}"
-    moved = sum(int((now[k] - v).abs().gt(1e-6 + 1e-5 * v.abs()).sum()) for k, v in recorded.items())
-    fraction = moved / sum(v.numel() for v in recorded.values())
-    distance = sum(float((now[k].double() - v.double()).norm() ** 2) for k, v in recorded.items()) ** 0.5
-    relative = distance / sum(float(v.double().norm() ** 2) for v in recorded.values()) ** 0.5
-    if fraction > MAX_MOVED_FRACTION or relative > MAX_RELATIVE_L2:
-        return f"{fraction:.1%} of the elements moved (bound {MAX_MOVED_FRACTION:.0%}), relative L2 {relative:.2e} (bound {MAX_RELATIVE_L2:.0e})"
-    return None
 
 
 def default_run(tmp_path: Path, *extra: str) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..conftest import REPO
+from ..support.numerics import beyond_rounding
 
 
 def _script(rank, world, init, cache, out):
@@ -60,8 +61,9 @@ def test_fsdp_on_two_cpu_ranks_shards_per_flux_block_and_exports_the_single_proc
     sharded = load_file(two / "pytorch_lora_weights.safetensors")
     assert single.keys() == sharded.keys() and len(single) == reference["trainable"]
     assert any(single[k].abs().max() > 0 for k in single if "lora_B" in k), "training did not move the adapter"
-    for k in single:  # the same update on a batch of 2, split or not (fp32 reduction order differs)
-        torch.testing.assert_close(sharded[k], single[k], atol=1e-5, rtol=1e-4)
+    # the same update on a batch of 2, split or not: the reduction order differs, so an element whose gradient
+    # is near zero may take its AdamW step with the other sign (seen under ATEN_CPU_CAPABILITY=default)
+    assert beyond_rounding(sharded, single) is None, beyond_rounding(sharded, single)
 
 
 def test_trainer_fsdp_builds_a_per_block_wrap_policy_with_trainable_lora():
