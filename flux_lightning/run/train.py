@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -80,8 +80,19 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback when the bar is off
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     plugins = list(instantiate(cfg.trainer.get("plugins")) or []) + [AtomicCheckpointIO()]
+    extra = {}
+    if cfg.trainer.get("enable_checkpointing") is None and not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
+        # callbacks.model_checkpoint=null means no checkpoints: Lightning would otherwise add its default
+        # ModelCheckpoint, which saves every epoch (every few steps on a small dataset) under the logger's dir
+        extra["enable_checkpointing"] = False
     return _build(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, precision=precision, **devices
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=plugins,
+        precision=precision,
+        **devices,
+        **extra,
     )
 
 
