@@ -11,6 +11,13 @@ image. A run is a real ``lightning.Trainer.fit`` with ``accelerator=cpu``, ``dev
 rank entering ``prepare_data``/``setup`` to the last rank leaving ``setup`` (discovery, hashing,
 verification, VAE latents, text embeddings, every barrier). Reported: median images/s per setting.
 
+``--pin``: a rank stands for a GPU with its own cores. Each rank is pinned to one core of its own
+(``os.sched_setaffinity``; rank r -> core r) and decodes in its own process (``dataset.num_workers=0``),
+so one process has one core and two processes have two, as two GPUs' ranks each have theirs. That
+isolates what the issue asks of the caching code: whether a second rank takes half the work (the
+speed-up) or waits for rank 0 (none). Without ``--pin`` every rank may use every core, and on a
+2-core machine one process with a decoding worker already uses both.
+
 Run it against another checkout with ``PYTHONPATH=<checkout>`` (the "before" column of
 benchmarks/README.md was measured that way on the commit before the rank-parallel caching).
 """
@@ -41,8 +48,10 @@ def _images(folder: Path, n: int) -> None:
         Image.fromarray(arr).save(folder / f"photo_{i:04d}.jpg", quality=90)
 
 
-def _worker(data: str, cache: str, models: str, devices: int, out: str) -> None:
+def _worker(data: str, cache: str, models: str, devices: int, out: str, pin: bool = False) -> None:
     """One training process (Lightning starts the other ranks from this command line)."""
+    if pin:  # rank r on core r (a child rank inherits rank 0's mask first, then takes its own core)
+        os.sched_setaffinity(0, {int(os.environ.get("LOCAL_RANK", "0")) % os.cpu_count()})
     import lightning as L
     import torch
 
@@ -83,6 +92,7 @@ def _worker(data: str, cache: str, models: str, devices: int, out: str) -> None:
             caption_strategy="filename",
             batch_size=1,
             eval_fraction=0.0,
+            **({"num_workers": 0} if pin else {}),
         ),
         model,
     )
@@ -100,12 +110,13 @@ def _worker(data: str, cache: str, models: str, devices: int, out: str) -> None:
     trainer.fit(One(), dm)
 
 
-def _one(root: Path, data: Path, procs: int, env: dict) -> float:
+def _one(root: Path, data: Path, procs: int, env: dict, pin: bool = False) -> float:
     cache, marks = root / f"cache-{procs}", root / f"marks-{procs}"
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(marks, ignore_errors=True)
     marks.mkdir()
     cmd = [sys.executable, __file__, "--worker", str(data), str(cache), str(root / "models"), str(procs), str(marks)]
+    cmd += ["--pin"] if pin else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
@@ -121,11 +132,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--procs", default="1,2")
+    ap.add_argument("--pin", action="store_true", help="one core per rank, decoding in the rank (see above)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.worker:
         data, cache, models, devices, out = args.worker
-        return _worker(data, cache, models, int(devices), out)
+        return _worker(data, cache, models, int(devices), out, args.pin)
     root = Path(tempfile.mkdtemp(prefix="flux-cold-cache-"))
     data = root / "data"
     _images(data, args.images)
@@ -135,10 +147,11 @@ def main() -> None:
     times: dict[int, list[float]] = {p: [] for p in settings}
     for r in range(args.rounds):
         for p in settings if r % 2 == 0 else settings[::-1]:
-            times[p].append(_one(root, data, p, env))
+            times[p].append(_one(root, data, p, env, args.pin))
             print(f"round {r}: {p} process(es): {times[p][-1]:.1f} s", flush=True)
     result = {
         "images": args.images,
+        "pinned_one_core_per_rank": args.pin,
         "load_average_after": os.getloadavg(),
         "cores": os.cpu_count(),
         "seconds": times,

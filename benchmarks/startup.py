@@ -61,6 +61,9 @@ FLOOR_IMPORTS = (
     "from transformers import CLIPModel, CLIPProcessor; "
     "from torchmetrics.multimodal.clip_score import CLIPScore"
 )
+# Issue 25's floor: a process that imports only torch and diffusers' Flux transformer (what any Flux
+# trainer must import); the goal is command -> first step within 1.5 s of it.
+TORCH_DIFFUSERS_IMPORTS = "import torch; from diffusers import FluxTransformer2DModel"
 BEFORE_TRAINING = (
     "ValidationImages.on_train_start",
     "CLIPScoreCallback.on_validation_images",
@@ -140,10 +143,10 @@ def run_once(workdir: Path, cache: Path, steps: int, extra: list[str], site: str
     return {"wall_s": round(wall, 3), "first_step_s": round(first, 3), "rows": breakdown(events), "events": events}
 
 
-def import_floor() -> float:
-    """Seconds from launching a process that only imports :data:`FLOOR_IMPORTS` to the end of its
-    imports (its exit, seconds of interpreter teardown, is not counted: the run's first step isn't either)."""
-    code = FLOOR_IMPORTS + "; import time; print(time.time())"
+def import_floor(imports: str = FLOOR_IMPORTS) -> float:
+    """Seconds from launching a process that only runs ``imports`` to the end of its imports (its
+    exit, seconds of interpreter teardown, is not counted: the run's first step isn't either)."""
+    code = imports + "; import time; print(time.time())"
     launched = time.time()
     proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300)
     return float(proc.stdout.strip().splitlines()[-1]) - launched
@@ -212,13 +215,14 @@ def main() -> dict:
     site = blocking_site(root, args.without)
     load_before = os.getloadavg()
     cold = run_once(root / "cold", cache, args.steps, args.overrides)
-    warm, bare, floor = [], [], []
+    warm, bare, floor, torch_floor = [], [], [], []
     for i in range(1, args.warm_runs + 1):  # interleaved: outside load hits every variant alike
         warm.append(run_once(root / f"warm{i}", cache, args.steps, args.overrides))
         if site:
             bare.append(run_once(root / f"without{i}", cache, args.steps, args.overrides, site))
         if not args.quick:
             floor.append(import_floor())
+            torch_floor.append(import_floor(TORCH_DIFFUSERS_IMPORTS))
     load_after = os.getloadavg()
     result = {
         "machine": machine(),
@@ -230,6 +234,12 @@ def main() -> dict:
         "warm_runs": [{k: r[k] for k in ("wall_s", "first_step_s", "rows")} for r in warm],
         "warm": summarize(warm),
         "third_party_import_floor_s": _stats(floor) if floor else None,
+        "torch_diffusers_floor_s": _stats(torch_floor) if torch_floor else None,
+        "over_torch_diffusers_floor_s": (
+            round(statistics.median(r["first_step_s"] for r in warm) - statistics.median(torch_floor), 3)
+            if torch_floor
+            else None
+        ),
         "import_self_time_s": [] if args.quick else import_profile(),
     }
     if site:
@@ -268,8 +278,20 @@ def main() -> dict:
             ]
             + (["-"] if site else [])
         )
+        rows.append(
+            [
+                "floor of issue 25: `import torch; from diffusers import FluxTransformer2DModel`",
+                "",
+                _cell(result["torch_diffusers_floor_s"]),
+            ]
+            + (["-"] if site else [])
+        )
     print(f"machine: {result['machine']}; load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
     print(table(header, rows))
+    if torch_floor:
+        print(
+            f"first step - torch+diffusers floor (medians): {result['over_torch_diffusers_floor_s']:.2f} s (goal <= 1.5)"
+        )
     if result["import_self_time_s"]:
         print("import self time by package (s):", ", ".join(f"{k} {v:.2f}" for k, v in result["import_self_time_s"]))
     save_json(args.json, result)
