@@ -1,5 +1,5 @@
 """The web UI's HTTP side: a Starlette app serving the page (``static/``) and a JSON API over the
-library's own pieces (``forms``, ``runs``, ``dataset_check``, ``hardware``).
+library's own pieces (``forms``, ``runs``, ``launcher``, ``dataset_check``, ``hardware``).
 
 Security model (a shared GPU machine is the normal case):
 
@@ -208,19 +208,22 @@ class _Gate:
 
 
 class UI:
-    """The API's state: the run store, the readable roots, the hardware and form helpers."""
+    """The API's state: the runs (read by ``store``, started and stopped by ``launcher``), the readable
+    roots, the hardware and form helpers. ``launcher`` None: a :class:`RunLauncher` on a
+    :class:`RunStore` of ``workdir``."""
 
     def __init__(
         self,
         workdir: Path,
         data_roots,
-        store,
+        launcher,
         python: str,
         *,
         config_dirs=(),
         allow_code: bool = False,
         max_cpu_runs: int | None = 1,
     ):
+        from .launcher import RunLauncher
         from .runs import RunStore
 
         self.workdir = Path(workdir).resolve()
@@ -229,7 +232,10 @@ class UI:
         dirs = [Path(d).expanduser() for d in config_dirs] + ([wizard] if wizard.is_dir() else [])
         self.config_dirs = list(dict.fromkeys((d if d.is_absolute() else self.workdir / d).resolve() for d in dirs))
         self.allow_code = allow_code
-        self.store = store if store is not None else RunStore(self.workdir, python=python, max_cpu_runs=max_cpu_runs)
+        if launcher is None:
+            launcher = RunLauncher(RunStore(self.workdir), python=python, max_cpu_runs=max_cpu_runs)
+        self.launcher = launcher
+        self.store = launcher.store
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -477,7 +483,7 @@ class UI:
         if not composed.get("ok"):
             return JSONResponse(composed, status_code=422)
         run_id = await asyncio.to_thread(
-            self.store.launch, composed["overrides"], devices=composed["devices"], env=composed["env"] or None
+            self.launcher.launch, composed["overrides"], devices=composed["devices"], env=composed["env"] or None
         )
         return JSONResponse({**composed, "id": run_id})
 
@@ -485,13 +491,13 @@ class UI:
         return JSONResponse(_plain(await asyncio.to_thread(self.store.run, self.run_id(request))))
 
     async def stop(self, request: Request):
-        await asyncio.to_thread(self.store.stop, self.run_id(request))
+        await asyncio.to_thread(self.launcher.stop, self.run_id(request))
         return JSONResponse({"ok": True})
 
     async def resume(self, request: Request):
         data = await self.body(request)
         run_id = await asyncio.to_thread(
-            self.store.resume, self.run_id(request), data.get("checkpoint"), check=self.check_args
+            self.launcher.resume, self.run_id(request), data.get("checkpoint"), check=self.check_args
         )
         return JSONResponse({"ok": True, "id": run_id or self.run_id(request)})
 
@@ -535,7 +541,7 @@ def _response_for(request: Request, exc: Exception) -> JSONResponse:
         return _error(400, str(exc))
     from flux_lightning.errors import RunDirInUse
 
-    from .runs import NothingToResume
+    from .launcher import NothingToResume
 
     if isinstance(exc, (ProcessLookupError, RunDirInUse, NothingToResume)):
         return _error(409, str(exc))
@@ -587,17 +593,17 @@ def create_app(
     config_dirs: list[Path] | tuple = (),
     allow_code: bool = False,
     host: str = "127.0.0.1",
-    store=None,
+    launcher=None,
     python: str = sys.executable,
     poll_seconds: float = POLL_SECONDS,
     max_body: int = MAX_BODY,
     max_cpu_runs: int | None = 1,
 ) -> Starlette:
-    """The UI app for runs under ``workdir`` (``RunStore``), previews under ``workdir`` and
+    """The UI app for runs under ``workdir`` (``RunStore``, ``RunLauncher``), previews under ``workdir`` and
     ``data_roots``, experiments from the built-in tree and ``config_dirs`` (and
     ``<workdir>/flux_lightning_configs`` when it exists). Every request needs ``token``; only
     ``no_token=True`` on a loopback ``host`` serves without one. ``allow_code`` lets requests carry
-    overrides that name code (:mod:`policy`). A background task calls ``store.poll()`` every
+    overrides that name code (:mod:`policy`). A background task calls ``launcher.poll()`` every
     ``poll_seconds`` (queue, finished runs)."""
     if token is None and not no_token:
         raise ValueError(
@@ -610,7 +616,7 @@ def create_app(
     ui = UI(
         Path(workdir),
         list(data_roots),
-        store,
+        launcher,
         python,
         config_dirs=config_dirs,
         allow_code=allow_code,
@@ -622,7 +628,7 @@ def create_app(
         async def poll():
             while True:
                 try:
-                    await asyncio.to_thread(ui.store.poll)
+                    await asyncio.to_thread(ui.launcher.poll)
                 except Exception:  # noqa: BLE001 - a failed poll is logged; the next one tries again
                     log.exception("polling the runs failed")
                 await asyncio.sleep(poll_seconds)
