@@ -18,21 +18,18 @@ import functools
 import os
 import re
 import shlex
-import threading
 import types
 import typing
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from ..config.schema import GROUP_SCHEMAS, config_dir, register
+from ..config.compose import composed
+from ..config.schema import GROUP_SCHEMAS, config_dir
 
 PROGRAM = "python -m flux_lightning"
 _NULLS = ("null", "none", "~")
-
-# Only one Hydra composition at a time in this process: GlobalHydra and HydraConfig are singletons.
-_HYDRA_LOCK = threading.RLock()
 
 
 # -- docs and types ---------------------------------------------------------------------------
@@ -313,70 +310,6 @@ def field_index() -> dict[str, dict]:
 
 
 # -- composing ----------------------------------------------------------------------------------
-@contextmanager
-def hydra_compose_context(workdir: str | os.PathLike | None = None) -> Iterator[None]:
-    """Hydra initialised on the config tree for one composition, in ``workdir`` (the launch dir, so
-    relative paths mean what they mean to the CLI); the process's previous Hydra state (and cwd) is
-    restored afterwards, so a long-lived server can compose again and again."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    register()
-    with _HYDRA_LOCK:
-        backup = get_gh_backup()
-        hydra_cfg = HydraConfig.instance().cfg
-        cwd = os.getcwd()
-        GlobalHydra.instance().clear()
-        try:
-            if workdir is not None and os.path.abspath(workdir) != cwd:
-                os.chdir(workdir)
-            with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
-                yield
-        finally:
-            os.chdir(cwd)
-            HydraConfig.instance().cfg = hydra_cfg
-            restore_gh_from_backup(backup)
-
-
-def compose_overrides(overrides: Iterable[str], workdir: str | os.PathLike | None = None):
-    """The run's config as ``python -m flux_lightning <overrides>`` in ``workdir`` composes it, with
-    its ``hydra`` node (run dir resolved; ``paths.output_dir`` is the run dir). Call inside
-    :func:`hydra_compose_context`.
-
-    Raises:
-        hydra.errors.HydraException: an override Hydra refuses (unknown key or option, bad value).
-    """
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict, read_write
-
-    cfg = compose("train", overrides=with_search_path(overrides), return_hydra_config=True)
-    with read_write(cfg.hydra), open_dict(cfg.hydra):
-        cfg.hydra.runtime.cwd = os.getcwd()
-    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} and the run_name resolver resolve
-    run_dir = os.path.abspath(str(cfg.hydra.run.dir))
-    with read_write(cfg.hydra), open_dict(cfg.hydra):
-        cfg.hydra.runtime.output_dir = run_dir
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
-def with_search_path(args: Iterable[str]) -> list[str]:
-    """CLI arguments -> compose() overrides: each ``--config-dir=DIR`` (the form the UI stores) becomes
-    an entry of ``hydra.searchpath`` (what ``--config-dir`` does for the CLI), relative to the cwd."""
-    from .policy import config_dir_arg
-
-    args = [str(a) for a in args]
-    dirs = [config_dir_arg(a) for a in args]
-    rest = [a for a, d in zip(args, dirs) if d is None]
-    paths = [os.path.abspath(os.path.expanduser(d)) for d in dirs if d]
-    if not paths:
-        return rest
-    return ["hydra.searchpath=[" + ",".join(hydra_value(f"file://{p}") for p in paths) + "]", *rest]
-
-
 def config_dir_args(config_dir: str | os.PathLike | None, workdir: str | os.PathLike | None) -> list[str]:
     """``["--config-dir=<dir>"]`` for an experiment dir (relative to ``workdir`` when inside it), or []."""
     if not config_dir:
@@ -436,8 +369,7 @@ def experiments(config_dirs: Iterable[str | os.PathLike] = ()) -> list[dict]:
 def run_dir_of(overrides: Iterable[str], workdir: str | os.PathLike) -> tuple[Path, dict]:
     """The run dir (absolute) that ``python -m flux_lightning <overrides>`` run in ``workdir`` uses,
     and a few facts of its config (``max_steps``, ``devices``)."""
-    with hydra_compose_context(workdir):
-        cfg = compose_overrides(overrides, workdir)
+    with composed(overrides, workdir=workdir, hydra_node=True) as cfg:
         facts = {"max_steps": cfg.trainer.get("max_steps"), "devices": _plain_value(cfg.trainer.get("devices"))}
         return Path(cfg.hydra.runtime.output_dir), facts
 
@@ -640,11 +572,11 @@ def selection_overrides(selection: dict, base: Iterable[str] = (), workdir=None,
     chosen = {g: o for g, o in selection.items() if g != "experiment" and o not in (None, "")}
     if not chosen:
         return out
-    with hydra_compose_context(workdir):
-        try:
-            picked = compose_overrides([*out, *base]).hydra.runtime.choices
-        except Exception:  # noqa: BLE001 - compose_run reports it
-            picked = {}
+    try:
+        with composed([*out, *base], workdir=workdir, hydra_node=True) as cfg:
+            picked = dict(cfg.hydra.runtime.choices)
+    except Exception:  # noqa: BLE001 - compose_run reports it
+        picked = {}
     return out + [f"{g}={o}" for g, o in chosen.items() if picked.get(g) != o]
 
 
@@ -665,8 +597,7 @@ def composed_form(selection: dict, *, config_dir=None, workdir=None) -> dict:
         hydra.errors.HydraException: an unknown experiment or option.
     """
     overrides = selection_overrides(selection, workdir=workdir, config_dir=config_dir)
-    with hydra_compose_context(workdir):
-        cfg = compose_overrides(overrides)
+    with composed(overrides, workdir=workdir, hydra_node=True) as cfg:
         choices = {g: o for g, o in cfg.hydra.runtime.choices.items() if g in GROUP_ORDER and isinstance(o, str)}
         return {"choices": choices, "values": _values_of(cfg, [f["key"] for f in _fields()])}
 
@@ -747,9 +678,9 @@ def compose_run(
         base.append(f"{key}={written}")
     overrides += base + extra
     result = {"overrides": overrides, "command": command_line(overrides), "values": {}, "run_dir": None}
-    with hydra_compose_context(workdir):
+    with ExitStack() as composing:  # the checks run inside the composition (its cwd, its hydra node)
         try:
-            cfg = compose_overrides(overrides)
+            cfg = composing.enter_context(composed(overrides, workdir=workdir, hydra_node=True))
         except Exception as err:  # noqa: BLE001 - Hydra's composition errors
             problems.append(_compose_problem(err, overrides))
             cfg = None
