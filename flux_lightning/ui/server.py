@@ -388,7 +388,8 @@ class UI:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     async def form(self, request: Request):
-        from .forms import experiments, form_spec
+        from .form_fields import experiments
+        from .forms import form_spec
 
         spec = await asyncio.to_thread(form_spec)
         spec["experiment_sources"] = await asyncio.to_thread(experiments, self.config_dirs)

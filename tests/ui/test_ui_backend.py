@@ -19,7 +19,8 @@ from PIL import Image
 
 from flux_lightning.errors import RunDirInUse
 from flux_lightning.ui.dataset_check import check_dataset
-from flux_lightning.ui.forms import coerce, compose_run, field_index, form_spec
+from flux_lightning.ui.form_fields import field_index
+from flux_lightning.ui.forms import coerce, compose_run, form_spec
 from flux_lightning.ui.launch_records import lock_holder
 from flux_lightning.ui.launcher import RunLauncher
 from flux_lightning.ui.runs import RunStore
@@ -390,7 +391,8 @@ def test_check_dataset_reports_counts_buckets_captions_and_what_training_skips(t
 
 # -- what you pick is what runs -----------------------------------------------------------------
 def test_an_experiment_composes_its_own_groups_and_only_changes_are_overrides(tmp_path):
-    from flux_lightning.ui.forms import composed_form, experiments
+    from flux_lightning.ui.form_fields import experiments
+    from flux_lightning.ui.forms import composed_form
 
     krea = composed_form({"experiment": "krea_lora"}, workdir=tmp_path)
     assert krea["choices"]["model"] == "krea" and krea["values"]["model.flavour"] == "krea"
