@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvicorn
 
-        from .server import create_app, is_loopback
+        from .gate import is_loopback
+        from .server import create_app
     except ImportError as err:
         sys.exit(f'error: the web UI needs the ui extra ({err.name} is missing): pip install "flux-lightning[ui]"')
     if args.no_token and not is_loopback(args.host):

@@ -1,273 +1,28 @@
-"""The "New run" form, generated from the config schemas, and its check with the library's own
-validation.
+"""The "New run" form with its values, checked with the library's own validation.
 
-:func:`form_spec` lists the config groups (their options from the ``conf/`` tree, the option the
-defaults list picks) and the fields of each (type, default, choices, the doc line from the class
-docstring's ``Attributes:``/``Args:`` section). :func:`compose_run` turns the form's choices into the
-Hydra overrides a user would type, composes them with Hydra exactly as ``python -m flux_lightning``
-does and validates the result with :func:`flux_lightning.config.validation.validate`; every problem comes
-back next to the field it names. Nothing is loaded (validation probes sources, as the CLI does
-before any weights load).
+:func:`form_spec` is the form: the groups and fields :mod:`form_fields` describes from the schemas,
+each with the value ``python -m flux_lightning`` (no overrides) runs with. :func:`compose_run` turns
+the form's choices into the Hydra overrides a user would type, composes them as the CLI does
+(:func:`flux_lightning.config.compose.composed`) and validates the result with
+:func:`flux_lightning.config.validation.validate`; every problem comes back next to the field it
+names. Nothing is loaded (validation probes sources, as the CLI does before any weights load).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import os
-import re
 import shlex
-import threading
-import types
-import typing
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
-from ..config.schema import GROUP_SCHEMAS, config_dir, register
+from ..config.compose import composed
+from .form_fields import GROUP_ORDER, all_fields, default_options, field_index, group_options, jsonable
 
 PROGRAM = "python -m flux_lightning"
 _NULLS = ("null", "none", "~")
-
-# Only one Hydra composition at a time in this process: GlobalHydra and HydraConfig are singletons.
-_HYDRA_LOCK = threading.RLock()
-
-
-# -- docs and types ---------------------------------------------------------------------------
-def docstring_fields(obj, section: str = "Attributes") -> dict[str, str]:
-    """``name -> text`` from the ``Attributes:`` (or ``Args:``) section of ``obj``'s docstring;
-    ``a / b: text`` documents both names; continuation lines are joined."""
-    doc = (obj.__doc__ or "") if not isinstance(obj, str) else obj
-    lines = doc.expandtabs().splitlines()
-    out: dict[str, str] = {}
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == f"{section}:"), None)
-    if start is None:
-        return out
-    indent, names = None, []
-    for line in lines[start + 1 :]:
-        if not line.strip():
-            continue
-        width = len(line) - len(line.lstrip())
-        if indent is None:
-            indent = width
-        if width < indent:
-            break
-        match = (
-            re.match(r"^([\w.]+(?:\s*[/,]\s*[\w.]+)*)\s*(?:\([^)]*\))?:\s*(.*)$", line.strip())
-            if width == indent
-            else None
-        )
-        if match:
-            names = [n.strip() for n in re.split(r"[/,]", match.group(1))]
-            for n in names:
-                out[n] = match.group(2).strip()
-        elif names:
-            for n in names:
-                out[n] = f"{out[n]} {line.strip()}".strip()
-    return out
-
-
-def _choices() -> dict[str, list]:
-    """The known values of fields that take one of a fixed set (the library's own tables)."""
-    from ..adapters.config import ADAPTER_TYPES, INIT_TYPES, LYCORIS_PRESETS, TARGET_PRESETS
-    from ..config.run_checks import PRECISIONS as TRAINER_PRECISIONS
-    from ..data.config import CAPTION_STRATEGIES, CROP_STYLES
-    from ..model.config import ATTENTION_BACKENDS, DTYPES, GROUP_OFFLOAD_TYPES, GUIDANCE_MODES
-    from ..model.flavours import FLAVOURS
-    from ..model.quantization import DEFAULT_DTYPES, PRECISIONS, QUANTIZE_VIA, TEXT_ENCODER_PRECISIONS
-    from ..training.flow import WEIGHTINGS
-    from ..training.optim import ADAPTER_DTYPES, LR_SCHEDULERS, OPTIMIZERS
-
-    return {
-        "model.flavour": list(FLAVOURS),
-        "model.tiny_like": list(FLAVOURS),
-        "model.dtype": ["auto", *DTYPES],
-        "model.attention_backend": list(ATTENTION_BACKENDS),
-        "model.flux_guidance_mode": list(GUIDANCE_MODES),
-        "model.group_offload_type": list(GROUP_OFFLOAD_TYPES),
-        "model.quantization.base_model_precision": list(PRECISIONS),
-        "model.quantization.quantize_via": list(QUANTIZE_VIA),
-        "model.quantization.base_model_default_dtype": list(DEFAULT_DTYPES),
-        "model.quantization.text_encoder_precision": list(TEXT_ENCODER_PRECISIONS),
-        "adapter.type": list(ADAPTER_TYPES),
-        "adapter.init": list(INIT_TYPES),
-        "adapter.target": [*TARGET_PRESETS, *LYCORIS_PRESETS],
-        "adapter.weight_dtype": list(ADAPTER_DTYPES),
-        "dataset.caption_strategy": list(CAPTION_STRATEGIES),
-        "dataset.crop_style": list(CROP_STYLES),
-        "timesteps.weighting": list(WEIGHTINGS),
-        "optimizer.name": list(OPTIMIZERS),
-        "lr_scheduler.name": list(LR_SCHEDULERS),
-        "trainer.precision": [p for p in TRAINER_PRECISIONS if isinstance(p, str)],
-    }
-
-
-def _kind(tp) -> tuple[str, bool]:
-    """(form type, nullable) of a dataclass field annotation; ``""`` for fields a form cannot hold."""
-    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    nullable = type(None) in args
-    args = [a for a in args if a is not type(None)]
-    tp = args[0] if len(args) == 1 else Any
-    if tp is Any:
-        return "str", True  # a path or a list of paths (instance_data_dir), a preset or a list (target)
-    if typing.get_origin(tp) is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        return ("list", nullable) if item in (int, float, str, Any) else ("", nullable)
-    if tp in (bool, int, float, str):
-        return tp.__name__, nullable
-    return "", nullable
-
-
-# The plain-dict groups' fields on the form: (key, type, nullable); docs from the class they configure.
-_TRAINER_FIELDS = [
-    ("max_steps", "int", False),
-    ("precision", "choice", True),
-    ("accumulate_grad_batches", "int", False),
-    ("gradient_clip_val", "float", True),
-    ("log_every_n_steps", "int", False),
-]
-# where Lightning's own doc would mislead here (this project's rules differ)
-_TRAINER_DOCS = {
-    "max_steps": "Stop training after this number of optimizer steps. An endless run (-1, no max_epochs "
-    "or max_time) needs allow_endless_run=true.",
-}
-_VALIDATION_FIELDS = [
-    ("validation_prompt", "str", True),
-    ("every_n_steps", "int", False),
-    ("validation_resolution", "str", False),
-    ("validation_num_inference_steps", "int", True),
-    ("validation_seed", "int", False),
-]
-# group name -> (where its fields live in the config, the schema dataclass or None)
-_TYPED_GROUPS = {
-    "model": ("model", GROUP_SCHEMAS["model"]),
-    "quantization": ("model.quantization", None),
-    "adapter": ("adapter", GROUP_SCHEMAS["adapter"]),
-    "dataset": ("dataset", GROUP_SCHEMAS["dataset"]),
-    "timesteps": ("timesteps", GROUP_SCHEMAS["timesteps"]),
-    "optimizer": ("optimizer", GROUP_SCHEMAS["optimizer"]),
-    "lr_scheduler": ("lr_scheduler", GROUP_SCHEMAS["lr_scheduler"]),
-}
-GROUP_ORDER = [
-    "model",
-    "quantization",
-    "adapter",
-    "dataset",
-    "timesteps",
-    "optimizer",
-    "lr_scheduler",
-    "trainer",
-    "callbacks",
-    "logger",
-]
-
-
-def _schema_fields(prefix: str, schema, choices: dict) -> list[dict]:
-    docs = docstring_fields(schema)
-    hints = typing.get_type_hints(schema)
-    out = []
-    for f in dataclasses.fields(schema):
-        if f.name.startswith("_"):
-            continue
-        kind, nullable = _kind(hints[f.name])
-        if not kind:
-            continue
-        key = f"{prefix}.{f.name}"
-        if key in choices and kind == "str":
-            kind = "choice"
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        )
-        out.append(
-            {
-                "key": key,
-                "type": kind,
-                "nullable": nullable,
-                "default": _jsonable(default),
-                "doc": docs.get(f.name, ""),
-                "choices": choices.get(key),
-            }
-        )
-    return out
-
-
-def _jsonable(value):
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (list, dict, str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def _options(group: str) -> list[str]:
-    folder = Path(config_dir()) / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
-def _default_options() -> dict[str, str]:
-    """group -> the option ``conf/train.yaml``'s defaults list picks."""
-    from omegaconf import OmegaConf
-
-    out = {}
-    for entry in OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "train.yaml"))["defaults"]:
-        if isinstance(entry, dict):
-            for group, option in entry.items():
-                if not str(group).startswith("optional") and isinstance(option, str) and "$" not in option:
-                    out[str(group)] = option
-    return out
-
-
-def _fields() -> list[dict]:
-    """Every field of the form, in group order (the schema defaults; see :func:`form_spec`)."""
-    from lightning import Trainer
-
-    from ..callbacks.validation import ValidationImages
-    from ..model.quantization import QuantizationConfig
-
-    choices = _choices()
-    fields = []
-    for group, (prefix, schema) in _TYPED_GROUPS.items():
-        fields += [dict(f, group=group) for f in _schema_fields(prefix, schema or QuantizationConfig, choices)]
-    fields = [f for f in fields if f["key"] != "model.quantization"]
-    trainer_docs = docstring_fields(Trainer.__init__, "Args")
-    for name, kind, nullable in _TRAINER_FIELDS:
-        key = f"trainer.{name}"
-        fields.append(
-            {
-                "key": key,
-                "type": kind,
-                "nullable": nullable,
-                "default": None,
-                "doc": _TRAINER_DOCS.get(name) or _first_sentences(trainer_docs.get(name, "")),
-                "choices": choices.get(key),
-                "group": "trainer",
-            }
-        )
-    val_docs = docstring_fields(ValidationImages, "Args")
-    for name, kind, nullable in _VALIDATION_FIELDS:
-        fields.append(
-            {
-                "key": f"callbacks.validation.{name}",
-                "type": kind,
-                "nullable": nullable,
-                "default": None,
-                "doc": val_docs.get(name, ""),
-                "choices": None,
-                "group": "callbacks",
-            }
-        )
-    return fields
-
-
-def _first_sentences(text: str, n: int = 2) -> str:
-    """The first ``n`` sentences of a Lightning argument's doc, without its ``Default: ...`` sentence
-    (any sentence naming a default: Lightning's, which this project's config may not share; the field shows the real one)."""
-    parts = [p for p in re.split(r"(?<=\.)\s+", text) if not re.search(r"\bdefault", p, re.IGNORECASE)]
-    return " ".join(parts[:n])
 
 
 def form_spec() -> dict:
@@ -283,100 +38,31 @@ def _form_spec() -> dict:
     "choices"}``; ``default`` is the value ``python -m flux_lightning`` (no overrides) runs with,
     ``schema_default`` the dataclass's own default. The ``experiment`` group has no default option.
     """
-    fields = _fields()
-    composed = form_values({})
-    defaults = _default_options()
-    groups = [{"name": "experiment", "options": _options("experiment"), "default_option": None, "fields": []}]
+    every = all_fields()
+    values = form_values({})
+    defaults = default_options()
+    groups = [{"name": "experiment", "options": group_options("experiment"), "default_option": None, "fields": []}]
     for name in GROUP_ORDER:
         groups.append(
             {
                 "name": name,
-                "options": _options(name),
+                "options": group_options(name),
                 "default_option": defaults.get(name),
                 "fields": [
                     dict(
                         {k: v for k, v in f.items() if k != "group"},
                         schema_default=f["default"],
-                        default=composed.get(f["key"], f["default"]),
+                        default=values.get(f["key"], f["default"]),
                     )
-                    for f in fields
+                    for f in every
                     if f["group"] == name
                 ],
             }
         )
-    return {"groups": groups, "experiments": _options("experiment"), "command_prefix": PROGRAM}
-
-
-def field_index() -> dict[str, dict]:
-    """key -> field spec, for every field of the form."""
-    return {f["key"]: f for f in _fields()}
+    return {"groups": groups, "experiments": group_options("experiment"), "command_prefix": PROGRAM}
 
 
 # -- composing ----------------------------------------------------------------------------------
-@contextmanager
-def hydra_compose_context(workdir: str | os.PathLike | None = None) -> Iterator[None]:
-    """Hydra initialised on the config tree for one composition, in ``workdir`` (the launch dir, so
-    relative paths mean what they mean to the CLI); the process's previous Hydra state (and cwd) is
-    restored afterwards, so a long-lived server can compose again and again."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    register()
-    with _HYDRA_LOCK:
-        backup = get_gh_backup()
-        hydra_cfg = HydraConfig.instance().cfg
-        cwd = os.getcwd()
-        GlobalHydra.instance().clear()
-        try:
-            if workdir is not None and os.path.abspath(workdir) != cwd:
-                os.chdir(workdir)
-            with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="train"):
-                yield
-        finally:
-            os.chdir(cwd)
-            HydraConfig.instance().cfg = hydra_cfg
-            restore_gh_from_backup(backup)
-
-
-def compose_overrides(overrides: Iterable[str], workdir: str | os.PathLike | None = None):
-    """The run's config as ``python -m flux_lightning <overrides>`` in ``workdir`` composes it, with
-    its ``hydra`` node (run dir resolved; ``paths.output_dir`` is the run dir). Call inside
-    :func:`hydra_compose_context`.
-
-    Raises:
-        hydra.errors.HydraException: an override Hydra refuses (unknown key or option, bad value).
-    """
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict, read_write
-
-    cfg = compose("train", overrides=with_search_path(overrides), return_hydra_config=True)
-    with read_write(cfg.hydra), open_dict(cfg.hydra):
-        cfg.hydra.runtime.cwd = os.getcwd()
-    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} and the run_name resolver resolve
-    run_dir = os.path.abspath(str(cfg.hydra.run.dir))
-    with read_write(cfg.hydra), open_dict(cfg.hydra):
-        cfg.hydra.runtime.output_dir = run_dir
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
-def with_search_path(args: Iterable[str]) -> list[str]:
-    """CLI arguments -> compose() overrides: each ``--config-dir=DIR`` (the form the UI stores) becomes
-    an entry of ``hydra.searchpath`` (what ``--config-dir`` does for the CLI), relative to the cwd."""
-    from .policy import config_dir_arg
-
-    args = [str(a) for a in args]
-    dirs = [config_dir_arg(a) for a in args]
-    rest = [a for a, d in zip(args, dirs) if d is None]
-    paths = [os.path.abspath(os.path.expanduser(d)) for d in dirs if d]
-    if not paths:
-        return rest
-    return ["hydra.searchpath=[" + ",".join(hydra_value(f"file://{p}") for p in paths) + "]", *rest]
-
-
 def config_dir_args(config_dir: str | os.PathLike | None, workdir: str | os.PathLike | None) -> list[str]:
     """``["--config-dir=<dir>"]`` for an experiment dir (relative to ``workdir`` when inside it), or []."""
     if not config_dir:
@@ -386,58 +72,10 @@ def config_dir_args(config_dir: str | os.PathLike | None, workdir: str | os.Path
     return [f"--config-dir={path.relative_to(base).as_posix() if path.is_relative_to(base) else path}"]
 
 
-def experiment_description(path: str | os.PathLike) -> str:
-    """The opening comment of an experiment file (after ``# @package``), up to its example command."""
-    lines = []
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            break
-        body = line[1:]
-        if body.strip().startswith("@package") or not body.strip():
-            continue
-        if body.startswith("   "):  # the indented command lines
-            break
-        lines.append(body.strip())
-    return " ".join(lines)
-
-
-def experiments(config_dirs: Iterable[str | os.PathLike] = ()) -> list[dict]:
-    """The experiments the form offers: the built-in ones, then each experiment dir's
-    (``<dir>/experiment/<name>.yaml``, e.g. what ``python -m flux_lightning.wizard`` writes):
-    ``[{"value", "name", "config_dir" (None: built in), "description"}]``."""
-    out = []
-    for name in _options("experiment"):
-        out.append(
-            {
-                "value": name,
-                "name": name,
-                "config_dir": None,
-                "description": experiment_description(Path(config_dir()) / "experiment" / f"{name}.yaml"),
-            }
-        )
-    for folder in config_dirs:
-        folder = Path(folder).expanduser().resolve()
-        for path in sorted((folder / "experiment").glob("*.yaml")):
-            out.append(
-                {
-                    "value": f"{path.stem} @ {folder}",
-                    "name": path.stem,
-                    "config_dir": str(folder),
-                    "description": experiment_description(path),
-                }
-            )
-    return out
-
-
 def run_dir_of(overrides: Iterable[str], workdir: str | os.PathLike) -> tuple[Path, dict]:
     """The run dir (absolute) that ``python -m flux_lightning <overrides>`` run in ``workdir`` uses,
     and a few facts of its config (``max_steps``, ``devices``)."""
-    with hydra_compose_context(workdir):
-        cfg = compose_overrides(overrides, workdir)
+    with composed(overrides, workdir=workdir, hydra_node=True) as cfg:
         facts = {"max_steps": cfg.trainer.get("max_steps"), "devices": _plain_value(cfg.trainer.get("devices"))}
         return Path(cfg.hydra.runtime.output_dir), facts
 
@@ -640,11 +278,11 @@ def selection_overrides(selection: dict, base: Iterable[str] = (), workdir=None,
     chosen = {g: o for g, o in selection.items() if g != "experiment" and o not in (None, "")}
     if not chosen:
         return out
-    with hydra_compose_context(workdir):
-        try:
-            picked = compose_overrides([*out, *base]).hydra.runtime.choices
-        except Exception:  # noqa: BLE001 - compose_run reports it
-            picked = {}
+    try:
+        with composed([*out, *base], workdir=workdir, hydra_node=True) as cfg:
+            picked = dict(cfg.hydra.runtime.choices)
+    except Exception:  # noqa: BLE001 - compose_run reports it
+        picked = {}
     return out + [f"{g}={o}" for g, o in chosen.items() if picked.get(g) != o]
 
 
@@ -665,10 +303,9 @@ def composed_form(selection: dict, *, config_dir=None, workdir=None) -> dict:
         hydra.errors.HydraException: an unknown experiment or option.
     """
     overrides = selection_overrides(selection, workdir=workdir, config_dir=config_dir)
-    with hydra_compose_context(workdir):
-        cfg = compose_overrides(overrides)
+    with composed(overrides, workdir=workdir, hydra_node=True) as cfg:
         choices = {g: o for g, o in cfg.hydra.runtime.choices.items() if g in GROUP_ORDER and isinstance(o, str)}
-        return {"choices": choices, "values": _values_of(cfg, [f["key"] for f in _fields()])}
+        return {"choices": choices, "values": _values_of(cfg, [f["key"] for f in all_fields()])}
 
 
 def _values_of(cfg, keys: Iterable[str]) -> dict:
@@ -678,7 +315,7 @@ def _values_of(cfg, keys: Iterable[str]) -> dict:
     for key in keys:
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=False)
-            out[key] = _jsonable(_plain_value(value))
+            out[key] = jsonable(_plain_value(value))
         except Exception:  # noqa: BLE001 - an interpolation that only resolves in a run
             try:
                 parent, _, leaf = key.rpartition(".")
@@ -747,9 +384,9 @@ def compose_run(
         base.append(f"{key}={written}")
     overrides += base + extra
     result = {"overrides": overrides, "command": command_line(overrides), "values": {}, "run_dir": None}
-    with hydra_compose_context(workdir):
+    with ExitStack() as composing:  # the checks run inside the composition (its cwd, its hydra node)
         try:
-            cfg = compose_overrides(overrides)
+            cfg = composing.enter_context(composed(overrides, workdir=workdir, hydra_node=True))
         except Exception as err:  # noqa: BLE001 - Hydra's composition errors
             problems.append(_compose_problem(err, overrides))
             cfg = None

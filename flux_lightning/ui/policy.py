@@ -20,17 +20,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..config.compose import config_dir_arg
+
 CODE_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 OPT_IN = "--allow-code-overrides"
 _OPTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-def config_dir_arg(arg: str) -> str | None:
-    """The folder of a ``--config-dir=DIR`` argument (as the UI stores it), else None."""
-    for flag in ("--config-dir=", "-cd="):
-        if arg.startswith(flag):
-            return arg[len(flag) :]
-    return None
 
 
 def split_flags(lines: list[str]) -> list[str]:

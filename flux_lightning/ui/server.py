@@ -1,12 +1,13 @@
 """The web UI's HTTP side: a Starlette app serving the page (``static/``) and a JSON API over the
-library's own pieces (``forms``, ``runs``, ``dataset_check``, ``hardware``).
+library's own pieces (``forms``, ``runs``, ``launcher``, ``dataset_check``, ``hardware``).
 
 Security model (a shared GPU machine is the normal case):
 
 - Every request carries the token: ``Authorization: Bearer <token>``, ``?token=<token>`` or the
   cookie the page gets when it is opened with ``?token=`` (so ``<img>`` tags and the page's own
   assets pass too). ``create_app`` builds no app without one unless ``no_token=True``, which only
-  loopback allows (a single-user machine).
+  loopback allows (a single-user machine). :class:`~flux_lightning.ui.gate.Gate` checks it (and Host,
+  Origin, Content-Type, the body's size) before any route runs.
 - Files are read only through checked doors: a run's files through ``RunStore.file`` (inside the run
   dir), dataset previews and checks through :func:`inside_roots` (inside the workdir or a
   ``data_roots`` folder, symlinks resolved first; a backend file's folders too).
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -35,19 +34,19 @@ from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse
+from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+
+from .gate import MAX_BODY, Gate, is_loopback
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-COOKIE = "flux_lightning_ui_token"
 TOKEN_ENV = "FLUX_LIGHTNING_UI_TOKEN"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 RUN_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=,+-]*$")  # one folder of a run id (runs/demo, multirun/.../0)
 POLL_SECONDS = 1.0
-MAX_BODY = 1 << 20  # bytes of a request body
 MAX_DEPTH = 32  # nesting levels of its JSON
 
 
@@ -65,16 +64,6 @@ def json_depth(value) -> int:
             deepest = max(deepest, depth)
             stack += [(v, depth) for v in (item.values() if isinstance(item, dict) else item)]
     return deepest
-
-
-def is_loopback(host: str) -> bool:
-    """True for the names and addresses that only this machine can reach."""
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def inside_roots(path: str | Path, roots: list[Path]) -> Path:
@@ -108,119 +97,23 @@ def _error(status: int, message: str, **extra) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-class _Gate:
-    """ASGI middleware in front of every HTTP request.
-
-    - With a token: the request must carry it (header, query or the page's cookie).
-    - Changes (POST) must be JSON, from this page: a ``Content-Type`` other than
-      ``application/json`` or an ``Origin`` naming another site is refused, so no other web page
-      open in the same browser can launch runs (a cross-site JSON request needs a CORS preflight,
-      which this server never grants).
-    - Bound to loopback, the ``Host`` header must be a loopback name, so a DNS-rebinding page
-      cannot reach the UI under its own name.
-    - A body is read whole, up to ``max_body`` bytes; a larger one is refused (413) unread.
-    """
-
-    def __init__(self, app, token: str | None, loopback: bool, max_body: int = MAX_BODY):
-        self.app, self.token, self.loopback, self.max_body = app, token, loopback, max_body
-
-    def _token_ok(self, request: Request) -> tuple[bool, bool]:
-        """(accepted, came through the query string)."""
-        header = request.headers.get("authorization", "")
-        candidates = [
-            (header[7:].strip() if header.lower().startswith("bearer ") else "", False),
-            (request.query_params.get("token", ""), True),
-            (request.cookies.get(COOKIE, ""), False),
-        ]
-        for given, from_query in candidates:
-            if given and hmac.compare_digest(given.encode(), self.token.encode()):
-                return True, from_query
-        return False, False
-
-    def _refusal(self, request: Request) -> JSONResponse | None:
-        host = request.headers.get("host", "")
-        if self.loopback and not is_loopback(host.rsplit(":", 1)[0] if not host.endswith("]") else host):
-            return _error(403, f"Host {host!r} is not this machine's loopback name; open http://127.0.0.1:<port>/")
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
-            origin = request.headers.get("origin")
-            if origin and origin.split("://", 1)[-1] != host:
-                return _error(403, f"a request from {origin} (another site) cannot change anything here")
-            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-                return _error(415, "send JSON (Content-Type: application/json)")
-        return None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        request = Request(scope)
-        refused = self._refusal(request)
-        if refused is not None:
-            return await refused(scope, receive, send)
-        if self.token is not None:
-            ok, from_query = self._token_ok(request)
-            if not ok:
-                response = _error(
-                    401,
-                    "this UI needs its token: open the URL printed at start (…/?token=<token>) "
-                    "or send 'Authorization: Bearer <token>'",
-                )
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return await response(scope, receive, send)
-            if from_query and scope["path"] == "/":
-                # the page keeps it: a cookie for its assets and <img> tags (the token leaves the URL bar)
-                response = RedirectResponse("/", status_code=303)
-                response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
-                return await response(scope, receive, send)
-        if request.method in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        return await self._limited(scope, receive, send)
-
-    async def _limited(self, scope, receive, send):
-        """The request with its body read whole (at most ``max_body`` bytes) and handed on; 413 beyond."""
-        too_big = _error(
-            413, f"the request body is larger than {self.max_body} bytes; this API takes small JSON objects"
-        )
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            return await too_big(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return await too_big(scope, receive, send)
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        body, sent = b"".join(chunks), False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
 class UI:
-    """The API's state: the run store, the readable roots, the hardware and form helpers."""
+    """The API's state: the runs (read by ``store``, started and stopped by ``launcher``), the readable
+    roots, the hardware and form helpers. ``launcher`` None: a :class:`RunLauncher` on a
+    :class:`RunStore` of ``workdir``."""
 
     def __init__(
         self,
         workdir: Path,
         data_roots,
-        store,
+        launcher,
         python: str,
         *,
         config_dirs=(),
         allow_code: bool = False,
         max_cpu_runs: int | None = 1,
     ):
+        from .launcher import RunLauncher
         from .runs import RunStore
 
         self.workdir = Path(workdir).resolve()
@@ -229,7 +122,10 @@ class UI:
         dirs = [Path(d).expanduser() for d in config_dirs] + ([wizard] if wizard.is_dir() else [])
         self.config_dirs = list(dict.fromkeys((d if d.is_absolute() else self.workdir / d).resolve() for d in dirs))
         self.allow_code = allow_code
-        self.store = store if store is not None else RunStore(self.workdir, python=python, max_cpu_runs=max_cpu_runs)
+        if launcher is None:
+            launcher = RunLauncher(RunStore(self.workdir), python=python, max_cpu_runs=max_cpu_runs)
+        self.launcher = launcher
+        self.store = launcher.store
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -382,7 +278,8 @@ class UI:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     async def form(self, request: Request):
-        from .forms import experiments, form_spec
+        from .form_fields import experiments
+        from .forms import form_spec
 
         spec = await asyncio.to_thread(form_spec)
         spec["experiment_sources"] = await asyncio.to_thread(experiments, self.config_dirs)
@@ -477,7 +374,7 @@ class UI:
         if not composed.get("ok"):
             return JSONResponse(composed, status_code=422)
         run_id = await asyncio.to_thread(
-            self.store.launch, composed["overrides"], devices=composed["devices"], env=composed["env"] or None
+            self.launcher.launch, composed["overrides"], devices=composed["devices"], env=composed["env"] or None
         )
         return JSONResponse({**composed, "id": run_id})
 
@@ -485,13 +382,13 @@ class UI:
         return JSONResponse(_plain(await asyncio.to_thread(self.store.run, self.run_id(request))))
 
     async def stop(self, request: Request):
-        await asyncio.to_thread(self.store.stop, self.run_id(request))
+        await asyncio.to_thread(self.launcher.stop, self.run_id(request))
         return JSONResponse({"ok": True})
 
     async def resume(self, request: Request):
         data = await self.body(request)
         run_id = await asyncio.to_thread(
-            self.store.resume, self.run_id(request), data.get("checkpoint"), check=self.check_args
+            self.launcher.resume, self.run_id(request), data.get("checkpoint"), check=self.check_args
         )
         return JSONResponse({"ok": True, "id": run_id or self.run_id(request)})
 
@@ -535,7 +432,7 @@ def _response_for(request: Request, exc: Exception) -> JSONResponse:
         return _error(400, str(exc))
     from flux_lightning.errors import RunDirInUse
 
-    from .runs import NothingToResume
+    from .launcher import NothingToResume
 
     if isinstance(exc, (ProcessLookupError, RunDirInUse, NothingToResume)):
         return _error(409, str(exc))
@@ -587,17 +484,17 @@ def create_app(
     config_dirs: list[Path] | tuple = (),
     allow_code: bool = False,
     host: str = "127.0.0.1",
-    store=None,
+    launcher=None,
     python: str = sys.executable,
     poll_seconds: float = POLL_SECONDS,
     max_body: int = MAX_BODY,
     max_cpu_runs: int | None = 1,
 ) -> Starlette:
-    """The UI app for runs under ``workdir`` (``RunStore``), previews under ``workdir`` and
+    """The UI app for runs under ``workdir`` (``RunStore``, ``RunLauncher``), previews under ``workdir`` and
     ``data_roots``, experiments from the built-in tree and ``config_dirs`` (and
     ``<workdir>/flux_lightning_configs`` when it exists). Every request needs ``token``; only
     ``no_token=True`` on a loopback ``host`` serves without one. ``allow_code`` lets requests carry
-    overrides that name code (:mod:`policy`). A background task calls ``store.poll()`` every
+    overrides that name code (:mod:`policy`). A background task calls ``launcher.poll()`` every
     ``poll_seconds`` (queue, finished runs)."""
     if token is None and not no_token:
         raise ValueError(
@@ -610,7 +507,7 @@ def create_app(
     ui = UI(
         Path(workdir),
         list(data_roots),
-        store,
+        launcher,
         python,
         config_dirs=config_dirs,
         allow_code=allow_code,
@@ -622,7 +519,7 @@ def create_app(
         async def poll():
             while True:
                 try:
-                    await asyncio.to_thread(ui.store.poll)
+                    await asyncio.to_thread(ui.launcher.poll)
                 except Exception:  # noqa: BLE001 - a failed poll is logged; the next one tries again
                     log.exception("polling the runs failed")
                 await asyncio.sleep(poll_seconds)
@@ -657,7 +554,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(_Gate, token=token, loopback=is_loopback(host), max_body=max_body)],
+        middleware=[Middleware(Gate, token=token, loopback=is_loopback(host), max_body=max_body)],
         lifespan=lifespan,
     )
     app.state.ui = ui

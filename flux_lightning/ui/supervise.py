@@ -1,4 +1,4 @@
-"""Run one training command and record its pid and exit status (started by ``RunStore.launch``).
+"""Run one training command and record its pid and exit status (started by ``RunLauncher.launch``).
 
 ``python supervise.py <status.json> -- <command...>``: starts the command (same cwd, environment and
 output), writes ``{"pid", "started", "start"}`` (``start``: its start time in /proc, so a reused pid is

@@ -238,18 +238,10 @@ def write_experiment(plan: Plan, config_dir: Path) -> Path:
 
 def compose_experiment(config_dir: Path, name: str, overrides: list[str] | tuple = ()):
     """The run's config as ``python -m flux_lightning --config-dir DIR +experiment=NAME`` composes it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from ..config.compose import composed
 
-    from ..config.schema import config_dir as project_config_dir
-    from ..config.schema import register
-
-    register()
-    if GlobalHydra.instance().is_initialized():  # a caller's Hydra context would shadow ours
-        GlobalHydra.instance().clear()
-    search = f"hydra.searchpath=['file://{Path(config_dir).resolve()}']"
-    with initialize_config_dir(config_dir=project_config_dir(), version_base="1.3"):
-        return compose("train", overrides=[search, f"+experiment={name}", *overrides])
+    with composed(["--config-dir", str(Path(config_dir).resolve()), f"+experiment={name}", *overrides]) as cfg:
+        return cfg
 
 
 def experiment_problems(config_dir: Path, name: str) -> list[Problem]:

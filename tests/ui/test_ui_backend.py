@@ -19,8 +19,11 @@ from PIL import Image
 
 from flux_lightning.errors import RunDirInUse
 from flux_lightning.ui.dataset_check import check_dataset
-from flux_lightning.ui.forms import coerce, compose_run, field_index, form_spec
-from flux_lightning.ui.runs import RunStore, lock_holder
+from flux_lightning.ui.form_fields import field_index
+from flux_lightning.ui.forms import coerce, compose_run, form_spec
+from flux_lightning.ui.launch_records import lock_holder
+from flux_lightning.ui.launcher import RunLauncher
+from flux_lightning.ui.runs import RunStore
 
 # Stands in for `python -m flux_lightning <overrides>`: takes the run dir's lock like RunDirLock,
 # writes .hydra/, then waits for $FAKE_GATE (writes result.json, exit 0) or SIGTERM (writes
@@ -229,17 +232,18 @@ def test_a_cli_run_holding_its_lock_is_running_and_stop_sends_it_sigterm(tmp_pat
     try:
         assert holder.stdout.readline().strip() == "locked"
         store = RunStore(tmp_path)
+        launcher = RunLauncher(store)
         run_id = "multirun/demo/2026-12-06_01-02-03/0"
         listed = by_id(store)[run_id]
         assert (listed["status"], listed["pid"], listed["source"]) == ("running", holder.pid, "cli")
         assert lock_holder(job) == holder.pid and (job / ".lock").exists()
         with pytest.raises(RunDirInUse, match=str(holder.pid)):  # a second process on the dir is refused
-            store.launch(["adapter.rank=2", f"hydra.run.dir={job}"])
-        assert store.stop(run_id)["pid"] == holder.pid
+            launcher.launch(["adapter.rank=2", f"hydra.run.dir={job}"])
+        assert launcher.stop(run_id)["pid"] == holder.pid
         assert holder.wait(timeout=10) == -15  # SIGTERM, as `kill <pid>` sends it
         assert by_id(store)[run_id]["status"] == "stopped"
         with pytest.raises(ProcessLookupError):
-            store.stop(run_id)
+            launcher.stop(run_id)
     finally:
         holder.kill()
         holder.wait()
@@ -264,10 +268,11 @@ def test_launch_queues_on_busy_devices_survives_a_restart_and_stops_and_resumes(
 
 
 def _queue_restart_stop_resume(work: Path, fake: Path, gates: dict[str, Path]):
-    store = RunStore(work, python=str(fake))
-    a = store.launch(["run_name=a", "trainer.max_steps=3"], devices=[0], env={"FAKE_GATE": gates["a"]})
-    b = store.launch(["run_name=b"], devices=[0], env={"FAKE_GATE": gates["b"]})
-    c = store.launch(["run_name=c"], devices=[1], env={"FAKE_GATE": gates["c"]})
+    store = RunStore(work)
+    launcher = RunLauncher(store, python=str(fake))
+    a = launcher.launch(["run_name=a", "trainer.max_steps=3"], devices=[0], env={"FAKE_GATE": gates["a"]})
+    b = launcher.launch(["run_name=b"], devices=[0], env={"FAKE_GATE": gates["b"]})
+    c = launcher.launch(["run_name=c"], devices=[1], env={"FAKE_GATE": gates["c"]})
     assert (a, b, c) == ("runs/a", "runs/b", "runs/c")
     wait_until(
         lambda: lock_holder(work / "outputs/runs/a") and lock_holder(work / "outputs/runs/c"), what="a and c to start"
@@ -277,32 +282,33 @@ def _queue_restart_stop_resume(work: Path, fake: Path, gates: dict[str, Path]):
     assert runs[a]["pid"] == lock_holder(work / "outputs/runs/a") and runs[a]["max_steps"] == 3
     assert runs[b]["source"] == "ui" and runs[b]["devices"] == [0]
     with pytest.raises(RunDirInUse):
-        store.launch(["run_name=a"], devices=[2], env={"FAKE_GATE": gates["a"]})
+        launcher.launch(["run_name=a"], devices=[2], env={"FAKE_GATE": gates["a"]})
     with pytest.raises(RunDirInUse):
-        store.launch(["run_name=b"], devices=[2], env={"FAKE_GATE": gates["b"]})
+        launcher.launch(["run_name=b"], devices=[2], env={"FAKE_GATE": gates["b"]})
 
-    # a new store (the UI restarted) finds the running processes and the queue again
-    store = RunStore(work, python=str(fake))
+    # a new store and launcher (the UI restarted) find the running processes and the queue again
+    store = RunStore(work)
+    launcher = RunLauncher(store, python=str(fake))
     runs = by_id(store)
     assert [runs[i]["status"] for i in (a, b, c)] == ["running", "queued", "running"]
     assert runs[a]["pid"] == lock_holder(work / "outputs/runs/a")
-    assert store.poll() == []  # device 0 is still busy
+    assert launcher.poll() == []  # device 0 is still busy
     gates["a"].touch()
     wait_until(lambda: by_id(store)[a]["status"] == "finished", what="a to finish")
-    assert store.poll() == [b]
+    assert launcher.poll() == [b]
     wait_until(lambda: lock_holder(work / "outputs/runs/b"), what="b to start")
     info = store.run(b)
     assert info["status"] == "running" and "started 0 run_name=b" in info["log_tail"]  # CUDA_VISIBLE_DEVICES=0
     assert info["command"] == "python -m flux_lightning run_name=b"
 
-    store.stop(b)
+    launcher.stop(b)
     wait_until(lambda: by_id(store)[b]["status"] == "stopped", what="b to stop")
     info = store.run(b)
     assert info["exit_code"] == 143 and "stopped by SIGTERM" in info["log_tail"]
     assert [ck["file"] for ck in info["checkpoints"]] == ["checkpoints/last.ckpt"]
     assert by_id(store)[a]["exit_code"] == 0
 
-    assert store.resume(b, "checkpoints/last.ckpt") == b  # device 0 is free again: starts at once
+    assert launcher.resume(b, "checkpoints/last.ckpt") == b  # device 0 is free again: starts at once
     wait_until(lambda: "resume_from_checkpoint=" in store.run(b)["log_tail"], what="b to resume")
     assert (
         f"resume_from_checkpoint={(work / 'outputs/runs/b/checkpoints/last.ckpt').resolve()}" in store.run(b)["command"]
@@ -385,7 +391,8 @@ def test_check_dataset_reports_counts_buckets_captions_and_what_training_skips(t
 
 # -- what you pick is what runs -----------------------------------------------------------------
 def test_an_experiment_composes_its_own_groups_and_only_changes_are_overrides(tmp_path):
-    from flux_lightning.ui.forms import composed_form, experiments
+    from flux_lightning.ui.form_fields import experiments
+    from flux_lightning.ui.forms import composed_form
 
     krea = composed_form({"experiment": "krea_lora"}, workdir=tmp_path)
     assert krea["choices"]["model"] == "krea" and krea["values"]["model.flavour"] == "krea"
@@ -436,8 +443,8 @@ def test_a_cli_run_with_a_config_dir_is_resumed_with_it(tmp_path):
         seen.append(args)
         raise PermissionError("refused")
 
-    with pytest.raises(PermissionError):
-        store.resume("runs/demo", check=refuse)  # the server's rule sees the --config-dir before anything starts
+    with pytest.raises(PermissionError):  # the server's rule sees the --config-dir before anything starts
+        RunLauncher(store).resume("runs/demo", check=refuse)
     assert seen[0][0] == f"--config-dir={tmp_path / 'cfgs'}"
     assert store.runs()[0]["status"] == "interrupted"
 
@@ -450,18 +457,19 @@ def test_cpu_runs_queue_one_at_a_time_by_default(tmp_path):
     work.mkdir()
     gates = {n: tmp_path / f"gate_{n}" for n in "ab"}
     try:
-        store = RunStore(work, python=str(fake))
-        a = store.launch(["run_name=a"], devices=[], env={"FAKE_GATE": gates["a"]})
-        b = store.launch(["run_name=b"], devices=[], env={"FAKE_GATE": gates["b"]})
+        store = RunStore(work)
+        launcher = RunLauncher(store, python=str(fake))
+        a = launcher.launch(["run_name=a"], devices=[], env={"FAKE_GATE": gates["a"]})
+        b = launcher.launch(["run_name=b"], devices=[], env={"FAKE_GATE": gates["b"]})
         wait_until(lambda: lock_holder(work / "outputs/runs/a"), what="a to start")
         assert [by_id(store)[i]["status"] for i in (a, b)] == ["running", "queued"]
-        assert store.poll() == []
+        assert launcher.poll() == []
         gates["a"].touch()
         wait_until(lambda: by_id(store)[a]["status"] == "finished", what="a to finish")
-        assert store.poll() == [b]
-        two = RunStore(work, python=str(fake), max_cpu_runs=2)
+        assert launcher.poll() == [b]
+        two = RunLauncher(RunStore(work), python=str(fake), max_cpu_runs=2)
         c = two.launch(["run_name=c"], devices=[], env={"FAKE_GATE": gates["b"]})
-        assert by_id(two)[c]["status"] == "running"  # a second slot
+        assert by_id(two.store)[c]["status"] == "running"  # a second slot
     finally:
         for gate in gates.values():
             gate.touch()

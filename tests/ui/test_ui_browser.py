@@ -240,12 +240,12 @@ def _composed(command: str, workdir: Path):
     """The config ``command`` (as the page shows it) composes to, run in ``workdir``."""
     import shlex
 
-    from flux_lightning.ui.forms import compose_overrides, hydra_compose_context
+    from flux_lightning.config.compose import composed
 
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "flux_lightning"], command
-    with hydra_compose_context(workdir):
-        return compose_overrides(argv[3:])
+    with composed(argv[3:], workdir=workdir) as cfg:
+        return cfg
 
 
 def test_experiments_recompose_the_form_and_a_cli_config_dir_run_resumes(served, tmp_path):

@@ -82,8 +82,8 @@ def test_on_loopback_too_a_token_is_needed_unless_no_token_is_asked_for(layout):
     workdir = layout[0]
     with pytest.raises(ValueError, match="needs a token"):
         create_app(workdir)
-    store = _RecordingStore()
-    bare = TestClient(create_app(workdir, token=TOKEN, store=store), base_url="http://127.0.0.1:8001")
+    store = _RecordingLauncher(layout[0].parent / "recording")
+    bare = TestClient(create_app(workdir, token=TOKEN, launcher=store), base_url="http://127.0.0.1:8001")
     for path in ("/", "/api/runs", "/api/form", "/api/runs/runs/demo/files/lora/pytorch_lora_weights.safetensors"):
         refused = bare.get(path)
         assert refused.status_code == 401 and "token" in refused.json()["error"], path
@@ -261,16 +261,17 @@ def test_the_console_script_dispatches_ui_configure_and_lora_and_leaves_the_rest
     assert calls == [(called, passed)]
 
 
-class _RecordingStore:
-    """Stands in for RunStore where only the wiring of the routes is under test."""
+class _RecordingLauncher:
+    """Stands in for RunLauncher where only the wiring of the routes is under test (its store: an
+    empty one, on a workdir of its own)."""
 
-    def __init__(self):
+    def __init__(self, workdir):
+        from flux_lightning.ui.runs import RunStore
+
         self.calls = []
+        self.store = RunStore(workdir)
 
     def poll(self):
-        return []
-
-    def runs(self):
         return []
 
     def launch(self, overrides, *, devices=None, env=None):
@@ -292,8 +293,8 @@ def test_launch_refuses_a_run_with_problems_and_starts_the_composed_command(
     from flux_lightning.run.hardware import choose_devices
 
     monkeypatch.setenv("FLUX_LIGHTNING_CACHE", str(cache_root))  # validation probes the (built) tiny model
-    store = _RecordingStore()
-    client = TestClient(create_app(layout[0], store=store, no_token=True), base_url="http://127.0.0.1:8001")
+    store = _RecordingLauncher(layout[0].parent / "recording")
+    client = TestClient(create_app(layout[0], launcher=store, no_token=True), base_url="http://127.0.0.1:8001")
     bad = client.post("/api/runs", json={"values": {"adapter.rank": "0"}, "hardware": {"mode": "off"}})
     assert bad.status_code == 422 and any(p["field"] == "adapter.rank" for p in bad.json()["problems"])
     assert store.calls == []
@@ -327,9 +328,9 @@ def test_overrides_that_name_code_are_refused_by_field_and_nothing_runs(layout, 
     """Attack: the free-form box (or the values) names a function to call as the UI's owner."""
     workdir = layout[0]
     victim = workdir / "written_by_the_run.txt"
-    store = _RecordingStore()
+    store = _RecordingLauncher(layout[0].parent / "recording")
     client = TestClient(
-        create_app(workdir, token=TOKEN, store=store),
+        create_app(workdir, token=TOKEN, launcher=store),
         base_url="http://127.0.0.1:8001",
         headers={"Authorization": f"Bearer {TOKEN}"},
     )
@@ -362,9 +363,9 @@ def test_code_overrides_pass_with_the_servers_opt_in(layout):
 
 
 def test_oversize_and_deep_bodies_are_refused_before_any_work(layout):
-    store = _RecordingStore()
+    store = _RecordingLauncher(layout[0].parent / "recording")
     client = TestClient(
-        create_app(layout[0], token=TOKEN, store=store),
+        create_app(layout[0], token=TOKEN, launcher=store),
         base_url="http://127.0.0.1:8001",
         headers={"Authorization": f"Bearer {TOKEN}"},
     )
@@ -435,7 +436,9 @@ def test_stop_never_signals_a_process_that_reused_a_recorded_pid_and_resume_is_n
     import sys
     import time
 
-    from flux_lightning.ui.runs import RunStore, _proc_start
+    from flux_lightning.ui.launch_records import proc_start
+    from flux_lightning.ui.launcher import RunLauncher
+    from flux_lightning.ui.runs import RunStore
 
     from .test_ui_backend import FAKE_PYTHON, wait_until
 
@@ -444,13 +447,13 @@ def test_stop_never_signals_a_process_that_reused_a_recorded_pid_and_resume_is_n
     fake.write_text(FAKE_PYTHON.format(python=sys.executable))
     fake.chmod(0o755)
     gate = tmp_path / "gate"
-    store = RunStore(workdir, python=str(fake))
-    launches = store.launch_dir
+    launcher = RunLauncher(RunStore(workdir), python=str(fake))
+    launches = launcher.records.launch_dir
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         for start in (
             None,
-            _proc_start(sleeper.pid),
+            proc_start(sleeper.pid),
             12345,
         ):  # no start recorded / the right one (wrong command) / a stale one
             rec = {
@@ -469,7 +472,7 @@ def test_stop_never_signals_a_process_that_reused_a_recorded_pid_and_resume_is_n
             (launches / "1-runs_demo.log").write_text("attempt 1\n")
             (launches / "1-runs_demo.status.json").write_text(json.dumps({"pid": sleeper.pid, "start": start}))
             client = TestClient(
-                create_app(workdir, token=TOKEN, store=store),
+                create_app(workdir, token=TOKEN, launcher=launcher),
                 base_url="http://127.0.0.1:8001",
                 headers={"Authorization": f"Bearer {TOKEN}"},
             )
