@@ -169,3 +169,37 @@ def test_rollout_benchmark_runs_in_process(tmp_path, monkeypatch, capsys):
     assert "| 16 | 1 |" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["ratio"] > 0 and result["rollout"]["max_step_offset"] == 5 and result["rollout"]["probability"] == 0.5
+
+
+def test_host_probe_splits_a_window_of_steps_into_host_and_kernel_time(tmp_path):
+    """``_host_probe.py`` runs a script unchanged and profiles steps ``skip .. skip+steps`` of any
+    optimizer: host + kernel = the profiled wall, the ops counted, a second unprofiled window."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, time, torch\n"
+        "assert sys.argv[1:] == ['--steps', '12']\n"
+        "m = torch.nn.Linear(8, 8)\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "for _ in range(12):\n"
+        "    loss = m(torch.ones(4, 8)).square().mean()\n"
+        "    loss.backward()\n"
+        "    time.sleep(0.01)  # host work: no aten op\n"
+        "    opt.step()\n"
+        "    opt.zero_grad()\n"
+    )
+    out = tmp_path / "probe.json"
+    env = {**os.environ, "HOST_PROBE_OUT": str(out), "HOST_PROBE_SKIP": "2", "HOST_PROBE_STEPS": "4"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "_host_probe.py"), str(script), "--steps", "12"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["host_s_per_step"] + r["kernel_s_per_step"] == pytest.approx(r["profiled_s_per_step"])
+    assert r["host_s_per_step"] >= 0.01  # the sleep is host time
+    assert r["kernel_s_per_step"] > 0 and r["outermost_aten_ops_per_step"] >= 5
+    assert r["aten_ops_per_step"] >= r["outermost_aten_ops_per_step"]
+    assert r["plain_s_per_step"] >= 0.01
