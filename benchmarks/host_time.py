@@ -114,7 +114,8 @@ def main(argv=None) -> dict:
     p.add_argument("--reference", type=Path, help="path to diffusers' train_dreambooth_lora_flux.py")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip", type=int, default=20, help="warm-up steps before the profiled window")
-    p.add_argument("--steps", type=int, default=50, help="steps per window (profiled, then unprofiled)")
+    p.add_argument("--steps", type=int, default=10, help="steps per window")
+    p.add_argument("--windows", type=int, default=7, help="profiled windows per process (median reported)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--trainers", nargs="+", default=list(LABELS), choices=list(LABELS))
@@ -126,8 +127,8 @@ def main(argv=None) -> dict:
     work = args.work or Path(tempfile.mkdtemp(prefix="flux-host-time-"))
     model, data = prepare_inputs(work, args.images)
     env = environment(args.threads, "cpu")
-    total = args.skip + 2 * args.steps + 1
-    env.update(HOST_PROBE_SKIP=str(args.skip), HOST_PROBE_STEPS=str(args.steps))
+    total = args.skip + (args.windows + 1) * args.steps + 1
+    env.update(HOST_PROBE_SKIP=str(args.skip), HOST_PROBE_STEPS=str(args.steps), HOST_PROBE_WINDOWS=str(args.windows))
     rounds: dict[str, list[dict]] = {t: [] for t in args.trainers}
     for r in range(args.rounds):
         order = args.trainers if r % 2 == 0 else args.trainers[::-1]
@@ -157,6 +158,7 @@ def main(argv=None) -> dict:
         "threads": args.threads,
         "skip": args.skip,
         "steps": args.steps,
+        "windows": args.windows,
         "rounds": rounds,
         "summary": summary,
         "reference": str(args.reference),

@@ -172,15 +172,15 @@ def test_rollout_benchmark_runs_in_process(tmp_path, monkeypatch, capsys):
 
 
 def test_host_probe_splits_a_window_of_steps_into_host_and_kernel_time(tmp_path):
-    """``_host_probe.py`` runs a script unchanged and profiles steps ``skip .. skip+steps`` of any
-    optimizer: host + kernel = the profiled wall, the ops counted, a second unprofiled window."""
+    """``_host_probe.py`` runs a script unchanged and profiles windows of steps of any optimizer after
+    ``skip``: host + kernel = the profiled wall, the ops counted, then one unprofiled window."""
     script = tmp_path / "train.py"
     script.write_text(
         "import sys, time, torch\n"
-        "assert sys.argv[1:] == ['--steps', '12']\n"
+        "assert sys.argv[1:] == ['--steps', '30']\n"
         "m = torch.nn.Linear(8, 8)\n"
         "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
-        "for _ in range(12):\n"
+        "for _ in range(30):\n"
         "    loss = m(torch.ones(4, 8)).square().mean()\n"
         "    loss.backward()\n"
         "    time.sleep(0.01)  # host work: no aten op\n"
@@ -188,9 +188,15 @@ def test_host_probe_splits_a_window_of_steps_into_host_and_kernel_time(tmp_path)
         "    opt.zero_grad()\n"
     )
     out = tmp_path / "probe.json"
-    env = {**os.environ, "HOST_PROBE_OUT": str(out), "HOST_PROBE_SKIP": "2", "HOST_PROBE_STEPS": "4"}
+    env = {
+        **os.environ,
+        "HOST_PROBE_OUT": str(out),
+        "HOST_PROBE_SKIP": "2",
+        "HOST_PROBE_STEPS": "3",
+        "HOST_PROBE_WINDOWS": "3",
+    }
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "_host_probe.py"), str(script), "--steps", "12"],
+        [sys.executable, str(BENCH / "_host_probe.py"), str(script), "--steps", "30"],
         capture_output=True,
         text=True,
         env=env,
@@ -203,3 +209,4 @@ def test_host_probe_splits_a_window_of_steps_into_host_and_kernel_time(tmp_path)
     assert r["kernel_s_per_step"] > 0 and r["outermost_aten_ops_per_step"] >= 5
     assert r["aten_ops_per_step"] >= r["outermost_aten_ops_per_step"]
     assert r["plain_s_per_step"] >= 0.01
+    assert len(r["windows"]) == 3 and r["host_s_per_step_min"] <= r["host_s_per_step"]
