@@ -9,7 +9,19 @@ from safetensors.torch import load_file
 
 from flux_lightning import AdapterConfig
 from flux_lightning.adapters import ADAPTER_FILENAME
-from flux_lightning.adapters.lora_formats import convert, kohya_name
+from flux_lightning.adapters.lora_layouts import (
+    FLUX_LINEARS,
+    FLUX_MODULES,
+    LoraModule,
+    convert,
+    file_layout,
+    fused_parts,
+    kohya_name,
+    read_modules,
+    tensors_for,
+    unknown_modules,
+)
+from flux_lightning.errors import LoraFileError
 
 from ..conftest import fit_tiny
 from ..support.comfy_loader import comfyui_apply, effective_weights
@@ -123,3 +135,107 @@ def test_unknown_module_or_format_is_refused():
         kohya_name("x_embedder")
     with pytest.raises(ValueError, match="lora_format='a1111' is unknown"):
         convert({}, "a1111", alpha=1.0)
+
+
+# -- the one table: every Flux Linear module, the same names read and written -----------------------
+def _diffusers_flux_linears() -> set[str]:
+    """Every Linear module name of diffusers' Flux transformer with one block of each kind (built on
+    the meta device: nothing is allocated)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_the_table_covers_every_flux_linear_module_once():
+    assert set(FLUX_LINEARS) == _diffusers_flux_linears()
+    assert len(FLUX_LINEARS) == len(set(FLUX_LINEARS))
+    for row in FLUX_MODULES:  # a fused module's parts are 0..parts-1, each once, read back where written
+        parts = fused_parts(row.kohya.format(7))
+        assert [p.part for p in parts] == list(range(row.parts)), row
+        assert row.diffusers.format(7) in [p.diffusers for p in parts]
+        if row.written:
+            assert kohya_name(row.diffusers.format(7)) == (row.kohya.format(7), row.part, row.parts)
+    assert unknown_modules(["transformer_blocks.12.attn.to_q", "norm_out.linear", "pos_embed"]) == ["pos_embed"]
+
+
+def _lora(modules, rank=2, alpha=3.0, seed=0, d_in=8, inner=8):
+    g = torch.Generator().manual_seed(seed)
+    widths = {m: 4 * inner if m.endswith("proj_mlp") else inner for m in modules}
+    return {
+        m: LoraModule(torch.randn(rank, d_in, generator=g), torch.randn(widths[m], rank, generator=g), alpha)
+        for m in modules
+    }
+
+
+def _same_deltas(read, expected):
+    assert read.keys() == expected.keys()
+    for m in expected:
+        torch.testing.assert_close(read[m].delta(), expected[m].delta(), atol=1e-5, rtol=1e-5, msg=m)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "comfyui", "kohya"])
+def test_reading_what_each_layout_writes_gives_back_the_same_modules(layout):
+    written = [
+        r.diffusers.format(i) for r in FLUX_MODULES if r.written for i in (("0", "3") if "{}" in r.diffusers else ("",))
+    ]
+    lora = _lora(written)
+    lora["single_transformer_blocks.3.attn.to_k"] = _lora(["x"], rank=3, alpha=1.5, seed=1)["x"]  # another rank
+    del lora["transformer_blocks.0.attn.add_k_proj"]  # a fused module with a part missing
+    tensors = tensors_for(lora, layout)
+    assert file_layout("f", tensors) == layout
+    read = read_modules("f", tensors, {}, layout)
+    _same_deltas(read, lora)
+    assert {m: mod.rank for m, mod in read.items()} == {m: mod.rank for m, mod in lora.items()}
+
+
+def test_kohya_names_read_as_diffusers_own_converter_reads_them_including_sd_scripts_only_modules():
+    """Every table row but single-block linear1 (diffusers splits it at FLUX.1's widths) against
+    ``_convert_kohya_flux_lora_to_diffusers``; the embedders and norm_out are written by sd-scripts
+    only (norm_out's rows are BFL's shift, scale: swapped). alpha = r: diffusers drops the final layer's."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    lora = _lora([r.diffusers.format(0) for r in FLUX_MODULES if r.parts != 4], alpha=2.0)
+    tensors = tensors_for(
+        {r.diffusers.format(0): lora[r.diffusers.format(0)] for r in FLUX_MODULES if r.written and r.parts != 4},
+        "kohya",
+    )
+    for row in FLUX_MODULES:
+        if not row.written:
+            mod = lora[row.diffusers]
+            up = torch.cat(mod.up.chunk(2)[::-1]) if row.diffusers == "norm_out.linear" else mod.up
+            key = f"lora_unet_{row.kohya}"
+            tensors.update({f"{key}.lora_down.weight": mod.down, f"{key}.lora_up.weight": up})
+    ours = read_modules("f", tensors, {}, file_layout("f", tensors))
+    _same_deltas(ours, lora)
+    converted = _convert_kohya_flux_lora_to_diffusers(dict(tensors))
+    theirs = {
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight"): k
+        for k in converted
+        if k.endswith(".lora_A.weight")
+    }
+    assert theirs.keys() == ours.keys()
+    for m, key in theirs.items():
+        delta = converted[key.replace(".lora_A.", ".lora_B.")] @ converted[key]
+        torch.testing.assert_close(delta, ours[m].delta(), atol=1e-5, rtol=1e-5, msg=m)
+
+
+def test_a_kohya_module_the_table_does_not_know_or_cannot_split_names_the_key():
+    down, up = torch.ones(2, 8), torch.ones(10, 2)
+    for name, words in (
+        ("lora_unet_double_blocks_0_img_attn_rope", "names no module"),
+        ("lora_unet_single_blocks_0_linear1", "10 rows, not 7 x"),
+    ):
+        tensors = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}
+        with pytest.raises(LoraFileError, match=f"f: {name} .*{words}"):
+            read_modules("f", tensors, {}, "kohya")
