@@ -239,3 +239,12 @@ def test_a_kohya_module_the_table_does_not_know_or_cannot_split_names_the_key():
         tensors = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}
         with pytest.raises(LoraFileError, match=f"f: {name} .*{words}"):
             read_modules("f", tensors, {}, "kohya")
+
+
+def test_a_kohya_file_read_and_written_again_is_the_same_file():
+    """Reading keeps the file's alpha (no folding into the factors), so kohya -> kohya is exact."""
+    written = [r.diffusers.format(0) for r in FLUX_MODULES if r.written]
+    tensors = tensors_for(_lora(written, rank=2, alpha=5.0), "kohya")
+    again = tensors_for(read_modules("f", tensors, {}, "kohya"), "kohya")
+    assert again.keys() == tensors.keys()
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
