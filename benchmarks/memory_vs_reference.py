@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import vs_reference
 from _common import machine, save_json, table
 from vs_reference import PROMPT, REFERENCE_TARGETS, check_reference, environment
 
@@ -41,39 +42,12 @@ MIB = 1024**2
 def reference_command(
     script: Path, model: Path, data: Path, out: Path, steps: int, px: int, gc: bool, rank: int
 ) -> list[str]:
-    cmd = [
-        str(script),
-        "--pretrained_model_name_or_path",
-        str(model),
-        "--instance_data_dir",
-        str(data),
-        "--instance_prompt",
-        PROMPT,
-        "--output_dir",
-        str(out),
-        "--resolution",
-        str(px),
-        "--train_batch_size",
-        "1",
-        "--rank",
-        str(rank),
-        "--lora_alpha",
-        str(rank),
-        "--learning_rate",
-        "1e-4",
-        "--max_sequence_length",
-        "512",
-        "--mixed_precision",
-        "bf16",
-        "--cache_latents",
-        "--max_train_steps",
-        str(steps + 1),
-        "--checkpointing_steps",
-        "1000000000",
-        "--seed",
-        "0",
-    ]
-    return cmd + (["--gradient_checkpointing"] if gc else [])
+    """vs_reference's command at ``px``, ``rank`` and bf16, with one step more (``_peak_probe.py`` stops
+    at step ``steps + 1``'s forward) and without the interpreter (the probe runs the script itself)."""
+    cmd = vs_reference.reference_command(
+        script, model, data, out, steps + 1, resolution=px, rank=rank, mixed_precision="bf16", gradient_checkpointing=gc
+    )
+    return cmd[1:]
 
 
 def flux_lightning_command(model: Path, data: Path, out: Path, steps: int, px: int, gc: bool, rank: int) -> list[str]:

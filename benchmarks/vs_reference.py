@@ -112,9 +112,21 @@ REFERENCE_PACKAGES = ["accelerate", "peft", "torchvision", "tensorboard", "huggi
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def reference_command(script: Path, model: Path, data: Path, out: Path, steps: int) -> list[str]:
-    """The diffusers script with the benchmark's settings (everything not named is its default)."""
-    return [
+def reference_command(
+    script: Path,
+    model: Path,
+    data: Path,
+    out: Path,
+    steps: int,
+    *,
+    resolution: int = 64,
+    rank: int = 4,
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+) -> list[str]:
+    """The diffusers script with the benchmark's settings (everything not named is its default), run
+    by this Python; ``benchmarks/memory_vs_reference.py`` changes the keyword ones."""
+    cmd = [
         sys.executable,
         str(script),
         "--pretrained_model_name_or_path",
@@ -126,19 +138,19 @@ def reference_command(script: Path, model: Path, data: Path, out: Path, steps: i
         "--output_dir",
         str(out),
         "--resolution",
-        "64",
+        str(resolution),
         "--train_batch_size",
         "1",
         "--rank",
-        "4",
+        str(rank),
         "--lora_alpha",
-        "4",
+        str(rank),
         "--learning_rate",
         "1e-4",
         "--max_sequence_length",
         "512",
         "--mixed_precision",
-        "no",
+        mixed_precision,
         "--cache_latents",
         "--max_train_steps",
         str(steps),
@@ -147,6 +159,7 @@ def reference_command(script: Path, model: Path, data: Path, out: Path, steps: i
         "--seed",
         "0",
     ]
+    return cmd + (["--gradient_checkpointing"] if gradient_checkpointing else [])
 
 
 def flux_lightning_command(model: Path, data: Path, out: Path, steps: int, gradient_checkpointing: bool) -> list[str]:

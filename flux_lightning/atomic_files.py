@@ -1,8 +1,8 @@
 """Files and folders written atomically: a kill during a save leaves the previous file intact.
 
 A file is written to a temporary name in its own folder and renamed onto its path (``os.replace``):
-Lightning checkpoints (:class:`AtomicCheckpointIO`), safetensors files (:func:`save_safetensors_atomic`)
-and whole folders built once (:func:`build_folder_once`, e.g. the tiny model or the demo data). A full,
+Lightning checkpoints (:class:`AtomicCheckpointIO`), safetensors files (:func:`save_safetensors_atomic`),
+text (:func:`write_text_atomic`), a file's hard link or copy (:func:`link_atomic`) and whole folders built once (:func:`build_folder_once`, e.g. the tiny model or the demo data). A full,
 read-only or unwritable folder raises a one-line :class:`~flux_lightning.errors.StorageError`.
 """
 
@@ -169,6 +169,24 @@ def write_text_atomic(path, text: str) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
     return path
+
+
+def link_atomic(source, target) -> Path:
+    """``target`` = ``source``'s content: a hard link (a copy where links fail, e.g. across file systems)
+    made under a temporary name beside ``target`` and renamed onto it. Nothing is done when ``target``
+    already is ``source`` (renaming one link of a file onto another is a no-op that would leave the
+    temporary name behind)."""
+    source, target = Path(source), Path(target)
+    if target.exists() and os.path.samefile(source, target):
+        return target
+    with _temporary_beside(target, f".{target.name[:16]}.") as (fd, tmp):
+        os.close(fd)
+        os.remove(tmp)  # os.link needs the name free (mkstemp chose a unique one); removed again on a failure
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+    return target
 
 
 def build_folder_once(folder, build: Callable[[Path], None], marker: str | None = None) -> Path:

@@ -94,7 +94,7 @@ NUMERICS = {
     "callbacks/test_ema.py",
     "lora_tools/test_lora_tools.py",
     "training/test_module.py",
-    "adapters/test_lora_formats.py",
+    "adapters/test_lora_layouts.py",
     "callbacks/test_adapter_export.py",
     "adapters/test_lokr_and_init.py",
     "callbacks/test_eval_loss.py",

@@ -5,7 +5,8 @@ Modules, each importing only those before it (no cycles):
 * :mod:`.config` -- :class:`AdapterConfig`, target presets, :meth:`AdapterConfig.problems`.
 * :mod:`.lora` -- PEFT LoRA: set-up, ``init_lora`` files, the frozen assistant LoRA.
 * :mod:`.lokr` -- LyCORIS LoKr: set-up, its file layout, conversion for diffusers.
-* :mod:`.lora_formats` -- the diffusers / ComfyUI / kohya key layouts of a LoRA file.
+* :mod:`.lora_layouts` -- every LoRA file layout (diffusers / ComfyUI / kohya), read and written.
+* :mod:`.lora_files` -- LoRA files for the tools: read (also a checkpoint's LoRA) and written.
 * :mod:`.export` -- write the trained adapter, whatever its type.
 
 This module dispatches on ``cfg.type`` for the code that should not care which adapter it has.
@@ -40,7 +41,7 @@ from .lora import (
     read_lora_file,
     set_active_adapters,
 )
-from .lora_formats import LORA_FORMATS
+from .lora_layouts import LORA_FORMATS
 
 
 def add_adapter(transformer: torch.nn.Module, cfg: AdapterConfig, dtype: torch.dtype = torch.float32) -> None:

@@ -31,7 +31,7 @@ from ..errors import Problem
 from .config import ADAPTER_FILENAME, AdapterConfig, resolve_targets
 from .lokr import export_lokr
 from .lora import lora_state_dict
-from .lora_formats import LORA_FORMATS, convert, unsupported_modules
+from .lora_layouts import LORA_FORMATS, convert, unsupported_modules
 
 
 def export_adapter(transformer: torch.nn.Module, cfg: AdapterConfig, directory, **kwargs) -> Path:
@@ -62,7 +62,7 @@ def export_lora(
     """Write ``<directory>/<filename>`` (default ``pytorch_lora_weights.safetensors``) atomically and
     return its path.
 
-    ``lora_format`` picks the key layout (see :mod:`.lora_formats`); the ``diffusers``
+    ``lora_format`` picks the key layout (see :mod:`.lora_layouts`); the ``diffusers``
     layout folds ``alpha / r`` into ``lora_B`` and records ``alpha = r`` (see the module doc). For PiSSA/OLoRA
     the trained ``(A, B)`` and initial ``(A0, B0)`` become one rank-2r LoRA ``A' = [A; A0]``,
     ``B' = [B, -B0]`` with alpha doubled, so that on the *original* base ``W0 + s (B A - B0 A0)``

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 
 from ..adapters import ADAPTER_FILENAME, LORA_FORMATS, lora_format_problems
+from ..atomic_files import link_atomic
 from ..errors import AdapterExportError, Problem
 from ..model.config import DTYPES
 from ..training.hooks import ConfigChecked, ExtraExports, SummaryRows, raise_problems
@@ -19,25 +20,6 @@ log = logging.getLogger(__name__)
 _FIELD = "callbacks.adapter_export"
 
 STEP_DIR_PREFIX = "step_"  # <dirpath>/step_000500/pytorch_lora_weights.safetensors: a checkpoint's adapter
-
-
-def _link_atomic(source: Path, target: Path) -> None:
-    """``target`` = ``source``'s content, by a hard link (a copy where links fail), renamed into place."""
-    import os
-    import shutil
-
-    if target.exists() and os.path.samefile(source, target):  # already this file (a second save at one step)
-        return
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:  # a full disk mid-copy, or a rename between two links of one file (a no-op): no .tmp left
-        tmp.unlink(missing_ok=True)
 
 
 class AdapterExport(L.Callback):
@@ -165,7 +147,7 @@ class AdapterExport(L.Callback):
                 self.dirpath / f for f, _ in self._extra_exports(trainer, trainer.lightning_module)
             ]:
                 if source.is_file():
-                    _link_atomic(source, step_dir / source.name)
+                    link_atomic(source, step_dir / source.name)
             self._prune(trainer)
         except OSError as err:  # never lose the run for a copy; the main file is written
             log.error(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..adapters.lora_formats import LORA_FORMATS
+from ..adapters.lora_layouts import LORA_FORMATS
 from ..errors import USER_ERRORS
 
 

@@ -1,7 +1,7 @@
 """``convert``: a LoRA file in another layout (``diffusers`` / ``comfyui`` / ``kohya``), same update.
 
-Reads every layout :mod:`.files` reads (ours, sd-scripts/kohya, ComfyUI, ai-toolkit/diffusers) and
-writes with the project's own writer (``adapters/lora_formats.py``), so a converted file is exactly
+Reads every layout ``adapters/lora_layouts.py`` reads (ours, sd-scripts/kohya, ComfyUI, ai-toolkit/diffusers)
+and writes with the project's own writer (the same module), so a converted file is exactly
 what a training run would have exported in that layout.
 """
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..adapters.lora_checks import check_finite_output, storage_error
-from ..adapters.lora_files import LoraFile, check_flux_modules, read_lora, tensors_for
+from ..adapters.lora_files import LoraFile, check_flux_modules, read_lora
+from ..adapters.lora_layouts import tensors_for
 from ..atomic_files import build_folder_once
 from ..errors import LoraFileError, ModelSourceError, StorageError
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ..adapters.lora_checks import alpha_value, check_out, check_tensors, write_safetensors
-from ..adapters.lora_files import _strip, file_layout, load_tensors, metadata_alphas
+from ..adapters.lora_files import load_tensors
+from ..adapters.lora_layouts import file_layout, metadata_alphas, strip_prefix
 from ..errors import LoraFileError
 
 _DOWN = (".lora_A.weight", ".lora_down.weight")
@@ -85,7 +86,7 @@ def resize_tensors(
         if has_alpha[base]:
             out[f"{base}.alpha"] = torch.tensor(float(k), dtype=tensors[f"{base}.alpha"].dtype)
         energy = s.square()
-        report.append(ResizedModule(_strip(base), r, k, float(energy[:k].sum()), float(energy.sum())))
+        report.append(ResizedModule(strip_prefix(base), r, k, float(energy[:k].sum()), float(energy.sum())))
     meta = dict(metadata)
     meta.pop("lora_adapter_metadata", None)  # stated the old rank/alpha; files load at alpha = r now
     kept = max((m.kept for m in report), default=rank)

@@ -16,6 +16,8 @@ from flux_lightning.data.discovery import DataError
 from flux_lightning.data.holdout import holdout_count, select_holdout, split_sources
 from flux_lightning.training.flow import TimestepConfig, auto_shift, shift_like_training, shift_sigmas
 
+from ..support.cli import flux_lightning
+
 
 def test_holdout_is_deterministic_sized_and_order_free():
     keys = [f"{i:064x}" for i in range(20)]
@@ -285,13 +287,9 @@ def test_one_image_dreambooth_run_with_default_callbacks_trains(tmp_path):
     import os
     import re
     import subprocess
-    import sys
 
     folder = _images(tmp_path / "one", 1)
-    cmd = [
-        sys.executable,
-        "-m",
-        "flux_lightning",
+    cmd = flux_lightning(
         f"hydra.run.dir={tmp_path / 'run'}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         "dataset=local",
@@ -301,7 +299,7 @@ def test_one_image_dreambooth_run_with_default_callbacks_trains(tmp_path):
         "callbacks.validation=null",
         "callbacks.clip_score=null",
         "logger=csv",
-    ]
+    )
     run = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert re.search(r"^steps\s+2$", run.stdout, re.M)

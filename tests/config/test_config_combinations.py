@@ -11,6 +11,8 @@ import flux_lightning.config.validation as config_module
 from flux_lightning.config.validation import ConfigError, validate
 from flux_lightning.run.train import config_dir
 
+from ..support.cli import flux_lightning
+
 
 def _compose(tmp_path, *overrides):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -246,11 +248,10 @@ def test_valid_trainer_and_optimizer_values_pass(tmp_path, overrides):
 
 def test_bad_trainer_values_exit_2_with_one_line_each_and_no_traceback(tmp_path):
     import subprocess
-    import sys
 
     def cli(*overrides):  # from a scratch dir: the run dir (outputs/runs/demo) lands there
         return subprocess.run(
-            [sys.executable, "-m", "flux_lightning", f"paths.cache_dir={tmp_path}/cache", *overrides],
+            flux_lightning(f"paths.cache_dir={tmp_path}/cache", *overrides),
             cwd=tmp_path,
             capture_output=True,
             text=True,

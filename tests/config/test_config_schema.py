@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from flux_lightning.config.schema import GROUP_SCHEMAS
 from flux_lightning.config.validation import validate
 from flux_lightning.model.quantization import QuantizationConfig
 from flux_lightning.run.train import config_dir
+
+from ..support.cli import flux_lightning
 
 CONF = Path(config_dir())
 REPO = Path(__file__).resolve().parents[2]
@@ -111,7 +112,7 @@ def test_backend_file_is_a_command_line_field(tmp_path):
 def _cli(*args, cwd=REPO, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "flux_lightning", *args],
+        flux_lightning(*args),
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from flux_lightning.data import DataError, DatasetConfig, FluxDataModule, cachin
 from flux_lightning.data.cache import CacheEntryError, TensorCache, latent_spec, mask_spec, text_spec
 from flux_lightning.data.config import ImageBackendConfig
 
+from ..support.cli import flux_lightning
 from ..support.helpers import tiny_cfg
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
@@ -266,7 +266,7 @@ def test_cli_run_on_a_damaged_cache_re_encodes_and_exits_0(tmp_path):
     truncate(bad_latent)
     zero(bad_text)
     fill(nan_latent)
-    cmd = [sys.executable, "-m", "flux_lightning", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    cmd = flux_lightning(f"hydra.run.dir={tmp_path / 'run'}", *overrides)
     proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr

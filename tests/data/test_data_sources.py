@@ -25,6 +25,8 @@ from flux_lightning.data.huggingface import source_problem
 from flux_lightning.data.transforms import to_pixels
 from flux_lightning.model.components import load_vae
 
+from ..support.cli import flux_lightning
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECTS = {"a": (12, 8, 44, 40), "b": (0, 20, 64, 52)}  # opaque box (x0, y0, x1, y1) of each 64x64 image
@@ -362,14 +364,11 @@ def test_a_hostile_huggingface_glob_is_one_line_from_the_command(tiny_folder, ca
 
     sources = {name: (dataset_name, named) for name, dataset_name, named in _hostile_sources(tmp_path / "data")}
     dataset_name, named = sources["glob-with-a-bad-file"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "flux_lightning",
+    cmd = flux_lightning(
         f"dataset.backend_file={_backend_file(tmp_path, dataset_name)}",
         f"paths.cache_dir={cache_root}",
         f"paths.output_dir={tmp_path / 'runs'}",
-    ]
+    )
     proc = subprocess.run(
         cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
     )

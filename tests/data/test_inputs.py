@@ -22,6 +22,7 @@ from flux_lightning.data.discovery import discover
 from flux_lightning.data.transforms import load_mask, load_rgb
 
 from ..conftest import REPO, make_datamodule
+from ..support.cli import flux_lightning
 
 
 def _rgb(path, size=(64, 64), colour=(200, 30, 30)):
@@ -215,7 +216,7 @@ def test_bad_backend_file_on_the_command_line_is_one_error_per_value(tmp_path):
     path.write_text(json.dumps(BAD_JSON))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run(
-        [sys.executable, "-m", "flux_lightning", f"dataset.backend_file={path}", f"paths.output_dir={tmp_path}/run"],
+        flux_lightning(f"dataset.backend_file={path}", f"paths.output_dir={tmp_path}/run"),
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -4,10 +4,11 @@ the trainer are ``_target_`` nodes a user can point at their own classes from th
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 from flux_lightning.run.train import _train
+
+from ..support.cli import flux_lightning
 
 TESTS = Path(__file__).resolve().parents[1] / "support"
 
@@ -18,10 +19,7 @@ def test_a_users_module_and_datamodule_subclasses_are_swapped_in_from_the_comman
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "flux_lightning",
+    cmd = flux_lightning(
         "module._target_=custom_parts.CountingModule",
         "+module.tag=mine",
         "data._target_=custom_parts.CountingData",
@@ -31,7 +29,7 @@ def test_a_users_module_and_datamodule_subclasses_are_swapped_in_from_the_comman
         "callbacks.clip_score=null",
         "callbacks.eval_loss=null",
         f"paths.cache_dir={tmp_path}/cache",
-    ]
+    )
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the typed parts arrive as the library's dataclasses; Lightning trained with both subclasses

@@ -20,6 +20,8 @@ from hydra import compose, initialize_config_dir
 from flux_lightning.run.rundir import is_global_zero, launcher_rank
 from flux_lightning.run.train import config_dir
 
+from ..support.cli import flux_lightning
+
 REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "examples" / "slurm"
 LAUNCH_VARS = (
@@ -197,17 +199,14 @@ def test_torchrun_ranks_on_two_nodes_train_one_run(tmp_path):
     """torchrun's variables for two nodes of one process each (rank 1 is LOCAL_RANK 0 of node 1),
     as the README's torchrun command sets them."""
     run, port = tmp_path / "run", _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "flux_lightning",
+    cmd = flux_lightning(
         "trainer=ddp",
         "trainer.devices=1",
         "trainer.num_nodes=2",
         f"hydra.run.dir={run}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         *QUICK,
-    ]
+    )
     procs, logs = [], []
     for rank in (0, 1):
         env = _clean_env(

@@ -7,6 +7,7 @@ import zipfile
 import pytest
 
 from ..conftest import REPO
+from ..support.cli import flux_lightning
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_installed_wheel_composes_its_own_config(wheel, tmp_path):
     ).stdout.strip()
     assert found == str(site / "flux_lightning" / "conf")
     shown = subprocess.run(
-        [sys.executable, "-m", "flux_lightning", "--cfg", "job", "model=krea"],
+        flux_lightning("--cfg", "job", "model=krea"),
         cwd=tmp_path,
         env={"PYTHONPATH": str(site), "PATH": "", "HF_HUB_OFFLINE": "1"},
         capture_output=True,

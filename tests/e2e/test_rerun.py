@@ -17,6 +17,8 @@ from PIL import Image
 from flux_lightning.model.tiny import ensure_tiny_folder
 from flux_lightning.run.rundir import RunDirInUse, acquire
 
+from ..support.cli import flux_lightning
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -56,7 +58,7 @@ def test_the_cli_refuses_a_second_run_on_the_same_dir(tmp_path):
     holder = _hold(tmp_path / "outputs" / "runs" / "mine")
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "flux_lightning", "run_name=mine"],
+            flux_lightning("run_name=mine"),
             cwd=tmp_path,
             env=_env(),
             capture_output=True,
@@ -78,10 +80,7 @@ def dev_layout_folder(tmp_path_factory) -> Path:
 
 
 def _krea_cmd(model: Path, images: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "flux_lightning",
+    return flux_lightning(
         "+experiment=krea_lora",
         f"model.pretrained_model_name_or_path={model}",
         f"dataset.instance_data_dir={images}",
@@ -96,7 +95,7 @@ def _krea_cmd(model: Path, images: Path) -> list[str]:
         "callbacks.validation.every_n_steps=3",
         "callbacks.validation.validation_num_inference_steps=2",
         "callbacks.eval_loss.every_n_steps=3",
-    ]
+    )
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from flux_lightning.atomic_files import AtomicCheckpointIO, save_safetensors_atomic
 
+from ..support.cli import run_command
+
 REPO = Path(__file__).resolve().parents[2]
 LORA = Path("lora") / "pytorch_lora_weights.safetensors"
 
@@ -28,13 +30,10 @@ def _env(**extra):
 
 def _cmd(run_dir: Path, cache: Path, steps: int, *extra: str) -> list[str]:
     """A quick CLI run: checkpoint every 5 steps, no CLIP / eval / model card, CSV logs, dropout on."""
-    return [
-        sys.executable,
-        "-m",
-        "flux_lightning",
-        f"hydra.run.dir={run_dir}",
-        f"paths.cache_dir={cache}",
-        f"trainer.max_steps={steps}",
+    return run_command(
+        run_dir,
+        cache,
+        steps,
         "callbacks.model_checkpoint.every_n_train_steps=5",
         "callbacks.clip_score=null",
         "callbacks.eval_loss=null",
@@ -42,7 +41,7 @@ def _cmd(run_dir: Path, cache: Path, steps: int, *extra: str) -> list[str]:
         "logger=csv",
         "adapter.dropout=0.1",
         *extra,
-    ]
+    )
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:

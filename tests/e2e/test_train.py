@@ -5,7 +5,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,8 @@ from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
 from flux_lightning.run.train import config_dir, train
+
+from ..support.cli import flux_lightning
 
 
 def _events(log_dir: Path):
@@ -31,9 +32,7 @@ def _scalars(log_dir: Path, tag: str) -> list[float]:
 def test_default_run_trains_the_tiny_demo_in_minutes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # how long it takes is a benchmark (benchmarks/README.md, "The embedded demo"), not a timed test
-    proc = subprocess.run(
-        [sys.executable, "-m", "flux_lightning"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run(flux_lightning(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     noise = [
@@ -67,9 +66,7 @@ def test_default_run_trains_the_tiny_demo_in_minutes(tmp_path):
     assert (tmp_path / "cache" / "vae").is_dir(), "caches belong outside the run dir"
     assert run_dir.resolve() == (tmp_path / "outputs" / "runs" / "demo").resolve(), "the demo's run dir is stable"
     result = (run_dir / "result.json").read_bytes()
-    again = subprocess.run(
-        [sys.executable, "-m", "flux_lightning"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+    again = subprocess.run(flux_lightning(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     # the same command on the finished run: one line, nothing retrained or rewritten
     assert "already finished at step 300; nothing to do" in again.stdout, again.stdout[-2000:]

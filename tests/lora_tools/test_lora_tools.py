@@ -13,8 +13,8 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 
-from flux_lightning.adapters.lora_files import LoraModule, read_lora, write_lora
-from flux_lightning.adapters.lora_formats import convert
+from flux_lightning.adapters.lora_files import read_lora, write_lora
+from flux_lightning.adapters.lora_layouts import LoraModule, convert
 from flux_lightning.errors import LoraFileError, ModelSourceError
 from flux_lightning.lora_tools.cli import main
 from flux_lightning.lora_tools.convert import convert_file
@@ -40,7 +40,7 @@ MODULES = [
     "single_transformer_blocks.1.proj_mlp",
     "single_transformer_blocks.1.proj_out",
     "proj_out",
-]  # kohya's final_layer_linear: diffusers' converter drops its alpha, files.py folds it
+]  # kohya's final_layer_linear: the final layer (proj_out) keeps its alpha
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def assert_same_deltas(a, b):
 
 
 def _ours(linears, tmp_path, fmt, **kw):
-    """A file our training exporter would write (lora_formats.convert over PEFT-named tensors)."""
+    """A file our training exporter would write (lora_layouts.convert over PEFT-named tensors)."""
     lora = random_lora(linears, **kw)
     state = {}
     for m, mod in lora.items():

@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,6 +17,8 @@ from flux_lightning.model.components import (
     load_vae,
 )
 from flux_lightning.model.tiny import build_tiny_pipeline
+
+from ..support.cli import flux_lightning
 
 
 def test_tiny_folder_loads_in_diffusers_and_generates(tiny_folder):
@@ -96,14 +97,11 @@ def test_krea_without_weights_or_hub_fails_fast_with_help(tmp_path):
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     start = time.monotonic()
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flux_lightning",
+        flux_lightning(
             "+experiment=krea_lora",
             f"paths.cache_dir={tmp_path}/cache",
             f"hydra.run.dir={tmp_path}/run",
-        ],
+        ),
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -4,7 +4,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,20 +13,19 @@ from safetensors.torch import load_file
 
 from flux_lightning.atomic_files import AtomicCheckpointIO
 
+from ..support.cli import run_command
+
 
 def _cmd(run_dir: Path, cache: Path, steps: int = 40) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "flux_lightning",
-        f"hydra.run.dir={run_dir}",
-        f"paths.cache_dir={cache}",
-        f"trainer.max_steps={steps}",
+    return run_command(
+        run_dir,
+        cache,
+        steps,
         "callbacks.model_checkpoint.every_n_train_steps=5",
         "callbacks.validation=null",
         "logger=csv",
         "adapter.dropout=0.1",
-    ]
+    )
 
 
 def _env():
@@ -101,13 +99,10 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_dies(tmp_path, monk
 
 def _every_step(run_dir: Path, cache: Path, steps: int, *extra: str) -> list[str]:
     """A CLI command that checkpoints after every optimizer step and keeps every checkpoint."""
-    return [
-        sys.executable,
-        "-m",
-        "flux_lightning",
-        f"hydra.run.dir={run_dir}",
-        f"paths.cache_dir={cache}",
-        f"trainer.max_steps={steps}",
+    return run_command(
+        run_dir,
+        cache,
+        steps,
         "callbacks.model_checkpoint.every_n_train_steps=1",
         "callbacks.model_checkpoint.save_top_k=-1",
         "callbacks.validation=null",
@@ -116,7 +111,7 @@ def _every_step(run_dir: Path, cache: Path, steps: int, *extra: str) -> list[str
         "logger=csv",
         "adapter.dropout=0.1",
         *extra,
-    ]
+    )
 
 
 def _kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,8 @@ from hydra import compose, initialize_config_dir
 from flux_lightning.config.schema import config_dir, register
 from flux_lightning.errors import ConfigError
 from flux_lightning.run import run_identity
+
+from ..support.cli import run_command
 
 REPO = Path(__file__).resolve().parents[2]
 register()
@@ -106,13 +107,10 @@ def _env():
 
 @pytest.mark.slow
 def test_a_changed_command_after_a_finished_demo_is_refused_not_called_finished(tmp_path):
-    base = [
-        sys.executable,
-        "-m",
-        "flux_lightning",
-        f"hydra.run.dir={tmp_path}/run",
-        f"paths.cache_dir={tmp_path}/cache",
-        "trainer.max_steps=2",
+    base = run_command(
+        tmp_path / "run",
+        tmp_path / "cache",
+        2,
         "callbacks.clip_score=null",
         "callbacks.eval_loss=null",
         "callbacks.model_card=null",
@@ -120,7 +118,7 @@ def test_a_changed_command_after_a_finished_demo_is_refused_not_called_finished(
         "callbacks.validation.before_training=false",
         "callbacks.validation.validation_num_inference_steps=1",
         "callbacks.validation.webhook_url=https://example.com/api/webhooks/1/SECRETTOKEN",
-    ]
+    )
 
     def run(*extra):
         return subprocess.run([*base, *extra], env=_env(), capture_output=True, text=True, timeout=600)

@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -15,6 +14,8 @@ import yaml
 from flux_lightning.callbacks.preview import PreviewWebhook
 from flux_lightning.callbacks.redaction import redact_secrets, redact_url
 from flux_lightning.run.hydra_redact import redact_hydra_files
+
+from ..support.cli import flux_lightning
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "SECRETTOKENabc123"
@@ -73,15 +74,12 @@ def test_the_cli_writes_no_token_in_hydra_files_or_output(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flux_lightning",
+        flux_lightning(
             f"hydra.run.dir={run}",
             f"paths.cache_dir={tmp_path}/cache",
             f"callbacks.validation.webhook_url={HOOK}",
             "adapter.rank=0",
-        ],
+        ),
         env=env,
         capture_output=True,
         text=True,

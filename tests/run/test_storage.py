@@ -1,5 +1,6 @@
 """Files users hand on: a full disk as this safetensors reports it is one line (by errno, not by the
-wording) with the cache consistent; exported files are 0644 and built folders 0755 under a 022 umask."""
+wording) with the cache consistent; exported files are 0644 and built folders 0755 under a 022 umask;
+a file's link or copy (a checkpoint's LoRA in lora/step_<N>/) replaces its target whole."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from flux_lightning.atomic_files import build_folder_once, os_errno, save_safetensors_atomic
+from flux_lightning import atomic_files
+from flux_lightning.atomic_files import (
+    active_temporaries,
+    build_folder_once,
+    link_atomic,
+    os_errno,
+    save_safetensors_atomic,
+)
 from flux_lightning.data.cache import TensorCache
 from flux_lightning.errors import StorageError
 
@@ -91,3 +99,43 @@ def test_exported_files_are_0644_and_built_folders_0755_under_umask_022(tmp_path
     finally:
         os.umask(previous)
     assert _mode(private) == 0o600
+
+
+def _leftovers(folder) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_link_atomic_hard_links_replaces_the_target_and_leaves_no_temporary(tmp_path):
+    source, target = tmp_path / "a.safetensors", tmp_path / "step" / "a.safetensors"
+    source.write_bytes(b"new")
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    assert link_atomic(source, target) == target
+    assert os.path.samefile(source, target) and target.read_bytes() == b"new"
+    link_atomic(source, target)  # already this file (a second save at one step): nothing to do
+    assert os.path.samefile(source, target)
+    assert _leftovers(target.parent) == [] and active_temporaries() == []
+
+
+def test_link_atomic_copies_where_links_fail_and_a_failed_copy_keeps_the_target(tmp_path, monkeypatch):
+    source, target = tmp_path / "a.safetensors", tmp_path / "step" / "a.safetensors"
+    source.write_bytes(b"new")
+
+    def no_link(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(atomic_files.os, "link", no_link)
+    link_atomic(source, target)
+    assert target.read_bytes() == b"new" and not os.path.samefile(source, target)
+
+    def full_disk(src, dst):
+        with open(dst, "wb") as f:
+            f.write(b"ha")  # half a copy, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic_files.shutil, "copyfile", full_disk)
+    source.write_bytes(b"newer")
+    with pytest.raises(StorageError, match=r"cannot write a.safetensors in .*step \(No space left on device\)"):
+        link_atomic(source, target)
+    assert target.read_bytes() == b"new"  # the previous file is intact
+    assert _leftovers(target.parent) == [] and active_temporaries() == []

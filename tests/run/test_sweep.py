@@ -2,11 +2,12 @@
 
 import os
 import subprocess
-import sys
 
 import pytest
 
 from flux_lightning.run.sweep import collect, format_table
+
+from ..support.cli import flux_lightning
 
 COMMON = [
     "trainer.max_steps=2",
@@ -20,7 +21,7 @@ COMMON = [
 def _run(args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "flux_lightning", "-m", *args],
+        flux_lightning("-m", *args),
         cwd=cwd,
         env=env,
         capture_output=True,

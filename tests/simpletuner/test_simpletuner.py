@@ -25,6 +25,7 @@ from flux_lightning.simpletuner.overrides import (
 )
 
 from ..conftest import REPO
+from ..support.cli import flux_lightning
 
 # The settings FLUX_QUICKSTART lists for config/config.json (values as it suggests them), then its
 # example snippets verbatim: quantization, LoRA target, user prompt library, auto shift, TREAD,
@@ -410,7 +411,7 @@ def test_bad_config_stops_the_program_with_one_line(tmp_path, monkeypatch, capsy
 def test_cli_prints_the_composed_job(in_tmp):
     path = _write(in_tmp, {**QUICKSTART, "--some_new_flag": 1})
     proc = subprocess.run(
-        [sys.executable, "-m", "flux_lightning", f"simpletuner_config={path}", "adapter.rank=4", "--cfg", "job"],
+        flux_lightning(f"simpletuner_config={path}", "adapter.rank=4", "--cfg", "job"),
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -527,7 +528,7 @@ def test_a_hostile_config_json_is_one_line_from_the_command(tmp_path):
 
     path = _write(tmp_path, _lycoris({"target_module": 5}))
     proc = subprocess.run(
-        [sys.executable, "-m", "flux_lightning", f"simpletuner_config={path}"],
+        flux_lightning(f"simpletuner_config={path}"),
         capture_output=True,
         text=True,
         timeout=300,
