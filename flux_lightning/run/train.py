@@ -9,6 +9,7 @@ the parts meet through the protocols of :mod:`flux_lightning.training.hooks` (se
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -137,9 +138,9 @@ def _train(cfg: DictConfig) -> float:
         return float("nan") if done.get("metric") is None else float(done["metric"])
     L.seed_everything(cfg.seed, workers=True)
     callbacks = _instantiate_all(cfg.get("callbacks"))
-    for cb in callbacks:  # a callback that records the run's config (the model card)
+    for cb in callbacks:  # a callback that records the run's config (the model card), when it writes it
         if isinstance(cb, RecordsRunConfig):
-            cb.set_run_config(_resolved_yaml(cfg))
+            cb.set_run_config(functools.partial(_resolved_yaml, cfg))
     timings.mark("callbacks built")
     datamodule = _build(cfg.data, **run.data_parts())
     timings.mark("datamodule built")
