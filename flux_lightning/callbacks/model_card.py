@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -125,7 +126,7 @@ class ModelCard(L.Callback):
         raise_problems(self.config_problems({"push_to_hub": push_to_hub, "hub_model_id": hub_model_id}))
         self.dirpath = Path(dirpath)
         self.push_to_hub, self.hub_model_id, self.private = push_to_hub, hub_model_id, private
-        self.config_yaml: str | None = None  # the resolved run config (set_run_config)
+        self._run_config: str | Callable[[], str] | None = None  # the resolved run config (set_run_config)
 
     @classmethod
     def config_problems(cls, args, *, field: str = "callbacks.model_card", run=None) -> list[Problem]:
@@ -134,10 +135,18 @@ class ModelCard(L.Callback):
             return [Problem(f"{field}.hub_model_id", f"{field}.push_to_hub needs {field}.hub_model_id=<user>/<name>")]
         return []
 
-    def set_run_config(self, config_yaml: str) -> None:
+    def set_run_config(self, config_yaml: str | Callable[[], str]) -> None:
         """The run's resolved config (``train()`` calls this on every callback that has it); written,
-        redacted, as ``config.yaml`` beside the card."""
-        self.config_yaml = config_yaml
+        redacted, as ``config.yaml`` beside the card. A callable is called when the card is written
+        (``train()`` passes one: serialising the config is work the start of a run does not need)."""
+        self._run_config = config_yaml
+
+    @property
+    def config_yaml(self) -> str | None:
+        """The run's resolved config as YAML (from :meth:`set_run_config`; computed once, on first use)."""
+        if callable(self._run_config):
+            self._run_config = self._run_config()
+        return self._run_config
 
     def facts(self, trainer: L.Trainer, module) -> dict:
         m, a, t = module.model_cfg, module.adapter_cfg, module.timesteps

@@ -18,15 +18,20 @@ FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
 
 def redact_hydra_files(folder) -> None:
-    """Rewrite each of :data:`FILES` in ``folder`` whose redacted form differs (others untouched)."""
+    """Rewrite each of :data:`FILES` in ``folder`` whose redacted form differs (others untouched).
+
+    Read with libyaml's parser where PyYAML has it (``CSafeLoader``: the same safe constructor and
+    resolver as ``yaml.safe_load``, 0.6 instead of 6 ms for ``hydra.yaml``; this runs before every job).
+    """
     import yaml
 
     from ..atomic_files import write_text_atomic
 
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     for name in FILES:
         path = Path(folder) / name
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
         except (OSError, ValueError, yaml.YAMLError):
             continue
         clean = redact_secrets(data)

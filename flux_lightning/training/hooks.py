@@ -13,7 +13,7 @@ A leaf: imports only the standard library and :mod:`flux_lightning.errors`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -47,9 +47,10 @@ class SweepMetric(Protocol):
 
 @runtime_checkable
 class RecordsRunConfig(Protocol):
-    """Takes the run's resolved config as YAML before training (``ModelCard`` writes it, redacted)."""
+    """Takes the run's resolved config as YAML, or a callable returning it, before training
+    (``ModelCard`` writes it, redacted, at the end)."""
 
-    def set_run_config(self, config_yaml: str) -> None: ...
+    def set_run_config(self, config_yaml: str | Callable[[], str]) -> None: ...
 
 
 @runtime_checkable

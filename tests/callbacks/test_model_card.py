@@ -1,5 +1,6 @@
 """The model card and Hub upload: facts of the run, the images, the config; never a secret or a local path."""
 
+import inspect
 import logging
 import os
 
@@ -7,6 +8,8 @@ import huggingface_hub
 import pytest
 from hydra import compose, initialize_config_dir
 
+from flux_lightning.callbacks import ModelCard
+from flux_lightning.run import train as train_module
 from flux_lightning.run.train import config_dir, train
 
 SECRET = "hf_THISISASECRETTOKEN1234567890"
@@ -45,8 +48,17 @@ def test_card_config_images_and_upload_without_leaking_the_token(tmp_path, monke
     ]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
+    serialised_in = []  # the resolved config is serialised when the card is written, not before training
+    resolved_yaml = train_module._resolved_yaml
+
+    def recording(cfg):
+        serialised_in.append([f.function for f in inspect.stack()])
+        return resolved_yaml(cfg)
+
+    monkeypatch.setattr(train_module, "_resolved_yaml", recording)
     with caplog.at_level(logging.DEBUG):
         train(cfg)
+    assert len(serialised_in) == 1 and "on_train_end" in serialised_in[0]
     lora = tmp_path / "run" / "lora"
     card = (lora / "README.md").read_text()
     for fact in (
@@ -175,3 +187,14 @@ def test_failed_upload_is_logged_and_files_stay(tmp_path, caplog):
         with caplog.at_level(logging.ERROR):
             assert card.upload() is None
     assert "push_to_hub to me/x failed (ConnectionError)" in caplog.text and "hf upload" in caplog.text
+
+
+def test_the_run_config_is_computed_once_when_first_needed(tmp_path):
+    card = ModelCard(dirpath=str(tmp_path))
+    calls = []
+    card.set_run_config(lambda: calls.append(1) or "rank: 4\n")
+    assert calls == []  # nothing serialised when the run starts
+    assert card.config_yaml == "rank: 4\n" and card.config_yaml == "rank: 4\n"
+    assert calls == [1]
+    card.set_run_config("seed: 1\n")  # a string is taken as it is
+    assert card.config_yaml == "seed: 1\n"

@@ -90,3 +90,17 @@ def test_the_cli_writes_no_token_in_hydra_files_or_output(tmp_path):
     files = [p for p in run.rglob("*") if p.is_file()]
     assert {p.name for p in files} >= {"config.yaml", "hydra.yaml", "overrides.yaml"}
     assert not [p for p in files if TOKEN in p.read_text(errors="replace")]
+
+
+def test_hydra_files_are_read_as_yaml_safe_load_reads_them(tmp_path):
+    """The redaction reads Hydra's files with libyaml's parser where PyYAML has it: the same values as
+    ``yaml.safe_load`` (same constructor and resolver), so a file is rewritten exactly when it was before."""
+    text = (
+        "a: yes\nb: off\nc: ~\nd: 1e-4\ne: 1.0e-4\nf: .inf\ng: 2026-12-06\nh: '012'\ni: 0x1F\nj: [1, 'x', null]\n"
+        "k: {l: -.5, m: 'http://host/api/webhooks/1/tok'}\nn: |-\n  multi\n  line\n"
+    )
+    (tmp_path / "hydra.yaml").write_text(text)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    assert yaml.load(text, Loader=loader) == yaml.safe_load(text)
+    redact_hydra_files(tmp_path)
+    assert yaml.safe_load((tmp_path / "hydra.yaml").read_text())["k"]["m"] == "http://host/<redacted>"
