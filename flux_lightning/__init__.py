@@ -4,22 +4,15 @@ The map of the package (layers, the data flow of a run, where each concept lives
 flavour, an optimizer, a backend kind or a callback) is ``docs/architecture.md``.
 """
 
-from .run.heap import pause_for_command_imports, resume_after_command_imports
-
-pause_for_command_imports()  # only when this process is `python -m flux_lightning[.<command>]` (run/heap.py)
-
-try:
-    from .adapters import AdapterConfig
-    from .data import DatasetConfig, FluxDataModule
-    from .model.config import ModelConfig
-    from .model.quantization import QuantizationConfig
-    from .model.tread import TreadConfig, TreadRoute
-    from .training.flow import LossConfig, TimestepConfig
-    from .training.module import FluxLoRAModule
-    from .training.optim import LRSchedulerConfig, OptimizerConfig
-    from .training.rollout import ScheduledSamplingConfig
-finally:
-    resume_after_command_imports()
+from .adapters import AdapterConfig
+from .data import DatasetConfig, FluxDataModule
+from .model.config import ModelConfig
+from .model.quantization import QuantizationConfig
+from .model.tread import TreadConfig, TreadRoute
+from .training.flow import LossConfig, TimestepConfig
+from .training.module import FluxLoRAModule
+from .training.optim import LRSchedulerConfig, OptimizerConfig
+from .training.rollout import ScheduledSamplingConfig
 
 __all__ = [
     "AdapterConfig",
