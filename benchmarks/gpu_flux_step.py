@@ -39,20 +39,8 @@ from pathlib import Path
 
 import torch
 
-FLUX_DEV = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
+# the architecture is flux_lightning.model.forecast.FLUX1_TRANSFORMER (FLUX.1-dev's config); --smoke shrinks it
 SMOKE = dict(
-    FLUX_DEV,
     num_layers=1,
     num_single_layers=2,
     attention_head_dim=16,
@@ -272,7 +260,9 @@ def main(argv=None) -> int:
         )
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    arch = SMOKE if args.smoke else FLUX_DEV
+    from flux_lightning.model.forecast import FLUX1_TRANSFORMER
+
+    arch = {**FLUX1_TRANSFORMER, **SMOKE} if args.smoke else dict(FLUX1_TRANSFORMER)
     dtype = torch.bfloat16
     precision = "bf16-mixed"
     if args.smoke:

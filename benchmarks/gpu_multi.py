@@ -27,26 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-PRESETS = {
-    "dev": dict(
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-    ),
-    "small": dict(
-        num_layers=2,
-        num_single_layers=4,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-    ),
-}
+# FLUX.1-dev's transformer (flux_lightning.model.forecast.FLUX1_TRANSFORMER), whole or 2 + 4 blocks
+PRESETS = {"dev": {}, "small": {"num_layers": 2, "num_single_layers": 4}}
 
 
 def _rank(args) -> None:
@@ -56,6 +38,7 @@ def _rank(args) -> None:
     from diffusers import FluxTransformer2DModel
 
     from flux_lightning.adapters import AdapterConfig, add_adapter
+    from flux_lightning.model.forecast import FLUX1_TRANSFORMER
     from flux_lightning.model.memory import enable_gradient_checkpointing
 
     class Flux(L.LightningModule):
@@ -67,7 +50,7 @@ def _rank(args) -> None:
             if self.transformer is not None:
                 return
             with torch.device("cuda", torch.cuda.current_device()):
-                t = FluxTransformer2DModel(in_channels=64, **PRESETS[args.preset]).to(torch.bfloat16)
+                t = FluxTransformer2DModel(**{**FLUX1_TRANSFORMER, **PRESETS[args.preset]}).to(torch.bfloat16)
             t.requires_grad_(False)
             add_adapter(t, AdapterConfig(rank=16, target="all", dropout=0.0), dtype=torch.float32)
             enable_gradient_checkpointing(t, 1, early_stop=True)

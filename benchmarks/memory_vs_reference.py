@@ -33,7 +33,7 @@ from pathlib import Path
 
 import vs_reference
 from _common import machine, save_json, table
-from vs_reference import PROMPT, REFERENCE_TARGETS, check_reference, environment
+from vs_reference import check_reference, environment
 
 HERE = Path(__file__).resolve().parent
 MIB = 1024**2
@@ -51,40 +51,10 @@ def reference_command(
 
 
 def flux_lightning_command(model: Path, data: Path, out: Path, steps: int, px: int, gc: bool, rank: int) -> list[str]:
-    return [
-        "-m",
-        "flux_lightning",
-        "model=dev",
-        f"model.pretrained_model_name_or_path={model}",
-        "model.dtype=bf16",
-        "model.guidance_value=3.5",
-        f"model.gradient_checkpointing={str(gc).lower()}",
-        "dataset=local",
-        f"dataset.instance_data_dir={data}",
-        "dataset.caption_strategy=instanceprompt",
-        f"dataset.instance_prompt={PROMPT}",
-        f"dataset.resolution={px}",
-        "dataset.batch_size=1",
-        "dataset.caption_dropout_probability=0",
-        "dataset.num_workers=0",
-        f"adapter.target=[{','.join(REFERENCE_TARGETS)}]",
-        f"adapter.rank={rank}",
-        f"adapter.alpha={rank}",
-        "adapter.dropout=0",
-        "adapter.init=gaussian",
-        "optimizer=adamw",
-        "optimizer.lr=1e-4",
-        "optimizer.weight_decay=1e-4",
-        f"trainer.max_steps={steps + 1}",
-        "trainer.precision=bf16-mixed",
-        "callbacks.validation=null",
-        "callbacks.clip_score=null",
-        "callbacks.eval_loss=null",
-        "callbacks.model_checkpoint=null",
-        f"hydra.run.dir={out}",
-        f"paths.cache_dir={out / 'cache'}",
-        "seed=0",
-    ]
+    """vs_reference's flux_lightning command at ``px``, ``rank`` and bf16, with one step more, without the
+    interpreter (the probe runs the module itself)."""
+    cmd = vs_reference.flux_lightning_command(model, data, out, steps + 1, gc, resolution=px, rank=rank, bf16=True)
+    return cmd[1:]
 
 
 def run_cell(trainer: str, args, model: Path, data: Path, px: int, gc: bool, work: Path) -> dict:

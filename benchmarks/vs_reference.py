@@ -162,34 +162,45 @@ def reference_command(
     return cmd + (["--gradient_checkpointing"] if gradient_checkpointing else [])
 
 
-def flux_lightning_command(model: Path, data: Path, out: Path, steps: int, gradient_checkpointing: bool) -> list[str]:
-    """``python -m flux_lightning`` with the reference's settings (``gradient_checkpointing``: on or off)."""
+def flux_lightning_command(
+    model: Path,
+    data: Path,
+    out: Path,
+    steps: int,
+    gradient_checkpointing: bool,
+    *,
+    resolution: int = 64,
+    rank: int = 4,
+    bf16: bool = False,
+) -> list[str]:
+    """``python -m flux_lightning`` with the reference's settings (``gradient_checkpointing``: on or off;
+    ``resolution``, ``rank`` (alpha = rank) and ``bf16`` weights with bf16-mixed for memory_vs_reference.py)."""
     cmd = [
         sys.executable,
         "-m",
         "flux_lightning",
         "model=dev",
         f"model.pretrained_model_name_or_path={model}",
-        "model.dtype=fp32",
+        f"model.dtype={'bf16' if bf16 else 'fp32'}",
         "model.guidance_value=3.5",
         "dataset=local",
         f"dataset.instance_data_dir={data}",
         "dataset.caption_strategy=instanceprompt",
         f"dataset.instance_prompt={PROMPT}",
-        "dataset.resolution=64",
+        f"dataset.resolution={resolution}",
         "dataset.batch_size=1",
         "dataset.caption_dropout_probability=0",
         "dataset.num_workers=0",
         f"adapter.target=[{','.join(REFERENCE_TARGETS)}]",
-        "adapter.rank=4",
-        "adapter.alpha=4",
+        f"adapter.rank={rank}",
+        f"adapter.alpha={rank}",
         "adapter.dropout=0",
         "adapter.init=gaussian",
         "optimizer=adamw",
         "optimizer.lr=1e-4",
         "optimizer.weight_decay=1e-4",
         f"trainer.max_steps={steps}",
-        "trainer.precision=32-true",
+        f"trainer.precision={'bf16-mixed' if bf16 else '32-true'}",
         "callbacks.validation=null",
         "callbacks.clip_score=null",
         "callbacks.eval_loss=null",
