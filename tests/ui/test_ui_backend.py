@@ -249,12 +249,18 @@ def test_a_cli_run_holding_its_lock_is_running_and_stop_sends_it_sigterm(tmp_pat
         holder.wait()
 
 
-def test_launch_queues_on_busy_devices_survives_a_restart_and_stops_and_resumes(tmp_path):
+def _fake_python_and_workdir(tmp_path: Path) -> tuple[Path, Path]:
+    """FAKE_PYTHON as an executable interpreter, and an empty launch folder."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON.format(python=sys.executable))
     fake.chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
+    return fake, work
+
+
+def test_launch_queues_on_busy_devices_survives_a_restart_and_stops_and_resumes(tmp_path):
+    fake, work = _fake_python_and_workdir(tmp_path)
     gates = {n: tmp_path / f"gate_{n}" for n in "abc"}
     try:
         _queue_restart_stop_resume(work, fake, gates)
@@ -450,11 +456,7 @@ def test_a_cli_run_with_a_config_dir_is_resumed_with_it(tmp_path):
 
 
 def test_cpu_runs_queue_one_at_a_time_by_default(tmp_path):
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
-    fake.chmod(0o755)
-    work = tmp_path / "work"
-    work.mkdir()
+    fake, work = _fake_python_and_workdir(tmp_path)
     gates = {n: tmp_path / f"gate_{n}" for n in "ab"}
     try:
         store = RunStore(work)
