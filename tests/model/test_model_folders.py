@@ -29,9 +29,10 @@ def _copy(tiny_folder: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def _problems(tmp_path, folder: Path, *extra) -> str:
+def _dev_config(tmp_path, folder: Path, *extra):
+    """The `dev` flavour's composed config pointed at ``folder``."""
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
+        return compose(
             "train",
             overrides=[
                 f"paths.output_dir={tmp_path}/run",
@@ -41,23 +42,17 @@ def _problems(tmp_path, folder: Path, *extra) -> str:
                 *extra,
             ],
         )
+
+
+def _problems(tmp_path, folder: Path, *extra) -> str:
+    cfg = _dev_config(tmp_path, folder, *extra)
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     return str(err.value)
 
 
 def test_a_complete_folder_passes(tiny_folder, tmp_path):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"paths.output_dir={tmp_path}/run",
-                f"paths.cache_dir={tmp_path}/cache",
-                "model=dev",
-                f"model.pretrained_model_name_or_path={tiny_folder}",
-            ],
-        )
-    validate(cfg)
+    validate(_dev_config(tmp_path, tiny_folder))
 
 
 def test_missing_transformer_weights_name_the_component(tiny_folder, tmp_path):
@@ -92,15 +87,4 @@ def test_a_vae_that_does_not_downsample_by_8_is_refused_naming_it(tiny_folder, t
     assert f"the VAE in {folder / 'vae'} downsamples by {2 ** (blocks - 1)}" in message
     assert "model.pretrained_vae_model_name_or_path" in message
     # a FLUX.1 VAE given separately is fine
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"paths.output_dir={tmp_path}/run",
-                f"paths.cache_dir={tmp_path}/cache",
-                "model=dev",
-                f"model.pretrained_model_name_or_path={folder}",
-                f"model.pretrained_vae_model_name_or_path={tiny_folder}",
-            ],
-        )
-    validate(cfg)
+    validate(_dev_config(tmp_path, folder, f"model.pretrained_vae_model_name_or_path={tiny_folder}"))
