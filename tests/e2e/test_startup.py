@@ -42,6 +42,24 @@ def test_importing_the_entry_point_loads_no_optional_heavy_package():
     assert loaded == [], f"`import flux_lightning.run.train` imports {loaded}; import them where a run chooses them"
 
 
+def test_the_package_exports_its_names_lazily():
+    """``import flux_lightning`` imports neither torch nor Lightning; each name of ``__all__`` imports
+    its module on first use and is the class that module defines."""
+    code = (
+        "import sys, json, importlib, flux_lightning as f\n"
+        "light = sorted(m for m in ('torch', 'lightning', 'hydra') if m in sys.modules)\n"
+        "same = [n for n in f.__all__ if getattr(f, n) is getattr(importlib.import_module(f._EXPORTS[n], 'flux_lightning'), n)]\n"
+        "print(json.dumps([light, same, sorted(f.__all__) == sorted(f._EXPORTS), set(f.__all__) <= set(dir(f))]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    light, same, listed, in_dir = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert light == [], f"`import flux_lightning` imported {light}"
+    assert sorted(same) == sorted(__import__("flux_lightning").__all__) and listed and in_dir
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        __import__("flux_lightning").Nope
+
+
 @pytest.fixture
 def bnb_logger():
     logger = logging.getLogger(BNB_CPU_LOGGER)
