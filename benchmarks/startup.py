@@ -15,7 +15,9 @@ baselines of the default callbacks (validation images, their CLIP score, the eva
 default run does these before step 1, so they are counted, each on its own row), Lightning's own
 work between hooks, the first batch and the first optimizer step. The table gives the median of
 the warm runs and their spread (min-max). After each warm run a process that only imports the
-third-party packages the run needs before step 1 (:data:`FLOOR_IMPORTS`) is timed: the floor.
+third-party packages the run needs before step 1 (:data:`FLOOR_IMPORTS`) is timed: the floor; so
+are issue 25's floor (torch + diffusers' Flux transformer) and the same with full collections
+postponed as the command line does (what of the margin to that floor is the garbage collector).
 ``--without bitsandbytes`` adds, interleaved, warm runs as if bitsandbytes were not installed (peft
 imports it on every run, with ``torch.compile``'d kernels that import the inductor): what
 ``pip uninstall bitsandbytes`` saves a user who needs neither NF4 nor 8-bit optimizers.
@@ -64,6 +66,9 @@ FLOOR_IMPORTS = (
 # Issue 25's floor: a process that imports only torch and diffusers' Flux transformer (what any Flux
 # trainer must import); the goal is command -> first step within 1.5 s of it.
 TORCH_DIFFUSERS_IMPORTS = "import torch; from diffusers import FluxTransformer2DModel"
+# The same imports with full collections postponed as the command line postpones them
+# (flux_lightning/run/heap.py): how much of the margin to the floor is the collector.
+TORCH_DIFFUSERS_POSTPONED = "import gc; gc.set_threshold(700, 10, 1 << 30); " + TORCH_DIFFUSERS_IMPORTS
 BEFORE_TRAINING = (
     "ValidationImages.on_train_start",
     "CLIPScoreCallback.on_validation_images",
@@ -215,7 +220,7 @@ def main() -> dict:
     site = blocking_site(root, args.without)
     load_before = os.getloadavg()
     cold = run_once(root / "cold", cache, args.steps, args.overrides)
-    warm, bare, floor, torch_floor = [], [], [], []
+    warm, bare, floor, torch_floor, postponed_floor = [], [], [], [], []
     for i in range(1, args.warm_runs + 1):  # interleaved: outside load hits every variant alike
         warm.append(run_once(root / f"warm{i}", cache, args.steps, args.overrides))
         if site:
@@ -223,6 +228,7 @@ def main() -> dict:
         if not args.quick:
             floor.append(import_floor())
             torch_floor.append(import_floor(TORCH_DIFFUSERS_IMPORTS))
+            postponed_floor.append(import_floor(TORCH_DIFFUSERS_POSTPONED))
     load_after = os.getloadavg()
     result = {
         "machine": machine(),
@@ -235,6 +241,7 @@ def main() -> dict:
         "warm": summarize(warm),
         "third_party_import_floor_s": _stats(floor) if floor else None,
         "torch_diffusers_floor_s": _stats(torch_floor) if torch_floor else None,
+        "torch_diffusers_floor_postponed_gc_s": _stats(postponed_floor) if postponed_floor else None,
         "over_torch_diffusers_floor_s": (
             round(statistics.median(r["first_step_s"] for r in warm) - statistics.median(torch_floor), 3)
             if torch_floor
@@ -283,6 +290,14 @@ def main() -> dict:
                 "floor of issue 25: `import torch; from diffusers import FluxTransformer2DModel`",
                 "",
                 _cell(result["torch_diffusers_floor_s"]),
+            ]
+            + (["-"] if site else [])
+        )
+        rows.append(
+            [
+                "the same with full collections postponed, as the command line does (run/heap.py)",
+                "",
+                _cell(result["torch_diffusers_floor_postponed_gc_s"]),
             ]
             + (["-"] if site else [])
         )

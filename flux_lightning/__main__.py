@@ -1,7 +1,10 @@
 """``python -m flux_lightning [overrides]``: train with the Hydra config tree (see conf/train.yaml)."""
 
-from .run import timings
-from .run.train import main
+from .run.heap import startup_imports
+
+with startup_imports():  # torch, Lightning, Hydra ... without the collector's full walks (heap.py)
+    from .run import timings
+    from .run.train import main
 
 timings.mark("imported")
 

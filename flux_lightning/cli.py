@@ -7,24 +7,29 @@ from __future__ import annotations
 
 import sys
 
+from .run.heap import resume_full_collections, startup_imports
+
 
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else None
+    with startup_imports():  # the chosen command's imports without the collector's full walks (heap.py)
+        if command == "ui":
+            from .ui.__main__ import main as ui_main
+        elif command == "configure":
+            from .wizard.configure import main as configure_main
+        elif command == "lora":
+            from .lora_tools.cli import main as lora_main
+        else:
+            from .run.train import main as train_main
+    if command in ("ui", "configure", "lora"):  # no training: the collector as usual from here (heap.py)
+        resume_full_collections()
     if command == "ui":
-        from .ui.__main__ import main as ui_main
-
         ui_main(sys.argv[2:])
     elif command == "configure":
-        from .wizard.configure import main as configure_main
-
         sys.exit(configure_main(sys.argv[2:]))
     elif command == "lora":
-        from .lora_tools.cli import main as lora_main
-
         sys.exit(lora_main(sys.argv[2:]))
     else:
-        from .run.train import main as train_main
-
         train_main()  # Hydra reads sys.argv itself
 
 

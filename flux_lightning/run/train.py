@@ -35,10 +35,9 @@ from ..simpletuner.cli import with_simpletuner_config
 from ..training import stopping
 from ..training.hooks import RecordsRunConfig, SummaryRows, SweepMetric
 from ..training.stopping import GracefulStop
-from . import run_identity, timings
+from . import heap, run_identity, timings
 from .compose_errors import job_started, one_line_compose_errors
 from .hardware import device_summary_rows, resolve_trainer_devices
-from .heap import freeze_startup_heap
 from .quiet import silence_third_party_noise
 from .resume import announce_resume, checkpoint_step, finished_result, resolve_checkpoint
 from .rundir import is_global_zero, launcher_rank
@@ -111,6 +110,7 @@ def train(cfg: DictConfig) -> float:
         return _train(cfg)
     finally:
         stopping.uninstall()
+        heap.resume_full_collections()  # the command line's start-up ended without a step (heap.py)
 
 
 def _train(cfg: DictConfig) -> float:
@@ -149,6 +149,8 @@ def _train(cfg: DictConfig) -> float:
     timings.mark("module built")
     stop = GracefulStop()
     callbacks += timings.instrument(datamodule, module, callbacks)  # FLUX_LIGHTNING_TIMINGS only
+    if heap.postponed():  # the command line's start-up (heap.py): full collections again after step 1
+        callbacks.append(_ResumeFullCollections())
     trainer = build_trainer(cfg, [stop, *callbacks], _instantiate_all(cfg.get("logger")))
     timings.mark("trainer built")
     if trainer.is_global_zero:
@@ -180,6 +182,18 @@ def _train(cfg: DictConfig) -> float:
         )
         wait_for_child_ranks(trainer, output_dir)
     return metric
+
+
+class _ResumeFullCollections(L.Callback):
+    """Ends the command line's postponement of full collections (heap.py) after the first optimizer
+    step, or when fit ends before one."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= 1:
+            heap.resume_full_collections()
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        heap.resume_full_collections()
 
 
 def wait_for_child_ranks(trainer: L.Trainer, output_dir: str) -> None:
@@ -292,7 +306,6 @@ def _print_summary(rows: list[tuple[str, object]]) -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
     job_started()
-    freeze_startup_heap()  # the imported modules out of the cyclic GC's walks (heap.py): ~1 s of CPU before step 1
     timings.mark("composed")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Lightning's "Tip:" adverts, torch's LeafSpec FutureWarning, bitsandbytes' CPU-kernel warning (quiet.py)

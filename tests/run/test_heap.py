@@ -1,34 +1,109 @@
-"""The command line freezes the start-up heap once (flux_lightning/run/heap.py); the library never does."""
+"""The command line's start-up runs without the cyclic collector's full walks (flux_lightning/run/heap.py):
+full collections are postponed from the entry point's imports to the first optimizer step, the
+imported modules are frozen, and the library never touches the collector."""
 
 from __future__ import annotations
 
+import gc
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+from flux_lightning.run import heap
 
 from ..conftest import REPO
+from ..support.cli import run_command
 
-# The job function is replaced by one that reports the collector's permanent generation: Hydra
-# composes the default config and starts the job as `python -m flux_lightning` does, nothing trains.
-_CODE = """
-import gc, sys
-import flux_lightning.run.train as t
-assert gc.get_freeze_count() == 0, "importing the library froze the heap"
-seen = []
-def fake_train(cfg):
-    seen.append(gc.get_freeze_count())
-    return 0.0
-t.train = fake_train
-sys.argv = ["flux_lightning", "hydra.run.dir=" + sys.argv[1], "hydra.output_subdir=null", "hydra/job_logging=disabled"]
-t.main()
-print("frozen", seen[0], "again", t.freeze_startup_heap())
-"""
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
+DEFAULT = "(700, 10, 10)"  # CPython's thresholds
 
 
-def test_the_first_job_freezes_the_imported_modules_once(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-c", _CODE, str(tmp_path / "run")], capture_output=True, text=True, timeout=300, cwd=REPO
-    )
+def _python(code: str, *args) -> str:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = proc.stdout.strip().splitlines()[-1].split()
-    assert line[0] == "frozen" and int(line[1]) > 100_000, line  # the imported modules' objects
-    assert line[2:] == ["again", "False"]  # once per process: a sweep's later jobs freeze nothing
+    return proc.stdout
+
+
+def test_the_cli_postpones_full_collections_until_the_first_optimizer_step(tmp_path):
+    """``python -m flux_lightning`` as a user runs it, with a callback reporting the collector's state at
+    each batch: frozen imports and no full collections before step 1, CPython's thresholds after."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(REPO)])}
+    cmd = run_command(
+        tmp_path / "run",
+        tmp_path / "cache",
+        3,
+        "+callbacks.probe._target_=custom_parts.CollectorProbe",
+        "callbacks.validation=null",
+        "callbacks.clip_score=null",
+        "callbacks.eval_loss=null",
+    )
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = {int(m[0]): m[1:] for m in re.findall(r"\bgc (\d+) (\d+) (\d+) (\d+) (\d+)$", proc.stdout, re.M)}
+    assert sorted(seen) == [0, 1, 2], proc.stdout[-2000:]
+    assert int(seen[0][2]) > 10**6 and int(seen[0][3]) > 100_000, seen  # postponed; the imports frozen
+    assert seen[1][:3] == seen[2][:3] == ("700", "10", "10"), seen  # after step 1: the collector as usual
+
+
+def test_the_library_import_leaves_the_collector_alone():
+    out = _python(
+        "import gc; from flux_lightning import FluxLoRAModule, FluxDataModule; import flux_lightning.run.train\n"
+        "print(gc.get_threshold(), gc.get_freeze_count())"
+    )
+    assert out.strip() == f"{DEFAULT} 0"
+
+
+def test_the_tools_collect_as_usual_after_their_imports():
+    """``flux-lightning lora|configure|ui`` train nothing: the postponement ends with their imports."""
+    out = _python(
+        "import gc, sys\n"
+        "import flux_lightning.lora_tools.cli as tools\n"
+        "tools.main = lambda argv: print(gc.get_threshold(), gc.get_freeze_count() > 0) or 0\n"
+        "from flux_lightning.cli import main\n"
+        "sys.argv = ['flux-lightning', 'lora', '--help']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code)"
+    )
+    assert out.split("\n")[:2] == [f"{DEFAULT} True", "exit 0"], out
+
+
+def test_an_import_error_ends_the_postponement_and_freezes_nothing():
+    out = _python(
+        "import gc\n"
+        "from flux_lightning.run.heap import startup_imports, postponed\n"
+        "gc.set_threshold(500, 7, 3)\n"
+        "inside = []\n"
+        "try:\n"
+        "    with startup_imports():\n"
+        "        inside.append((gc.get_threshold()[2] > 10**6, postponed()))\n"
+        "        raise ImportError('no such package')\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "print(inside[0], gc.get_threshold(), gc.get_freeze_count(), postponed())"
+    )
+    assert out.strip() == "(True, True) (500, 7, 3) 0 False", out
+
+
+@pytest.fixture
+def restore_collector():
+    thresholds = gc.get_threshold()
+    yield
+    heap._state["thresholds"] = None
+    gc.set_threshold(*thresholds)
+
+
+def test_a_job_that_ends_before_any_step_ends_the_postponement(restore_collector, tmp_path):
+    """``train()`` resumes full collections however the job ends (here: a config error, no trainer)."""
+    from omegaconf import OmegaConf
+
+    from flux_lightning.errors import ConfigError
+    from flux_lightning.run.train import train
+
+    heap._state["thresholds"] = gc.get_threshold()
+    gc.set_threshold(700, 10, 1 << 30)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        train(OmegaConf.create({"not_a_field": 1}))
+    assert not heap.postponed() and gc.get_threshold()[2] < 10**6

@@ -1,5 +1,9 @@
 """A user's own LightningModule and DataModule, swapped in from the command line by
-tests/e2e/test_entry_point.py (``module._target_=custom_parts.CountingModule``)."""
+tests/e2e/test_entry_point.py (``module._target_=custom_parts.CountingModule``), and a callback."""
+
+import gc
+
+import lightning as L
 
 from flux_lightning import FluxDataModule, FluxLoRAModule
 
@@ -39,3 +43,11 @@ class CountingData(FluxDataModule):
             *super().summary_rows(),
             ("custom data", f"{type(self.cfg).__name__} {self.tag} {self.batches} batches"),
         ]
+
+
+class CollectorProbe(L.Callback):
+    """Prints the cyclic collector's state at each training batch's start (tests/run/test_heap.py):
+    ``gc <batch_idx> <threshold0> <threshold1> <threshold2> <objects frozen>``."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        print("gc", batch_idx, *gc.get_threshold(), gc.get_freeze_count(), flush=True)
