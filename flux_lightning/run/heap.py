@@ -5,20 +5,22 @@ live as long as the process, and CPython's cyclic collector walks all of them ag
 (generation-2) collection, which the growing heap keeps triggering: on this project's 2-core
 machine about 1 s of CPU while the modules import and another 0.3-0.4 s before the first optimizer
 step, walking modules that never become garbage. Three documented levers (``gc.set_threshold``,
-``gc.freeze``), used only by the command line (``python -m flux_lightning``, ``flux-lightning``):
+``gc.freeze``, ``gc.collect``), used only by the command line (``python -m flux_lightning``, ``flux-lightning``):
 
 - :func:`startup_imports` wraps the entry point's imports: full collections are postponed (young
   collections go on, so short-lived cycles are still freed) and what the imports leave alive moves
   to the collector's permanent generation, out of every later walk.
 - The postponement lasts through the first job's set-up (compose, model load, the before-training
-  baselines, all of which import more) and ends after the first optimizer step
-  (a callback of :func:`flux_lightning.run.train.train`, or when the job ends without a step): from then on the collector
-  runs as it always does. ``flux-lightning ui|configure|lora`` end it right after their imports.
+  baselines, all of which import more) and ends when the first batch arrives (a callback of
+  :func:`flux_lightning.run.train.train`, or when the job ends before one) with one full collection
+  of what is not frozen, so the set-up's cyclic garbage is freed before the first step's memory
+  peak; from then on the collector runs as it always does. ``flux-lightning ui|configure|lora`` end
+  it right after their imports.
 
 Nothing is computed differently. The costs: the imports' cyclic garbage that survives the young
 collections is kept for the life of the process (about 0.2 MB: a few hundred objects), and cyclic
-garbage of the set-up that survives two young collections waits for the first full collection,
-after step 1. Importing the library changes no collector state.
+garbage of the set-up that survives two young collections waits for the full collection before
+the first step. Importing the library changes no collector state.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ def postponed() -> bool:
 
 
 def resume_full_collections() -> None:
-    """End the postponement: the collector's thresholds as they were (nothing if none)."""
+    """End the postponement: the collector's thresholds as they were, and one full collection of what
+    is not frozen, so the set-up's cyclic garbage is freed now (nothing if not postponed)."""
     thresholds, _state["thresholds"] = _state["thresholds"], None
     if thresholds is not None:
         gc.set_threshold(*thresholds)
+        gc.collect()
 
 
 @contextmanager

@@ -149,7 +149,7 @@ def _train(cfg: DictConfig) -> float:
     timings.mark("module built")
     stop = GracefulStop()
     callbacks += timings.instrument(datamodule, module, callbacks)  # FLUX_LIGHTNING_TIMINGS only
-    if heap.postponed():  # the command line's start-up (heap.py): full collections again after step 1
+    if heap.postponed():  # the command line's start-up (heap.py): full collections again from the first batch
         callbacks.append(_ResumeFullCollections())
     trainer = build_trainer(cfg, [stop, *callbacks], _instantiate_all(cfg.get("logger")))
     timings.mark("trainer built")
@@ -185,12 +185,11 @@ def _train(cfg: DictConfig) -> float:
 
 
 class _ResumeFullCollections(L.Callback):
-    """Ends the command line's postponement of full collections (heap.py) after the first optimizer
-    step, or when fit ends before one."""
+    """Ends the command line's postponement of full collections (heap.py) when the first batch
+    arrives, or when fit ends before one."""
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= 1:
-            heap.resume_full_collections()
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        heap.resume_full_collections()
 
     def teardown(self, trainer, pl_module, stage) -> None:
         heap.resume_full_collections()

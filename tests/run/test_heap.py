@@ -28,9 +28,9 @@ def _python(code: str, *args) -> str:
     return proc.stdout
 
 
-def test_the_cli_postpones_full_collections_until_the_first_optimizer_step(tmp_path):
-    """``python -m flux_lightning`` as a user runs it, with a callback reporting the collector's state at
-    each batch: frozen imports and no full collections before step 1, CPython's thresholds after."""
+def test_the_cli_postpones_full_collections_until_the_first_batch(tmp_path):
+    """``python -m flux_lightning`` as a user runs it, with a callback reporting the collector's state:
+    frozen imports and no full collections during the set-up, CPython's thresholds from the first batch."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(REPO)])}
     cmd = run_command(
         tmp_path / "run",
@@ -43,10 +43,10 @@ def test_the_cli_postpones_full_collections_until_the_first_optimizer_step(tmp_p
     )
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = {int(m[0]): m[1:] for m in re.findall(r"\bgc (\d+) (\d+) (\d+) (\d+) (\d+)$", proc.stdout, re.M)}
-    assert sorted(seen) == [0, 1, 2], proc.stdout[-2000:]
-    assert int(seen[0][2]) > 10**6 and int(seen[0][3]) > 100_000, seen  # postponed; the imports frozen
-    assert seen[1][:3] == seen[2][:3] == ("700", "10", "10"), seen  # after step 1: the collector as usual
+    seen = {m[0]: m[1:] for m in re.findall(r"\bgc (\w+) (\d+) (\d+) (\d+) (\d+)$", proc.stdout, re.M)}
+    assert sorted(seen) == ["batch0", "batch1", "batch2", "setup"], proc.stdout[-2000:]
+    assert int(seen["setup"][2]) > 10**6 and int(seen["setup"][3]) > 100_000, seen  # postponed; imports frozen
+    assert seen["batch0"][:3] == seen["batch2"][:3] == ("700", "10", "10"), seen  # the collector as usual
 
 
 def test_the_library_import_leaves_the_collector_alone():
@@ -107,3 +107,24 @@ def test_a_job_that_ends_before_any_step_ends_the_postponement(restore_collector
     with pytest.raises(ConfigError, match="unknown config key"):
         train(OmegaConf.create({"not_a_field": 1}))
     assert not heap.postponed() and gc.get_threshold()[2] < 10**6
+
+
+def test_ending_the_postponement_frees_the_set_ups_cyclic_garbage(restore_collector):
+    """A cycle that outlived the young collections and then became garbage (say a pipeline of the
+    before-training baselines) is freed when the first batch arrives, not at some later collection."""
+    import weakref
+
+    class Node:
+        pass
+
+    heap._state["thresholds"] = gc.get_threshold()
+    gc.set_threshold(700, 10, 1 << 30)
+    node = Node()
+    node.me = node
+    alive = weakref.ref(node)
+    gc.collect(1)  # survives the young generations: now in the old one
+    del node
+    gc.collect(1)
+    assert alive() is not None  # garbage the young collections do not reach
+    heap.resume_full_collections()
+    assert alive() is None and not heap.postponed()

@@ -46,8 +46,11 @@ class CountingData(FluxDataModule):
 
 
 class CollectorProbe(L.Callback):
-    """Prints the cyclic collector's state at each training batch's start (tests/run/test_heap.py):
-    ``gc <batch_idx> <threshold0> <threshold1> <threshold2> <objects frozen>``."""
+    """Prints the cyclic collector's state at ``setup`` and at each training batch's end
+    (tests/run/test_heap.py): ``gc <where> <threshold0> <threshold1> <threshold2> <objects frozen>``."""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        print("gc", batch_idx, *gc.get_threshold(), gc.get_freeze_count(), flush=True)
+    def setup(self, trainer, pl_module, stage):
+        print("gc setup", *gc.get_threshold(), gc.get_freeze_count(), flush=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        print(f"gc batch{batch_idx}", *gc.get_threshold(), gc.get_freeze_count(), flush=True)
