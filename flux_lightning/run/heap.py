@@ -20,7 +20,8 @@ step, walking modules that never become garbage. Three documented levers (``gc.s
 Nothing is computed differently. The costs: the imports' cyclic garbage that survives the young
 collections is kept for the life of the process (about 0.2 MB: a few hundred objects), and cyclic
 garbage of the set-up that survives two young collections waits for the full collection before
-the first step. Importing the library changes no collector state.
+the first step. Importing the library changes no collector state. On CPython 3.14 and later
+(an incremental collector, which ignores the third threshold) only the freeze applies.
 """
 
 from __future__ import annotations

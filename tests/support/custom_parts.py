@@ -6,6 +6,7 @@ import gc
 import lightning as L
 
 from flux_lightning import FluxDataModule, FluxLoRAModule
+from flux_lightning.run import heap
 
 
 class CountingModule(FluxLoRAModule):
@@ -47,10 +48,13 @@ class CountingData(FluxDataModule):
 
 class CollectorProbe(L.Callback):
     """Prints the cyclic collector's state at ``setup`` and at each training batch's end
-    (tests/run/test_heap.py): ``gc <where> <threshold0> <threshold1> <threshold2> <objects frozen>``."""
+    (tests/run/test_heap.py): ``gc <where> <postponed 0/1> <threshold0> <threshold1> <threshold2> <objects frozen>``."""
+
+    def _print(self, where: str) -> None:
+        print("gc", where, int(heap.postponed()), *gc.get_threshold(), gc.get_freeze_count(), flush=True)
 
     def setup(self, trainer, pl_module, stage):
-        print("gc setup", *gc.get_threshold(), gc.get_freeze_count(), flush=True)
+        self._print("setup")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        print(f"gc batch{batch_idx}", *gc.get_threshold(), gc.get_freeze_count(), flush=True)
+        self._print(f"batch{batch_idx}")
