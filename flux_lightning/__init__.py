@@ -29,32 +29,22 @@ _EXPORTS = {
     "TreadConfig": ".model.tread",
     "TreadRoute": ".model.tread",
 }
-__all__ = [
-    "AdapterConfig",
-    "DatasetConfig",
-    "FluxDataModule",
-    "FluxLoRAModule",
-    "LRSchedulerConfig",
-    "LossConfig",
-    "ModelConfig",
-    "OptimizerConfig",
-    "QuantizationConfig",
-    "ScheduledSamplingConfig",
-    "TimestepConfig",
-    "TreadConfig",
-    "TreadRoute",
-]
+__all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:  # what type checkers and IDEs see
-    from .adapters import AdapterConfig
-    from .data import DatasetConfig, FluxDataModule
-    from .model.config import ModelConfig
-    from .model.quantization import QuantizationConfig
-    from .model.tread import TreadConfig, TreadRoute
-    from .training.flow import LossConfig, TimestepConfig
-    from .training.module import FluxLoRAModule
-    from .training.optim import LRSchedulerConfig, OptimizerConfig
-    from .training.rollout import ScheduledSamplingConfig
+if TYPE_CHECKING:  # what type checkers and IDEs see (``X as X``: a re-export)
+    from .adapters import AdapterConfig as AdapterConfig
+    from .data import DatasetConfig as DatasetConfig
+    from .data import FluxDataModule as FluxDataModule
+    from .model.config import ModelConfig as ModelConfig
+    from .model.quantization import QuantizationConfig as QuantizationConfig
+    from .model.tread import TreadConfig as TreadConfig
+    from .model.tread import TreadRoute as TreadRoute
+    from .training.flow import LossConfig as LossConfig
+    from .training.flow import TimestepConfig as TimestepConfig
+    from .training.module import FluxLoRAModule as FluxLoRAModule
+    from .training.optim import LRSchedulerConfig as LRSchedulerConfig
+    from .training.optim import OptimizerConfig as OptimizerConfig
+    from .training.rollout import ScheduledSamplingConfig as ScheduledSamplingConfig
 
 
 def __getattr__(name: str):

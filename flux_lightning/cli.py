@@ -5,32 +5,24 @@ tools, anything else is the Hydra training app
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from .run.heap import resume_full_collections, startup_imports
 
+# first argument -> the module whose ``main(argv)`` runs it; anything else trains
+TOOLS = {"ui": ".ui.__main__", "configure": ".wizard.configure", "lora": ".lora_tools.cli"}
+
 
 def main() -> None:
-    command = sys.argv[1] if len(sys.argv) > 1 else None
+    tool = TOOLS.get(sys.argv[1] if len(sys.argv) > 1 else None)
     with startup_imports():  # the chosen command's imports without the collector's full walks (heap.py)
-        if command == "ui":
-            from .ui.__main__ import main as ui_main
-        elif command == "configure":
-            from .wizard.configure import main as configure_main
-        elif command == "lora":
-            from .lora_tools.cli import main as lora_main
-        else:
-            from .run.train import main as train_main
-    if command in ("ui", "configure", "lora"):  # no training: the collector as usual from here (heap.py)
-        resume_full_collections()
-    if command == "ui":
-        ui_main(sys.argv[2:])
-    elif command == "configure":
-        sys.exit(configure_main(sys.argv[2:]))
-    elif command == "lora":
-        sys.exit(lora_main(sys.argv[2:]))
-    else:
-        train_main()  # Hydra reads sys.argv itself
+        entry = importlib.import_module(tool or ".run.train", __package__)
+    if tool is None:
+        entry.main()  # Hydra reads sys.argv itself
+        return
+    resume_full_collections()  # no training: the collector as usual from here (heap.py)
+    sys.exit(entry.main(sys.argv[2:]) or 0)
 
 
 if __name__ == "__main__":

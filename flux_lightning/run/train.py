@@ -186,12 +186,9 @@ def _train(cfg: DictConfig) -> float:
 
 class _ResumeFullCollections(L.Callback):
     """Ends the command line's postponement of full collections (heap.py) when the first batch
-    arrives, or when fit ends before one."""
+    arrives (a job that ends before one: ``train``'s ``finally``)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        heap.resume_full_collections()
-
-    def teardown(self, trainer, pl_module, stage) -> None:
         heap.resume_full_collections()
 
 
