@@ -221,6 +221,19 @@ def test_the_dataset_check_refuses_a_folder_outside_the_roots(layout):
     assert response.status_code == 403
 
 
+@pytest.fixture
+def collector_restored():
+    """``cli.main`` postpones full collections and freezes the heap (run/heap.py) as the console script
+    does; in this test's process the faked training never ends the postponement: end it here."""
+    import gc
+
+    from flux_lightning.run import heap
+
+    yield
+    heap.resume_full_collections()
+    gc.unfreeze()
+
+
 @pytest.mark.parametrize(
     ("argv", "called", "passed"),
     [
@@ -236,7 +249,7 @@ def test_the_dataset_check_refuses_a_folder_outside_the_roots(layout):
     ],
 )
 def test_the_console_script_dispatches_ui_configure_and_lora_and_leaves_the_rest_to_hydra(
-    monkeypatch, argv, called, passed
+    monkeypatch, argv, called, passed, collector_restored
 ):
     import sys
 
