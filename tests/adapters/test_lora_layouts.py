@@ -22,6 +22,7 @@ from flux_lightning.adapters.lora_layouts import (
     unknown_modules,
 )
 from flux_lightning.errors import LoraFileError
+from flux_lightning.model.forecast import FLUX1_TRANSFORMER
 
 from ..conftest import fit_tiny
 from ..support.comfy_loader import comfyui_apply, effective_weights
@@ -144,16 +145,7 @@ def _diffusers_flux_linears() -> set[str]:
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        )
+        model = FluxTransformer2DModel(**{**FLUX1_TRANSFORMER, "num_layers": 1, "num_single_layers": 1})
     return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
