@@ -2,8 +2,9 @@
 
 A file is written to a temporary name in its own folder and renamed onto its path (``os.replace``):
 Lightning checkpoints (:class:`AtomicCheckpointIO`), safetensors files (:func:`save_safetensors_atomic`),
-text (:func:`write_text_atomic`), a file's hard link or copy (:func:`link_atomic`) and whole folders built once (:func:`build_folder_once`, e.g. the tiny model or the demo data). A full,
-read-only or unwritable folder raises a one-line :class:`~flux_lightning.errors.StorageError`.
+text (:func:`write_text_atomic`), a file's hard link or copy (:func:`link_atomic`) and whole folders
+built once (:func:`build_folder_once`, e.g. the tiny model or the demo data). A full, read-only or
+unwritable folder raises a one-line :class:`~flux_lightning.errors.StorageError`.
 """
 
 from __future__ import annotations
